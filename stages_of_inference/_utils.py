@@ -1,0 +1,132 @@
+"""Small helpers shared by the whole package: depth, validation, progress, atomic files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+T = TypeVar("T")
+
+
+def relative_depth(index: int, n_points: int) -> float:
+    """Relative depth of point ``index`` out of ``n_points`` evenly spaced points, in [0, 1].
+
+    The one rule the whole package uses. For blocks, ``n_points = n_layers`` gives the paper's
+    ``i / (n_layers - 1)``; for logit-lens readouts (the embedding, then after each block),
+    ``n_points = n_layers + 1`` gives ``k / n_layers``.
+
+    Example:
+        >>> relative_depth(5, 12)
+        0.45454545454545453
+        >>> relative_depth(12, 13)
+        1.0
+    """
+    if n_points < 1:
+        raise ValueError(f"n_points must be at least 1, got {n_points}")
+    if not 0 <= index < n_points:
+        raise ValueError(f"index {index} is out of range for {n_points} points (0..{n_points - 1})")
+    return 0.0 if n_points == 1 else index / (n_points - 1)
+
+
+def check_model(model: Any) -> HookedTransformer:
+    """Raise a ``TypeError`` unless ``model`` is a TransformerLens ``HookedTransformer``."""
+    if not isinstance(model, HookedTransformer):
+        raise TypeError(
+            f"expected a transformer_lens.HookedTransformer, got {type(model).__name__}; "
+            "load one with stages_of_inference.load_model(name) or HookedTransformer.from_pretrained"
+        )
+    return model
+
+
+def check_tokens(model: HookedTransformer, tokens: Any, min_len: int = 3) -> Int[Tensor, "batch pos"]:
+    """Validate a token batch for ``model`` and move it to the model's device.
+
+    Tokens must be a 2-D integer tensor ``[batch, pos]`` with at least ``min_len`` positions (BOS,
+    and enough positions to score a next token), no longer than the model's context, and with ids
+    inside the vocabulary.
+    """
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor of shape [batch, pos], got {type(tokens).__name__}")
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have shape [batch, pos], got shape {tuple(tokens.shape)}")
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    batch, pos = tokens.shape
+    if batch < 1:
+        raise ValueError("tokens is an empty batch: need at least one sequence")
+    if pos < min_len:
+        raise ValueError(f"sequences need at least {min_len} positions (BOS plus text), got {pos}")
+    if pos > model.cfg.n_ctx:
+        raise ValueError(f"sequences of {pos} positions exceed the model's context of {model.cfg.n_ctx}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= model.cfg.d_vocab:
+        raise ValueError(f"token ids must lie in [0, {model.cfg.d_vocab - 1}], found ids in [{lo}, {hi}]")
+    return tokens.to(model.cfg.device)
+
+
+def progress(iterable: Iterable[T], enabled: bool = True, **kwargs: Any) -> Iterable[T]:
+    """Wrap ``iterable`` in a tqdm progress bar when ``enabled``."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    Works for files and folders: whatever the block writes at the temporary path replaces
+    ``path`` in one rename, so a crash leaves either the old ``path`` or none, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""The intervention engine: layer plans, composable hooks and the prefix-sharing executor."""

@@ -1,0 +1,151 @@
+"""Composable TransformerLens hooks and streaming collectors.
+
+A :class:`Collector` is a streaming statistic: it contributes forward hooks that fold each batch's
+activations into running state as they are produced, so no activation cache is ever kept.
+Collectors combine with each other and with any user hooks in one forward pass
+(:func:`collect`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+
+from stages_of_inference._utils import check_model, check_tokens
+from stages_of_inference._utils import progress as _progress
+
+HookFn = Callable[[Tensor, HookPoint], Any]
+FwdHook = tuple[str | Callable[[str], bool], HookFn]
+
+
+class Collector:
+    """Base class of streaming statistics.
+
+    Subclasses implement :meth:`fwd_hooks`; they may override :meth:`start_batch`, which
+    :func:`collect` calls with each batch's tokens before its forward pass.
+    """
+
+    def start_batch(self, tokens: Int[Tensor, "batch pos"]) -> None:
+        """Called with each batch's tokens before its forward pass."""
+
+    def fwd_hooks(self, model: HookedTransformer) -> list[FwdHook]:
+        """The (hook name, function) pairs that feed this collector."""
+        raise NotImplementedError
+
+
+def resid_hook_name(model: HookedTransformer, point: int) -> str:
+    """Hook name of residual readout ``point``: the input of block ``point``, or, for
+    ``point == n_layers``, the output of the last block (before the final norm).
+
+    Example:
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=4, d_head=4, d_vocab=5, act_fn="relu"))
+        >>> resid_hook_name(m, 0), resid_hook_name(m, 2)
+        ('blocks.0.hook_resid_pre', 'blocks.1.hook_resid_post')
+    """
+    n = model.cfg.n_layers
+    if not 0 <= point <= n:
+        raise ValueError(f"residual readout point {point} out of range: 0 (embedding) .. {n} (output)")
+    return f"blocks.{point}.hook_resid_pre" if point < n else f"blocks.{n - 1}.hook_resid_post"
+
+
+class ResidualReadout(Collector):
+    """Hands each residual-stream readout to ``reduce(point, resid)`` as soon as it exists.
+
+    Readout ``point`` is the residual stream before block ``point`` (0 = embeddings), and
+    ``n_layers`` is the output of the last block. ``reduce`` folds it into whatever state it
+    keeps; the tensor itself is not stored.
+
+    Example:
+        >>> import torch
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=4, d_head=4, d_vocab=5, act_fn="relu"))
+        >>> norms = {}
+        >>> r = ResidualReadout(lambda k, x: norms.__setitem__(k, x.norm().item()))
+        >>> collect(m, torch.tensor([[0, 1, 2]]), [r], progress=False)
+        >>> sorted(norms)
+        [0, 1, 2]
+    """
+
+    def __init__(
+        self,
+        reduce: Callable[[int, Float[Tensor, "batch pos d_model"]], None],
+        points: Sequence[int] | None = None,
+    ) -> None:
+        self.reduce = reduce
+        self.points = None if points is None else tuple(points)
+
+    def fwd_hooks(self, model: HookedTransformer) -> list[FwdHook]:
+        points = range(model.cfg.n_layers + 1) if self.points is None else self.points
+        hooks: list[FwdHook] = []
+        for point in points:
+            def hook(resid: Tensor, hook: HookPoint, point: int = point) -> None:
+                self.reduce(point, resid)
+            hooks.append((resid_hook_name(model, point), hook))
+        return hooks
+
+
+class AttentionReadout(Collector):
+    """Hands each layer's attention pattern ``[batch, head, query, key]`` to ``reduce(layer, pattern)``.
+
+    Example:
+        >>> import torch
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=4, d_head=4, d_vocab=5, act_fn="relu"))
+        >>> seen = []
+        >>> collect(m, torch.tensor([[0, 1, 2]]), [AttentionReadout(lambda l, p: seen.append((l, tuple(p.shape))))], progress=False)
+        >>> seen
+        [(0, (1, 2, 3, 3)), (1, (1, 2, 3, 3))]
+    """
+
+    def __init__(
+        self,
+        reduce: Callable[[int, Float[Tensor, "batch head query key"]], None],
+        layers: Sequence[int] | None = None,
+    ) -> None:
+        self.reduce = reduce
+        self.layers = None if layers is None else tuple(layers)
+
+    def fwd_hooks(self, model: HookedTransformer) -> list[FwdHook]:
+        layers = range(model.cfg.n_layers) if self.layers is None else self.layers
+        hooks: list[FwdHook] = []
+        for layer in layers:
+            if not 0 <= layer < model.cfg.n_layers:
+                raise ValueError(f"layer {layer} out of range: 0 .. {model.cfg.n_layers - 1}")
+            def hook(pattern: Tensor, hook: HookPoint, layer: int = layer) -> None:
+                self.reduce(layer, pattern)
+            hooks.append((f"blocks.{layer}.attn.hook_pattern", hook))
+        return hooks
+
+
+def collect(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    collectors: Sequence[Collector],
+    *,
+    batch_size: int = 8,
+    fwd_hooks: Sequence[FwdHook] = (),
+    progress: bool = True,
+) -> None:
+    """Run ``tokens`` through ``model`` in batches with every collector's hooks (and ``fwd_hooks``)
+    attached; the collectors hold the results. Logits are not computed.
+    """
+    model = check_model(model)
+    tokens = check_tokens(model, tokens, min_len=1)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of sequences, got {batch_size}")
+    hooks = [h for c in collectors for h in c.fwd_hooks(model)] + list(fwd_hooks)
+    starts = range(0, tokens.shape[0], batch_size)
+    with torch.inference_mode():
+        for start in _progress(starts, progress, desc="collect"):
+            batch = tokens[start : start + batch_size]
+            for c in collectors:
+                c.start_batch(batch)
+            model.run_with_hooks(batch, return_type=None, fwd_hooks=hooks)
+

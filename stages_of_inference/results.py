@@ -1,0 +1,195 @@
+"""Result objects: long-form DataFrames with provenance, saved as Parquet or CSV plus JSON.
+
+Every analysis returns pandas DataFrames whose ``attrs["provenance"]`` records how they were
+made (:func:`provenance`). A :class:`Result` groups named tables with one provenance record and
+saves them to a folder; nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from transformer_lens import HookedTransformer
+
+from stages_of_inference._utils import atomic_path, atomic_write_json
+
+FORMATS = ("parquet", "csv")
+
+
+def config_hash(model: HookedTransformer) -> str:
+    """A short stable hash of a model's TransformerLens config (which weights-independent shape it has)."""
+    cfg = {k: str(v) for k, v in sorted(model.cfg.to_dict().items()) if k not in ("device", "n_devices")}
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_name(model: HookedTransformer) -> str:
+    """The name the model was loaded under (``load_model`` records it), else TransformerLens' name."""
+    return str(getattr(model, "soi_name", None) or model.cfg.model_name)
+
+
+def provenance(
+    model: HookedTransformer | None = None,
+    tokens: torch.Tensor | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """How a result was made: model, data, settings and library versions.
+
+    Example:
+        >>> p = provenance(None, None, analysis="demo", seed=0)
+        >>> p["settings"]["analysis"], "stages_of_inference" in p["versions"]
+        ('demo', True)
+    """
+    import transformer_lens
+
+    from stages_of_inference import __version__
+
+    record: dict[str, Any] = {
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {
+            "stages_of_inference": __version__,
+            "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+            "torch": torch.__version__,
+            "pandas": pd.__version__,
+            "python": platform.python_version(),
+        },
+        "settings": {k: _jsonable(v) for k, v in settings.items()},
+    }
+    if model is not None:
+        record["model"] = {
+            "name": model_name(model),
+            "config_hash": config_hash(model),
+            "n_layers": model.cfg.n_layers,
+            "d_model": model.cfg.d_model,
+            "d_vocab": model.cfg.d_vocab,
+            "dtype": str(model.cfg.dtype),
+            "device": str(model.cfg.device),
+        }
+    if tokens is not None:
+        record["tokens"] = {
+            "n_sequences": int(tokens.shape[0]),
+            "seq_len": int(tokens.shape[1]),
+            "n_tokens": int(tokens.numel()),
+            "sha256": hashlib.sha256(tokens.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:16],
+        }
+        corpus = getattr(tokens, "soi_corpus", None)
+        if corpus is not None:
+            record["tokens"]["corpus"] = corpus
+    return record
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+def with_provenance(df: pd.DataFrame, record: Mapping[str, Any]) -> pd.DataFrame:
+    """Attach a provenance record to ``df.attrs`` and return ``df``."""
+    df.attrs["provenance"] = dict(record)
+    return df
+
+
+def save_table(df: pd.DataFrame, path: str | Path, fmt: str = "parquet") -> Path:
+    """Save ``df`` to ``path`` (suffix set from ``fmt``) and its provenance to ``path`` + ``.json``.
+
+    Both files are written atomically. Returns the data file's path.
+
+    Example:
+        >>> import pandas as pd, tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> p = save_table(with_provenance(pd.DataFrame({"layer": [0, 1]}), {"seed": 0}), d / "t")
+        >>> load_table(p).attrs["provenance"]["seed"]
+        0
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown table format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    path = Path(path).with_suffix(f".{fmt}")
+    with atomic_path(path) as tmp:
+        if fmt == "parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
+    atomic_write_json(path.with_suffix(path.suffix + ".json"), df.attrs.get("provenance", {}))
+    return path
+
+
+def load_table(path: str | Path) -> pd.DataFrame:
+    """Load a table written by :func:`save_table`, with its provenance in ``attrs``."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+    elif path.suffix == ".csv":
+        df = pd.read_csv(path)
+    else:
+        raise ValueError(f"cannot read {path.name}: expected a .parquet or .csv file")
+    meta = path.with_suffix(path.suffix + ".json")
+    df.attrs["provenance"] = json.loads(meta.read_text()) if meta.exists() else {}
+    return df
+
+
+@dataclass
+class Result:
+    """Named long-form tables that share one provenance record.
+
+    Attributes:
+        tables: table name -> DataFrame (each also carries the provenance in ``attrs``).
+        provenance: how the tables were made (see :func:`provenance`).
+
+    Example:
+        >>> import pandas as pd, tempfile
+        >>> r = Result({"summary": pd.DataFrame({"layer": [0]})}, {"seed": 0})
+        >>> out = r.save(tempfile.mkdtemp() + "/r")
+        >>> Result.load(out).tables["summary"].equals(r.tables["summary"])
+        True
+    """
+
+    tables: dict[str, pd.DataFrame]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for df in self.tables.values():
+            df.attrs["provenance"] = self.provenance
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        try:
+            return self.tables[name]
+        except KeyError:
+            raise KeyError(f"no table {name!r}; this result has: {', '.join(self.tables)}") from None
+
+    def save(self, out_dir: str | Path, fmt: str = "parquet") -> Path:
+        """Write every table and ``provenance.json`` into ``out_dir`` (replaced as a whole, atomically)."""
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown table format {fmt!r}; allowed: {', '.join(FORMATS)}")
+        out_dir = Path(out_dir)
+        with atomic_path(out_dir) as tmp:
+            tmp.mkdir()
+            for name, df in self.tables.items():
+                save_table(df, tmp / name, fmt)
+            atomic_write_json(tmp / "provenance.json", self.provenance)
+        return out_dir
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> "Result":
+        """Read a folder written by :meth:`save`."""
+        out_dir = Path(out_dir)
+        meta = out_dir / "provenance.json"
+        if not meta.exists():
+            raise FileNotFoundError(f"{out_dir} holds no saved result (no provenance.json)")
+        tables = {}
+        for path in sorted(out_dir.iterdir()):
+            if path.suffix in (".parquet", ".csv"):
+                tables[path.stem] = load_table(path)
+        return cls(tables, json.loads(meta.read_text()))

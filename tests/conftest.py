@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random models of the three block families, and the real embedded model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+FAMILIES = ("gpt2", "parallel", "llama")
+
+
+def tiny_config(family: str) -> HookedTransformerConfig:
+    """A small config of one block family the paper meets.
+
+    * ``gpt2``: sequential attention then MLP, LayerNorm, learned positions, GELU;
+    * ``parallel``: attention and MLP read the same residual (Pythia / Phi), LayerNorm, rotary;
+    * ``llama``: RMSNorm, gated SiLU MLP, grouped-query attention, rotary.
+    """
+    common = dict(n_layers=4, d_model=32, d_head=8, n_heads=4, d_mlp=48, d_vocab=101, n_ctx=40,
+                  seed=0, device="cpu", dtype=torch.float32)
+    if family == "gpt2":
+        return HookedTransformerConfig(**common, act_fn="gelu_new", normalization_type="LN",
+                                       positional_embedding_type="standard")
+    if family == "parallel":
+        return HookedTransformerConfig(**common, act_fn="gelu", normalization_type="LN",
+                                       positional_embedding_type="rotary", rotary_dim=4,
+                                       parallel_attn_mlp=True)
+    if family == "llama":
+        return HookedTransformerConfig(**common, act_fn="silu", normalization_type="RMS",
+                                       positional_embedding_type="rotary", rotary_dim=8,
+                                       gated_mlp=True, n_key_value_heads=2, final_rms=True)
+    raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
+
+
+def make_tiny_model(family: str, seed: int = 0) -> HookedTransformer:
+    """A random model of ``family``, with random norm weights and biases, processed like a real
+    checkpoint (fold_ln, center_writing_weights, center_unembed, fold_value_biases)."""
+    torch.manual_seed(seed)
+    model = HookedTransformer(tiny_config(family))
+    state = model.state_dict()
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name, value in state.items():
+        if name.endswith(("ln1.w", "ln2.w", "ln_final.w")):
+            state[name] = 1 + 0.3 * torch.randn(value.shape, generator=gen)
+        elif name.endswith(("ln1.b", "ln2.b", "ln_final.b", "b_in", "b_out", "b_O", "b_Q", "b_K", "b_V")):
+            state[name] = 0.1 * torch.randn(value.shape, generator=gen)
+        elif name.startswith(("embed.", "pos_embed.")) or ".W_" in name:
+            # A larger scale than the default init, so blocks change the output noticeably.
+            state[name] = value * 3
+    model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=True,
+                                      center_unembed=True, fold_value_biases=True)
+    model.eval()
+    return model
+
+
+@pytest.fixture(params=FAMILIES, scope="session")
+def tiny_model(request: pytest.FixtureRequest) -> HookedTransformer:
+    """Each tiny random model in turn (session-wide: tests must not modify it)."""
+    return make_tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, HookedTransformer]:
+    """All three tiny random models, by family name."""
+    return {family: make_tiny_model(family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens() -> torch.Tensor:
+    """Random token batch [5, 24] for the tiny models, BOS (id 0) first."""
+    gen = torch.Generator().manual_seed(123)
+    tokens = torch.randint(1, 101, (5, 24), generator=gen)
+    tokens[:, 0] = 0
+    return tokens
+
+
+@pytest.fixture(scope="session")
+def real_model() -> HookedTransformer:
+    """The embedded default model (SmolLM2-135M), loaded offline, once per test session."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import stages_of_inference as soi
+
+    return soi.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def real_tokens(real_model: HookedTransformer) -> torch.Tensor:
+    """4 x 128 tokens of the bundled corpus for the real model (508 scored positions)."""
+    import stages_of_inference as soi
+
+    return soi.load_tokens(real_model, corpus="default", n_sequences=4, seq_len=128, seed=0)
