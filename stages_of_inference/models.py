@@ -66,6 +66,9 @@ class EmbeddedModel:
         bos_token: the beginning-of-sequence token to use, or ``None`` for the tokenizer's own.
         hub_name: the model's name on the Hugging Face Hub.
         licence: the weights' licence.
+        tl_name: the TransformerLens name whose built-in config converts this architecture, for
+            models TransformerLens cannot convert from a bare local folder (Gemma 3); ``None``
+            converts from the folder's own config.
     """
 
     key: str
@@ -78,6 +81,7 @@ class EmbeddedModel:
     bos_token: str | None
     hub_name: str
     licence: str
+    tl_name: str | None = None
 
     @property
     def install_command(self) -> str:
@@ -124,6 +128,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         bos_token=None,
         hub_name="google/gemma-3-270m",
         licence="Gemma terms of use",
+        tl_name="google/gemma-3-270m",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -251,7 +256,23 @@ def checkpoint_folder(name: str) -> Path:
 
 
 def _load_embedded(entry: EmbeddedModel, device: str | torch.device) -> HookedTransformer:
-    return _load_folder(_embedded_folder(entry), device, bos_token=entry.bos_token)
+    folder = _embedded_folder(entry)
+    if entry.tl_name is None:
+        return _load_folder(folder, device, bos_token=entry.bos_token)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _hub_offline():
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
+            model = HookedTransformer.from_pretrained(
+                entry.tl_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=torch.float32,
+                fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True,
+            )
+    if entry.bos_token is not None:
+        model.tokenizer.bos_token = entry.bos_token
+    return model
 
 
 def _embedded_folder(entry: EmbeddedModel) -> Path:
