@@ -9,6 +9,15 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 FAMILIES = ("gpt2", "parallel", "llama")
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _threads_for_the_model_size(request: pytest.FixtureRequest):
+    """One torch thread for tiny-model tests (their matmuls are too small to split, and extra
+    threads only contend on a shared machine); all threads for tests of the real model."""
+    torch.set_num_threads(_DEFAULT_THREADS if request.node.get_closest_marker("real") else 1)
+    yield
 
 
 def tiny_config(family: str) -> HookedTransformerConfig:
@@ -91,3 +100,10 @@ def real_tokens(real_model: HookedTransformer) -> torch.Tensor:
     import stages_of_inference as soi
 
     return soi.load_tokens(real_model, corpus="default", n_sequences=4, seq_len=128, seed=0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that uses the real model carries the ``real`` marker (``-m "not real"`` skips them)."""
+    for item in items:
+        if "real_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real)
