@@ -149,3 +149,76 @@ def collect(
                 c.start_batch(batch)
             model.run_with_hooks(batch, return_type=None, fwd_hooks=hooks)
 
+
+
+def _zero_hook(value: Tensor, hook: HookPoint) -> Tensor:
+    return torch.zeros_like(value)
+
+
+def drop_layer(model: HookedTransformer, layer: int) -> list[FwdHook]:
+    """Forward hooks that delete block ``layer`` the authors' way: zero its attention output and its
+    MLP output (``hook_attn_out`` and ``hook_mlp_out``, biases included), so the residual stream
+    passes through the block unchanged.
+
+    Pass the list to ``model.run_with_hooks(tokens, fwd_hooks=...)`` or ``model.hooks(...)``; it
+    composes with any other hooks. :func:`stages_of_inference.run_plan` with
+    ``LayerPlan.drop(n_layers, layer)`` gives the same logits without running the block.
+
+    Args:
+        model: the model whose block is deleted.
+        layer: block index, ``0 .. n_layers - 1``.
+
+    Returns:
+        Two ``(hook name, hook function)`` pairs.
+
+    Example:
+        >>> import torch
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=4, d_head=4, d_vocab=5, act_fn="relu"))
+        >>> [name for name, _ in drop_layer(m, 1)]
+        ['blocks.1.hook_attn_out', 'blocks.1.hook_mlp_out']
+        >>> with m.hooks(fwd_hooks=drop_layer(m, 1)):
+        ...     _, cache = m.run_with_cache(torch.tensor([[0, 1, 2]]))
+        >>> torch.equal(cache["blocks.1.hook_resid_pre"], cache["blocks.1.hook_resid_post"])
+        True
+    """
+    model = check_model(model)
+    n = model.cfg.n_layers
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer must be an int block index, got {type(layer).__name__}")
+    if not 0 <= layer < n:
+        raise ValueError(f"cannot drop block {layer}: the model has blocks 0 .. {n - 1}")
+    if model.cfg.attn_only:
+        return [(f"blocks.{layer}.hook_attn_out", _zero_hook)]
+    return [(f"blocks.{layer}.hook_attn_out", _zero_hook), (f"blocks.{layer}.hook_mlp_out", _zero_hook)]
+
+
+def drop_layers(model: HookedTransformer, layers: Sequence[int]) -> list[FwdHook]:
+    """:func:`drop_layer` for several blocks at once.
+
+    Example:
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=3, d_model=8, n_ctx=4, d_head=4, d_vocab=5, act_fn="relu"))
+        >>> len(drop_layers(m, [0, 2]))
+        4
+    """
+    return [hook for layer in layers for hook in drop_layer(model, layer)]
+
+
+def current_step(model: HookedTransformer) -> tuple[int, int] | None:
+    """``(step, block)`` of the block now running under :func:`stages_of_inference.run_plan`,
+    :func:`stages_of_inference.reordered` or the sweep executor, for hooks that need the execution
+    step as well as the block (a repeated block fires its hooks once per step). ``None`` outside.
+
+    Example:
+        >>> import torch
+        >>> import stages_of_inference as soi
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=4, d_head=4, d_vocab=5, act_fn="relu"))
+        >>> seen = []
+        >>> hook = ("blocks.1.hook_resid_pre", lambda x, hook: seen.append(current_step(m)))
+        >>> _ = soi.run_plan(m, torch.tensor([[0, 1, 2]]), soi.LayerPlan.repeat(2, 1), fwd_hooks=[hook])
+        >>> seen
+        [(1, 1), (2, 1)]
+    """
+    return getattr(model, "_soi_step", None)

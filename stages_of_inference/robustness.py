@@ -1,0 +1,291 @@
+"""The robustness experiment of the paper: delete every block, swap every adjacent pair.
+
+:func:`robustness_sweep` runs every single-block deletion (the authors zero the block's attention
+and MLP outputs; skipping the block is the same computation) and every adjacent swap (the authors
+exchange the two blocks' weights and reload; running the blocks in the order ``..., i+1, i, ...`` is
+the same computation) as one prefix-sharing sweep (:func:`stages_of_inference.interventions.executor.evaluate_plans`),
+and returns a tidy :class:`SweepResult`. With ``out_dir``, each finished batch of sequences is
+checkpointed, and a rerun with the same folder, model, tokens and settings resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from stages_of_inference._utils import atomic_path, atomic_write_json, check_model, check_tokens, relative_depth
+from stages_of_inference.interventions.executor import BatchResult, aggregate, iter_plan_batches
+from stages_of_inference.interventions.plan import LayerPlan
+from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS
+from stages_of_inference.results import Result, config_hash, provenance
+
+SWEEP_KINDS = ("drop", "swap")
+"""The interventions :func:`robustness_sweep` knows."""
+
+SUMMARY_COLUMNS = (
+    "kind", "layer", "relative_depth", "kl_nats", "loss", "loss_delta", "accuracy",
+    "relative_accuracy", "top1_agreement", "entropy_bits", "n_tokens",
+)
+"""The columns of :attr:`SweepResult.summary`, in order (DESIGN.md, "Public contract")."""
+
+PER_TOKEN_COLUMNS = (
+    "kind", "layer", "sequence", "position", "token", "top1", "top1_original", "kl_nats", "loss",
+    "loss_original", "loss_delta", "entropy_bits", "confidence", "correct", "agree",
+)
+"""The columns of :attr:`SweepResult.per_token`."""
+
+_CHECKPOINT = "checkpoint"
+_MANIFEST = "manifest.json"
+
+
+@dataclass
+class SweepResult(Result):
+    """The result of :func:`robustness_sweep`: a ``summary`` table, optionally a ``per_token``
+    table, and their provenance; saves to and loads from a folder (Parquet or CSV plus JSON).
+
+    Example:
+        >>> import pandas as pd, tempfile
+        >>> r = SweepResult({"summary": pd.DataFrame({"kind": ["none"], "layer": [None]})}, {"seed": 0})
+        >>> r.per_token is None, SweepResult.load(r.save(tempfile.mkdtemp() + "/s")).summary["kind"].tolist()
+        (True, ['none'])
+    """
+
+    def __post_init__(self) -> None:
+        # ``layer`` is a nullable integer (no layer for the original model); CSV reads it back as
+        # float, so restore the dtype on load.
+        for df in self.tables.values():
+            if "layer" in df.columns and df["layer"].dtype != "Int64":
+                df["layer"] = pd.array(df["layer"].to_numpy(dtype="float64"), dtype="Float64").astype("Int64")
+        super().__post_init__()
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        """One row per intervention and one ``kind == "none"`` row (:data:`SUMMARY_COLUMNS`)."""
+        return self["summary"]
+
+    @property
+    def per_token(self) -> pd.DataFrame | None:
+        """Per-token metrics (:data:`PER_TOKEN_COLUMNS`), when the sweep was asked for them."""
+        return self.tables.get("per_token")
+
+
+def _plans(n_layers: int, kinds: Sequence[str]) -> tuple[list[LayerPlan], list[tuple[str, int | None]]]:
+    plans = [LayerPlan.identity(n_layers)]
+    meta: list[tuple[str, int | None]] = [("none", None)]
+    for kind in kinds:
+        if kind == "drop":
+            layers = range(n_layers)
+            plans += [LayerPlan.drop(n_layers, i) for i in layers]
+        else:
+            layers = range(n_layers - 1)
+            plans += [LayerPlan.swap(n_layers, i) for i in layers]
+        meta += [(kind, i) for i in layers]
+    return plans, meta
+
+
+def _check_kinds(kinds: Any) -> tuple[str, ...]:
+    if isinstance(kinds, str):
+        kinds = (kinds,)
+    kinds = tuple(kinds)
+    unknown = [k for k in kinds if k not in SWEEP_KINDS]
+    if unknown:
+        raise ValueError(f"unknown sweep kind(s) {unknown}; allowed: {', '.join(SWEEP_KINDS)}")
+    if len(set(kinds)) != len(kinds):
+        raise ValueError(f"sweep kinds listed twice: {list(kinds)}")
+    return kinds
+
+
+def weights_hash(model: HookedTransformer) -> str:
+    """A hash of every parameter and buffer's bytes: which weights a checkpoint was made with.
+
+    Example:
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=5, act_fn="relu"))
+        >>> len(weights_hash(m))
+        16
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(value.dtype).encode())
+        digest.update(str(tuple(value.shape)).encode())
+        digest.update(value.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _fingerprint(model: HookedTransformer, tokens: Tensor, settings: dict[str, Any]) -> dict[str, Any]:
+    tok = tokens.detach().cpu().to(torch.int64).contiguous().numpy()
+    return {
+        "model_config_hash": config_hash(model),
+        "model_weights_hash": weights_hash(model),
+        "tokens_shape": list(tok.shape),
+        "tokens_sha256": hashlib.sha256(tok.tobytes()).hexdigest(),
+        **settings,
+    }
+
+
+def _mismatch(found: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    keys = sorted(set(found) | set(expected))
+    return [f"{k}: checkpoint has {found.get(k)!r}, this run has {expected.get(k)!r}"
+            for k in keys if found.get(k) != expected.get(k)]
+
+
+def _refuse(where: Path, found: dict[str, Any], expected: dict[str, Any]) -> None:
+    diffs = _mismatch(found, expected)
+    if diffs:
+        raise ValueError(
+            f"{where} was written by a different sweep, so it cannot be resumed: "
+            + "; ".join(diffs)
+            + ". Use another out_dir, or delete this one to start over."
+        )
+
+
+def _save_batch(ckpt: Path, batch: BatchResult) -> None:
+    stem = f"batch_{batch.index:05d}"
+    if batch.per_token is not None:
+        with atomic_path(ckpt / f"{stem}.per_token.parquet") as tmp:
+            batch.per_token.to_parquet(tmp, index=False)
+    # the sums file is written last: its presence marks the batch as done
+    with atomic_path(ckpt / f"{stem}.sums.parquet") as tmp:
+        batch.sums.to_parquet(tmp, index=False)
+
+
+def _load_batches(ckpt: Path, per_token: bool) -> dict[int, BatchResult]:
+    done: dict[int, BatchResult] = {}
+    for path in sorted(ckpt.glob("batch_*.sums.parquet")):
+        index = int(path.name.split(".")[0].split("_")[1])
+        table = None
+        if per_token:
+            tok_path = ckpt / f"batch_{index:05d}.per_token.parquet"
+            if not tok_path.exists():
+                continue
+            table = pd.read_parquet(tok_path)
+        done[index] = BatchResult(index, pd.read_parquet(path), table)
+    return done
+
+
+def robustness_sweep(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    kinds: Sequence[str] = SWEEP_KINDS,
+    per_token: bool = False,
+    progress: bool = True,
+    batch_size: int = 8,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    out_dir: str | Path | None = None,
+) -> SweepResult:
+    """Delete each block, and swap each adjacent pair, and measure the damage (PAPER.md).
+
+    Every intervention is compared with the unmodified model on the scored positions (after BOS,
+    with a true next token) of every sequence: KL(original || intervened) in nats, next-token loss
+    and its increase, top-1 accuracy and its ratio to the original's, top-1 agreement with the
+    original, and entropy in bits. All interventions and the original model run as one
+    prefix-sharing sweep per batch of sequences.
+
+    Args:
+        model: a ``HookedTransformer``.
+        tokens: ``[batch, pos]`` token ids, BOS first.
+        kinds: any of ``"drop"`` (every block ``0 .. n_layers - 1``) and ``"swap"`` (blocks
+            ``i, i + 1`` for every ``i`` in ``0 .. n_layers - 2``).
+        per_token: also keep the per-token table.
+        progress: show a progress bar.
+        batch_size: sequences per sweep pass (also the checkpoint unit).
+        chunk_tokens: token positions unembedded and reduced at a time.
+        out_dir: a folder for checkpoints and the final result. A rerun with the same folder and the
+            same model, tokens and settings resumes (or, if finished, loads) the result; a folder
+            written by a different sweep is refused.
+
+    Returns:
+        A :class:`SweepResult`; ``summary`` has :data:`SUMMARY_COLUMNS`, with ``layer`` the block
+        dropped or the first of the swapped pair, ``relative_depth`` = ``layer / (n_layers - 1)``,
+        and one ``kind == "none"`` row for the original model (no layer).
+
+    Example:
+        >>> import torch
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=8, d_head=4, d_vocab=5, act_fn="relu"))
+        >>> s = robustness_sweep(m, torch.tensor([[0, 1, 2, 3, 4]]), progress=False).summary
+        >>> s["kind"].tolist(), s["layer"].tolist()
+        (['none', 'drop', 'drop', 'swap'], [<NA>, 0, 1, 0])
+    """
+    model = check_model(model)
+    tokens = check_tokens(model, tokens)
+    kinds = _check_kinds(kinds)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of sequences, got {batch_size}")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive number of token positions, got {chunk_tokens}")
+    n_layers = model.cfg.n_layers
+    plans, meta = _plans(n_layers, kinds)
+    orders = [p.order for p in plans]  # all distinct: plan_id == position in this list
+    settings = {"kinds": list(kinds), "per_token": bool(per_token), "batch_size": int(batch_size),
+                "chunk_tokens": int(chunk_tokens)}
+
+    out = None if out_dir is None else Path(out_dir)
+    done: dict[int, BatchResult] = {}
+    fingerprint: dict[str, Any] | None = None
+    ckpt: Path | None = None
+    if out is not None:
+        fingerprint = _fingerprint(model, tokens, settings)
+        if (out / "provenance.json").exists():
+            finished = SweepResult.load(out)
+            _refuse(out, finished.provenance.get("settings", {}).get("fingerprint", {}), fingerprint)
+            return finished
+        if out.exists() and any(out.iterdir()) and not (out / _CHECKPOINT).is_dir():
+            raise ValueError(
+                f"out_dir {out} is not empty and holds no sweep checkpoint or result; "
+                "give a new or empty folder (it is replaced by the result when the sweep finishes)"
+            )
+        ckpt = out / _CHECKPOINT
+        manifest = ckpt / _MANIFEST
+        if manifest.exists():
+            _refuse(ckpt, json.loads(manifest.read_text()), fingerprint)
+            done = _load_batches(ckpt, per_token)
+        else:
+            atomic_write_json(manifest, fingerprint)
+
+    batches = dict(done)
+    for batch in iter_plan_batches(
+        model, tokens, plans, batch_size=batch_size, chunk_tokens=chunk_tokens, per_token=per_token,
+        progress=progress, skip=frozenset(done),
+    ):
+        if ckpt is not None:
+            _save_batch(ckpt, batch)
+        batches[batch.index] = batch
+
+    ordered = [batches[k] for k in sorted(batches)]
+    table = aggregate(orders, n_layers, ordered)
+    summary = pd.DataFrame({
+        "kind": [kind for kind, _ in meta],
+        "layer": pd.array([layer for _, layer in meta], dtype="Int64"),
+        "relative_depth": [np.nan if layer is None else relative_depth(layer, n_layers) for _, layer in meta],
+    })
+    for column in SUMMARY_COLUMNS[3:]:
+        summary[column] = table[column].to_numpy()
+    summary["n_tokens"] = summary["n_tokens"].astype(np.int64)
+
+    tables = {"summary": summary}
+    if per_token:
+        tok = pd.concat([b.per_token for b in ordered if b.per_token is not None], ignore_index=True)
+        plan_id = tok.pop("plan_id").to_numpy()
+        tok.insert(0, "layer", pd.array(np.array([m[1] for m in meta], dtype=object)[plan_id], dtype="Int64"))
+        tok.insert(0, "kind", np.array([m[0] for m in meta], dtype=object)[plan_id])
+        tables["per_token"] = tok[list(PER_TOKEN_COLUMNS)]
+
+    record = provenance(model, tokens, analysis="robustness_sweep", **settings,
+                        reference=table.attrs["reference"], fingerprint=fingerprint)
+    result = SweepResult(tables, record)
+    if out is not None:
+        result.save(out)
+    return result

@@ -1,0 +1,225 @@
+"""The deletion / swap sweep: columns, equivalence with the authors' methods, save/load, resume,
+and the paper's signature on the real model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformer_lens import HookedTransformer
+
+import stages_of_inference as soi
+from stages_of_inference.interventions import executor
+from stages_of_inference.interventions.hooks import drop_layer
+from stages_of_inference.metrics import sequence_metrics
+from stages_of_inference.robustness import PER_TOKEN_COLUMNS, SUMMARY_COLUMNS, SweepResult, robustness_sweep
+
+ATOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def weight_swapped(model: HookedTransformer, i: int) -> HookedTransformer:
+    """The authors' swap: exchange ``blocks.i.*`` and ``blocks.{i+1}.*`` in the state dict, reload."""
+    a, b = f"blocks.{i}.", f"blocks.{i + 1}."
+    state = {}
+    for name, value in model.state_dict().items():
+        if name.startswith(a):
+            name = b + name[len(a):]
+        elif name.startswith(b):
+            name = a + name[len(b):]
+        state[name] = value
+    fresh = HookedTransformer(model.cfg, tokenizer=model.tokenizer)
+    fresh.load_state_dict(state)
+    return fresh.eval()
+
+
+def authors_metrics(model: HookedTransformer, tokens: torch.Tensor, kind: str, layer: int,
+                    base: torch.Tensor | None = None) -> dict[str, float]:
+    """KL, loss and accuracy of one intervention done the authors' way, metrics computed directly."""
+    if base is None:
+        base = model(tokens)
+    if kind == "drop":
+        logits = model.run_with_hooks(tokens, fwd_hooks=drop_layer(model, layer))
+    else:
+        logits = weight_swapped(model, layer)(tokens)
+    m = sequence_metrics(logits, tokens, ref_logits=base)
+    return {"kl_nats": float(m["kl_nats"].double().mean()), "loss": float(m["loss"].double().mean()),
+            "accuracy": float(m["correct"].double().mean()),
+            "top1_agreement": float(m["agree"].double().mean())}
+
+
+def test_summary_has_exactly_the_design_columns(tiny_model: HookedTransformer, tiny_tokens: torch.Tensor) -> None:
+    n = tiny_model.cfg.n_layers
+    result = robustness_sweep(tiny_model, tiny_tokens, progress=False)
+    s = result.summary
+    assert tuple(s.columns) == SUMMARY_COLUMNS
+    assert s["kind"].tolist() == ["none"] + ["drop"] * n + ["swap"] * (n - 1)
+    none = s[s["kind"] == "none"].iloc[0]
+    assert pd.isna(none["layer"]) and np.isnan(none["relative_depth"])
+    assert none["kl_nats"] == 0 and none["loss_delta"] == 0 and none["top1_agreement"] == 1
+    drops = s[s["kind"] == "drop"]
+    assert drops["layer"].tolist() == list(range(n))
+    assert drops["relative_depth"].tolist() == [i / (n - 1) for i in range(n)]
+    assert (s["n_tokens"] == tiny_tokens.shape[0] * (tiny_tokens.shape[1] - 2)).all()
+    assert result.per_token is None
+    assert result.provenance["settings"]["kinds"] == ["drop", "swap"]
+    assert robustness_sweep(tiny_model, tiny_tokens, kinds=("swap",), progress=False).summary["kind"].tolist() == ["none"] + ["swap"] * (n - 1)
+
+
+def test_sweep_equals_the_authors_methods(tiny_model: HookedTransformer, tiny_tokens: torch.Tensor) -> None:
+    s = robustness_sweep(tiny_model, tiny_tokens, batch_size=2, chunk_tokens=16, progress=False).summary
+    base = tiny_model(tiny_tokens)
+    for row in s[s["kind"] != "none"].itertuples():
+        expected = authors_metrics(tiny_model, tiny_tokens, row.kind, int(row.layer), base)
+        for key, value in expected.items():
+            assert abs(getattr(row, key) - value) <= ATOL, (row.kind, row.layer, key)
+
+
+def test_per_token_table(tiny_models: dict[str, HookedTransformer], tiny_tokens: torch.Tensor) -> None:
+    model = tiny_models["parallel"]
+    result = robustness_sweep(model, tiny_tokens, per_token=True, batch_size=3, progress=False)
+    tok = result.per_token
+    assert tok is not None and tuple(tok.columns) == PER_TOKEN_COLUMNS
+    n_rows = tiny_tokens.shape[0] * (tiny_tokens.shape[1] - 2)
+    assert len(tok) == len(result.summary) * n_rows
+    # the per-token rows average to the summary
+    means = tok.assign(layer=tok["layer"].fillna(-1)).groupby(["kind", "layer"])["kl_nats"].mean()
+    for row in result.summary.fillna({"layer": -1}).itertuples():
+        assert abs(means.loc[(row.kind, row.layer)] - row.kl_nats) <= ATOL
+    drop1 = tok[(tok["kind"] == "drop") & (tok["layer"] == 1)]
+    assert np.allclose(drop1["loss_delta"], drop1["loss"] - drop1["loss_original"], atol=1e-6)
+
+
+def test_save_and_load_round_trip(tiny_models: dict[str, HookedTransformer], tiny_tokens: torch.Tensor, tmp_path) -> None:
+    result = robustness_sweep(tiny_models["gpt2"], tiny_tokens, per_token=True, progress=False)
+    for fmt in ("parquet", "csv"):
+        folder = result.save(tmp_path / fmt, fmt=fmt)
+        back = SweepResult.load(folder)
+        pd.testing.assert_frame_equal(back.summary, result.summary, check_dtype=fmt == "parquet", check_exact=fmt == "parquet")
+        assert back.per_token is not None and len(back.per_token) == len(result.per_token)
+        assert back.provenance["settings"]["fingerprint"] is None
+    assert not list(tmp_path.rglob("*.pkl")) and not list(tmp_path.rglob("*.pickle"))
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_models: dict[str, HookedTransformer], tiny_tokens: torch.Tensor, tmp_path, monkeypatch) -> None:
+    model = tiny_models["llama"]
+    full = robustness_sweep(model, tiny_tokens, per_token=True, batch_size=2, progress=False)
+    original = executor._run_batch
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first batch finishes, the second is interrupted
+            raise Interrupted("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "_run_batch", failing)
+    out = tmp_path / "sweep"
+    with pytest.raises(Interrupted):
+        robustness_sweep(model, tiny_tokens, per_token=True, batch_size=2, progress=False, out_dir=out)
+    done = sorted(p.name for p in (out / "checkpoint").glob("batch_*.sums.parquet"))
+    assert done == ["batch_00000.sums.parquet"]
+    assert not list(out.rglob("*.tmp"))  # nothing half-written
+
+    calls["n"] = 10  # no more failures; count the batches the rerun computes
+    resumed = robustness_sweep(model, tiny_tokens, per_token=True, batch_size=2, progress=False, out_dir=out)
+    assert calls["n"] == 10 + 2  # batches 1 and 2 only (5 sequences in batches of 2)
+    pd.testing.assert_frame_equal(resumed.summary, full.summary, check_exact=True)
+    pd.testing.assert_frame_equal(resumed.per_token, full.per_token, check_exact=True)
+    # the finished folder holds the result; a third run loads it without computing anything
+    assert (out / "provenance.json").exists() and not (out / "checkpoint").exists()
+    again = robustness_sweep(model, tiny_tokens, per_token=True, batch_size=2, progress=False, out_dir=out)
+    assert calls["n"] == 12
+    pd.testing.assert_frame_equal(again.summary, full.summary, check_exact=True)
+
+
+def test_a_mismatching_checkpoint_is_refused(tiny_models: dict[str, HookedTransformer], tiny_tokens: torch.Tensor, tmp_path, monkeypatch) -> None:
+    model = tiny_models["gpt2"]
+    original = executor._run_batch
+
+    def failing(*args, **kwargs):
+        if args[2] > 0:  # the first sequence of the batch: fail after the first batch
+            raise Interrupted("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "_run_batch", failing)
+    out = tmp_path / "sweep"
+    with pytest.raises(Interrupted):
+        robustness_sweep(model, tiny_tokens, batch_size=2, progress=False, out_dir=out)
+    monkeypatch.setattr(executor, "_run_batch", original)
+    manifest = json.loads((out / "checkpoint" / "manifest.json").read_text())
+    assert manifest["batch_size"] == 2
+    with pytest.raises(ValueError, match="different sweep.*batch_size"):
+        robustness_sweep(model, tiny_tokens, batch_size=3, progress=False, out_dir=out)
+    other = tiny_tokens.clone()
+    other[0, 5] += 1
+    with pytest.raises(ValueError, match="tokens_sha256"):
+        robustness_sweep(model, other, batch_size=2, progress=False, out_dir=out)
+    with pytest.raises(ValueError, match="model_weights_hash"):
+        robustness_sweep(tiny_models["parallel"], tiny_tokens, batch_size=2, progress=False, out_dir=out)
+    # a finished result is refused too, when the settings differ
+    robustness_sweep(model, tiny_tokens, batch_size=2, progress=False, out_dir=out)
+    with pytest.raises(ValueError, match="kinds"):
+        robustness_sweep(model, tiny_tokens, kinds=("drop",), batch_size=2, progress=False, out_dir=out)
+
+
+def test_bad_inputs(tiny_models: dict[str, HookedTransformer], tiny_tokens: torch.Tensor, tmp_path) -> None:
+    model = tiny_models["gpt2"]
+    with pytest.raises(ValueError, match="unknown sweep kind.*allowed: drop, swap"):
+        robustness_sweep(model, tiny_tokens, kinds=("delete",), progress=False)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        robustness_sweep(model, tiny_tokens, progress=False, out_dir=tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(TypeError, match="HookedTransformer"):
+        robustness_sweep("gpt2", tiny_tokens, progress=False)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- the real model
+@pytest.fixture(scope="module")
+def few_real_tokens(real_tokens: torch.Tensor) -> torch.Tensor:
+    """2 x 128 tokens of the bundled text (252 scored positions): enough for the signature, and
+    quick on a 2-core CPU."""
+    return real_tokens[:2]
+
+
+@pytest.fixture(scope="module")
+def real_sweep(real_model: HookedTransformer, few_real_tokens: torch.Tensor) -> SweepResult:
+    return robustness_sweep(real_model, few_real_tokens, progress=False)
+
+
+@pytest.mark.real
+def test_real_model_shows_the_papers_signature(real_sweep: SweepResult, real_model: HookedTransformer) -> None:
+    s = real_sweep.summary
+    n = real_model.cfg.n_layers
+    drops = s[s["kind"] == "drop"].set_index("layer")["loss_delta"]
+    third = n // 3
+    first, middle, last = drops.iloc[:third], drops.iloc[third : n - third], drops.iloc[n - third :]
+    assert drops.loc[0] > middle.max(), "deleting block 0 must cost more loss than any middle block"
+    assert middle.mean() < first.mean() and middle.mean() < last.mean()
+    swaps = s[s["kind"] == "swap"]
+    assert (swaps["relative_accuracy"].iloc[third : n - third] > 0.8).all()
+
+
+@pytest.mark.real
+def test_real_model_sweep_equals_the_authors_methods(real_sweep: SweepResult, real_model: HookedTransformer, few_real_tokens: torch.Tensor) -> None:
+    s = real_sweep.summary
+    n = real_model.cfg.n_layers
+    base = real_model(few_real_tokens)
+    for kind, layer in [("drop", 0), ("drop", n // 2), ("drop", n - 1), ("swap", 0), ("swap", n // 2), ("swap", n - 2)]:
+        row = s[(s["kind"] == kind) & (s["layer"] == layer)].iloc[0]
+        expected = authors_metrics(real_model, few_real_tokens, kind, layer, base)
+        for key, value in expected.items():
+            assert abs(row[key] - value) <= ATOL, (kind, layer, key, row[key], value)
