@@ -1,0 +1,577 @@
+"""Stage 2, feature engineering: the logit-lens trajectory, layer similarity and linear probes.
+
+In the middle of the network the residual stream is refined rather than read out: the paper's
+logit lens stays near-uniform for the first half of the depth, neighbouring layers' hidden states
+resemble each other (linear CKA), and linear probes find word-level features early (PAPER.md,
+docs/stages/feature_engineering.md).
+
+* :func:`logit_lens`: per readout (0 = embeddings ... ``n_layers`` = output), entropy in bits, KL to
+  the final readout, accuracy, agreement with the final top-1 and confidence, in either lens
+  convention (:mod:`stages_of_inference.lens`), streamed.
+* :func:`layer_similarity`: linear CKA (unbiased HSIC, accumulated over sequences) or mean cosine
+  similarity between every pair of blocks' residual outputs.
+* :func:`probe_layers`: a logistic-regression probe per readout for any per-token label, with the
+  built-in labels :func:`continues_word` and :func:`next_starts_word`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from stages_of_inference._utils import check_model, check_tokens, relative_depth
+from stages_of_inference._utils import progress as _progress
+from stages_of_inference.interventions.hooks import ResidualReadout, collect
+from stages_of_inference.lens import check_convention, iter_lens
+from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, distribution_metrics, mean_and_sem
+from stages_of_inference.probes import fit_probe
+from stages_of_inference.results import provenance, with_provenance
+
+__all__ = [
+    "LABEL_MAKERS",
+    "continues_word",
+    "layer_similarity",
+    "linear_cka",
+    "logit_lens",
+    "next_starts_word",
+    "probe_layers",
+    "unbiased_hsic",
+]
+
+# output column -> key of stages_of_inference.metrics.distribution_metrics
+_LENS_METRICS = {
+    "entropy_bits": "entropy_bits",
+    "kl_to_final_nats": "kl_nats",
+    "accuracy": "correct",
+    "agreement_with_final": "agree",
+    "confidence": "confidence",
+    "loss": "loss",
+}
+
+
+def _tiny_model(normalization_type: str = "LNPre") -> HookedTransformer:  # for docstring examples
+    from transformer_lens import HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=16, d_head=4, d_vocab=11, act_fn="relu",
+                                  normalization_type=normalization_type, seed=0)
+    return HookedTransformer(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# logit lens
+
+
+def logit_lens(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    convention: str = "paper",
+    batch_size: int = 8,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    progress: bool = True,
+    points: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """The logit-lens trajectory: how each readout of the residual stream predicts the next token.
+
+    Each readout (``layer`` 0 = embeddings, ``k`` = input of block ``k``, ``n_layers`` = output of
+    the last block) is mapped to a distribution by the final norm and ``W_U`` without ``b_U``, in
+    the named convention (:mod:`stages_of_inference.lens`; ``"paper"`` divides every readout by the
+    final layer's norm scale, ``"per_layer_norm"`` normalises each with its own statistics). Over
+    the scored positions ``1 .. pos - 2`` it reports, per readout, the mean over tokens and the
+    standard error over sequences (``*_sem``) of:
+
+    * ``entropy_bits``: entropy of the lens distribution (probabilities clamped at 1e-9);
+    * ``kl_to_final_nats``: KL(final readout || this readout); the final readout is the lens'
+      own last row, which is the model's output distribution when the model has no ``b_U``;
+    * ``accuracy``: top-1 equals the true next token;
+    * ``agreement_with_final``: top-1 equals the final readout's top-1;
+    * ``confidence``: probability of the top-1 token;
+    * ``loss``: cross-entropy of the true next token, in nats.
+
+    Memory: one batch's d_model-wide readouts plus one chunk of vocabulary-wide numbers per readout
+    (lens docstring). Time is dominated by ``(n_layers + 1)`` unembeddings per token.
+
+    Args:
+        model: a ``HookedTransformer``.
+        tokens: ``[batch, pos]`` token ids, BOS first, at least 3 positions.
+        convention: ``"paper"`` or ``"per_layer_norm"``.
+        batch_size: sequences per forward pass.
+        chunk_tokens: token positions unembedded at once.
+        progress: show a progress bar.
+        points: readouts to report (default: all ``0 .. n_layers``); fewer points cost
+            proportionally less, since unembedding dominates the time.
+
+    Returns:
+        One row per readout: ``layer``, ``relative_depth`` (``layer / n_layers``), the metrics above
+        and their ``*_sem`` columns, ``convention``, ``n_tokens``; provenance in ``attrs``.
+
+    Example:
+        >>> import torch
+        >>> m = _tiny_model()
+        >>> df = logit_lens(m, torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(0)), progress=False)
+        >>> list(df["layer"]), float(df["kl_to_final_nats"].iloc[-1]), float(df["agreement_with_final"].iloc[-1])
+        ([0, 1, 2], 0.0, 1.0)
+    """
+    model = check_model(model)
+    tokens = check_tokens(model, tokens, min_len=3)
+    check_convention(convention)
+    n_seq, pos = tokens.shape
+    n_points = model.cfg.n_layers + 1
+    final = n_points - 1
+    pts = _check_points(points, n_points)
+    columns = list(_LENS_METRICS)
+    with torch.inference_mode():
+        sums = torch.zeros(len(pts), len(columns), n_seq, dtype=torch.float64)  # on the CPU (MPS has no float64)
+        chunks = iter_lens(model, tokens, convention, batch_size=batch_size, chunk_tokens=chunk_tokens, progress=progress)
+        for chunk in chunks:
+            ref = chunk.logprobs(final)
+            ref_top1 = ref.argmax(dim=-1)
+            for i, k in enumerate(pts):
+                lp = ref if k == final else chunk.logprobs(k)
+                m = distribution_metrics(lp, chunk.targets, ref_logprobs=ref, ref_top1=ref_top1)
+                for j, col in enumerate(columns):
+                    sums[i, j].index_add_(0, chunk.sequences.cpu(), m[_LENS_METRICS[col]].float().cpu().double())
+                del lp, m
+        per_seq = sums / (pos - 2)
+
+    rows = []
+    for i, k in enumerate(pts):
+        row: dict[str, Any] = {"layer": k, "relative_depth": relative_depth(k, n_points)}
+        for j, col in enumerate(columns):
+            mean, sem = mean_and_sem(per_seq[i, j].unsqueeze(1))
+            row[col], row[f"{col}_sem"] = mean, sem
+        row["convention"] = convention
+        row["n_tokens"] = n_seq * (pos - 2)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    record = provenance(model, tokens, analysis="logit_lens", convention=convention, batch_size=batch_size,
+                        chunk_tokens=chunk_tokens, positions="1..pos-2", points=pts)
+    return with_provenance(df, record)
+
+
+def _check_points(points: Sequence[int] | None, n_points: int) -> list[int]:
+    if points is None:
+        return list(range(n_points))
+    pts = sorted({int(p) for p in points})
+    if not pts:
+        raise ValueError(f"points is empty: name readouts in 0 (embeddings) .. {n_points - 1} (output)")
+    for p in pts:
+        if not 0 <= p < n_points:
+            raise ValueError(f"readout point {p} out of range: 0 (embeddings) .. {n_points - 1} (output)")
+    return pts
+
+
+# --------------------------------------------------------------------------------------------
+# layer similarity
+
+
+def unbiased_hsic(
+    gram_a: Float[Tensor, "*batch n n"], gram_b: Float[Tensor, "*batch n n"]
+) -> Float[Tensor, "*batch"]:
+    """The unbiased HSIC estimator (Song et al. 2012) of two kernel matrices (float64).
+
+    ``HSIC = [tr(K L) + 1'K1 1'L1 / ((n-1)(n-2)) - 2/(n-2) 1'K L1] / (n (n-3))`` with both
+    kernels' diagonals set to zero. Needs ``n >= 4``. Invariant to translating the features of a
+    linear kernel, so no centring is needed.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(10, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> k = x @ x.T
+        >>> bool(torch.isclose(unbiased_hsic(k, k), unbiased_hsic(k + 0, (x + 5) @ (x + 5).T)))
+        True
+    """
+    if gram_a.shape != gram_b.shape:
+        raise ValueError(f"kernel matrices differ in shape: {tuple(gram_a.shape)} vs {tuple(gram_b.shape)}")
+    n = gram_a.shape[-1]
+    if n < 4:
+        raise ValueError(f"the unbiased HSIC estimator needs at least 4 samples, got {n}")
+    k = _zero_diagonal(gram_a.double())
+    l = _zero_diagonal(gram_b.double())
+    trace = (k * l).sum(dim=(-2, -1))
+    ks, ls = k.sum(dim=(-2, -1)), l.sum(dim=(-2, -1))
+    cross = (k.sum(dim=-1) * l.sum(dim=-1)).sum(dim=-1)
+    return (trace + ks * ls / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * cross) / (n * (n - 3))
+
+
+def linear_cka(
+    features_a: Float[Tensor, "batch n d_a"], features_b: Float[Tensor, "batch n d_b"]
+) -> float:
+    """Linear CKA of two representations of the same ``batch`` sequences of ``n`` tokens.
+
+    The unbiased HSIC of the linear kernels is summed over sequences before the ratio
+    ``HSIC(a, b) / sqrt(HSIC(a, a) HSIC(b, b))``, as :func:`layer_similarity` does.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(2, 10, 4, generator=torch.Generator().manual_seed(0))
+        >>> round(linear_cka(x, 3 * x), 6), round(linear_cka(x, x @ torch.linalg.qr(torch.randn(4, 4))[0]), 6)
+        (1.0, 1.0)
+    """
+    if features_a.shape[:2] != features_b.shape[:2]:
+        raise ValueError(
+            f"representations must cover the same [batch, n] tokens, got {tuple(features_a.shape[:2])} "
+            f"and {tuple(features_b.shape[:2])}"
+        )
+    a, b = features_a.double(), features_b.double()
+    ka, kb = a @ a.transpose(-1, -2), b @ b.transpose(-1, -2)
+    hab = unbiased_hsic(ka, kb).sum()
+    haa, hbb = unbiased_hsic(ka, ka).sum(), unbiased_hsic(kb, kb).sum()
+    return float(hab / torch.sqrt(haa * hbb))
+
+
+def _float64_device(device: torch.device) -> torch.device:
+    """Where float64 work happens: the tokens' device, or the CPU on MPS (which has no float64)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def _zero_diagonal(gram: Tensor) -> Tensor:
+    return gram * (1 - torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device))
+
+
+def _pairwise_unbiased_hsic(grams: Float[Tensor, "layer batch n n"]) -> Float[Tensor, "layer layer"]:
+    """Sum over the batch of the unbiased HSIC of every pair of layers' kernels."""
+    n = grams.shape[-1]
+    k = _zero_diagonal(grams)
+    flat = k.flatten(-2)  # [layer, batch, n*n]
+    trace = torch.einsum("ibx,jbx->bij", flat, flat)
+    sums = flat.sum(-1)  # [layer, batch]
+    rows = k.sum(-1)  # [layer, batch, n]
+    cross = torch.einsum("ibp,jbp->bij", rows, rows)
+    outer = torch.einsum("ib,jb->bij", sums, sums)
+    hsic = (trace + outer / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * cross) / (n * (n - 3))
+    return hsic.sum(0)
+
+
+def layer_similarity(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    method: str = "cka",
+    batch_size: int = 8,
+    progress: bool = True,
+    outlier_ratio: float | None = None,
+) -> pd.DataFrame:
+    """Similarity between every pair of blocks' residual outputs (``blocks.i.hook_resid_post``).
+
+    * ``"cka"``: linear CKA with the unbiased HSIC estimator (:func:`unbiased_hsic`, kernel
+      diagonals zeroed): per sequence, the linear kernel ``X X'`` over its positions; HSIC of every
+      pair of layers is summed over sequences and only then turned into
+      ``CKA(i, j) = HSIC(i, j) / sqrt(HSIC(i, i) HSIC(j, j))``.
+    * ``"cosine"``: the mean, over tokens, of the cosine similarity between the same token's
+      residual vectors after blocks ``i`` and ``j``.
+
+    Positions ``1 .. pos - 1`` are used: the BOS position is left out, because its residual (an
+    attention sink, with a far larger norm) would dominate the kernels. Memory: per batch, one
+    ``pos x pos`` kernel (CKA) or one ``pos x d_model`` block of unit vectors (cosine) per layer.
+
+    Other tokens can carry massive activations too (on SmolLM2, some ``" the"`` tokens reach 8x the
+    median residual norm in blocks 2-9), and a linear kernel is then dominated by them.
+    ``outlier_ratio`` (e.g. 4.0) leaves out, from every layer's kernel or mean, each token whose
+    residual norm after *any* block exceeds ``outlier_ratio`` times the median norm of its sequence
+    after that block. The default (``None``) keeps every token but BOS, as the paper's definition.
+
+    Args:
+        model: a ``HookedTransformer``.
+        tokens: ``[batch, pos]`` token ids, BOS first; CKA needs at least 5 positions.
+        method: ``"cka"`` or ``"cosine"``.
+        batch_size: sequences per forward pass.
+        progress: show a progress bar.
+        outlier_ratio: leave out tokens with massive activations (above), or ``None``.
+
+    Returns:
+        The matrix in long form, one row per ordered pair of blocks: ``layer_a``, ``layer_b``,
+        ``relative_depth_a``, ``relative_depth_b`` (``i / (n_layers - 1)``), ``similarity``,
+        ``method``. For the square matrix:
+        ``df.pivot(index="layer_a", columns="layer_b", values="similarity")``.
+
+    Example:
+        >>> import torch
+        >>> m = _tiny_model()
+        >>> df = layer_similarity(m, torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(0)), progress=False)
+        >>> len(df), round(float(df.query("layer_a == layer_b")["similarity"].min()), 6)
+        (4, 1.0)
+    """
+    model = check_model(model)
+    if method not in ("cka", "cosine"):
+        raise ValueError(f"unknown similarity method {method!r}; allowed: 'cka', 'cosine'")
+    tokens = check_tokens(model, tokens, min_len=5 if method == "cka" else 2)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of sequences, got {batch_size}")
+    if outlier_ratio is not None and not outlier_ratio > 1.0:
+        raise ValueError(f"outlier_ratio must be above 1 (a multiple of the median norm) or None, got {outlier_ratio}")
+    n_layers = model.cfg.n_layers
+    points = list(range(1, n_layers + 1))  # readout k = output of block k - 1
+    work = _float64_device(tokens.device)
+    total = torch.zeros(n_layers, n_layers, dtype=torch.float64, device=work)
+    n_used = 0
+    with torch.inference_mode():
+        for start in _progress(range(0, tokens.shape[0], batch_size), progress, desc=f"layer similarity ({method})"):
+            batch = tokens[start : start + batch_size]
+            store: dict[int, Tensor] = {}
+
+            def reduce(point: int, resid: Tensor) -> None:
+                x = resid[:, 1:].float().to(work).double()
+                if outlier_ratio is not None:
+                    store[point] = x  # kept whole until the outliers of every layer are known
+                elif method == "cka":
+                    store[point] = x @ x.transpose(-1, -2)
+                else:
+                    store[point] = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+            collect(model, batch, [ResidualReadout(reduce, points)], batch_size=batch.shape[0], progress=False)
+            stack = torch.stack([store.pop(p) for p in points])
+            if outlier_ratio is None:
+                n_used += batch.shape[0] * (batch.shape[1] - 1)
+                if method == "cka":
+                    total += _pairwise_unbiased_hsic(stack)
+                else:
+                    total += torch.einsum("ibpd,jbpd->ij", stack, stack)
+            else:
+                norms = stack.norm(dim=-1)  # [layer, batch, n]
+                keep = ~(norms > outlier_ratio * norms.median(dim=-1, keepdim=True).values).any(dim=0)
+                for b in range(batch.shape[0]):
+                    x = stack[:, b, keep[b]]  # [layer, n_kept, d_model]
+                    if method == "cka":
+                        if x.shape[1] < 4:
+                            raise ValueError(f"sequence {start + b} keeps {x.shape[1]} tokens after outlier removal; CKA needs 4")
+                        total += _pairwise_unbiased_hsic((x @ x.transpose(-1, -2)).unsqueeze(1))
+                    else:
+                        u = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                        total += torch.einsum("ipd,jpd->ij", u, u)
+                    n_used += x.shape[1]
+            del stack
+        if method == "cka":
+            diag = total.diagonal().clamp_min(1e-300)
+            matrix = total / torch.sqrt(diag[:, None] * diag[None, :])
+        else:
+            matrix = total / max(n_used, 1)
+        n_excluded = tokens.shape[0] * (tokens.shape[1] - 1) - n_used
+    rows = [
+        {
+            "layer_a": i,
+            "layer_b": j,
+            "relative_depth_a": relative_depth(i, n_layers),
+            "relative_depth_b": relative_depth(j, n_layers),
+            "similarity": float(matrix[i, j]),
+            "method": method,
+        }
+        for i in range(n_layers)
+        for j in range(n_layers)
+    ]
+    record = provenance(model, tokens, analysis="layer_similarity", method=method, batch_size=batch_size,
+                        positions="1..pos-1", hook="blocks.{i}.hook_resid_post", outlier_ratio=outlier_ratio,
+                        excluded_tokens=n_excluded)
+    return with_provenance(pd.DataFrame(rows), record)
+
+
+# --------------------------------------------------------------------------------------------
+# probes and labels
+
+_SPACE_MARKERS = ("Ġ", "▁", "Ċ", "ĉ", " ", "\n", "\t", "\r")
+
+
+def _token_pieces(model: HookedTransformer, tokens: Tensor) -> tuple[list[list[str]], set[int]]:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(
+            "word-boundary labels come from the tokenizer's token strings, but this model has no "
+            "tokenizer; pass labels as an integer tensor [batch, pos] instead (-1 = ignore)"
+        )
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    pieces = [list(tokenizer.convert_ids_to_tokens([int(t) for t in row])) for row in tokens.tolist()]
+    return pieces, special
+
+
+def _starts_with_space(piece: str) -> bool:
+    return piece.startswith(_SPACE_MARKERS)
+
+
+def _starts_wordlike(piece: str) -> bool:
+    return bool(piece) and piece[0].isalnum()
+
+
+def _ends_wordlike(piece: str) -> bool:
+    return bool(piece) and piece[-1].isalnum()
+
+
+def continues_word(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+    """Label 1 where a token continues a word begun by an earlier token, else 0 (-1 at position 0).
+
+    From the tokenizer's token strings (``convert_ids_to_tokens``): a token continues a word when
+    it has no leading-space marker (``Ġ``, ``▁``, a space or a newline), begins with a letter or
+    digit, and the previous token (not a special token) ends with a letter or digit, as ``"ing"``
+    after ``"walk"``. Position 0 (BOS) is not labelled.
+
+    Raises:
+        ValueError: if the model has no tokenizer.
+
+    Example:
+        >>> import torch
+        >>> from tokenizers import Tokenizer, models
+        >>> from transformers import PreTrainedTokenizerFast
+        >>> vocab = {w: i for i, w in enumerate(["<s>", "Ġwalk", "ing", "Ġhome", ","])}
+        >>> tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<s>")), bos_token="<s>")
+        >>> m = _tiny_model(); m.tokenizer = tok
+        >>> continues_word(m, torch.tensor([[0, 1, 2, 3, 4]])).tolist()
+        [[-1, 0, 1, 0, 0]]
+    """
+    check_model(model)
+    pieces, special = _token_pieces(model, tokens)
+    out = torch.zeros(tokens.shape, dtype=torch.long)
+    for b, row in enumerate(pieces):
+        ids = tokens[b].tolist()
+        out[b, 0] = -1
+        for t in range(1, len(row)):
+            prev_ok = ids[t - 1] not in special and _ends_wordlike(row[t - 1])
+            here_ok = ids[t] not in special and not _starts_with_space(row[t]) and _starts_wordlike(row[t])
+            out[b, t] = int(prev_ok and here_ok)
+    return out.to(tokens.device)
+
+
+def next_starts_word(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+    """Label 1 where the *next* token starts a new word, else 0 (-1 at position 0 and the last position).
+
+    A token starts a new word when its string (``convert_ids_to_tokens``) has a leading-space
+    marker (``Ġ``, ``▁``, a space or a newline) followed by a letter or digit. Punctuation and word
+    continuations are 0. Labels position ``t`` by token ``t + 1``: a probe on the residual at ``t``
+    asks whether the model already knows that the current word ends here.
+
+    Raises:
+        ValueError: if the model has no tokenizer.
+
+    Example:
+        >>> import torch
+        >>> from tokenizers import Tokenizer, models
+        >>> from transformers import PreTrainedTokenizerFast
+        >>> vocab = {w: i for i, w in enumerate(["<s>", "Ġwalk", "ing", "Ġhome", ","])}
+        >>> tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<s>")), bos_token="<s>")
+        >>> m = _tiny_model(); m.tokenizer = tok
+        >>> next_starts_word(m, torch.tensor([[0, 1, 2, 3, 4]])).tolist()
+        [[-1, 0, 1, 0, -1]]
+    """
+    check_model(model)
+    pieces, special = _token_pieces(model, tokens)
+    out = torch.zeros(tokens.shape, dtype=torch.long)
+    for b, row in enumerate(pieces):
+        ids = tokens[b].tolist()
+        out[b, 0] = -1
+        out[b, -1] = -1
+        for t in range(1, len(row) - 1):
+            nxt = row[t + 1]
+            starts = ids[t + 1] not in special and _starts_with_space(nxt) and _starts_wordlike(nxt.lstrip("".join(_SPACE_MARKERS)))
+            out[b, t] = int(starts)
+    return out.to(tokens.device)
+
+
+LABEL_MAKERS: dict[str, Callable[[HookedTransformer, Tensor], Tensor]] = {
+    "continues_word": continues_word,
+    "next_starts_word": next_starts_word,
+}
+"""Built-in per-token labels for :func:`probe_layers`, by name."""
+
+
+def probe_layers(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    labels: Int[Tensor, "batch pos"] | str | Callable[[HookedTransformer, Tensor], Tensor],
+    *,
+    points: Sequence[int] | None = None,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    l2: float = 1e-2,
+    max_iter: int = 200,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """A linear probe per residual readout for a per-token label; held-out accuracy vs the majority baseline.
+
+    Features are the residual stream at each readout (``layer`` 0 = embeddings ... ``n_layers`` =
+    output of the last block) at every labelled position; each readout gets its own
+    :func:`stages_of_inference.probes.fit_probe`, with the same seeded train/test split of tokens
+    for every readout. Features of all labelled tokens at all readouts are kept in memory
+    (``(n_layers + 1) x n_labelled x d_model`` fp32 numbers).
+
+    Args:
+        model: a ``HookedTransformer``.
+        tokens: ``[batch, pos]`` token ids.
+        labels: an integer tensor ``[batch, pos]`` (negative = not labelled), the name of a
+            built-in label maker (:data:`LABEL_MAKERS`: ``"continues_word"``,
+            ``"next_starts_word"``) or any callable ``(model, tokens) -> labels``.
+        points: readouts to probe (default: all).
+        test_fraction, seed, l2, max_iter: passed to :func:`~stages_of_inference.probes.fit_probe`.
+        batch_size: sequences per forward pass.
+        progress: show a progress bar.
+
+    Returns:
+        One row per readout: ``layer``, ``relative_depth`` (``layer / n_layers``), ``accuracy``
+        (held out), ``baseline`` (majority class), ``gain``, ``train_accuracy``, ``n_train``,
+        ``n_test``, ``label``; provenance in ``attrs``.
+
+    Example:
+        >>> import torch
+        >>> m = _tiny_model()
+        >>> tokens = torch.randint(0, 11, (4, 16), generator=torch.Generator().manual_seed(0))
+        >>> df = probe_layers(m, tokens, (tokens % 2 == 0).long(), progress=False)
+        >>> list(df["layer"]), list(df.columns[2:5])
+        ([0, 1, 2], ['accuracy', 'baseline', 'gain'])
+    """
+    model = check_model(model)
+    tokens = check_tokens(model, tokens, min_len=1)
+    if isinstance(labels, str):
+        if labels not in LABEL_MAKERS:
+            raise ValueError(f"unknown label maker {labels!r}; built in: {', '.join(LABEL_MAKERS)}")
+        label_name = labels
+        labels = LABEL_MAKERS[labels](model, tokens)
+    elif callable(labels) and not isinstance(labels, torch.Tensor):
+        label_name = getattr(labels, "__name__", "custom")
+        labels = labels(model, tokens)
+    else:
+        label_name = "custom"
+    if not isinstance(labels, torch.Tensor) or labels.shape != tokens.shape:
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an integer tensor shaped like tokens {tuple(tokens.shape)}, got {got}")
+    if labels.dtype.is_floating_point:
+        raise TypeError(f"labels must be integers (negative = not labelled), got dtype {labels.dtype}")
+    labels = labels.to(tokens.device).long()
+    mask = labels >= 0
+    if int(mask.sum()) < 4:
+        raise ValueError(f"only {int(mask.sum())} labelled positions; a probe needs at least 4")
+    if labels[mask].unique().numel() < 2:
+        raise ValueError(f"every labelled position has the same label ({int(labels[mask][0])}); a probe needs two classes")
+    n_points = model.cfg.n_layers + 1
+    pts = _check_points(points, n_points)
+
+    feats: dict[int, list[Tensor]] = {p: [] for p in pts}
+    with torch.inference_mode():
+        for start in _progress(range(0, tokens.shape[0], batch_size), progress, desc="probe features"):
+            batch = tokens[start : start + batch_size]
+            batch_mask = mask[start : start + batch_size]
+
+            def reduce(point: int, resid: Tensor) -> None:
+                feats[point].append(resid[batch_mask].float())
+
+            collect(model, batch, [ResidualReadout(reduce, pts)], batch_size=batch.shape[0], progress=False)
+    y = labels[mask]
+    rows = []
+    for p in _progress(pts, progress, desc="probes"):
+        x = torch.cat(feats.pop(p))
+        r = fit_probe(x, y, test_fraction=test_fraction, seed=seed, l2=l2, max_iter=max_iter)
+        rows.append({
+            "layer": p,
+            "relative_depth": relative_depth(p, n_points),
+            "accuracy": r.accuracy,
+            "baseline": r.baseline,
+            "gain": r.gain,
+            "train_accuracy": r.train_accuracy,
+            "n_train": r.n_train,
+            "n_test": r.n_test,
+            "label": label_name,
+        })
+    record = provenance(model, tokens, analysis="probe_layers", label=label_name, test_fraction=test_fraction,
+                        seed=seed, l2=l2, max_iter=max_iter)
+    return with_provenance(pd.DataFrame(rows), record)
