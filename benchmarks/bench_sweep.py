@@ -1,0 +1,239 @@
+"""Benchmark of the robustness sweep: all single-block deletions and adjacent swaps of a model.
+
+Times, in one run and on the same tokens,
+
+(a) the library's prefix-sharing sweep (:func:`stages_of_inference.robustness_sweep`);
+(b) the obvious TransformerLens loop: the baseline once, one ``run_with_hooks`` per deletion
+    (zeroing ``hook_attn_out`` / ``hook_mlp_out``), one forward with reordered blocks per swap,
+    metrics from the logits with :func:`stages_of_inference.metrics.sequence_metrics`;
+(c) the authors' procedure: the baseline recomputed for every intervention, deletions by hooks,
+    swaps by exchanging the two blocks' weights in the state dict and rebuilding the model;
+
+checks that the three agree (KL, loss, accuracy), and prints the speed-up ratios, the achieved
+GFLOP/s of each against a measured fp32 matmul rate, and the peak memory of the sweep against one
+forward pass with its metrics (resident-set high-water mark, ``/proc/self/status`` ``VmHWM``, reset
+through ``/proc/self/clear_refs`` before each measurement, after ``malloc_trim``).
+
+Run: ``python benchmarks/bench_sweep.py --n-sequences 4 --seq-len 128``
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import platform
+import time
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformer_lens import HookedTransformer
+
+import stages_of_inference as soi
+from stages_of_inference.interventions.executor import block_count
+from stages_of_inference.interventions.hooks import drop_layer
+from stages_of_inference.metrics import sequence_metrics
+
+
+# --------------------------------------------------------------------------- memory
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
+class PeakRSS:
+    """Peak resident memory of a block, above the resident memory at its start (Linux only)."""
+
+    def __enter__(self) -> PeakRSS:
+        _trim()
+        self.start = _status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.peak = _status("VmHWM")
+        self.increment = self.peak - self.start
+
+
+# --------------------------------------------------------------------------- helpers
+def matmul_gflops() -> float:
+    """Best measured fp32 matmul rate over a few shapes (square, and the unembedding's)."""
+    best = 0.0
+    shapes = [(2048, 2048, 2048), (512, 576, 49152), (512, 576, 1536)]
+    with torch.inference_mode():
+        for m, k, n in shapes:
+            a, b = torch.randn(m, k), torch.randn(k, n)
+            a @ b
+            for _ in range(5):
+                t = time.perf_counter()
+                a @ b
+                best = max(best, 2 * m * k * n / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def forward_flops(model: HookedTransformer, tokens: torch.Tensor) -> tuple[float, float]:
+    """(FLOPs of one forward pass, FLOPs of its unembedding), counted by torch's FlopCounterMode."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(tokens)
+    total = float(counter.get_total_flops())
+    unembed = 2.0 * tokens.numel() * model.cfg.d_model * model.cfg.d_vocab
+    return total, unembed
+
+
+def means(logits: torch.Tensor, base: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+    m = sequence_metrics(logits, tokens, ref_logits=base)
+    return {"kl_nats": float(m["kl_nats"].double().mean()), "loss": float(m["loss"].double().mean()),
+            "accuracy": float(m["correct"].double().mean())}
+
+
+def weight_swapped(model: HookedTransformer, i: int) -> HookedTransformer:
+    a, b = f"blocks.{i}.", f"blocks.{i + 1}."
+    state = {}
+    for name, value in model.state_dict().items():
+        if name.startswith(a):
+            name = b + name[len(a):]
+        elif name.startswith(b):
+            name = a + name[len(b):]
+        state[name] = value
+    fresh = HookedTransformer(model.cfg, tokenizer=model.tokenizer)
+    fresh.load_state_dict(state)
+    return fresh.eval()
+
+
+def obvious_loop(model: HookedTransformer, tokens: torch.Tensor) -> dict[tuple[str, int], dict[str, float]]:
+    n = model.cfg.n_layers
+    out = {}
+    with torch.inference_mode():
+        base = model(tokens)
+        for i in range(n):
+            out[("drop", i)] = means(model.run_with_hooks(tokens, fwd_hooks=drop_layer(model, i)), base, tokens)
+        for i in range(n - 1):
+            with soi.reordered(model, soi.LayerPlan.swap(n, i)):
+                out[("swap", i)] = means(model(tokens), base, tokens)
+    return out
+
+
+def authors_procedure(model: HookedTransformer, tokens: torch.Tensor) -> dict[tuple[str, int], dict[str, float]]:
+    n = model.cfg.n_layers
+    out = {}
+    with torch.inference_mode():
+        for i in range(n):
+            base = model(tokens)
+            out[("drop", i)] = means(model.run_with_hooks(tokens, fwd_hooks=drop_layer(model, i)), base, tokens)
+        for i in range(n - 1):
+            base = model(tokens)
+            with torch.inference_mode(False):
+                swapped = weight_swapped(model, i)
+            out[("swap", i)] = means(swapped(tokens), base, tokens)
+            del swapped
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--n-sequences", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--chunk-tokens", type=int, default=512)
+    parser.add_argument("--skip-authors", action="store_true", help="skip (c), the slowest")
+    args = parser.parse_args()
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = soi.load_model(args.model)
+    tokens = soi.load_tokens(model, corpus="default", n_sequences=args.n_sequences, seq_len=args.seq_len, seed=0)
+    run(model, tokens, args)
+
+
+def run(model: HookedTransformer, tokens: torch.Tensor, args: argparse.Namespace) -> None:
+    """Time (a), (b), (c) on ``model`` and ``tokens`` and print the report."""
+    n = model.cfg.n_layers
+    print(f"model {args.model}: {n} blocks, d_model {model.cfg.d_model}, vocab {model.cfg.d_vocab}; "
+          f"tokens {tuple(tokens.shape)}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); load average {os.getloadavg()}")
+
+    peak_rate = matmul_gflops()
+    f_fwd, f_unembed = forward_flops(model, tokens)
+    f_block = (f_fwd - f_unembed) / n
+    plans = [soi.LayerPlan.drop(n, i) for i in range(n)] + [soi.LayerPlan.swap(n, i) for i in range(n - 1)]
+    n_plans = len(plans)
+    scored = (tokens.shape[1] - 2) / tokens.shape[1]
+    flops = {
+        "sweep": block_count(plans) * f_block + (n_plans + 1) * f_unembed * scored,
+        "obvious": (n_plans + 1) * f_fwd,
+        "authors": 2 * n_plans * f_fwd,
+    }
+    print(f"fp32 matmul rate (best measured): {peak_rate:.1f} GFLOP/s; one forward {f_fwd / 1e9:.1f} GFLOP "
+          f"(unembedding {f_unembed / 1e9:.1f}); blocks run: sweep {block_count(plans)}, "
+          f"obvious {(n_plans + 1) * n}, authors {2 * n_plans * n}")
+
+    # one forward pass with its metrics: the memory yardstick
+    with torch.inference_mode():
+        model(tokens)  # warm-up
+        with PeakRSS() as one:
+            logits = model(tokens)
+            sequence_metrics(logits, tokens, ref_logits=logits)
+            del logits
+
+    times: dict[str, float] = {}
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        sweep = soi.robustness_sweep(model, tokens, progress=False, batch_size=args.batch_size,
+                                     chunk_tokens=args.chunk_tokens)
+        times["sweep"] = time.perf_counter() - t
+    print(f"(a) sweep:   {times['sweep']:8.1f} s", flush=True)
+    t = time.perf_counter()
+    obvious = obvious_loop(model, tokens)
+    times["obvious"] = time.perf_counter() - t
+    print(f"(b) obvious: {times['obvious']:8.1f} s", flush=True)
+    authors = None
+    if not args.skip_authors:
+        t = time.perf_counter()
+        authors = authors_procedure(model, tokens)
+        times["authors"] = time.perf_counter() - t
+        print(f"(c) authors: {times['authors']:8.1f} s", flush=True)
+
+    s = sweep.summary
+    worst = {"obvious": 0.0, "authors": 0.0}
+    for row in s[s["kind"] != "none"].itertuples():
+        key = (row.kind, int(row.layer))
+        for name, other in (("obvious", obvious), ("authors", authors)):
+            if other is None:
+                continue
+            for metric in ("kl_nats", "loss", "accuracy"):
+                worst[name] = max(worst[name], abs(getattr(row, metric) - other[key][metric]))
+    print()
+    print(f"agreement (max abs diff of KL, loss, accuracy over {n_plans} interventions): "
+          f"sweep vs obvious {worst['obvious']:.2e}, sweep vs authors "
+          + (f"{worst['authors']:.2e}" if authors is not None else "skipped"))
+    print(f"speed-up: obvious / sweep = {times['obvious'] / times['sweep']:.2f}x"
+          + (f", authors / sweep = {times['authors'] / times['sweep']:.2f}x" if authors is not None else ""))
+    for name, seconds in times.items():
+        rate = flops[name] / seconds / 1e9
+        print(f"  {name:8s} {flops[name] / 1e9:8.0f} GFLOP in {seconds:7.1f} s = {rate:6.1f} GFLOP/s "
+              f"({100 * rate / peak_rate:4.0f} % of the matmul rate)")
+    print(f"memory (peak RSS above the start, model resident): one forward + metrics {one.increment / 2**20:.0f} MiB; "
+          f"{n_plans}-plan sweep {mem.increment / 2**20:.0f} MiB = {mem.increment / one.increment:.2f}x; "
+          f"process peak {one.peak / 2**20:.0f} vs {mem.peak / 2**20:.0f} MiB")
+    d0 = s[(s["kind"] == "drop") & (s["layer"] == 0)].iloc[0]
+    print(f"sanity: original loss {s.iloc[0]['loss']:.3f}, accuracy {s.iloc[0]['accuracy']:.3f}; "
+          f"drop 0: loss_delta {d0['loss_delta']:.2f}, KL {d0['kl_nats']:.2f}")
+    print(f"load average at the end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
