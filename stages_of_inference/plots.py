@@ -1,0 +1,993 @@
+"""Plotly figures from results: one function per analysis, every one drawn against relative depth.
+
+Every function takes one result or several (a list), returns a ``plotly.graph_objects.Figure`` and
+never shows it: call ``fig.show()`` in a notebook, ``fig.write_html(...)`` elsewhere. Results of
+models of different depth share the x axis because it is the *relative* depth
+(:func:`stages_of_inference.relative_depth`): ``i / (n_layers - 1)`` for blocks, ``k / n_layers``
+for logit-lens readouts. Each model gets one colour, in the order its results first appear; the
+model's name is read from the result's provenance (``attrs["provenance"]["model"]["name"]``).
+
+The four stages of inference are drawn as shaded bands where the data places them
+(:func:`place_stages`; the rule is in its docstring and in ``docs/stages.md``): pass the table it
+returns as ``stages=``. With one model the bands are shaded; with several, each model's stage
+boundaries are drawn as dotted lines in its colour.
+
+Plots only read tables: no function here runs a model.
+
+Example:
+    >>> import pandas as pd
+    >>> df = pd.DataFrame({"layer": [0, 1, 2], "relative_depth": [0, .5, 1], "mean_attention": [.1, .05, .02], "sem": [.01, .01, .01]})
+    >>> df.attrs["provenance"] = {"model": {"name": "demo", "n_layers": 3}}
+    >>> fig = previous_token_attention(df)
+    >>> fig.data[-1].name, fig.layout.xaxis.title.text
+    ('demo', 'relative depth (block i / (n_layers - 1))')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+__all__ = [
+    "BLOCK_DEPTH",
+    "READOUT_DEPTH",
+    "STAGES",
+    "add_stage_bands",
+    "layer_repetition",
+    "layer_similarity",
+    "logit_lens",
+    "model_colors",
+    "neuron_counts",
+    "place_stages",
+    "previous_token_attention",
+    "probe_accuracy",
+    "result_model",
+    "robustness",
+    "robustness_table",
+    "sharpening_profile",
+    "subjoiner_patterns",
+    "subjoiner_scores",
+]
+
+BLOCK_DEPTH = "relative depth (block i / (n_layers - 1))"
+"""x-axis title of per-block figures."""
+READOUT_DEPTH = "relative depth (readout k / n_layers; 0 = embeddings)"
+"""x-axis title of logit-lens figures."""
+
+STAGES = ("detokenization", "feature engineering", "prediction ensembling", "residual sharpening")
+"""The four stages of inference, in depth order (Lad et al. 2024)."""
+
+_STAGE_FILL = ("#4c78a8", "#72b7b2", "#f58518", "#e45756")
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+_X_RANGE = (-0.03, 1.03)
+_LOG_TICKS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
+
+_METRICS = {  # sweep column -> (axis title, per-token column, how the per-token values scale)
+    "kl_nats": ("KL(original || intervened) (nats)", "kl_nats"),
+    "loss_delta": ("loss increase (nats / token)", "loss_delta"),
+    "relative_accuracy": ("top-1 accuracy retained (fraction of original)", "correct"),
+    "top1_agreement": ("top-1 agreement with original (fraction)", "agree"),
+    "accuracy": ("top-1 accuracy (fraction)", "correct"),
+    "entropy_bits": ("output entropy (bits)", "entropy_bits"),
+}
+_KIND_DASH = {"drop": "solid", "swap": "dash"}
+_KIND_NAME = {"drop": "delete block", "swap": "swap with next"}
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+
+def _provenance(result: Any) -> dict[str, Any]:
+    if isinstance(result, pd.DataFrame):
+        return dict(result.attrs.get("provenance", {}) or {})
+    prov = getattr(result, "provenance", None)
+    if isinstance(prov, Mapping):
+        return dict(prov)
+    heads = getattr(result, "heads", None)
+    if isinstance(heads, pd.DataFrame):
+        return dict(heads.attrs.get("provenance", {}) or {})
+    return {}
+
+
+def result_model(result: Any, default: str = "model") -> str:
+    """The model name recorded in a result's provenance, else ``default``.
+
+    Works on DataFrames (``attrs["provenance"]``), :class:`~stages_of_inference.results.Result`
+    objects and :class:`~stages_of_inference.stages.detokenization.SubjoinerResult`.
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"layer": [0]}); df.attrs["provenance"] = {"model": {"name": "gpt2"}}
+        >>> result_model(df), result_model(pd.DataFrame())
+        ('gpt2', 'model')
+    """
+    name = _provenance(result).get("model", {}).get("name")
+    return str(name) if name else default
+
+
+def _n_layers(result: Any, table: pd.DataFrame | None = None) -> int | None:
+    n = _provenance(result).get("model", {}).get("n_layers")
+    if n:
+        return int(n)
+    if table is not None and "layer" in table and len(table):
+        return int(pd.to_numeric(table["layer"], errors="coerce").max()) + 1
+    return None
+
+
+def _as_list(results: Any) -> list[Any]:
+    if results is None:
+        raise ValueError("no result to plot: pass a result or a list of results")
+    if isinstance(results, (list, tuple)):
+        items = list(results)
+    else:
+        items = [results]
+    if not items:
+        raise ValueError("no result to plot: the list of results is empty")
+    return items
+
+
+def _table(result: Any, name: str | None = None) -> pd.DataFrame:
+    """The DataFrame inside ``result`` (a DataFrame, a Result's table ``name`` or its only table)."""
+    if isinstance(result, pd.DataFrame):
+        return result
+    tables = getattr(result, "tables", None)
+    if isinstance(tables, Mapping):
+        if name is not None and name in tables:
+            return tables[name]
+        if len(tables) == 1:
+            return next(iter(tables.values()))
+        raise ValueError(f"this result holds tables {sorted(tables)}; expected one named {name!r}")
+    heads = getattr(result, "heads", None)
+    if isinstance(heads, pd.DataFrame):
+        return heads
+    raise TypeError(f"expected a pandas DataFrame or a stages_of_inference result, got {type(result).__name__}")
+
+
+def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} needs the columns {missing}; this table has {list(df.columns)}")
+
+
+def model_colors(results: Any, colors: Mapping[str, str] | None = None) -> dict[str, str]:
+    """One colour per model, in the order the models first appear in ``results``.
+
+    Example:
+        >>> import pandas as pd
+        >>> a, b = pd.DataFrame(), pd.DataFrame()
+        >>> a.attrs["provenance"] = {"model": {"name": "a"}}; b.attrs["provenance"] = {"model": {"name": "b"}}
+        >>> model_colors([a, b, a])
+        {'a': '#1f77b4', 'b': '#d62728'}
+    """
+    out: dict[str, str] = dict(colors or {})
+    for result in _as_list(results):
+        name = result_model(result)
+        if name not in out:
+            out[name] = _PALETTE[len(out) % len(_PALETTE)]
+    return out
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+
+
+def _line(
+    fig: go.Figure,
+    x: Any,
+    y: Any,
+    name: str,
+    color: str,
+    err: Any = None,
+    *,
+    row: int | None = None,
+    col: int | None = None,
+    dash: str = "solid",
+    legendgroup: str | None = None,
+    showlegend: bool = True,
+    hover: str = "",
+) -> None:
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    where = {} if row is None else {"row": row, "col": col}
+    group = legendgroup or name
+    if err is not None:
+        e = np.nan_to_num(np.asarray(err, dtype=float))
+        fig.add_trace(go.Scatter(
+            x=np.concatenate([x, x[::-1]]), y=np.concatenate([y + e, (y - e)[::-1]]), fill="toself",
+            fillcolor=_rgba(color, 0.18), line={"width": 0}, mode="lines", hoverinfo="skip", showlegend=False,
+            legendgroup=group, name=f"{name} ± 1 s.e.",
+        ), **where)
+    fig.add_trace(go.Scatter(
+        x=x, y=y, mode="lines+markers", name=name, legendgroup=group, showlegend=showlegend,
+        line={"color": color, "dash": dash, "width": 2}, marker={"size": 5, "color": color},
+        hovertemplate=f"{name}<br>depth %{{x:.2f}}<br>%{{y:.4g}}{hover}<extra></extra>",
+    ), **where)
+
+
+def _layout(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
+    fig.update_layout(
+        title={"text": title, "x": 0.01, "xanchor": "left"}, template="plotly_white", height=height,
+        margin={"l": 70, "r": 30, "t": 80, "b": 60}, hovermode="closest",
+        legend={"tracegroupgap": 2, "font": {"size": 11}},
+    )
+    return fig
+
+
+def _depth_axes(fig: go.Figure, title: str = BLOCK_DEPTH) -> None:
+    fig.update_xaxes(title_text=title, range=list(_X_RANGE), zeroline=False)
+
+
+# --------------------------------------------------------------------------------------------
+# stages
+
+
+def _band_edges(first: int, last: int, n_layers: int) -> tuple[float, float]:
+    if n_layers <= 1:
+        return 0.0, 1.0
+    step = 1.0 / (n_layers - 1)
+    return max(0.0, (first - 0.5) * step), min(1.0, (last + 0.5) * step)
+
+
+def _drop_kl(sweep: Any) -> pd.Series | None:
+    if sweep is None:
+        return None
+    summary = _table(sweep, "summary")
+    _require(summary, ["kind", "layer", "kl_nats"], "place_stages(sweep=...)")
+    drops = summary[summary["kind"] == "drop"]
+    if drops.empty:
+        return None
+    return pd.Series(drops["kl_nats"].to_numpy(float), index=drops["layer"].astype(int).to_numpy())
+
+
+def _first_peak(layers: np.ndarray, values: np.ndarray) -> int:
+    """The layer of the first local maximum of ``values`` (higher than the next, not lower than the
+    previous), else of the maximum."""
+    for i in range(len(values) - 1):
+        if values[i] > values[i + 1] and (i == 0 or values[i] >= values[i - 1]):
+            return int(layers[i])
+    return int(layers[int(np.argmax(values))])
+
+
+def place_stages(
+    sweep: Any = None,
+    lens: pd.DataFrame | None = None,
+    neurons: pd.DataFrame | None = None,
+    attention: pd.DataFrame | None = None,
+    *,
+    n_layers: int | None = None,
+    fragile: float = 3.0,
+    entropy_fall: float = 0.25,
+) -> pd.DataFrame:
+    """Place the four stages on a model's blocks from its measurements (the "stage-band rule").
+
+    Blocks ``0 .. n-1`` are split at three boundaries ``b <= c <= d`` into detokenization
+    ``[0, b)``, feature engineering ``[b, c)``, prediction ensembling ``[c, d)`` and residual
+    sharpening ``[d, n)``. A block is *fragile* when deleting it costs more than ``fragile`` times
+    the median deletion KL over all blocks.
+
+    * ``b``, end of detokenization: past the leading run of fragile blocks, and past the first
+      peak (local maximum) of previous-token attention in the first half of the depth; at least
+      1, at most ``n // 2``.
+    * ``c``, start of prediction ensembling: the first block after whose output the logit-lens
+      entropy (paper convention) has fallen by ``entropy_fall`` of its total fall from the
+      embeddings to the output (the lens starts to align with the vocabulary). Without a lens
+      table: the first block holding at least a tenth of the peak count of prediction neurons.
+    * ``d``, start of residual sharpening: the first block of the trailing run of blocks that are
+      fragile or hold more suppression than prediction neurons; at least the last block.
+
+    Boundaries are then ordered (``b <= c <= d``); a stage squeezed to no block is reported with
+    ``n_blocks == 0``. Each band spans its blocks' relative depths plus half a block either side
+    (clipped to [0, 1]), so neighbouring bands meet.
+
+    Args:
+        sweep: a robustness sweep (or its ``summary``) with ``kind == "drop"`` rows.
+        lens: a logit-lens table (``layer``, ``entropy_bits``), preferably ``convention="paper"``.
+        neurons: ``neuron_counts`` (``layer``, ``n_prediction``, ``n_suppression``) or
+            ``neuron_moments`` (``layer``, ``kind``).
+        attention: ``previous_token_attention`` (``layer``, ``mean_attention``).
+        n_layers: the model's number of blocks (default: from the inputs' provenance or layers).
+        fragile: the fragility factor over the median deletion KL.
+        entropy_fall: the fraction of the lens entropy's total fall that marks ``c``.
+
+    Returns:
+        One row per stage: ``stage``, ``first_layer``, ``last_layer``, ``n_blocks``, ``start``,
+        ``end`` (relative depth), ``model``, ``evidence`` (which measurement placed its start).
+
+    Example:
+        >>> import pandas as pd
+        >>> sweep = pd.DataFrame({"kind": ["drop"] * 10, "layer": range(10),
+        ...                       "kl_nats": [8, .3, .2, .2, .1, .1, .2, .3, .5, 2]})
+        >>> lens = pd.DataFrame({"layer": range(11), "entropy_bits": [15, 15, 15, 15, 14.8, 14.5, 13, 11, 9, 7, 5]})
+        >>> place_stages(sweep, lens)[["stage", "first_layer", "last_layer"]].values.tolist()
+        [['detokenization', 0, 0], ['feature engineering', 1, 5], ['prediction ensembling', 6, 8], ['residual sharpening', 9, 9]]
+    """
+    if not fragile > 1:
+        raise ValueError(f"fragile must be a factor above 1, got {fragile}")
+    if not 0 < entropy_fall < 1:
+        raise ValueError(f"entropy_fall must lie strictly between 0 and 1, got {entropy_fall}")
+    kl = _drop_kl(sweep)
+    inputs = [x for x in (sweep, lens, neurons, attention) if x is not None]
+    if not inputs:
+        raise ValueError("place_stages needs at least one measurement: sweep, lens, neurons or attention")
+    if n_layers is None:
+        for x in inputs:
+            n_layers = _n_layers(x)
+            if n_layers:
+                break
+    if n_layers is None:
+        if kl is not None:
+            n_layers = int(kl.index.max()) + 1
+        elif lens is not None:
+            n_layers = int(lens["layer"].max())
+        else:
+            n_layers = int(_table(inputs[0])["layer"].max()) + 1
+    n = int(n_layers)
+    if n < 1:
+        raise ValueError(f"n_layers must be positive, got {n}")
+    model = next((result_model(x) for x in inputs if result_model(x, "") != ""), "model")
+
+    is_fragile = np.zeros(n, dtype=bool)
+    if kl is not None and len(kl):
+        median = float(np.median(kl.to_numpy()))
+        threshold = fragile * max(median, 1e-12)
+        for layer, value in kl.items():
+            if 0 <= int(layer) < n:
+                is_fragile[int(layer)] = value > threshold
+
+    counts = None
+    if neurons is not None:
+        table = _table(neurons)
+        if {"n_prediction", "n_suppression"} <= set(table.columns):
+            counts = table.set_index("layer")[["n_prediction", "n_suppression"]]
+        else:
+            _require(table, ["layer", "kind"], "place_stages(neurons=...)")
+            counts = pd.crosstab(table["layer"], table["kind"]).reindex(
+                columns=["prediction", "suppression"], fill_value=0)
+            counts.columns = ["n_prediction", "n_suppression"]
+        counts = counts.reindex(range(n), fill_value=0)
+
+    # b: end of detokenization
+    evidence_b = []
+    lead = 0
+    while lead < n and is_fragile[lead]:
+        lead += 1
+    b = lead
+    if lead:
+        evidence_b.append(f"deleting block{'s' if lead > 1 else ''} 0..{lead - 1} is fragile (KL > {fragile:g} x median)")
+    if attention is not None:
+        att = _table(attention)
+        _require(att, ["layer", "mean_attention"], "place_stages(attention=...)")
+        early = att[att["layer"] <= (n - 1) // 2].sort_values("layer")
+        if len(early):
+            peak = _first_peak(early["layer"].to_numpy(int), early["mean_attention"].to_numpy(float))
+            if peak + 1 > b:
+                b = peak + 1
+            evidence_b.append(f"previous-token attention has its first peak at block {peak}")
+    b = min(max(b, 1), max(n // 2, 1))
+
+    # d: start of residual sharpening
+    d = n
+    reason_d = []
+    while d > 0:
+        layer = d - 1
+        supp = counts is not None and counts.loc[layer, "n_suppression"] > max(counts.loc[layer, "n_prediction"], 0)
+        if is_fragile[layer] or supp:
+            d -= 1
+            if is_fragile[layer] and "fragile" not in " ".join(reason_d):
+                reason_d.append("fragile under deletion")
+            if supp and "suppression" not in " ".join(reason_d):
+                reason_d.append("more suppression than prediction neurons")
+        else:
+            break
+    if d == n:
+        d = n - 1
+        reason_d.append("the last block (no trailing fragile or suppression-dominated run)")
+
+    # c: start of prediction ensembling
+    c = None
+    reason_c = ""
+    if lens is not None:
+        lt = _table(lens)
+        _require(lt, ["layer", "entropy_bits"], "place_stages(lens=...)")
+        h = lt.sort_values("layer")["entropy_bits"].to_numpy(float)
+        fall = h[0] - h[-1]
+        if len(h) >= 2 and fall > 0:
+            below = np.nonzero(h[1:] <= h[0] - entropy_fall * fall)[0]
+            if len(below):
+                c = int(below[0])  # readout k + 1 is the output of block k
+                reason_c = f"logit-lens entropy has fallen by {entropy_fall:.0%} of its total fall after block {c}"
+    if c is None and counts is not None and counts["n_prediction"].max() > 0:
+        pred = counts["n_prediction"].to_numpy()
+        c = int(np.nonzero(pred >= max(1, 0.1 * pred.max()))[0][0])
+        reason_c = f"first block with at least a tenth of the peak count of prediction neurons ({c})"
+    if c is None:
+        c = (b + d) // 2
+        reason_c = "no lens or neuron data: midway between detokenization and residual sharpening"
+    c = min(max(c, b), d)
+
+    edges = [(0, b, "; ".join(evidence_b) or "at least one block"), (b, c, "after detokenization"),
+             (c, d, reason_c), (d, n, "; ".join(reason_d))]
+    rows = []
+    for stage, (lo, hi, why) in zip(STAGES, edges):
+        n_blocks = max(hi - lo, 0)
+        start, end = _band_edges(lo, hi - 1, n) if n_blocks else (np.nan, np.nan)
+        rows.append({"stage": stage, "first_layer": lo if n_blocks else -1, "last_layer": hi - 1 if n_blocks else -1,
+                     "n_blocks": n_blocks, "start": start, "end": end, "model": model, "evidence": why})
+    out = pd.DataFrame(rows)
+    out.attrs["provenance"] = {"model": {"name": model, "n_layers": n},
+                               "settings": {"analysis": "place_stages", "fragile": fragile, "entropy_fall": entropy_fall}}
+    return out
+
+
+def add_stage_bands(
+    fig: go.Figure,
+    stages: pd.DataFrame | Sequence[pd.DataFrame] | None,
+    colors: Mapping[str, str] | None = None,
+) -> go.Figure:
+    """Draw stages placed by :func:`place_stages` on every subplot of ``fig`` (in place; returns it).
+
+    One model: shaded bands, labelled on top. Several models (a list of tables, or one table with
+    several ``model`` values): each model's boundaries as dotted lines in its colour.
+
+    Example:
+        >>> import plotly.graph_objects as go, pandas as pd
+        >>> st = pd.DataFrame({"stage": ["detokenization"], "start": [0.0], "end": [0.2], "n_blocks": [2], "model": ["m"]})
+        >>> len(add_stage_bands(go.Figure(), st).layout.shapes)
+        1
+    """
+    if stages is None:
+        return fig
+    table = pd.concat(list(stages), ignore_index=True) if isinstance(stages, (list, tuple)) else stages
+    if table is None or table.empty:
+        return fig
+    _require(table, ["stage", "start", "end"], "add_stage_bands")
+    table = table[table.get("n_blocks", pd.Series(1, index=table.index)) > 0]
+    models = list(dict.fromkeys(table["model"])) if "model" in table else ["model"]
+    where = {"row": "all", "col": "all"}  # every panel (plotly ignores them on a figure without subplots)
+    if len(models) <= 1:
+        for _, row in table.iterrows():
+            fill = _STAGE_FILL[STAGES.index(row["stage"]) % 4] if row["stage"] in STAGES else "#bbbbbb"
+            fig.add_vrect(x0=float(row["start"]), x1=float(row["end"]), fillcolor=fill, opacity=0.12,
+                          line_width=0, layer="below", **where)
+            # a legend swatch names the band (labels inside the panels would cover the data)
+            fig.add_trace(go.Scatter(
+                x=[None], y=[None], mode="markers", name=f"stage: {row['stage']}", legendgroup="stages",
+                marker={"symbol": "square", "size": 12, "color": _rgba(fill, 0.35)}, hoverinfo="skip",
+            ))
+        return fig
+    palette = dict(colors or {})
+    for i, model in enumerate(models):
+        color = palette.get(model, _PALETTE[i % len(_PALETTE)])
+        for _, row in table[table["model"] == model].iterrows():
+            if float(row["start"]) > 0:
+                fig.add_vline(x=float(row["start"]), line={"color": color, "dash": "dot", "width": 1.5}, **where)
+        fig.add_trace(go.Scatter(
+            x=[None], y=[None], mode="lines", name=f"{model}: stage boundaries", legendgroup="stages",
+            line={"color": color, "dash": "dot", "width": 1.5}, hoverinfo="skip",
+        ))
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# robustness
+
+
+def robustness_table(sweep: Any) -> pd.DataFrame:
+    """A sweep's summary with standard errors over sequences (``<metric>_sem``) for the error bands.
+
+    The standard errors come from the per-token table (``robustness_sweep(..., per_token=True)``):
+    per sequence, the mean of each metric; then the standard error of those means. Without a
+    per-token table the summary is returned as it is (the figure then draws no bands).
+
+    Example:
+        >>> import pandas as pd
+        >>> s = pd.DataFrame({"kind": ["none", "drop"], "layer": pd.array([None, 0], dtype="Int64"), "kl_nats": [0.0, 2.0]})
+        >>> list(robustness_table(s).columns)
+        ['kind', 'layer', 'kl_nats']
+    """
+    summary = _table(sweep, "summary").copy()
+    per_token = getattr(sweep, "tables", {}).get("per_token") if not isinstance(sweep, pd.DataFrame) else None
+    if per_token is None or per_token.empty:
+        return summary
+    _require(per_token, ["kind", "layer", "sequence"], "robustness_table (per-token table)")
+    tok = per_token.copy()
+    tok["layer"] = tok["layer"].astype("Int64").fillna(-1).astype(int)
+    reference = tok[tok["kind"] != "none"]
+    ref_acc = float(summary.loc[summary["kind"] == "none", "accuracy"].iloc[0]) if "accuracy" in summary else np.nan
+    per_seq = reference.groupby(["kind", "layer", "sequence"]).mean(numeric_only=True)
+    sem = per_seq.groupby(level=["kind", "layer"]).agg(lambda v: v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0)
+    key = pd.MultiIndex.from_arrays([summary["kind"], summary["layer"].astype("Int64").fillna(-1).astype(int)])
+    for metric, (_, column) in _METRICS.items():
+        if metric not in summary or column not in sem:
+            continue
+        values = sem[column].reindex(key).to_numpy(float)
+        if metric == "relative_accuracy":
+            values = values / ref_acc if ref_acc and ref_acc > 0 else values * np.nan
+        summary[f"{metric}_sem"] = np.where(summary["kind"] == "none", 0.0, values)
+    return summary
+
+
+def robustness(
+    results: Any,
+    metrics: Sequence[str] = ("kl_nats", "loss_delta", "relative_accuracy", "top1_agreement"),
+    kinds: Sequence[str] = ("drop", "swap"),
+    stages: Any = None,
+    colors: Mapping[str, str] | None = None,
+    log_kl: bool = True,
+) -> go.Figure:
+    """Damage of deleting each block and swapping each adjacent pair, with ±1 standard-error bands.
+
+    One panel per metric (``kl_nats``, ``loss_delta``, ``relative_accuracy``, ``top1_agreement``,
+    ``accuracy``, ``entropy_bits``); solid lines delete, dashed lines swap (plotted at the first
+    block of the pair). Bands need the per-token table (:func:`robustness_table`).
+
+    Args:
+        results: a sweep result (``robustness_sweep``), its summary, or a list of them.
+        metrics: summary columns to draw, one panel each.
+        kinds: ``"drop"``, ``"swap"`` or both.
+        stages: stage bands (:func:`place_stages`) or ``None``.
+        colors: model name -> colour.
+        log_kl: draw KL on a log axis (its values span several orders of magnitude).
+
+    Example:
+        >>> import pandas as pd
+        >>> s = pd.DataFrame({"kind": ["none", "drop", "drop", "swap"], "layer": pd.array([None, 0, 1, 0], dtype="Int64"),
+        ...                   "relative_depth": [None, 0, 1, 0], "kl_nats": [0, 3, .5, .2]})
+        >>> [t.name for t in robustness(s, metrics=["kl_nats"]).data]
+        ['model: delete block', 'model: swap with next']
+    """
+    items = _as_list(results)
+    unknown = [m for m in metrics if m not in _METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"unknown metric(s) {unknown or list(metrics)}; allowed: {', '.join(_METRICS)}")
+    bad = [k for k in kinds if k not in _KIND_DASH]
+    if bad or not kinds:
+        raise ValueError(f"unknown kind(s) {bad or list(kinds)}; allowed: 'drop', 'swap'")
+    palette = model_colors(items, colors)
+    n_cols = 2 if len(metrics) > 1 else 1
+    n_rows = (len(metrics) + n_cols - 1) // n_cols
+    fig = make_subplots(rows=n_rows, cols=n_cols, subplot_titles=[_METRICS[m][0] for m in metrics],
+                        horizontal_spacing=0.1, vertical_spacing=0.16)
+    for result in items:
+        table = robustness_table(result)
+        _require(table, ["kind", "layer", "relative_depth", *metrics], "robustness")
+        name = result_model(result)
+        for i, metric in enumerate(metrics):
+            r, c = i // n_cols + 1, i % n_cols + 1
+            for kind in kinds:
+                part = table[table["kind"] == kind].sort_values("layer")
+                if part.empty:
+                    continue
+                err = part[f"{metric}_sem"] if f"{metric}_sem" in part else None
+                _line(fig, part["relative_depth"], part[metric], f"{name}: {_KIND_NAME[kind]}", palette[name], err,
+                      row=r, col=c, dash=_KIND_DASH[kind], showlegend=i == 0,
+                      legendgroup=f"{name}:{kind}")
+            fig.update_yaxes(title_text=_METRICS[metric][0].split(" (")[-1].rstrip(")"), row=r, col=c)
+            if metric == "kl_nats" and log_kl:
+                fig.update_yaxes(type="log", tickvals=_LOG_TICKS, ticktext=[f"{v:g}" for v in _LOG_TICKS], row=r, col=c)
+    _depth_axes(fig)
+    add_stage_bands(fig, stages, palette)
+    return _layout(fig, "Robustness: deleting one block or swapping two adjacent blocks",
+                   height=330 * n_rows + 110)
+
+
+# --------------------------------------------------------------------------------------------
+# stage 1
+
+
+def previous_token_attention(results: Any, stages: Any = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+    """Mean attention weight on each of the previous k tokens, per layer, with ±1 s.e. bands.
+
+    Args:
+        results: ``previous_token_attention`` table(s) (``relative_depth``, ``mean_attention``, ``sem``).
+        stages: stage bands (:func:`place_stages`) or ``None``.
+        colors: model name -> colour.
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"relative_depth": [0, 1], "mean_attention": [.1, .02], "sem": [0, 0]})
+        >>> previous_token_attention(df).layout.yaxis.title.text
+        'mean attention weight (fraction)'
+    """
+    items = _as_list(results)
+    palette = model_colors(items, colors)
+    fig = go.Figure()
+    ks = set()
+    for result in items:
+        df = _table(result)
+        _require(df, ["relative_depth", "mean_attention"], "previous_token_attention")
+        df = df.sort_values("relative_depth")
+        if "k" in df:
+            ks.update(int(k) for k in df["k"].unique())
+        name = result_model(result)
+        _line(fig, df["relative_depth"], df["mean_attention"], name, palette[name], df.get("sem"))
+    _depth_axes(fig)
+    fig.update_yaxes(title_text="mean attention weight (fraction)", rangemode="tozero")
+    add_stage_bands(fig, stages, palette)
+    k_text = f" (k = {', '.join(map(str, sorted(ks)))})" if ks else ""
+    return _layout(fig, f"Stage 1 · mean attention weight on each of the previous k tokens{k_text}")
+
+
+def subjoiner_scores(results: Any, stages: Any = None, colors: Mapping[str, str] | None = None, top: int = 5) -> go.Figure:
+    """Every head's subjoiner score: attention from a word's last piece to its earlier pieces,
+    minus the same attention in control prompts, against the head's relative depth.
+
+    The ``top`` heads of each model are labelled ``L<layer>H<head>``.
+
+    Args:
+        results: ``subjoiner_heads`` result(s) or their ``heads`` tables.
+        stages: stage bands (:func:`place_stages`) or ``None``.
+        colors: model name -> colour.
+        top: heads to label per model.
+
+    Example:
+        >>> import pandas as pd
+        >>> h = pd.DataFrame({"layer": [0, 1], "head": [0, 0], "relative_depth": [0, 1], "difference": [.4, .0]})
+        >>> subjoiner_scores(h).data[0].mode
+        'markers+text'
+    """
+    items = _as_list(results)
+    palette = model_colors(items, colors)
+    fig = go.Figure()
+    for result in items:
+        df = _table(result, "heads")
+        _require(df, ["layer", "head", "relative_depth", "difference"], "subjoiner_scores")
+        name = result_model(result)
+        ranked = df.sort_values("difference", ascending=False).reset_index(drop=True)
+        labels = [f"L{int(l)}H{int(h)}" if i < top else "" for i, (l, h) in enumerate(zip(ranked["layer"], ranked["head"]))]
+        fig.add_trace(go.Scatter(
+            x=ranked["relative_depth"], y=ranked["difference"], mode="markers+text", name=name, text=labels,
+            textposition="middle right", textfont={"size": 10, "color": palette[name]},
+            marker={"color": palette[name], "size": 7, "opacity": 0.75},
+            customdata=np.stack([ranked["layer"], ranked["head"]], axis=1),
+            hovertemplate=f"{name} L%{{customdata[0]}}H%{{customdata[1]}}<br>depth %{{x:.2f}}<br>score − control %{{y:.3f}}<extra></extra>",
+        ))
+    fig.add_hline(y=0, line={"color": "#888", "width": 1})
+    _depth_axes(fig)
+    fig.update_yaxes(title_text="score − control (attention, fraction)")
+    add_stage_bands(fig, stages, palette)
+    return _layout(fig, "Stage 1 · subjoiner heads: attention that glues a word's pieces")
+
+
+def subjoiner_patterns(result: Any, heads: Sequence[tuple[int, int]] | None = None, top: int = 3) -> go.Figure:
+    """Mean attention patterns of the best subjoiner heads, on multi-piece prompts and on controls.
+
+    Args:
+        result: a ``subjoiner_heads`` result, or a long table with ``layer``, ``head``, ``prompts``
+            ("subword" or "control"), ``query``, ``key``, ``attention`` and the heads table in
+            ``attrs["heads"]`` (as the study saves it).
+        heads: ``(layer, head)`` pairs to draw (default: the ``top`` ranked heads).
+        top: how many heads when ``heads`` is not given.
+
+    Example:
+        >>> import torch, pandas as pd
+        >>> from types import SimpleNamespace
+        >>> r = SimpleNamespace(heads=pd.DataFrame({"layer": [0], "head": [1]}), patterns=torch.rand(1, 2, 4, 4),
+        ...                     control_patterns=torch.rand(1, 2, 4, 4), n_pieces=3)
+        >>> len(subjoiner_patterns(r).data)
+        2
+    """
+    long = _pattern_table(result)
+    ranked = _table(result, "heads") if not isinstance(result, pd.DataFrame) else result.attrs.get("heads")
+    if heads is None:
+        if ranked is None or len(ranked) == 0:
+            raise ValueError("no heads table to rank heads by: pass heads=[(layer, head), ...]")
+        heads = [(int(l), int(h)) for l, h in ranked[["layer", "head"]].head(top).itertuples(index=False)]
+    if not heads:
+        raise ValueError("heads is empty: name at least one (layer, head)")
+    n_pieces = int(long.attrs.get("n_pieces", 0))
+    titles = [f"L{l}H{h}: {kind}" for l, h in heads for kind in ("word split into pieces", "control (one-token word)")]
+    fig = make_subplots(rows=len(heads), cols=2, subplot_titles=titles, horizontal_spacing=0.12,
+                        vertical_spacing=0.12 if len(heads) > 1 else 0.2)
+    for i, (layer, head) in enumerate(heads):
+        for j, kind in enumerate(("subword", "control")):
+            part = long[(long["layer"] == layer) & (long["head"] == head) & (long["prompts"] == kind)]
+            if part.empty:
+                raise ValueError(f"no pattern for layer {layer} head {head}")
+            grid = part.pivot(index="query", columns="key", values="attention").sort_index().sort_index(axis=1)
+            w = grid.shape[0]
+            ticks = [f"−{w - 1 - q}" if q < w - 1 else "last" for q in range(w)]
+            fig.add_trace(go.Heatmap(
+                z=grid.to_numpy(), x=ticks, y=ticks, coloraxis="coloraxis",
+                hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>",
+            ), row=i + 1, col=j + 1)
+            fig.update_yaxes(autorange="reversed", title_text="query position (from the end)" if j == 0 else None,
+                             row=i + 1, col=j + 1)
+            fig.update_xaxes(title_text="key position (from the end)", row=i + 1, col=j + 1)
+    fig.update_layout(coloraxis={"colorscale": "Blues", "cmin": 0, "colorbar": {"title": {"text": "attention"}}})
+    piece_note = f"; the final word's {n_pieces} pieces are the last {n_pieces} positions" if n_pieces else ""
+    return _layout(fig, f"Stage 1 · mean attention patterns of the top subjoiner heads{piece_note}",
+                   height=300 * len(heads) + 120)
+
+
+def _pattern_table(result: Any) -> pd.DataFrame:
+    if isinstance(result, pd.DataFrame):
+        _require(result, ["layer", "head", "prompts", "query", "key", "attention"], "subjoiner_patterns")
+        return result
+    rows = []
+    for kind, tensor in (("subword", result.patterns), ("control", result.control_patterns)):
+        arr = tensor.detach().cpu().float().numpy() if hasattr(tensor, "detach") else np.asarray(tensor)
+        L, H, Q, K = arr.shape
+        li, hi, qi, ki = np.meshgrid(np.arange(L), np.arange(H), np.arange(Q), np.arange(K), indexing="ij")
+        rows.append(pd.DataFrame({"layer": li.ravel(), "head": hi.ravel(), "prompts": kind, "query": qi.ravel(),
+                                  "key": ki.ravel(), "attention": arr.ravel()}))
+    out = pd.concat(rows, ignore_index=True)
+    out.attrs["n_pieces"] = int(getattr(result, "n_pieces", 0))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# stage 2
+
+
+def logit_lens(results: Any, stages: Any = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+    """Logit-lens entropy and KL to the final readout, in both lens conventions, with ±1 s.e. bands.
+
+    Columns of panels: the paper's convention (every readout divided by the *final* norm scale)
+    and the per-layer-norm convention (each readout normalised by its own statistics); rows:
+    entropy in bits and KL(final || readout) in nats. A table's ``convention`` column says which
+    column it goes to.
+
+    Args:
+        results: ``logit_lens`` table(s), one per (model, convention).
+        stages: stage bands (:func:`place_stages`) or ``None``.
+        colors: model name -> colour.
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"relative_depth": [0, 1], "entropy_bits": [15, 4], "kl_to_final_nats": [9, 0], "convention": "paper"})
+        >>> len(logit_lens(df).data)
+        2
+    """
+    items = _as_list(results)
+    palette = model_colors(items, colors)
+    titles = ["entropy · paper convention (final-layer scale)", "entropy · per-layer norm (TransformerLens 3.x)",
+              "KL to the output · paper convention", "KL to the output · per-layer norm"]
+    fig = make_subplots(rows=2, cols=2, subplot_titles=titles, horizontal_spacing=0.1, vertical_spacing=0.16)
+    seen = set()
+    for result in items:
+        df = _table(result)
+        _require(df, ["relative_depth", "entropy_bits", "kl_to_final_nats"], "logit_lens")
+        name = result_model(result)
+        conventions = df["convention"].unique() if "convention" in df else ["paper"]
+        for convention in conventions:
+            part = df[df["convention"] == convention] if "convention" in df else df
+            part = part.sort_values("relative_depth")
+            col = 1 if convention == "paper" else 2
+            for row, metric in ((1, "entropy_bits"), (2, "kl_to_final_nats")):
+                _line(fig, part["relative_depth"], part[metric], name, palette[name], part.get(f"{metric}_sem"),
+                      row=row, col=col, showlegend=name not in seen)
+                seen.add(name)
+    _depth_axes(fig, READOUT_DEPTH)
+    fig.update_yaxes(title_text="entropy (bits)", rangemode="tozero", row=1)
+    fig.update_yaxes(title_text="KL (nats)", rangemode="tozero", row=2)
+    add_stage_bands(fig, stages, palette)
+    return _layout(fig, "Stage 2 · the logit lens: how far each layer is from a prediction", height=760)
+
+
+def layer_similarity(results: Any) -> go.Figure:
+    """Heatmap of the similarity (linear CKA or cosine) between every pair of blocks' outputs.
+
+    Both axes are relative depth, so models of different depth are comparable; several models are
+    drawn side by side, one panel each, on one colour scale.
+
+    Args:
+        results: ``layer_similarity`` table(s) (``relative_depth_a``, ``relative_depth_b``, ``similarity``).
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"relative_depth_a": [0, 0, 1, 1], "relative_depth_b": [0, 1, 0, 1], "similarity": [1, .5, .5, 1], "method": "cka"})
+        >>> layer_similarity(df).data[0].type
+        'heatmap'
+    """
+    items = _as_list(results)
+    names = [result_model(r) for r in items]
+    fig = make_subplots(rows=1, cols=len(items), subplot_titles=names, horizontal_spacing=0.08)
+    method = "cka"
+    for i, result in enumerate(items):
+        df = _table(result)
+        _require(df, ["relative_depth_a", "relative_depth_b", "similarity"], "layer_similarity")
+        method = str(df["method"].iloc[0]) if "method" in df and len(df) else method
+        grid = df.pivot(index="relative_depth_a", columns="relative_depth_b", values="similarity").sort_index().sort_index(axis=1)
+        fig.add_trace(go.Heatmap(
+            z=grid.to_numpy(), x=grid.columns.to_numpy(float), y=grid.index.to_numpy(float), coloraxis="coloraxis",
+            hovertemplate="depth %{y:.2f} vs %{x:.2f}<br>similarity %{z:.3f}<extra></extra>",
+        ), row=1, col=i + 1)
+        fig.update_xaxes(title_text=BLOCK_DEPTH, row=1, col=i + 1, constrain="domain")
+        fig.update_yaxes(title_text=BLOCK_DEPTH if i == 0 else None, row=1, col=i + 1, autorange="reversed",
+                         scaleanchor=f"x{'' if i == 0 else i + 1}", constrain="domain")
+    label = "linear CKA (unbiased)" if method == "cka" else "mean cosine similarity"
+    fig.update_layout(coloraxis={"colorscale": "Viridis", "cmax": 1, "colorbar": {"title": {"text": label}}})
+    return _layout(fig, f"Stage 2 · similarity of the blocks' outputs ({label})", height=480)
+
+
+def probe_accuracy(results: Any, stages: Any = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+    """Held-out accuracy of a linear probe at every readout, beside the majority-class baseline.
+
+    Args:
+        results: ``probe_layers`` table(s) (``relative_depth``, ``accuracy``, ``baseline``, ``label``).
+        stages: stage bands (:func:`place_stages`) or ``None``.
+        colors: model name -> colour.
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"relative_depth": [0, 1], "accuracy": [.7, .9], "baseline": [.6, .6], "label": "x"})
+        >>> [t.name for t in probe_accuracy(df).data]
+        ['model: x', 'model: majority baseline']
+    """
+    items = _as_list(results)
+    palette = model_colors(items, colors)
+    fig = go.Figure()
+    for result in items:
+        df = _table(result)
+        _require(df, ["relative_depth", "accuracy", "baseline"], "probe_accuracy")
+        df = df.sort_values("relative_depth")
+        name = result_model(result)
+        label = str(df["label"].iloc[0]) if "label" in df and len(df) else "probe"
+        _line(fig, df["relative_depth"], df["accuracy"], f"{name}: {label}", palette[name])
+        fig.add_trace(go.Scatter(x=df["relative_depth"], y=df["baseline"], mode="lines", name=f"{name}: majority baseline",
+                                 line={"color": palette[name], "dash": "dot", "width": 1}))
+    _depth_axes(fig, READOUT_DEPTH)
+    fig.update_yaxes(title_text="held-out probe accuracy (fraction)")
+    add_stage_bands(fig, stages, palette)
+    return _layout(fig, "Stage 2 · linear probes on the residual stream")
+
+
+# --------------------------------------------------------------------------------------------
+# stage 3
+
+
+def neuron_counts(
+    results: Any, share: bool = False, stages: Any = None, colors: Mapping[str, str] | None = None
+) -> go.Figure:
+    """Prediction and suppression neurons per layer (kurtosis of the output weights' vocabulary
+    cosines above the threshold; positive skew = prediction, negative = suppression).
+
+    Args:
+        results: ``neuron_counts`` or ``neuron_moments`` table(s).
+        share: plot the share of the layer's neurons (comparable across widths) instead of counts.
+        stages: stage bands (:func:`place_stages`) or ``None``.
+        colors: model name -> colour.
+
+    Example:
+        >>> import pandas as pd
+        >>> m = pd.DataFrame({"layer": [0, 1, 1], "kind": ["other", "prediction", "suppression"]})
+        >>> [t.name for t in neuron_counts(m).data]
+        ['model: prediction', 'model: suppression']
+    """
+    items = _as_list(results)
+    palette = model_colors(items, colors)
+    fig = go.Figure()
+    for result in items:
+        df = _counts(result)
+        name = result_model(result)
+        for kind, dash in (("prediction", "solid"), ("suppression", "dash")):
+            y = df[f"share_{kind}"] * 100 if share else df[f"n_{kind}"]
+            _line(fig, df["relative_depth"], y, f"{name}: {kind}", palette[name], dash=dash)
+    _depth_axes(fig)
+    fig.update_yaxes(title_text="share of the layer's neurons (%)" if share else "neurons per layer (count)",
+                     rangemode="tozero")
+    add_stage_bands(fig, stages, palette)
+    return _layout(fig, "Stage 3 · prediction (solid) and suppression (dashed) neurons")
+
+
+def _counts(result: Any) -> pd.DataFrame:
+    df = _table(result)
+    if {"n_prediction", "n_suppression", "relative_depth"} <= set(df.columns):
+        return df.sort_values("relative_depth")
+    _require(df, ["layer", "kind"], "neuron_counts")
+    n = _n_layers(result, df) or int(df["layer"].max()) + 1
+    table = pd.crosstab(df["layer"], df["kind"]).reindex(index=range(n), columns=["prediction", "suppression", "other"],
+                                                        fill_value=0)
+    total = table.sum(axis=1).replace(0, np.nan)
+    return pd.DataFrame({
+        "layer": table.index, "relative_depth": [i / (n - 1) if n > 1 else 0.0 for i in table.index],
+        "n_prediction": table["prediction"].to_numpy(), "n_suppression": table["suppression"].to_numpy(),
+        "share_prediction": (table["prediction"] / total).fillna(0).to_numpy(),
+        "share_suppression": (table["suppression"] / total).fillna(0).to_numpy(),
+    })
+
+
+# --------------------------------------------------------------------------------------------
+# stage 4
+
+
+def sharpening_profile(results: Any, stages: Any = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+    """What each block does to the output distribution: change in lens entropy (bits) and in top-1
+    confidence, beside its share of suppression neurons.
+
+    Args:
+        results: ``sharpening_profile`` table(s).
+        stages: stage bands (:func:`place_stages`) or ``None``.
+        colors: model name -> colour.
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"relative_depth": [0, 1], "entropy_change_bits": [0, -1], "confidence_change": [0, .1]})
+        >>> len(sharpening_profile(df).data)
+        2
+    """
+    items = _as_list(results)
+    palette = model_colors(items, colors)
+    has_share = all("share_suppression" in _table(r) for r in items)
+    panels = ["entropy change caused by the block (bits)", "top-1 confidence change (probability)"]
+    if has_share:
+        panels.append("suppression neurons (% of the block's neurons)")
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, subplot_titles=panels, vertical_spacing=0.09)
+    conventions = set()
+    for result in items:
+        df = _table(result)
+        _require(df, ["relative_depth", "entropy_change_bits", "confidence_change"], "sharpening_profile")
+        df = df.sort_values("relative_depth")
+        if "convention" in df:
+            conventions.update(df["convention"].unique())
+        name = result_model(result)
+        _line(fig, df["relative_depth"], df["entropy_change_bits"], name, palette[name], row=1, col=1)
+        _line(fig, df["relative_depth"], df["confidence_change"], name, palette[name], row=2, col=1, showlegend=False)
+        if has_share:
+            _line(fig, df["relative_depth"], df["share_suppression"] * 100, name, palette[name], row=3, col=1,
+                  showlegend=False)
+    for r in range(1, len(panels) + 1):
+        fig.add_hline(y=0, line={"color": "#888", "width": 1}, row=r, col=1)
+    fig.update_yaxes(title_text="Δ entropy (bits)", row=1, col=1)
+    fig.update_yaxes(title_text="Δ confidence", row=2, col=1)
+    if has_share:
+        fig.update_yaxes(title_text="%", rangemode="tozero", row=3, col=1)
+    fig.update_xaxes(range=list(_X_RANGE))
+    fig.update_xaxes(title_text=BLOCK_DEPTH, row=len(panels), col=1)
+    add_stage_bands(fig, stages, palette)
+    lens = f" (lens: {', '.join(sorted(conventions))})" if conventions else ""
+    return _layout(fig, f"Stage 4 · residual sharpening: what each block does to the prediction{lens}",
+                   height=250 * len(panels) + 120)
+
+
+def layer_repetition(results: Any, stages: Any = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+    """Output entropy and KL to the original when blocks are run twice in place.
+
+    A table with ``layer`` / ``relative_depth`` (one block repeated, as the study runs it) is drawn
+    per block; a ``layer_repetition`` table (a range ``start .. end - 1`` repeated) at the depth of
+    the last repeated block.
+
+    Args:
+        results: repetition table(s).
+        stages: stage bands (:func:`place_stages`) or ``None``.
+        colors: model name -> colour.
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"relative_depth": [0, 1], "entropy_change_bits": [2, .1], "kl_nats": [3, .2]})
+        >>> len(layer_repetition(df).data)
+        2
+    """
+    items = _as_list(results)
+    palette = model_colors(items, colors)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["output entropy change (bits)", "KL(original || repeated) (nats)"],
+                        horizontal_spacing=0.1)
+    for result in items:
+        df = _table(result)
+        depth = "relative_depth" if "relative_depth" in df else "relative_depth_end"
+        _require(df, [depth, "entropy_change_bits", "kl_nats"], "layer_repetition")
+        df = df.dropna(subset=[depth]).sort_values(depth)
+        name = result_model(result)
+        _line(fig, df[depth], df["entropy_change_bits"], name, palette[name], df.get("entropy_change_bits_sem"),
+              row=1, col=1)
+        _line(fig, df[depth], df["kl_nats"], name, palette[name], df.get("kl_nats_sem"), row=1, col=2, showlegend=False)
+    fig.add_hline(y=0, line={"color": "#888", "width": 1}, row=1, col=1)
+    _depth_axes(fig, BLOCK_DEPTH + " of the repeated block")
+    fig.update_yaxes(title_text="Δ entropy (bits)", row=1, col=1)
+    fig.update_yaxes(title_text="KL (nats)", type="log", tickvals=_LOG_TICKS, ticktext=[f"{v:g}" for v in _LOG_TICKS],
+                     row=1, col=2)
+    add_stage_bands(fig, stages, palette)
+    return _layout(fig, "Stage 4 · layer repetition: one block run twice in place", height=440)
