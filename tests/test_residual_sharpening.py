@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformer_lens import HookedTransformer
@@ -79,6 +80,24 @@ def test_sharpening_profile_reads_the_logit_lens(
     assert df["entropy_after_bits"].iloc[-1] == pytest.approx(out["entropy_bits"], rel=1e-5)
     assert df["confidence_after"].iloc[-1] == pytest.approx(out["confidence"], rel=1e-5)
     assert df.attrs["provenance"]["settings"]["convention"] == convention
+
+
+def test_profile_reuses_a_given_lens_and_refuses_another_model_or_tokens(
+    tiny_model: HookedTransformer, tiny_tokens: torch.Tensor
+) -> None:
+    both = pd.concat([logit_lens(tiny_model, tiny_tokens, convention=c, progress=False)
+                      for c in ("paper", "per_layer_norm")], ignore_index=True)
+    both.attrs["provenance"] = logit_lens(tiny_model, tiny_tokens, progress=False).attrs["provenance"]
+    computed = rs.sharpening_profile(tiny_model, tiny_tokens, moments=False, progress=False)
+    given = rs.sharpening_profile(tiny_model, tiny_tokens, moments=False, lens=both, progress=False)
+    pd.testing.assert_frame_equal(given, computed)
+    other_tokens = tiny_tokens.flip(0)
+    with pytest.raises(ValueError, match="different token batch"):
+        rs.sharpening_profile(tiny_model, other_tokens, moments=False, lens=both, progress=False)
+    with pytest.raises(ValueError, match="every readout"):
+        rs.sharpening_profile(tiny_model, tiny_tokens, moments=False, lens=both[both["layer"] > 0], progress=False)
+    with pytest.raises(TypeError, match="logit_lens table"):
+        rs.sharpening_profile(tiny_model, tiny_tokens, moments=False, lens=both[["layer"]], progress=False)
 
 
 def test_profile_default_convention_is_truncation(tiny_model: HookedTransformer, tiny_tokens: torch.Tensor) -> None:

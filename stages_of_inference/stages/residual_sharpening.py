@@ -76,6 +76,25 @@ def expected_calibration_error(
 # ----------------------------------------------------------------------------- profile
 
 
+def _matching_lens(lens: pd.DataFrame, model: HookedTransformer, tokens: Tensor, convention: str) -> pd.DataFrame:
+    """The rows of a given logit-lens table for ``convention``, checked to come from this model and these tokens."""
+    if not isinstance(lens, pd.DataFrame) or not {"layer", "entropy_bits", "confidence"} <= set(lens.columns):
+        raise TypeError("lens must be a logit_lens table (columns layer, entropy_bits, confidence, ...) or None")
+    if "convention" in lens.columns:
+        lens = lens[lens["convention"] == convention]
+    n = model.cfg.n_layers
+    if sorted(lens["layer"]) != list(range(n + 1)):
+        raise ValueError(f"lens must hold one {convention!r} row for every readout 0 .. {n} of this model; "
+                         "compute it with logit_lens(model, tokens, convention=...)")
+    given = lens.attrs.get("provenance", {})
+    wanted = provenance(model, tokens)
+    for key, part, what in (("model", "config_hash", "model"), ("tokens", "sha256", "token batch")):
+        if given.get(key, {}).get(part) != wanted[key][part]:
+            raise ValueError(f"lens was computed for a different {what} (its {key} {part} differs); "
+                             "pass the lens of this model and these tokens, or lens=None")
+    return lens
+
+
 def sharpening_profile(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
@@ -83,6 +102,7 @@ def sharpening_profile(
     convention: str = DEFAULT_CONVENTION,
     moments: pd.DataFrame | bool = True,
     kurtosis_threshold: float = 10.0,
+    lens: pd.DataFrame | None = None,
     batch_size: int = 8,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: bool = True,
@@ -114,6 +134,10 @@ def sharpening_profile(
         moments: the output of :func:`..prediction_ensembling.neuron_moments` for this model;
             ``True`` computes it, ``False`` leaves the neuron columns out.
         kurtosis_threshold: for the neuron kinds when ``moments`` is computed here.
+        lens: a :func:`~stages_of_inference.stages.feature_engineering.logit_lens` table already
+            computed for this model and these tokens (rows of other conventions are ignored), so
+            that a study running both does not unembed every layer twice; its provenance must name
+            the same model and token digest, else a ``ValueError``. ``None`` computes it.
         batch_size, chunk_tokens, progress: passed to the logit lens.
 
     Returns:
@@ -138,8 +162,12 @@ def sharpening_profile(
     model = check_model(model)
     tokens = check_tokens(model, tokens)
     n = model.cfg.n_layers
-    lens = logit_lens(model, tokens, convention=convention, batch_size=batch_size,
-                      chunk_tokens=chunk_tokens, progress=progress).set_index("layer")
+    if lens is None:
+        lens = logit_lens(model, tokens, convention=convention, batch_size=batch_size,
+                          chunk_tokens=chunk_tokens, progress=progress)
+    else:
+        lens = _matching_lens(lens, model, tokens, convention)
+    lens = lens.set_index("layer")
     before, after = lens.loc[0 : n - 1], lens.loc[1:n]
     df = pd.DataFrame({
         "layer": np.arange(n, dtype=np.int64),
