@@ -1,44 +1,164 @@
 """The ``stages-of-inference`` command line.
 
-``stages-of-inference run`` is the main job; ``stages-of-inference models`` lists the known models.
-Errors in arguments or inputs are printed as one readable line with exit code 2; a model that
-cannot be had here exits with code 3.
+Commands:
+
+* ``run``: the main job, the whole study (:func:`stages_of_inference.report.run_study`) on one or
+  more models; writes ``report.html`` and the data files into ``--out-dir``;
+* ``sweep``: the deletion / swap robustness sweep alone, printed (and saved with ``--out``);
+* ``neurons``: prediction and suppression neurons per layer (the weights alone, no text);
+* ``lens``: the logit-lens trajectory in one or both conventions;
+* ``models``: the known models, which are installed, how to get the rest.
+
+Exit codes: 0 done; 2 a bad argument or input (one readable line on stderr); 3 a model that
+cannot be had here (not installed, hub unreachable); 4 ``--out-dir`` holds a study made with other
+settings and ``--on-mismatch error`` was given; 130 interrupted (Ctrl-C; ``run`` resumes from
+where it stopped when started again with the same ``--out-dir``). Anything else is a bug and
+prints a traceback (exit code 1).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
+EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+EXIT_MISMATCH = 4
+EXIT_INTERRUPTED = 130
+
+DEFAULT_MODEL = "smollm2-135m"
 
 
-def _quick_study(args: argparse.Namespace) -> int:
-    """Loss and accuracy of the model, and the damage of deleting its first, middle and last block."""
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _analyses(text: str) -> tuple[str, ...]:
+    from stages_of_inference.report import ANALYSES, FAST_ANALYSES
+
+    if text == "all":
+        return ANALYSES
+    if text == "fast":
+        return FAST_ANALYSES
+    names = tuple(a.strip() for a in text.split(",") if a.strip())
+    unknown = [a for a in names if a not in ANALYSES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown analyses {unknown or '(none)'}; give 'all', 'fast' or a comma list of: {', '.join(ANALYSES)}")
+    return names
+
+
+def _load(args: argparse.Namespace, n_tokens: int | None = None):  # noqa: ANN202 - returns (model, tokens)
     import stages_of_inference as soi
-    from stages_of_inference.interventions.executor import evaluate_plans
 
-    started = time.perf_counter()
     model = soi.load_model(args.model, device=args.device)
-    tokens = soi.load_tokens(model, args.corpus, n_sequences=args.n_sequences, seq_len=args.seq_len, seed=args.seed)
-    n = model.cfg.n_layers
-    layers = [0, n // 2, n - 1]
-    plans = [soi.LayerPlan.identity(n)] + [soi.LayerPlan.drop(n, i) for i in layers]
-    table = evaluate_plans(model, tokens, plans, progress=not args.quiet)
-    ref = table.attrs["reference"]
-    print(f"model {args.model}: {n} blocks; corpus {args.corpus}: {tokens.shape[0]} x {tokens.shape[1]} tokens, "
-          f"{int(ref['n_tokens'])} scored")
-    print(f"original model: loss {ref['loss']:.3f} nats, top-1 accuracy {100 * ref['accuracy']:.1f} %")
-    print(f"{'deleted block':>14} {'rel. depth':>10} {'loss':>7} {'Δloss':>7} {'KL nats':>8} {'accuracy':>9} {'retained':>9}")
-    for layer, (_, row) in zip(layers, table.iloc[1:].iterrows()):
-        print(f"{layer:>14d} {soi.relative_depth(layer, n):>10.2f} {row['loss']:>7.3f} {row['loss_delta']:>+7.3f} "
-              f"{row['kl_nats']:>8.3f} {100 * row['accuracy']:>8.1f}% {100 * row['relative_accuracy']:>8.1f}%")
-    print(f"done in {time.perf_counter() - started:.0f} s")
-    return 0
+    if n_tokens is None:
+        return model, None
+    if n_tokens < 2 * args.seq_len:
+        raise ValueError(f"--n-tokens must be at least two sequences of --seq-len {args.seq_len} ({2 * args.seq_len})")
+    tokens = soi.load_tokens(model, args.corpus, n_sequences=n_tokens // args.seq_len, seq_len=args.seq_len,
+                             seed=args.seed)
+    return model, tokens
+
+
+def _save(table, out: str | None) -> None:  # noqa: ANN001 - a DataFrame with provenance
+    if not out:
+        return
+    from stages_of_inference.results import save_table
+
+    path = Path(out)
+    fmt = "csv" if path.suffix == ".csv" else "parquet"
+    written = save_table(table, path, fmt)
+    print(f"saved {written} (+ {written.name}.json provenance)")
+
+
+def _print_table(table, columns: Sequence[str], formats: dict[str, str]) -> None:  # noqa: ANN001
+    shown = table[[c for c in columns if c in table.columns]]
+    print(shown.to_string(index=False, formatters={c: (lambda f: (lambda v: format(v, f)))(f) for c, f in formats.items()
+                                                   if c in shown.columns}))
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+
+
+def _run(args: argparse.Namespace) -> int:
+    from stages_of_inference.report import StudyConfig, run_study
+
+    models = tuple(args.model or [DEFAULT_MODEL])
+    config = StudyConfig(models=models, corpus=args.corpus, n_tokens=args.n_tokens, seq_len=args.seq_len,
+                         seed=args.seed, analyses=args.analyses, table_format=args.format, device=args.device,
+                         static_formats=() if args.no_static else ("png",))
+    out_dir = Path(args.out_dir) if args.out_dir else Path("reports") / "+".join(
+        "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(m).name) for m in models)
+    started = time.perf_counter()
+    study = run_study(config=config, out_dir=out_dir, on_mismatch=args.on_mismatch, progress=not args.quiet,
+                      log=print)
+    print(f"done in {time.perf_counter() - started:.0f} s; open {study.report.resolve()} in a browser")
+    return EXIT_OK
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import stages_of_inference as soi
+
+    model, tokens = _load(args, args.n_tokens)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    result = soi.robustness_sweep(model, tokens, kinds=kinds, progress=not args.quiet, batch_size=args.batch_size)
+    summary = result.summary
+    ref = summary[summary["kind"] == "none"].iloc[0]
+    print(f"{args.model}: {model.cfg.n_layers} blocks; {tokens.shape[0]} x {tokens.shape[1]} tokens of {args.corpus!r}, "
+          f"{int(ref['n_tokens'])} scored; loss {ref['loss']:.3f} nats, top-1 accuracy {100 * ref['accuracy']:.1f} %")
+    _print_table(summary[summary["kind"] != "none"],
+                 ["kind", "layer", "relative_depth", "kl_nats", "loss_delta", "relative_accuracy", "top1_agreement"],
+                 {"relative_depth": ".2f", "kl_nats": ".3f", "loss_delta": "+.3f", "relative_accuracy": ".3f",
+                  "top1_agreement": ".3f"})
+    _save(summary, args.out)
+    return EXIT_OK
+
+
+def _neurons(args: argparse.Namespace) -> int:
+    from stages_of_inference.stages.prediction_ensembling import neuron_counts, neuron_moments
+
+    model, _ = _load(args)
+    moments = neuron_moments(model, args.threshold, progress=not args.quiet)
+    counts = neuron_counts(moments, n_layers=model.cfg.n_layers)
+    print(f"{args.model}: {int(counts['n_prediction'].sum())} prediction and {int(counts['n_suppression'].sum())} "
+          f"suppression neurons of {int(counts['n_neurons'].sum())} (kurtosis > {args.threshold:g})")
+    _print_table(counts, ["layer", "relative_depth", "n_prediction", "n_suppression", "share_prediction",
+                          "share_suppression"],
+                 {"relative_depth": ".2f", "share_prediction": ".3f", "share_suppression": ".3f"})
+    _save(moments if args.all_neurons else counts, args.out)
+    return EXIT_OK
+
+
+def _lens(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from stages_of_inference.stages.feature_engineering import logit_lens
+
+    model, tokens = _load(args, args.n_tokens)
+    conventions = ("paper", "per_layer_norm") if args.convention == "both" else (args.convention,)
+    tables = [logit_lens(model, tokens, convention=c, progress=not args.quiet, batch_size=args.batch_size)
+              for c in conventions]
+    table = pd.concat(tables, ignore_index=True)
+    table.attrs["provenance"] = tables[0].attrs["provenance"]
+    print(f"{args.model}: logit lens over {int(table['n_tokens'].iloc[0])} scored tokens of {args.corpus!r}")
+    _print_table(table, ["convention", "layer", "relative_depth", "entropy_bits", "kl_to_final_nats", "accuracy",
+                         "agreement_with_final"],
+                 {"relative_depth": ".3f", "entropy_bits": ".2f", "kl_to_final_nats": ".3f", "accuracy": ".3f",
+                  "agreement_with_final": ".3f"})
+    _save(table, args.out)
+    return EXIT_OK
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -51,45 +171,129 @@ def _models(args: argparse.Namespace) -> int:
     print("Any TransformerLens model name (gpt2, pythia-410m-deduped, phi-2, ...) loads where the Hugging "
           "Face Hub or its local cache is reachable; so does a local transformers folder (safetensors) "
           f"or a .gguf file. Converted weights are cached in {cache_dir()}.")
-    return 0
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# parser
+
+
+def _common(p: argparse.ArgumentParser, model: bool = True, text: bool = True, n_tokens: int = 512) -> None:
+    if model:
+        p.add_argument("--model", default=DEFAULT_MODEL,
+                       help="model name (see `stages-of-inference models`), folder or .gguf file (default: %(default)s)")
+    if text:
+        p.add_argument("--corpus", default="default",
+                       help="bundled corpus (default, austen, melville), text file or folder (default: %(default)s)")
+        p.add_argument("--n-tokens", type=_positive, default=n_tokens,
+                       help="tokens of text, in sequences of --seq-len (default: %(default)s)")
+        p.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence, BOS first (default: %(default)s)")
+        p.add_argument("--seed", type=int, default=0, help="which text windows are drawn (default: %(default)s)")
+        p.add_argument("--batch-size", type=_positive, default=8, help="sequences per forward pass (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage dump) and exit with code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The argument parser of the ``stages-of-inference`` command."""
+    from stages_of_inference.report import ANALYSES
+
+    parser = _Parser(
         prog="stages-of-inference",
-        description="Layer deletion, layer swaps and the four stages of inference (Lad et al., arXiv:2406.19384).",
+        description="Layer deletion, layer swaps and the four stages of inference in language models "
+                    "(Lad, Lee, Gurnee & Tegmark, arXiv:2406.19384), on TransformerLens models.",
+        epilog="Exit codes: 0 done, 2 bad argument or input, 3 model not available here, "
+               "4 --out-dir holds a study with other settings (with --on-mismatch error), 130 interrupted.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="the main job on a model and a corpus")
-    run.add_argument("--model", default="smollm2-135m", help="model name, folder or .gguf file (default: %(default)s)")
-    run.add_argument("--corpus", default="default", help="bundled corpus name, text file or folder (default: %(default)s)")
-    run.add_argument("--n-sequences", type=int, default=8, help="sequences of text (default: %(default)s)")
-    run.add_argument("--seq-len", type=int, default=128, help="tokens per sequence, BOS included (default: %(default)s)")
-    run.add_argument("--seed", type=int, default=0, help="which text windows are drawn (default: %(default)s)")
-    run.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run", help="the whole study: every analysis, an HTML report and the data files",
+        description="Run every analysis of the four stages on one or more models and write report.html, one data "
+                    "file per result (with JSON provenance) and, where kaleido works, PNG figures. Started again with "
+                    "the same --out-dir, it reuses every finished analysis.",
+    )
+    run.add_argument("--model", action="append", default=None,
+                     help=f"a model to study; repeat for several, overlaid on relative depth (default: {DEFAULT_MODEL})")
+    run.add_argument("--corpus", default="default",
+                     help="bundled corpus (default, austen, melville), text file or folder (default: %(default)s)")
+    run.add_argument("--n-tokens", type=_positive, default=1024,
+                     help="tokens in the main batch; the lens, sharpening and repetition analyses use half "
+                          "(default: %(default)s: about seven minutes for smollm2-135m on 2 CPU cores)")
+    run.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence, BOS first (default: %(default)s)")
+    run.add_argument("--seed", type=int, default=0, help="which text windows and prompts are drawn (default: %(default)s)")
+    run.add_argument("--analyses", type=_analyses, default=ANALYSES,
+                     help="'all' (default), 'fast', or a comma list of: " + ", ".join(ANALYSES))
+    run.add_argument("--out-dir", default=None, help="the study's folder (default: reports/<model>[+<model>...])")
+    run.add_argument("--format", choices=("parquet", "csv"), default="parquet", help="data file format (default: %(default)s)")
+    run.add_argument("--on-mismatch", choices=("recompute", "error"), default="recompute",
+                     help="what to do with a finished analysis in --out-dir made with other settings (default: %(default)s)")
+    run.add_argument("--no-static", action="store_true", help="no PNG copies of the figures even if kaleido is installed")
+    run.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
-    run.set_defaults(func=_quick_study)
-    models = sub.add_parser("models", help="known models, which are installed, how to get the rest")
+    run.set_defaults(func=_run)
+
+    sweep = sub.add_parser("sweep", help="delete every block and swap every adjacent pair; print the damage",
+                           description="The robustness sweep alone: KL, loss, accuracy retained and top-1 agreement "
+                                       "for every single-block deletion and adjacent swap.")
+    _common(sweep)
+    sweep.add_argument("--kinds", default="drop,swap", help="drop, swap or drop,swap (default: %(default)s)")
+    sweep.add_argument("--out", default=None, help="save the table here (.parquet or .csv, with .json provenance)")
+    sweep.set_defaults(func=_sweep)
+
+    neurons = sub.add_parser("neurons", help="prediction and suppression neurons per layer (weights only)",
+                             description="Moments over the vocabulary of every MLP neuron's output-weight cosines with "
+                                         "the unembedding; counts of prediction (kurtosis > threshold, skew > 0) and "
+                                         "suppression (skew < 0) neurons per layer.")
+    _common(neurons, text=False)
+    neurons.add_argument("--threshold", type=float, default=10.0, help="kurtosis threshold (default: %(default)s)")
+    neurons.add_argument("--all-neurons", action="store_true", help="with --out, save every neuron's moments, not the counts")
+    neurons.add_argument("--out", default=None, help="save the table here (.parquet or .csv, with .json provenance)")
+    neurons.set_defaults(func=_neurons)
+
+    lens = sub.add_parser("lens", help="the logit-lens trajectory (entropy, KL to the output, accuracy)",
+                          description="The logit lens at every readout (0 = embeddings ... n_layers = output), in the "
+                                      "paper's convention (final-layer norm scale), the per-layer-norm one, or both.")
+    _common(lens, n_tokens=256)
+    lens.add_argument("--convention", choices=("paper", "per_layer_norm", "both"), default="both",
+                      help="lens convention (default: %(default)s)")
+    lens.add_argument("--out", default=None, help="save the table here (.parquet or .csv, with .json provenance)")
+    lens.set_defaults(func=_lens)
+
+    models = sub.add_parser("models", help="known models, which are installed, how to get the rest",
+                            description="List the embedded models, whether their weights are installed, and how to "
+                                        "install them; other models load by hub name, folder or .gguf file.")
     models.set_defaults(func=_models)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``stages-of-inference`` console script."""
+    """Entry point of the ``stages-of-inference`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     from stages_of_inference.models import ModelNotAvailableError
+    from stages_of_inference.report import StudyMismatchError
 
     try:
         return int(args.func(args))
     except ModelNotAvailableError as error:
         print(f"stages-of-inference: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except StudyMismatchError as error:
+        print(f"stages-of-inference: {error}", file=sys.stderr)
+        return EXIT_MISMATCH
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as error:
         print(f"stages-of-inference: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("stages-of-inference: interrupted", file=sys.stderr)
-        return 130
+        print("stages-of-inference: interrupted (run again with the same --out-dir to resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

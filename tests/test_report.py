@@ -1,0 +1,181 @@
+"""The study: every analysis, resumable, atomic, and a self-contained report."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from stages_of_inference import report
+from stages_of_inference.report import StudyConfig, StudyMismatchError, build_report, load_study, run_study
+from stages_of_inference.results import Result
+from tests.conftest import make_tiny_model
+
+TINY_ANALYSES = ("robustness", "previous_token_attention", "logit_lens", "layer_similarity", "neurons", "sharpening",
+                 "repetition")
+
+
+def _tiny(name: str, family: str):  # noqa: ANN202 - a HookedTransformer with a word-level tokenizer
+    model = make_tiny_model(family)
+    words = ["<bos>", "<unk>"] + [f"w{i}" for i in range(model.cfg.d_vocab - 2)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    model.tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>")
+    model.soi_name = name
+    return model
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "words.txt"
+    # sentences of 6 words: windows start at sentence boundaries
+    path.write_text(" ".join(f"w{rng.randrange(99)}" + (". " if i % 6 == 5 else "") for i in range(6000)))
+    return path
+
+
+def _config(corpus: Path, names: tuple[str, ...], **kw) -> StudyConfig:  # noqa: ANN003
+    return StudyConfig(models=names, corpus=str(corpus), n_tokens=64, seq_len=16, analyses=TINY_ANALYSES,
+                       static_formats=(), **kw)
+
+
+def test_study_config_validates_and_round_trips() -> None:
+    c = StudyConfig(models=("a", "b"), n_tokens=2048, analyses="robustness")
+    assert c.analyses == ("robustness",) and c.n_sequences == 16 and c.heavy_sequences == 8
+    assert StudyConfig.from_json(c.to_json()) == c
+    for bad, match in ((dict(models=()), "models is empty"), (dict(models=("a", "a")), "twice"),
+                       (dict(analyses=("nope",)), "unknown analyses"), (dict(n_tokens=100), "n_tokens"),
+                       (dict(table_format="xlsx"), "table_format"), (dict(static_formats=("gif",)), "static")):
+        with pytest.raises(ValueError, match=match):
+            StudyConfig(**bad)
+    with pytest.raises(ValueError, match="unknown study settings"):
+        StudyConfig.from_json('{"bogus": 1}')
+
+
+def test_two_models_study_report_and_data_files(tmp_path: Path, corpus: Path) -> None:
+    deep, shallow = _tiny("tiny-llama", "llama"), _tiny("tiny-gpt2", "gpt2")
+    shallow_cut = shallow  # 4 blocks each; relative depth still puts both on [0, 1]
+    config = _config(corpus, ("tiny-llama", "tiny-gpt2"))
+    study = run_study([deep, shallow_cut], config=config, out_dir=tmp_path / "study", progress=False, log=None)
+    out = tmp_path / "study"
+    assert study.report == out / "report.html" and study.report.exists()
+    # one folder per model and analysis, each a saved Result with provenance and the study fingerprint
+    for slug in ("tiny-llama", "tiny-gpt2"):
+        for analysis in TINY_ANALYSES:
+            folder = out / slug / analysis
+            saved = Result.load(folder)
+            assert saved.provenance["study_fingerprint"]["analysis"] == analysis
+            assert all((folder / f"{t}.parquet.json").exists() for t in saved.tables)
+    assert not (out / "tiny-llama" / ".robustness_checkpoint").exists()
+    assert json.loads((out / "study.json").read_text())["models"] == ["tiny-llama", "tiny-gpt2"]
+    assert not list(out.rglob("*.tmp"))  # nothing half-written left behind
+
+    page = study.report.read_text()
+    assert page.count("<script type=\"text/javascript\">") == 1  # plotly.js embedded once
+    assert "<script src" not in page and "<link" not in page  # self-contained: nothing loaded from elsewhere
+    assert page.count("Plotly.newPlot") == len(study.figures) == 7
+    for name in ("robustness", "previous_token_attention", "logit_lens", "layer_similarity", "neuron_counts",
+                 "sharpening", "repetition"):
+        assert f"id='{name}'" in page
+        assert study.readings[name].strip(), f"no reading for {name}"
+    assert "tiny-llama" in page and "tiny-gpt2" in page and "Provenance" in page and "Settings" in page
+    assert "Not drawn" not in page
+    # both models overlaid in one figure, one colour each
+    names = {t.name for t in study.figures["robustness"].data if t.name and "±" not in t.name}
+    assert {"tiny-llama: delete block", "tiny-gpt2: delete block"} <= names
+    assert set(study.stages) == {"tiny-llama", "tiny-gpt2"}
+
+    # reading it back gives the same figures
+    again = load_study(out)
+    assert set(again.results["tiny-gpt2"]) == set(TINY_ANALYSES)
+    assert build_report(again) == study.report
+
+
+def test_interrupted_study_resumes_and_mismatch_is_handled(tmp_path: Path, corpus: Path, monkeypatch) -> None:
+    model = _tiny("tiny-parallel", "parallel")
+    config = _config(corpus, ("tiny-parallel",))
+    real = report._compute
+    calls: list[str] = []
+
+    def flaky(analysis, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(analysis)
+        if analysis == "layer_similarity":
+            raise KeyboardInterrupt
+        return real(analysis, *args, **kwargs)
+
+    monkeypatch.setattr(report, "_compute", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(model, config=config, out_dir=tmp_path, progress=False, log=None)
+    assert calls == ["robustness", "previous_token_attention", "logit_lens", "layer_similarity"]
+    assert not (tmp_path / "report.html").exists()
+
+    calls.clear()
+    monkeypatch.setattr(report, "_compute", real)
+    study = run_study(model, config=config, out_dir=tmp_path, progress=False, log=None, write_report=False)
+    assert [a for _, a in study.reused] == ["robustness", "previous_token_attention", "logit_lens"]
+
+    # other settings: refused on request, recomputed by default
+    other = _config(corpus, ("tiny-parallel",), seed=1)
+    with pytest.raises(StudyMismatchError, match="other settings"):
+        run_study(model, config=other, out_dir=tmp_path, progress=False, log=None, on_mismatch="error")
+    study = run_study(model, config=other, out_dir=tmp_path, progress=False, log=None, write_report=False)
+    assert ("tiny-parallel", "neurons") in study.reused  # the weights-only analysis does not depend on the text
+    assert ("tiny-parallel", "robustness") not in study.reused
+    fp = Result.load(tmp_path / "tiny-parallel" / "robustness").provenance["study_fingerprint"]
+    assert fp["tokens_sha256"] == report._tokens_digest(
+        __import__("stages_of_inference").load_tokens(model, str(corpus), n_sequences=4, seq_len=16, seed=1))
+
+
+def test_static_figures_only_when_an_exporter_is_installed(tmp_path: Path, corpus: Path, monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_kaleido(name, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if name == "kaleido":
+            raise ImportError("no kaleido here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_kaleido)
+    model = _tiny("tiny-static", "gpt2")
+    config = StudyConfig(models=("tiny-static",), corpus=str(corpus), n_tokens=32, seq_len=16,
+                         analyses=("previous_token_attention",))
+    study = run_study(model, config=config, out_dir=tmp_path, progress=False, log=None)
+    assert "install kaleido" in study.static_note and not (tmp_path / "figures").exists()
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="on_mismatch"):
+        run_study("smollm2-135m", out_dir=tmp_path, on_mismatch="ignore")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        run_study("smollm2-135m", out_dir=tmp_path / "file")
+    with pytest.raises(FileNotFoundError, match="no study"):
+        load_study(tmp_path)
+
+
+@pytest.mark.real
+def test_real_model_small_study(real_model, tmp_path: Path) -> None:
+    """The embedded model on a few hundred tokens: the cheap analyses, the stages, the report."""
+    config = StudyConfig(models=("smollm2-135m",), n_tokens=256, seq_len=64,
+                         analyses=("robustness", "previous_token_attention", "logit_lens"), static_formats=())
+    study = run_study(real_model, config=config, out_dir=tmp_path, progress=False, log=None)
+    summary = study.results["smollm2-135m"]["robustness"]["summary"]
+    drops = summary[summary["kind"] == "drop"]
+    assert int(drops.loc[drops["kl_nats"].idxmax(), "layer"]) == 0  # block 0 is the fragile one
+    stages = study.stages["smollm2-135m"]
+    assert stages["first_layer"].tolist()[0] == 0 and stages["last_layer"].tolist()[-1] == 29
+    assert 0.3 < float(stages.loc[stages["stage"] == "prediction ensembling", "start"].iloc[0]) < 0.8
+    page = study.report.read_text()
+    assert re.search(r"Deleting block 0 \(relative depth 0\.00\) does the most damage", page)
+    assert len(page) > 3_000_000  # plotly.js is inside
+    # a second run reuses everything
+    again = run_study(real_model, config=config, out_dir=tmp_path, progress=False, log=None, write_report=False)
+    assert len(again.reused) == 3 and isinstance(again.results["smollm2-135m"]["logit_lens"]["lens"], pd.DataFrame)
