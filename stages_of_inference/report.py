@@ -714,6 +714,16 @@ def _read_neurons(study: Study) -> str:
     for df in _tables(study, "neurons", "counts"):
         name = df.attrs["provenance"]["model"]["name"]
         total_p, total_s = int(df["n_prediction"].sum()), int(df["n_suppression"].sum())
+        if total_p + total_s == 0:
+            moments = study.results.get(name, {}).get("neurons")
+            moments = moments.tables.get("moments") if moments is not None else None
+            text = f"<b>{html.escape(name)}</b>: no neuron passes the kurtosis threshold"
+            if moments is not None and len(moments):
+                top = moments.loc[moments["vocab_kurt"].idxmax()]
+                text += (f"; the highest vocabulary kurtosis is {_fmt(float(top['vocab_kurt']), 1)} (block {int(top['layer'])}, "
+                         f"neuron {int(top['neuron'])}, skew {_fmt(float(top['vocab_skew']))})")
+            parts.append(text + ".")
+            continue
         cum = df["n_prediction"].cumsum() / max(total_p, 1)
         first_half = int(df[df["relative_depth"] < 0.5]["n_prediction"].sum()) if total_p else 0
         peak_p = df.loc[df["n_prediction"].idxmax()]

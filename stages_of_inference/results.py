@@ -56,7 +56,7 @@ def provenance(
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {
             "stages_of_inference": __version__,
-            "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+            "transformer_lens": getattr(transformer_lens, "__version__", None) or _distribution_version("transformer-lens"),
             "torch": torch.__version__,
             "pandas": pd.__version__,
             "python": platform.python_version(),
@@ -84,6 +84,16 @@ def provenance(
         if corpus is not None:
             record["tokens"]["corpus"] = corpus
     return record
+
+
+def _distribution_version(name: str) -> str:
+    """The installed version of a distribution (TransformerLens 3.x has no ``__version__``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _jsonable(value: Any) -> Any:

@@ -91,6 +91,19 @@ def test_two_models_study_report_and_data_files(tmp_path: Path, corpus: Path) ->
     names = {t.name for t in study.figures["robustness"].data if t.name and "±" not in t.name}
     assert {"tiny-llama: delete block", "tiny-gpt2: delete block"} <= names
     assert set(study.stages) == {"tiny-llama", "tiny-gpt2"}
+    # a model with no prediction or suppression neuron says so, with its highest kurtosis
+    none_found = 0
+    for name in ("tiny-llama", "tiny-gpt2"):
+        moments = study.results[name]["neurons"]["moments"]
+        reading = re.search(rf"<b>{name}</b>:[^<]*", study.readings["neuron_counts"]).group(0)
+        if (moments["kind"] == "other").all():
+            top = moments["vocab_kurt"].max()
+            assert "no neuron passes the kurtosis threshold" in reading and f"{top:.1f}" in reading
+            none_found += 1
+        else:
+            assert "prediction and" in reading
+    assert none_found, "random tiny models were expected to hold no prediction or suppression neuron"
+    assert "unknown" not in json.dumps(study.results["tiny-gpt2"]["robustness"].provenance["versions"])
 
     # reading it back gives the same figures
     again = load_study(out)
