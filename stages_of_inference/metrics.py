@@ -16,14 +16,20 @@ Every function upcasts to fp32 before ``log_softmax``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float, Int
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Float64, Int
 from torch import Tensor
 
 PROB_CLAMP = 1e-9
 """Probabilities are clamped at this value inside ``log2`` for entropies, as the authors did."""
+
+_LOG_PROB_CLAMP = math.log(PROB_CLAMP)
+_LN2 = math.log(2.0)
 
 DEFAULT_CHUNK_TOKENS = 512
 """Token positions reduced at once: one chunk holds ``DEFAULT_CHUNK_TOKENS x d_vocab`` fp32 numbers."""
@@ -130,6 +136,163 @@ def distribution_metrics(
         out["kl_nats"] = kl_nats(ref_logprobs, logprobs)
         if ref_top1 is None:
             ref_top1 = ref_logprobs.argmax(dim=-1)
+    if ref_top1 is not None:
+        out["agree"] = top1 == ref_top1
+    return out
+
+
+@dataclass(frozen=True)
+class LinearReference:
+    """What KL(reference || q) needs of the reference distributions when q's logits are linear.
+
+    For logits ``l = x @ W_U + b_U`` (no soft-cap) and a reference distribution ``p`` with
+    log-probabilities ``lp``, per row::
+
+        KL(p || softmax(l)) = sum(p * lp) - (x . (W_U @ p) + b_U . p) + logsumexp(l)
+
+    so a reference row is summarised by ``neg_entropy = sum(p * lp)`` (nats), ``u = W_U @ p``
+    (``d_model`` numbers) and ``c = b_U . p``: the full ``d_vocab`` reference is not kept. Build it
+    with :meth:`from_logits`; index it with a slice of rows; :meth:`kl_nats` gives the KL.
+
+    Attributes:
+        neg_entropy: ``sum_v p_v log p_v`` per row, in nats (float64).
+        u: ``W_U @ p`` per row (float64).
+        c: ``b_U . p`` per row (float64).
+        top1: the reference's top-1 token id per row (``max(dim=-1)``).
+
+    Example:
+        >>> import torch
+        >>> w, b, x = torch.randn(4, 10), torch.randn(10), torch.randn(3, 4)
+        >>> ref = LinearReference.from_logits(x @ w + b, w, b)
+        >>> y = torch.randn(3, 4)
+        >>> kl = ref.kl_nats(y, (y @ w + b).logsumexp(-1))
+        >>> bool(torch.allclose(kl.float(), kl_nats(log_probs(x @ w + b), log_probs(y @ w + b)), atol=1e-5))
+        True
+    """
+
+    neg_entropy: Float64[Tensor, " n"]
+    u: Float64[Tensor, "n d_model"]
+    c: Float64[Tensor, " n"]
+    top1: Int[Tensor, " n"]
+
+    def __getitem__(self, rows: slice) -> LinearReference:
+        return LinearReference(self.neg_entropy[rows], self.u[rows], self.c[rows], self.top1[rows])
+
+    def __len__(self) -> int:
+        return self.top1.shape[0]
+
+    @classmethod
+    def from_logits(
+        cls,
+        logits: Float[Tensor, "n d_vocab"],
+        W_U: Float[Tensor, "d_model d_vocab"],
+        b_U: Float[Tensor, " d_vocab"] | None = None,
+        rows_at_once: int = 64,
+    ) -> LinearReference:
+        """The summary of the reference distributions ``softmax(logits)``, for the unembedding
+        ``W_U``, ``b_U`` (the one the compared logits are made with). ``logits`` is not modified.
+
+        Computed in float64, ``rows_at_once`` rows at a time: the KL is a difference of terms
+        much larger than itself, so their rounding errors must stay well under ``1e-6``."""
+        logits = logits.float()
+        top1 = logits.max(dim=-1).indices  # the same ids (ties included) as distribution_metrics
+        w64 = W_U.double()
+        b64 = None if b_U is None else b_U.double()
+        neg_entropy, u, c = [], [], []
+        for start in range(0, logits.shape[0], rows_at_once):
+            lp = logits[start : start + rows_at_once].double().log_softmax(dim=-1)
+            p = lp.exp()
+            neg_entropy.append((p * lp).sum(dim=-1))
+            u.append(F.linear(p, w64))
+            c.append(torch.zeros_like(lp[:, 0]) if b64 is None else p @ b64)
+        if not neg_entropy:
+            empty = logits.new_zeros(0, dtype=torch.float64)
+            return cls(empty, w64.new_zeros(0, w64.shape[0]), empty, top1)
+        return cls(torch.cat(neg_entropy), torch.cat(u), torch.cat(c), top1)
+
+    def kl_nats(
+        self, resid: Float[Tensor, "n d_model"], lse: Float[Tensor, " n"]
+    ) -> Float64[Tensor, " n"]:
+        """KL(reference || softmax(resid @ W_U + b_U)) in nats, float64, from the unembedding input
+        ``resid`` and the log-partition ``lse = logsumexp(resid @ W_U + b_U)`` of each row."""
+        expected_logit = (resid.double() * self.u).sum(dim=-1) + self.c
+        return self.neg_entropy - expected_logit + lse.double()
+
+
+def logit_metrics(
+    logits: Float[Tensor, "n d_vocab"],
+    targets: Int[Tensor, " n"],
+    ref: Float[Tensor, "n d_vocab"] | LinearReference | None = None,
+    ref_top1: Int[Tensor, " n"] | None = None,
+    *,
+    resid: Float[Tensor, "n d_model"] | None = None,
+    overwrite: bool = False,
+    scratch: Float[Tensor, "m d_vocab"] | None = None,
+) -> dict[str, Tensor]:
+    """:func:`distribution_metrics` of ``log_probs(logits)``, straight from the logits, in a few passes.
+
+    Same keys and values (to fp32 rounding): ``loss``, ``entropy_bits`` (probabilities clamped at
+    ``PROB_CLAMP`` in the log), ``top1``, ``correct``, ``confidence``, and given a reference,
+    ``kl_nats`` and ``agree``. The reference is either its log-probabilities (the exact KL, as
+    :func:`kl_nats`) or a :class:`LinearReference`, in which case ``resid`` must be the input of
+    the unembedding the logits were made from (``logits == resid @ W_U + b_U``, no soft-cap):
+    the KL then costs a ``d_model`` dot product per row. ``agree`` compares with ``ref_top1``, else
+    with the reference's own top-1.
+
+    With ``overwrite=True`` the fp32 ``logits`` are used as a work buffer (their content is lost);
+    ``scratch``, if given, is a second buffer of at least ``n`` rows that is overwritten. Both
+    avoid allocating ``n x d_vocab`` numbers per call.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
+        >>> m = logit_metrics(logits, torch.tensor([0, 1]), ref=log_probs(logits))
+        >>> m["top1"].tolist(), m["correct"].tolist(), m["kl_nats"].abs().max().item()
+        ([0, 2], [True, False], 0.0)
+        >>> d = distribution_metrics(log_probs(logits), torch.tensor([0, 1]))
+        >>> all(torch.allclose(m[k].float(), d[k].float(), atol=1e-6) for k in d)
+        True
+    """
+    n = logits.shape[0]
+    if logits.dtype != torch.float32:
+        z = logits.float()  # a new fp32 tensor: ours to overwrite
+    elif overwrite:
+        z = logits
+    else:
+        z = logits.clone()
+    top, top1 = z.max(dim=-1)
+    # the logit of the true next token, and (for an exact reference) the log-probabilities, are
+    # read before z is modified
+    target_logit = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    z.sub_(top.unsqueeze(-1))  # z = logits - max <= 0
+    e = torch.exp(z) if scratch is None else torch.exp(z, out=scratch[:n])
+    s = e.sum(dim=-1)  # >= 1
+    log_s = s.log()
+    lse = top.double() + log_s.double()
+    kl = None
+    if isinstance(ref, LinearReference):
+        if resid is None:
+            raise ValueError("a LinearReference needs resid, the unembedding input the logits were made from")
+        kl = ref.kl_nats(resid, lse).float()
+        if ref_top1 is None:
+            ref_top1 = ref.top1
+    elif ref is not None:
+        kl = kl_nats(ref, z - log_s.unsqueeze(-1))
+        if ref_top1 is None:
+            ref_top1 = ref.argmax(dim=-1)
+    # entropy: -sum p * max(lp, ln PROB_CLAMP), p = e / s, lp = z - log s, so
+    # -(1/ln 2) * [sum e * max(z, ln PROB_CLAMP + log s) / s - log s]
+    z.clamp_min_((log_s + _LOG_PROB_CLAMP).unsqueeze(-1))
+    ez = e.mul_(z).sum(dim=-1)
+    out: dict[str, Tensor] = {
+        "loss": (lse - target_logit.double()).float(),
+        "entropy_bits": ((log_s.double() - ez.double() / s.double()) / _LN2).float(),
+        "top1": top1,
+        "correct": top1 == targets,
+        "confidence": s.reciprocal(),
+    }
+    if kl is not None:
+        out["kl_nats"] = kl
     if ref_top1 is not None:
         out["agree"] = top1 == ref_top1
     return out

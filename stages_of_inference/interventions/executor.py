@@ -37,7 +37,7 @@ from transformer_lens.utilities import apply_softcap, get_device_for_block_index
 from stages_of_inference._utils import check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.interventions.plan import LayerPlan
-from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, distribution_metrics, log_probs
+from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, LinearReference, log_probs, logit_metrics
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 """The ``return_type`` values :func:`run_plan` accepts (as ``HookedTransformer.forward``)."""
@@ -432,13 +432,22 @@ def _run_batch(
     n_rows = targets.shape[0]
     softcap = model.cfg.output_logits_soft_cap
     unembed = model.unembed
+    d_vocab = unembed.W_U.shape[1]
     # The unembedding as TransformerLens computes it (F.linear with W_U transposed and contiguous),
     # the transpose made once per batch rather than once per chunk.
     w_t = unembed.W_U.T.contiguous()
+    # Logits linear in the final residual (no soft-cap, no user hook that could edit them, fp32 or
+    # wider): the KL against the reference then needs only a summary of it per row
+    # (metrics.LinearReference), not its n_rows x d_vocab log-probabilities.
+    linear = not hooked and not (softcap > 0) and unembed.W_U.dtype in (torch.float32, torch.float64)
+    scratch: Tensor | None = None
+    logits_buf: Tensor | None = None
 
     def logits_of(x: Tensor, rows: slice) -> Tensor:
         if hooked:  # keep the unembedding's hook points firing, as the model's forward would
             out = unembed(x[rows].unsqueeze(0)).squeeze(0)
+        elif logits_buf is not None:  # what F.linear computes, into the reused buffer
+            out = torch.addmm(unembed.b_U, x[rows], w_t.t(), out=logits_buf[: rows.stop - rows.start])
         else:
             out = F.linear(x[rows], w_t, unembed.b_U)
         return apply_softcap(out, softcap)
@@ -453,26 +462,46 @@ def _run_batch(
     for layer in range(n_layers):
         trunk.append(_run_block(model, emb, layer, layer, trunk[-1]))
     x_ref = final_rows(trunk[-1])
-    ref_lp = torch.empty((n_rows, unembed.W_U.shape[1]), dtype=torch.float32, device=x_ref.device)
+    # Two chunk-sized work buffers reused by every chunk of every plan: the logits (overwritten by
+    # logit_metrics) and its scratch. Allocating them per chunk costs more than the arithmetic on CPU.
+    chunk = min(chunk_tokens, n_rows)
+    scratch = torch.empty((chunk, d_vocab), dtype=torch.float32, device=x_ref.device)
+    if not hooked and unembed.W_U.dtype == torch.float32:
+        logits_buf = torch.empty((chunk, d_vocab), dtype=torch.float32, device=x_ref.device)
+    ref_lp = None if linear else torch.empty((n_rows, d_vocab), dtype=torch.float32, device=x_ref.device)
+    ref_summary: list[LinearReference] = []
     ref_parts: dict[str, list[Tensor]] = {}
     for start in range(0, n_rows, chunk_tokens):
         rows = slice(start, min(start + chunk_tokens, n_rows))
-        lp = log_probs(logits_of(x_ref, rows))
-        ref_lp[rows] = lp
-        for key, value in distribution_metrics(lp, targets[rows], ref_logprobs=lp).items():
+        logits = logits_of(x_ref, rows)
+        if linear:
+            ref_summary.append(LinearReference.from_logits(logits, unembed.W_U, unembed.b_U))
+        else:
+            ref_lp[rows] = log_probs(logits)
+        metrics = logit_metrics(logits, targets[rows], overwrite=not hooked, scratch=scratch)
+        n = rows.stop - rows.start
+        metrics["kl_nats"] = torch.zeros(n, dtype=torch.float32, device=x_ref.device)  # KL(reference || itself)
+        metrics["agree"] = torch.ones(n, dtype=torch.bool, device=x_ref.device)
+        for key, value in metrics.items():
             ref_parts.setdefault(key, []).append(value)
-    del x_ref
     reference = {key: torch.cat(parts) for key, parts in ref_parts.items()}
     ref_top1 = reference["top1"]
+    ref_linear = None
+    if linear:
+        ref_linear = LinearReference(
+            torch.cat([r.neg_entropy for r in ref_summary]), torch.cat([r.u for r in ref_summary]),
+            torch.cat([r.c for r in ref_summary]), ref_top1,
+        )
+    del x_ref, ref_summary
 
     def plan_metrics(residual: Tensor) -> dict[str, Tensor]:
         x = final_rows(residual)
         parts: dict[str, list[Tensor]] = {}
         for start in range(0, n_rows, chunk_tokens):
             rows = slice(start, min(start + chunk_tokens, n_rows))
-            metrics = distribution_metrics(
-                log_probs(logits_of(x, rows)), targets[rows], ref_logprobs=ref_lp[rows], ref_top1=ref_top1[rows]
-            )
+            ref = ref_linear[rows] if ref_linear is not None else ref_lp[rows]
+            metrics = logit_metrics(logits_of(x, rows), targets[rows], ref, ref_top1[rows],
+                                    resid=x[rows], overwrite=not hooked, scratch=scratch)
             for key, value in metrics.items():
                 parts.setdefault(key, []).append(value)
         return {key: torch.cat(values) for key, values in parts.items()}
@@ -502,7 +531,7 @@ def _run_batch(
                 visit(child, depth + 1, _run_block(model, emb, depth, layer, residual), False)
 
     visit(trie, 0, trunk[0], True)
-    del ref_lp
+    del ref_lp, ref_linear, scratch, logits_buf
     sums = pd.DataFrame(sums_rows)
 
     table = None
