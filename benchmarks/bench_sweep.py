@@ -24,7 +24,9 @@ import ctypes
 import gc
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +37,9 @@ import stages_of_inference as soi
 from stages_of_inference.interventions.executor import block_count
 from stages_of_inference.interventions.hooks import drop_layer
 from stages_of_inference.metrics import sequence_metrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.authors
+from tests.authors import weight_swapped  # noqa: E402
 
 
 # --------------------------------------------------------------------------- memory
@@ -98,20 +103,6 @@ def means(logits: torch.Tensor, base: torch.Tensor, tokens: torch.Tensor) -> dic
     m = sequence_metrics(logits, tokens, ref_logits=base)
     return {"kl_nats": float(m["kl_nats"].double().mean()), "loss": float(m["loss"].double().mean()),
             "accuracy": float(m["correct"].double().mean())}
-
-
-def weight_swapped(model: HookedTransformer, i: int) -> HookedTransformer:
-    a, b = f"blocks.{i}.", f"blocks.{i + 1}."
-    state = {}
-    for name, value in model.state_dict().items():
-        if name.startswith(a):
-            name = b + name[len(a):]
-        elif name.startswith(b):
-            name = a + name[len(b):]
-        state[name] = value
-    fresh = HookedTransformer(model.cfg, tokenizer=model.tokenizer)
-    fresh.load_state_dict(state)
-    return fresh.eval()
 
 
 def obvious_loop(model: HookedTransformer, tokens: torch.Tensor) -> dict[tuple[str, int], dict[str, float]]:

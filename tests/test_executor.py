@@ -12,6 +12,7 @@ from stages_of_inference import LayerPlan, reordered, run_plan
 from stages_of_inference.interventions.executor import block_count, evaluate_plans
 from stages_of_inference.interventions.hooks import drop_layer
 from stages_of_inference.metrics import sequence_metrics
+from tests.authors import weight_swapped
 
 ATOL = 1e-4
 
@@ -20,22 +21,6 @@ ATOL = 1e-4
 def _no_grad():
     with torch.no_grad():
         yield
-
-
-def weight_swapped(model: HookedTransformer, i: int) -> HookedTransformer:
-    """The authors' swap: a fresh model of the same config loaded with a state dict whose
-    ``blocks.i.*`` and ``blocks.{i+1}.*`` entries are exchanged (no re-processing)."""
-    a, b = f"blocks.{i}.", f"blocks.{i + 1}."
-    state = {}
-    for name, value in model.state_dict().items():
-        if name.startswith(a):
-            name = b + name[len(a):]
-        elif name.startswith(b):
-            name = a + name[len(b):]
-        state[name] = value
-    fresh = HookedTransformer(model.cfg, tokenizer=model.tokenizer)
-    fresh.load_state_dict(state)
-    return fresh.eval()
 
 
 def direct_metrics(logits: torch.Tensor, ref_logits: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:

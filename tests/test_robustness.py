@@ -15,6 +15,7 @@ import stages_of_inference as soi
 from stages_of_inference.interventions import executor
 from stages_of_inference.interventions.hooks import drop_layer
 from stages_of_inference.robustness import PER_TOKEN_COLUMNS, SUMMARY_COLUMNS, SweepResult, robustness_sweep
+from tests.authors import weight_swapped
 
 ATOL = 1e-4
 
@@ -23,21 +24,6 @@ ATOL = 1e-4
 def _no_grad():
     with torch.no_grad():
         yield
-
-
-def weight_swapped(model: HookedTransformer, i: int) -> HookedTransformer:
-    """The authors' swap: exchange ``blocks.i.*`` and ``blocks.{i+1}.*`` in the state dict, reload."""
-    a, b = f"blocks.{i}.", f"blocks.{i + 1}."
-    state = {}
-    for name, value in model.state_dict().items():
-        if name.startswith(a):
-            name = b + name[len(a):]
-        elif name.startswith(b):
-            name = a + name[len(b):]
-        state[name] = value
-    fresh = HookedTransformer(model.cfg, tokenizer=model.tokenizer)
-    fresh.load_state_dict(state)
-    return fresh.eval()
 
 
 def authors_metrics(model: HookedTransformer, tokens: torch.Tensor, kind: str, layer: int,
