@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Float64, Int
 from torch import Tensor
 
@@ -193,22 +192,33 @@ class LinearReference:
         ``W_U``, ``b_U`` (the one the compared logits are made with). ``logits`` is not modified.
 
         Computed in float64, ``rows_at_once`` rows at a time: the KL is a difference of terms
-        much larger than itself, so their rounding errors must stay well under ``1e-6``."""
+        much larger than itself, so their rounding errors must stay well under ``1e-6``. The
+        float64 copy of ``W_U`` is made ``vocab_at_once`` columns at a time, never whole (for a
+        49k vocabulary it would be a 226 MB copy)."""
         logits = logits.float()
         top1 = logits.max(dim=-1).indices  # the same ids (ties included) as distribution_metrics
-        w64 = W_U.double()
-        b64 = None if b_U is None else b_U.double()
-        neg_entropy, u, c = [], [], []
-        for start in range(0, logits.shape[0], rows_at_once):
-            lp = logits[start : start + rows_at_once].double().log_softmax(dim=-1)
+        d_model, d_vocab = W_U.shape
+        vocab_at_once = 4096
+        n = logits.shape[0]
+        groups = [slice(s, min(s + rows_at_once, n)) for s in range(0, n, rows_at_once)]
+        lse = logits.new_empty(n, dtype=torch.float64)
+        neg_entropy = logits.new_empty(n, dtype=torch.float64)
+        c = logits.new_zeros(n, dtype=torch.float64)
+        for rows in groups:
+            lp = logits[rows].double().log_softmax(dim=-1)
             p = lp.exp()
-            neg_entropy.append((p * lp).sum(dim=-1))
-            u.append(F.linear(p, w64))
-            c.append(torch.zeros_like(lp[:, 0]) if b64 is None else p @ b64)
-        if not neg_entropy:
-            empty = logits.new_zeros(0, dtype=torch.float64)
-            return cls(empty, w64.new_zeros(0, w64.shape[0]), empty, top1)
-        return cls(torch.cat(neg_entropy), torch.cat(u), torch.cat(c), top1)
+            lse[rows] = logits[rows, :1].double().squeeze(-1) - lp[:, 0]
+            neg_entropy[rows] = (p * lp).sum(dim=-1)
+            if b_U is not None:
+                c[rows] = p @ b_U.double()
+        # u = W_U @ p, a block of the vocabulary at a time (p recomputed from lse per block)
+        u = logits.new_zeros(n, d_model, dtype=torch.float64)
+        for v0 in range(0, d_vocab, vocab_at_once):
+            w64 = W_U[:, v0 : v0 + vocab_at_once].double()
+            for rows in groups:
+                p = (logits[rows, v0 : v0 + vocab_at_once].double() - lse[rows].unsqueeze(-1)).exp_()
+                u[rows] += p @ w64.T
+        return cls(neg_entropy, u, c, top1)
 
     def kl_nats(
         self, resid: Float[Tensor, "n d_model"], lse: Float[Tensor, " n"]

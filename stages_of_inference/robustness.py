@@ -184,6 +184,7 @@ def robustness_sweep(
     batch_size: int = 8,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     out_dir: str | Path | None = None,
+    fast_path: bool = True,
 ) -> SweepResult:
     """Delete each block, and swap each adjacent pair, and measure the damage (PAPER.md).
 
@@ -205,6 +206,9 @@ def robustness_sweep(
         out_dir: a folder for checkpoints and the final result. A rerun with the same folder and the
             same model, tokens and settings resumes (or, if finished, loads) the result; a folder
             written by a different sweep is refused.
+        fast_path: run blocks without TransformerLens' per-call weight copies where no hook can
+            observe it (:func:`~stages_of_inference.interventions.executor.evaluate_plans`);
+            ``False`` runs every block module as it is.
 
     Returns:
         A :class:`SweepResult`; ``summary`` has :data:`SUMMARY_COLUMNS`, with ``layer`` the block
@@ -230,7 +234,7 @@ def robustness_sweep(
     plans, meta = _plans(n_layers, kinds)
     orders = [p.order for p in plans]  # all distinct: plan_id == position in this list
     settings = {"kinds": list(kinds), "per_token": bool(per_token), "batch_size": int(batch_size),
-                "chunk_tokens": int(chunk_tokens)}
+                "chunk_tokens": int(chunk_tokens), "fast_path": bool(fast_path)}
 
     out = None if out_dir is None else Path(out_dir)
     done: dict[int, BatchResult] = {}
@@ -258,7 +262,7 @@ def robustness_sweep(
     batches = dict(done)
     for batch in iter_plan_batches(
         model, tokens, plans, batch_size=batch_size, chunk_tokens=chunk_tokens, per_token=per_token,
-        progress=progress, skip=frozenset(done),
+        progress=progress, skip=frozenset(done), fast_path=fast_path,
     ):
         if ckpt is not None:
             _save_batch(ckpt, batch)

@@ -36,6 +36,7 @@ from transformer_lens.utilities import apply_softcap, get_device_for_block_index
 
 from stages_of_inference._utils import check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
+from stages_of_inference.interventions.fastpath import fast_block, fast_path_blocker
 from stages_of_inference.interventions.plan import LayerPlan
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, LinearReference, log_probs, logit_metrics
 
@@ -80,7 +81,13 @@ def _embed(model: HookedTransformer, tokens: Tensor) -> _Embedded:
     return _Embedded(residual, shortformer, mask)
 
 
-def _run_block(model: HookedTransformer, emb: _Embedded, step: int, layer: int, residual: Tensor) -> Tensor:
+def _run_block(
+    model: HookedTransformer, emb: _Embedded, step: int, layer: int, residual: Tensor,
+    fast: Sequence[bool] = (),
+) -> Tensor:
+    """Block ``layer`` at execution ``step`` of a plan; by the fast path if ``fast[layer]``."""
+    if fast and fast[layer]:
+        return fast_block(model, _blocks(model)[layer], residual)
     device = get_device_for_block_index(layer, model.cfg)
     shortformer = emb.shortformer_pos_embed
     if shortformer is not None:
@@ -89,6 +96,16 @@ def _run_block(model: HookedTransformer, emb: _Embedded, step: int, layer: int, 
     return _blocks(model)[layer](
         residual.to(device), shortformer_pos_embed=shortformer, attention_mask=emb.attention_mask
     )
+
+
+def _fast_layers(model: HookedTransformer, emb: _Embedded, hooked: bool, enabled: bool) -> tuple[bool, ...]:
+    """Which blocks may run by :func:`~stages_of_inference.interventions.fastpath.fast_block`:
+    none if disabled, if the caller passed hooks, or with a padding mask or shortformer positions;
+    otherwise each block whose :func:`fast_path_blocker` finds nothing in the way."""
+    if not enabled or hooked or emb.attention_mask is not None or emb.shortformer_pos_embed is not None:
+        return ()
+    seq_len = emb.residual.shape[1]
+    return tuple(fast_path_blocker(model, block, seq_len) is None for block in _blocks(model))
 
 
 def _final_norm(model: HookedTransformer, residual: Tensor) -> Tensor:
@@ -375,11 +392,13 @@ def iter_plan_batches(
     progress: bool = True,
     fwd_hooks: FwdHooks = (),
     skip: frozenset[int] = frozenset(),
+    fast_path: bool = True,
 ) -> Iterator[BatchResult]:
     """The sweep one batch of sequences at a time (what :func:`evaluate_plans` aggregates).
 
     Plan ids in the results index the distinct orders of ``plans`` in first-seen order. Batches
-    whose index is in ``skip`` are not computed (used to resume from a checkpoint).
+    whose index is in ``skip`` are not computed (used to resume from a checkpoint). ``fast_path``
+    as in :func:`evaluate_plans`.
 
     Example:
         >>> import torch
@@ -407,7 +426,7 @@ def iter_plan_batches(
             with torch.inference_mode(), model.hooks(fwd_hooks=list(fwd_hooks)):
                 try:
                     result = _run_batch(model, batch, start, trie, len(orders), chunk_tokens, per_token,
-                                        bool(fwd_hooks), ticker)
+                                        bool(fwd_hooks), ticker, fast_path)
                 finally:
                     _set_step(model, None)
             yield BatchResult(k, *result)
@@ -425,6 +444,7 @@ def _run_batch(
     per_token: bool,
     hooked: bool,
     ticker: _Ticker,
+    fast_path: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     n_layers = model.cfg.n_layers
     n_seq, seq_len = batch.shape
@@ -458,9 +478,10 @@ def _run_batch(
 
     # ---- the trunk: the unmodified model, residual kept after every block
     emb = _embed(model, batch)
+    fast = _fast_layers(model, emb, hooked, fast_path)
     trunk = [emb.residual]
     for layer in range(n_layers):
-        trunk.append(_run_block(model, emb, layer, layer, trunk[-1]))
+        trunk.append(_run_block(model, emb, layer, layer, trunk[-1], fast))
     x_ref = final_rows(trunk[-1])
     # Two chunk-sized work buffers reused by every chunk of every plan: the logits (overwritten by
     # logit_metrics) and its scratch. Allocating them per chunk costs more than the arithmetic on CPU.
@@ -528,7 +549,7 @@ def _run_batch(
             if on_trunk and layer == depth:
                 visit(child, depth + 1, trunk[depth + 1], True)
             else:
-                visit(child, depth + 1, _run_block(model, emb, depth, layer, residual), False)
+                visit(child, depth + 1, _run_block(model, emb, depth, layer, residual, fast), False)
 
     visit(trie, 0, trunk[0], True)
     del ref_lp, ref_linear, scratch, logits_buf
@@ -619,6 +640,7 @@ def evaluate_plans(
     per_token: bool = False,
     progress: bool = True,
     fwd_hooks: FwdHooks = (),
+    fast_path: bool = True,
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Evaluate many layer plans against the unmodified model, sharing every common prefix.
 
@@ -639,6 +661,10 @@ def evaluate_plans(
         progress: show a progress bar.
         fwd_hooks: TransformerLens hooks active for every plan *and* the reference run (for
             example an ablation whose effect of reordering is to be measured).
+        fast_path: run blocks by :func:`~stages_of_inference.interventions.fastpath.fast_block`
+            (the block's function without TransformerLens' per-call weight copies; equal to fp32
+            rounding) wherever nothing could observe the difference: no ``fwd_hooks``, no hook on
+            the block, a block configuration it reproduces. ``False`` always runs the blocks.
 
     Returns:
         One row per plan, in the order given: ``plan`` (:meth:`LayerPlan.to_json`), ``label``,
@@ -664,7 +690,7 @@ def evaluate_plans(
     orders, pids = _unique_orders(model, plans)
     batches = list(iter_plan_batches(
         model, tokens, plans, batch_size=batch_size, chunk_tokens=chunk_tokens, per_token=per_token,
-        progress=progress, fwd_hooks=fwd_hooks,
+        progress=progress, fwd_hooks=fwd_hooks, fast_path=fast_path,
     ))
     summary = aggregate(orders, model.cfg.n_layers, batches)
     reference = summary.attrs["reference"]

@@ -1,0 +1,158 @@
+"""The sweep's hook-free block path equals TransformerLens' own blocks, and steps aside when it must."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, make_tiny_model, tiny_config
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+import stages_of_inference as soi
+from stages_of_inference.interventions import executor
+from stages_of_inference.interventions.executor import block_count, evaluate_plans
+from stages_of_inference.interventions.fastpath import fast_block, fast_path_blocker
+
+METRICS = ["kl_nats", "loss", "accuracy", "top1_agreement", "entropy_bits", "confidence"]
+
+
+def _residual(model: HookedTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.input_to_embed(tokens)[0]
+
+
+def _assert_block_equal(model: HookedTransformer, tokens: torch.Tensor, rtol: float = 2e-6) -> None:
+    x = _residual(model, tokens)
+    with torch.inference_mode():
+        for layer, block in enumerate(model.blocks):
+            assert fast_path_blocker(model, block, tokens.shape[1]) is None, layer
+            want = block(x)
+            got = fast_block(model, block, x)
+            scale = want.abs().max().item()
+            assert (got - want).abs().max().item() <= rtol * scale, (layer, (got - want).abs().max().item(), scale)
+            x = want
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_block_equals_the_block(family: str, tiny_tokens: torch.Tensor) -> None:
+    _assert_block_equal(make_tiny_model(family), tiny_tokens)
+
+
+@pytest.mark.parametrize(("family", "variant"), [
+    ("parallel", {"rotary_adjacent_pairs": True}),  # GPT-J pairs, partial rotary
+    ("gpt2", {"attn_only": True}),
+    ("llama", {"use_attn_scale": False}),
+])
+def test_fast_block_variants(family: str, variant: dict, tiny_tokens: torch.Tensor) -> None:
+    cfg = tiny_config(family).to_dict()
+    cfg.update(variant)
+    torch.manual_seed(0)
+    model = HookedTransformer(HookedTransformerConfig(**cfg))
+    for p in model.parameters():  # non-zero biases everywhere, as real checkpoints have
+        torch.nn.init.normal_(p, std=0.3)
+    model.eval()
+    _assert_block_equal(model, tiny_tokens)
+
+
+@pytest.mark.real
+def test_fast_block_equals_the_block_on_the_real_model(real_model: HookedTransformer, real_tokens: torch.Tensor) -> None:
+    _assert_block_equal(real_model, real_tokens[:2], rtol=1e-6)
+
+
+def test_blockers(tiny_models: dict[str, HookedTransformer]) -> None:
+    model = tiny_models["gpt2"]
+    block = model.blocks[1]
+    handle = block.hook_mlp_out.add_hook(lambda x, hook: x)
+    try:
+        assert "hook" in fast_path_blocker(model, block, 8)
+        assert fast_path_blocker(model, model.blocks[0], 8) is None
+    finally:
+        model.reset_hooks()
+    del handle
+    assert fast_path_blocker(model, block, 8) is None
+
+    for change, word in [
+        ({"attn_scores_soft_cap": 30.0}, "soft-capped"),
+        ({"use_attn_result": True}, "use_attn_result"),
+        ({"positional_embedding_type": "shortformer"}, "shortformer"),
+        ({"act_fn": "solu_ln"}, "layer norm"),
+    ]:
+        cfg = tiny_config("gpt2").to_dict()
+        cfg.update(change)
+        other = HookedTransformer(HookedTransformerConfig(**cfg))
+        reason = fast_path_blocker(other, other.blocks[0], 8)
+        assert reason is not None and word in reason, (change, reason)
+
+    cfg = tiny_config("llama").to_dict()
+    cfg.update(use_local_attn=True, attn_types=["global", "local", "global", "local"], window_size=4)
+    gemma_like = HookedTransformer(HookedTransformerConfig(**cfg))
+    assert fast_path_blocker(gemma_like, gemma_like.blocks[0], 8) is None
+    assert "local" in fast_path_blocker(gemma_like, gemma_like.blocks[1], 8)
+
+    rotary = tiny_models["llama"]
+    assert "rotary" in fast_path_blocker(rotary, rotary.blocks[0], rotary.blocks[0].attn.rotary_cos.shape[0] + 1)
+
+
+def _plans(n: int) -> list[soi.LayerPlan]:
+    return ([soi.LayerPlan.drop(n, i) for i in range(n)] + [soi.LayerPlan.swap(n, i) for i in range(n - 1)]
+            + [soi.LayerPlan.repeat(n, [1]), soi.LayerPlan.permute(n, list(reversed(range(n))))])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sweep_uses_the_fast_path_and_agrees(family: str, tiny_tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_tiny_model(family)
+    plans = _plans(model.cfg.n_layers)
+    calls = []
+
+    def counting(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return fast_block(*args)
+
+    monkeypatch.setattr(executor, "fast_block", counting)
+    fast = evaluate_plans(model, tiny_tokens, plans, progress=False, batch_size=2)
+    n_batches = -(-tiny_tokens.shape[0] // 2)
+    assert len(calls) == block_count(plans) * n_batches  # every block of every batch, trunk included
+    calls.clear()
+    slow = evaluate_plans(model, tiny_tokens, plans, progress=False, batch_size=2, fast_path=False)
+    assert not calls
+    diff = (fast[METRICS] - slow[METRICS]).abs().to_numpy().max()
+    assert diff < 1e-5, diff
+    assert (fast["kl_nats"] > 1e-3).sum() >= model.cfg.n_layers  # the plans do change the output
+
+
+def test_a_hooked_block_runs_as_itself(tiny_tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A permanent hook on one block: that block runs through TransformerLens (the hook fires and
+    edits), the others by the fast path; the numbers equal a sweep without the fast path."""
+    model = make_tiny_model("llama")
+    plans = _plans(model.cfg.n_layers)
+    plain = evaluate_plans(model, tiny_tokens, plans, progress=False)
+    fired = []
+
+    def zero_mlp(x: torch.Tensor, hook: object) -> torch.Tensor:
+        fired.append(1)
+        return torch.zeros_like(x)
+
+    model.blocks[2].hook_mlp_out.add_hook(zero_mlp)
+    try:
+        calls = []
+
+        def counting(*args: object) -> torch.Tensor:
+            calls.append(args[1])
+            return fast_block(*args)
+
+        monkeypatch.setattr(executor, "fast_block", counting)
+        hooked = evaluate_plans(model, tiny_tokens, plans, progress=False)
+        assert fired and calls and all(block is not model.blocks[2] for block in calls)
+        reference = evaluate_plans(model, tiny_tokens, plans, progress=False, fast_path=False)
+    finally:
+        model.reset_hooks(including_permanent=True)
+    assert (hooked[METRICS] - reference[METRICS]).abs().to_numpy().max() < 1e-5
+    assert (hooked[METRICS] - plain[METRICS]).abs().to_numpy().max() > 1e-2  # the hook mattered
+
+
+def test_caller_hooks_turn_the_fast_path_off(tiny_tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_tiny_model("gpt2")
+    calls = []
+    monkeypatch.setattr(executor, "fast_block", lambda *a: calls.append(1) or fast_block(*a))
+    hooks = [("blocks.0.hook_resid_pre", lambda x, hook: x)]
+    evaluate_plans(model, tiny_tokens, _plans(model.cfg.n_layers), progress=False, fwd_hooks=hooks)
+    assert not calls
