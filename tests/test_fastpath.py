@@ -8,7 +8,7 @@ from conftest import FAMILIES, make_tiny_model, tiny_config
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import stages_of_inference as soi
-from stages_of_inference.interventions import executor
+from stages_of_inference.interventions import executor, fastpath
 from stages_of_inference.interventions.executor import block_count, evaluate_plans
 from stages_of_inference.interventions.fastpath import fast_block, fast_path_blocker
 
@@ -105,9 +105,9 @@ def test_sweep_uses_the_fast_path_and_agrees(family: str, tiny_tokens: torch.Ten
 
     def counting(*args: object) -> torch.Tensor:
         calls.append(1)
-        return fast_block(*args)
+        return fast_block(*args)  # the original
 
-    monkeypatch.setattr(executor, "fast_block", counting)
+    monkeypatch.setattr(fastpath, "fast_block", counting)
     fast = evaluate_plans(model, tiny_tokens, plans, progress=False, batch_size=2)
     n_batches = -(-tiny_tokens.shape[0] // 2)
     assert len(calls) == block_count(plans) * n_batches  # every block of every batch, trunk included
@@ -139,7 +139,7 @@ def test_a_hooked_block_runs_as_itself(tiny_tokens: torch.Tensor, monkeypatch: p
             calls.append(args[1])
             return fast_block(*args)
 
-        monkeypatch.setattr(executor, "fast_block", counting)
+        monkeypatch.setattr(fastpath, "fast_block", counting)
         hooked = evaluate_plans(model, tiny_tokens, plans, progress=False)
         assert fired and calls and all(block is not model.blocks[2] for block in calls)
         reference = evaluate_plans(model, tiny_tokens, plans, progress=False, fast_path=False)
@@ -152,7 +152,22 @@ def test_a_hooked_block_runs_as_itself(tiny_tokens: torch.Tensor, monkeypatch: p
 def test_caller_hooks_turn_the_fast_path_off(tiny_tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     model = make_tiny_model("gpt2")
     calls = []
-    monkeypatch.setattr(executor, "fast_block", lambda *a: calls.append(1) or fast_block(*a))
+    monkeypatch.setattr(fastpath, "fast_block", lambda *a: calls.append(1) or fast_block(*a))
     hooks = [("blocks.0.hook_resid_pre", lambda x, hook: x)]
     evaluate_plans(model, tiny_tokens, _plans(model.cfg.n_layers), progress=False, fwd_hooks=hooks)
     assert not calls
+
+
+def test_unembedding_by_vocabulary_blocks(tiny_tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep unembeds UNEMBED_BLOCK columns at a time; a block size that does not divide the
+    vocabulary (101 = 6 x 16 + 5) gives the numbers of a single block, and of the model's forward."""
+    model = make_tiny_model("llama")
+    plans = _plans(model.cfg.n_layers)
+    whole = evaluate_plans(model, tiny_tokens, plans, progress=False, fast_path=False)
+    monkeypatch.setattr(executor, "UNEMBED_BLOCK", 16)
+    blocked = evaluate_plans(model, tiny_tokens, plans, progress=False, fast_path=False)
+    assert (blocked[METRICS] - whole[METRICS]).abs().to_numpy().max() < 1e-6
+    with torch.inference_mode():
+        logits = model(tiny_tokens)
+    original = soi.metrics.sequence_metrics(logits, tiny_tokens)
+    assert abs(blocked.attrs["reference"]["loss"] - float(original["loss"].double().mean())) < 1e-6

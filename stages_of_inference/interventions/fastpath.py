@@ -26,6 +26,8 @@ norm). Anything else runs the block itself.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -117,18 +119,27 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int, adjacent: bool
     return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
 
 
-def _attention(model: HookedTransformer, attn: nn.Module, h: Float[Tensor, "batch pos d_model"]) -> Tensor:
-    cfg = model.cfg
-    batch, pos, d_model = h.shape
-    n_heads, _, d_head = attn.W_Q.shape
+def _qkv_weights(attn: nn.Module) -> tuple[Tensor, Tensor, int]:
+    """``W_Q``, ``W_K``, ``W_V`` side by side as one ``[d_model, (heads + 2 kv_heads) d_head]``
+    matrix, their biases as one vector, and the number of key/value heads."""
+    d_model = attn.W_Q.shape[1]
     if isinstance(attn, GroupedQueryAttention):
         w_k, w_v, b_k, b_v = attn._W_K, attn._W_V, attn._b_K, attn._b_V  # noqa: SLF001 (unexpanded)
     else:
         w_k, w_v, b_k, b_v = attn.W_K, attn.W_V, attn.b_K, attn.b_V
-    n_kv = w_k.shape[0]
-    # [d_model, (q heads + k heads + v heads) * d_head]: one matmul for all three
     weight = torch.cat([w.permute(1, 0, 2).reshape(d_model, -1) for w in (attn.W_Q, w_k, w_v)], dim=1)
     bias = torch.cat([attn.b_Q.reshape(-1), b_k.reshape(-1), b_v.reshape(-1)])
+    return weight, bias, w_k.shape[0]
+
+
+def _attention(
+    model: HookedTransformer, attn: nn.Module, h: Float[Tensor, "batch pos d_model"],
+    qkv_weights: tuple[Tensor, Tensor, int],
+) -> Tensor:
+    cfg = model.cfg
+    batch, pos, d_model = h.shape
+    n_heads, _, d_head = attn.W_Q.shape
+    weight, bias, n_kv = qkv_weights
     qkv = torch.addmm(bias, h.reshape(batch * pos, d_model), weight)
     q, k, v = qkv.split((n_heads * d_head, n_kv * d_head, n_kv * d_head), dim=1)
     q = q.view(batch, pos, n_heads, d_head)
@@ -160,16 +171,49 @@ def _mlp(mlp: nn.Module, h: Float[Tensor, "batch pos d_model"]) -> Tensor:
     return torch.addmm(mlp.b_out, post, mlp.W_out).view(shape)
 
 
-def fast_block(model: HookedTransformer, block: nn.Module, resid_pre: Float[Tensor, "batch pos d_model"]) -> Tensor:
+def fast_block(
+    model: HookedTransformer, block: nn.Module, resid_pre: Float[Tensor, "batch pos d_model"],
+    qkv_weights: tuple[Tensor, Tensor, int] | None = None,
+) -> Tensor:
     """``block(resid_pre)`` (no padding mask, no shortformer positions) by the fast path.
 
     The caller checks :func:`fast_path_blocker` first; this function assumes it returned ``None``.
+    ``qkv_weights`` is the block's fused query/key/value matrix, if the caller keeps it
+    (:class:`FastBlocks` does); otherwise it is made for this call.
     """
     cfg = model.cfg
-    attn_out = _attention(model, block.attn, block.ln1(resid_pre))
+    if qkv_weights is None:
+        qkv_weights = _qkv_weights(block.attn)
+    attn_out = _attention(model, block.attn, block.ln1(resid_pre), qkv_weights)
     if cfg.attn_only:
         return resid_pre + attn_out
     if cfg.parallel_attn_mlp:
         return resid_pre + attn_out + _mlp(block.mlp, block.ln2(resid_pre))
     resid_mid = resid_pre + attn_out
     return resid_mid + _mlp(block.mlp, block.ln2(resid_mid))
+
+
+class FastBlocks:
+    """The fast path for one sweep batch: which blocks may take it, and their fused query/key/value
+    matrices, made on first use and kept until the object is dropped (about 2 MB per block of
+    SmolLM2-135M; each block runs about as many times per batch as the model has blocks).
+
+    Args:
+        model: the model.
+        blocks: its blocks in their original order.
+        seq_len: the batch's sequence length.
+        enabled: ``False`` disables the fast path for every block.
+    """
+
+    def __init__(self, model: HookedTransformer, blocks: Sequence[nn.Module], seq_len: int, enabled: bool = True) -> None:
+        self.model = model
+        self.blocks = tuple(blocks)
+        self.allowed = tuple(enabled and fast_path_blocker(model, b, seq_len) is None for b in self.blocks)
+        self._qkv: dict[int, tuple[Tensor, Tensor, int]] = {}
+
+    def __call__(self, layer: int, resid_pre: Tensor) -> Tensor:
+        """Run block ``layer`` by the fast path (only for a ``layer`` in :attr:`allowed`)."""
+        weights = self._qkv.get(layer)
+        if weights is None:
+            weights = self._qkv[layer] = _qkv_weights(self.blocks[layer].attn)
+        return fast_block(self.model, self.blocks[layer], resid_pre, weights)
