@@ -2,7 +2,8 @@
 
 Times, in one run and on the same tokens,
 
-(a) the library's prefix-sharing sweep (:func:`stages_of_inference.robustness_sweep`);
+(a) the library's prefix-sharing sweep (:func:`stages_of_inference.robustness_sweep`), and the
+    same sweep with ``fast_path=False`` (every block through TransformerLens' own module);
 (b) the obvious TransformerLens loop: the baseline once, one ``run_with_hooks`` per deletion
     (zeroing ``hook_attn_out`` / ``hook_mlp_out``), one forward with reordered blocks per swap,
     metrics from the logits with :func:`stages_of_inference.metrics.sequence_metrics`;
@@ -10,9 +11,10 @@ Times, in one run and on the same tokens,
     swaps by exchanging the two blocks' weights in the state dict and rebuilding the model;
 
 checks that the three agree (KL, loss, accuracy), and prints the speed-up ratios, the achieved
-GFLOP/s of each against a measured fp32 matmul rate, and the peak memory of the sweep against one
-forward pass with its metrics (resident-set high-water mark, ``/proc/self/status`` ``VmHWM``, reset
-through ``/proc/self/clear_refs`` before each measurement, after ``malloc_trim``).
+GFLOP/s of each against a measured fp32 matmul rate (the best of measurements taken before and
+after the timed runs), and the peak memory of the sweep against one forward pass with its metrics
+(resident-set high-water mark, ``/proc/self/status`` ``VmHWM``, reset through
+``/proc/self/clear_refs`` before each measurement, after ``malloc_trim``).
 
 Run: ``python benchmarks/bench_sweep.py --n-sequences 4 --seq-len 128``
 """
@@ -165,6 +167,7 @@ def run(model: HookedTransformer, tokens: torch.Tensor, args: argparse.Namespace
     scored = (tokens.shape[1] - 2) / tokens.shape[1]
     flops = {
         "sweep": block_count(plans) * f_block + (n_plans + 1) * f_unembed * scored,
+        "no-fast": block_count(plans) * f_block + (n_plans + 1) * f_unembed * scored,
         "obvious": (n_plans + 1) * f_fwd,
         "authors": 2 * n_plans * f_fwd,
     }
@@ -188,6 +191,11 @@ def run(model: HookedTransformer, tokens: torch.Tensor, args: argparse.Namespace
         times["sweep"] = time.perf_counter() - t
     print(f"(a) sweep:   {times['sweep']:8.1f} s", flush=True)
     t = time.perf_counter()
+    slow = soi.robustness_sweep(model, tokens, progress=False, batch_size=args.batch_size,
+                                chunk_tokens=args.chunk_tokens, fast_path=False)
+    times["no-fast"] = time.perf_counter() - t
+    print(f"(a') sweep, fast_path=False: {times['no-fast']:8.1f} s", flush=True)
+    t = time.perf_counter()
     obvious = obvious_loop(model, tokens)
     times["obvious"] = time.perf_counter() - t
     print(f"(b) obvious: {times['obvious']:8.1f} s", flush=True)
@@ -198,7 +206,13 @@ def run(model: HookedTransformer, tokens: torch.Tensor, args: argparse.Namespace
         times["authors"] = time.perf_counter() - t
         print(f"(c) authors: {times['authors']:8.1f} s", flush=True)
 
+    after = matmul_gflops()
+    print(f"fp32 matmul rate measured again after the runs: {after:.1f} GFLOP/s; using the best, "
+          f"{max(peak_rate, after):.1f}")
+    peak_rate = max(peak_rate, after)
     s = sweep.summary
+    cols = ["kl_nats", "loss", "accuracy"]
+    fast_vs_slow = float((s[cols] - slow.summary[cols]).abs().to_numpy().max())
     worst = {"obvious": 0.0, "authors": 0.0}
     for row in s[s["kind"] != "none"].itertuples():
         key = (row.kind, int(row.layer))
@@ -210,9 +224,11 @@ def run(model: HookedTransformer, tokens: torch.Tensor, args: argparse.Namespace
     print()
     print(f"agreement (max abs diff of KL, loss, accuracy over {n_plans} interventions): "
           f"sweep vs obvious {worst['obvious']:.2e}, sweep vs authors "
-          + (f"{worst['authors']:.2e}" if authors is not None else "skipped"))
+          + (f"{worst['authors']:.2e}" if authors is not None else "skipped")
+          + f"; sweep vs sweep with fast_path=False {fast_vs_slow:.2e}")
     print(f"speed-up: obvious / sweep = {times['obvious'] / times['sweep']:.2f}x"
-          + (f", authors / sweep = {times['authors'] / times['sweep']:.2f}x" if authors is not None else ""))
+          + (f", authors / sweep = {times['authors'] / times['sweep']:.2f}x" if authors is not None else "")
+          + f"; the fast path's share: sweep without it / with it = {times['no-fast'] / times['sweep']:.2f}x")
     for name, seconds in times.items():
         rate = flops[name] / seconds / 1e9
         print(f"  {name:8s} {flops[name] / 1e9:8.0f} GFLOP in {seconds:7.1f} s = {rate:6.1f} GFLOP/s "

@@ -104,19 +104,33 @@ def fast_path_blocker(model: HookedTransformer, block: nn.Module, seq_len: int) 
     return None
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int, adjacent: bool) -> Tensor:
+def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor, rotary_dim: int, adjacent: bool) -> Tensor:
     """TransformerLens' rotary embedding of the first ``rotary_dim`` features of ``x``
-    ``[batch, pos, head, d_head]`` (``cos``, ``sin``: ``[1, pos, 1, rotary_dim]``)."""
+    ``[batch, pos, head, d_head]``; ``cos`` and ``signed_sin`` are ``[1, pos, 1, rotary_dim]``, the
+    latter with the sign TransformerLens puts on the rotated-in feature moved onto the sine (the
+    products are the same numbers: ``(-a) * s == a * (-s)``)."""
     x_rot = x[..., :rotary_dim]
     if adjacent:  # GPT-J: pairs (0, 1), (2, 3), ...
-        flip = torch.stack((-x_rot[..., 1::2], x_rot[..., 0::2]), dim=-1).flatten(-2)
+        swapped = torch.stack((x_rot[..., 1::2], x_rot[..., 0::2]), dim=-1).flatten(-2)
     else:  # GPT-NeoX: pairs (i, i + rotary_dim / 2)
         half = rotary_dim // 2
-        flip = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    rotated = x_rot * cos + flip * sin
+        swapped = torch.cat((x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    rotated = x_rot * cos + swapped * signed_sin
     if rotary_dim == x.shape[-1]:
         return rotated
     return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
+
+
+def _signed_sin(sin: Tensor, adjacent: bool) -> Tensor:
+    """``sin`` with the sign of the rotated-in feature: TransformerLens' ``rotate_every_two`` maps
+    ``(a, b)`` pairs to ``(-b, a)``, so the first feature of each pair gets ``-sin``."""
+    signed = sin.clone()
+    if adjacent:
+        signed[..., 0::2] = -sin[..., 0::2]
+    else:
+        half = sin.shape[-1] // 2
+        signed[..., :half] = -sin[..., :half]
+    return signed
 
 
 def _qkv_weights(attn: nn.Module) -> tuple[Tensor, Tensor, int]:
@@ -141,16 +155,15 @@ def _attention(
     n_heads, _, d_head = attn.W_Q.shape
     weight, bias, n_kv = qkv_weights
     qkv = torch.addmm(bias, h.reshape(batch * pos, d_model), weight)
-    q, k, v = qkv.split((n_heads * d_head, n_kv * d_head, n_kv * d_head), dim=1)
-    q = q.view(batch, pos, n_heads, d_head)
-    k = k.view(batch, pos, n_kv, d_head)
+    qk, v = qkv.split(((n_heads + n_kv) * d_head, n_kv * d_head), dim=1)
+    qk = qk.view(batch, pos, n_heads + n_kv, d_head)
     v = v.view(batch, pos, n_kv, d_head)
-    if cfg.positional_embedding_type == "rotary":
-        rotary_dim = cfg.rotary_dim
+    if cfg.positional_embedding_type == "rotary":  # queries and keys rotated together
+        adjacent = cfg.rotary_adjacent_pairs
         cos = attn.rotary_cos[None, :pos, None, :]
-        sin = attn.rotary_sin[None, :pos, None, :]
-        q = _rotate(q, cos, sin, rotary_dim, cfg.rotary_adjacent_pairs)
-        k = _rotate(k, cos, sin, rotary_dim, cfg.rotary_adjacent_pairs)
+        signed_sin = _signed_sin(attn.rotary_sin[:pos], adjacent)[None, :, None, :]
+        qk = _rotate(qk, cos, signed_sin, cfg.rotary_dim, adjacent)
+    q, k = qk[:, :, :n_heads], qk[:, :, n_heads:]
     z = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         is_causal=True, scale=1.0 / attn.attn_scale, enable_gqa=n_kv != n_heads,
