@@ -54,6 +54,31 @@ def test_logit_lens_equals_metrics_of_the_transformer_lens_stack(tiny_model, tin
     assert df.attrs["provenance"]["settings"]["convention"] == convention
 
 
+def test_logit_lens_of_a_soft_capped_model(tiny_tokens):
+    """With an output soft-cap the lens logits are not linear in the readout; the lens then takes
+    its exact-reference path (stored final log-probabilities), and still equals the direct
+    computation on the soft-capped TransformerLens stack."""
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("gpt2")
+    n = model.cfg.n_layers
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tiny_tokens)
+        stack = cache.apply_ln_to_stack(cache.accumulated_resid(), layer=n, recompute_ln=False) @ model.W_U
+    plain = logit_lens(model, tiny_tokens, progress=False)
+    model.cfg.output_logits_soft_cap = 2.0
+    try:
+        capped = logit_lens(model, tiny_tokens, progress=False)
+    finally:
+        model.cfg.output_logits_soft_cap = -1.0
+    stack = 2.0 * torch.tanh(stack / 2.0)
+    for k in range(n + 1):
+        m = sequence_metrics(stack[k], tiny_tokens, ref_logits=stack[n])
+        assert capped.loc[k, "kl_to_final_nats"] == pytest.approx(float(m["kl_nats"].double().mean()), rel=1e-4, abs=1e-6)
+        assert capped.loc[k, "entropy_bits"] == pytest.approx(float(m["entropy_bits"].double().mean()), rel=1e-5)
+    assert (capped["entropy_bits"] - plain["entropy_bits"]).abs().max() > 0.1  # the cap mattered
+
+
 @pytest.mark.parametrize("convention", ["paper", "per_layer_norm"])
 def test_logit_lens_last_row_is_the_model_output(tiny_model, tiny_tokens, convention):
     """The last readout is the model's own output distribution when the model has no b_U
@@ -333,3 +358,32 @@ def test_layer_similarity_outlier_tokens_are_left_out(tiny_models, tiny_tokens, 
             assert mat[i, j] == pytest.approx(expected, rel=1e-6, abs=1e-9)
     plain = layer_similarity(model, tiny_tokens, method=method, progress=False)
     assert not np.allclose(plain["similarity"], df["similarity"])
+
+
+@pytest.mark.parametrize("convention", ["paper", "per_layer_norm"])
+def test_real_logit_lens_equals_float64(real_model, real_tokens, convention):
+    """On the real model the lens' fp32 numbers equal a float64 computation of the same readouts
+    to 2e-5 (KL in nats, loss, entropy in bits). Scoring through fp32 log_softmax, as the lens
+    did before 2026-11-23, was off by 1.4e-4 (paper KL, embeddings) to 1.8e-3 (per-layer-norm KL
+    of 107.65 nats, embeddings)."""
+    from stages_of_inference.lens import iter_lens
+    from stages_of_inference.metrics import PROB_CLAMP
+
+    tokens = real_tokens[:2]
+    points = [0, 15, real_model.cfg.n_layers]
+    df = logit_lens(real_model, tokens, convention, points=points, progress=False).set_index("layer")
+    w = real_model.W_U.detach().double()
+    sums = {(p, key): 0.0 for p in points for key in ("entropy_bits", "kl_to_final_nats", "loss")}
+    n = 0
+    with torch.inference_mode():
+        for chunk in iter_lens(real_model, tokens, convention, progress=False):
+            ref = (chunk.readouts[-1].double() @ w).log_softmax(-1)
+            n += chunk.targets.shape[0]
+            for p in points:
+                lp = (chunk.readouts[p].double() @ w).log_softmax(-1)
+                probs = lp.exp()
+                sums[p, "entropy_bits"] += float(-(probs * torch.log2(probs.clamp_min(PROB_CLAMP))).sum())
+                sums[p, "kl_to_final_nats"] += float((ref.exp() * (ref - lp)).sum())
+                sums[p, "loss"] += float(-lp.gather(-1, chunk.targets[:, None]).sum())
+    for (p, key), total in sums.items():
+        assert df.loc[p, key] == pytest.approx(total / n, abs=2e-5), (p, key)

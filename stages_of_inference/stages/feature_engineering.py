@@ -24,12 +24,19 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities.activation_functions import softcap_enabled
 
 from stages_of_inference._utils import check_model, check_tokens, relative_depth
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.interventions.hooks import ResidualReadout, collect
 from stages_of_inference.lens import check_convention, iter_lens
-from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, distribution_metrics, mean_and_sem
+from stages_of_inference.metrics import (
+    DEFAULT_CHUNK_TOKENS,
+    LinearReference,
+    log_probs,
+    logit_metrics,
+    mean_and_sem,
+)
 from stages_of_inference.probes import fit_probe
 from stages_of_inference.results import provenance, with_provenance
 
@@ -44,7 +51,7 @@ __all__ = [
     "unbiased_hsic",
 ]
 
-# output column -> key of stages_of_inference.metrics.distribution_metrics
+# output column -> key of stages_of_inference.metrics.logit_metrics (= distribution_metrics)
 _LENS_METRICS = {
     "entropy_bits": "entropy_bits",
     "kl_to_final_nats": "kl_nats",
@@ -128,15 +135,35 @@ def logit_lens(
     with torch.inference_mode():
         sums = torch.zeros(len(pts), len(columns), n_seq, dtype=torch.float64)  # on the CPU (MPS has no float64)
         chunks = iter_lens(model, tokens, convention, batch_size=batch_size, chunk_tokens=chunk_tokens, progress=progress)
+        # Lens logits are linear in the readout (readout @ W_U) unless the model soft-caps its
+        # logits; then the KL needs only a float64 summary of the final readout's distribution
+        # per row (metrics.LinearReference), and logit_metrics reduces each readout's logits in a
+        # few passes, reusing the logits as its work buffer.
+        w_u = model.W_U.detach().float()
+        linear = not softcap_enabled(getattr(model.cfg, "output_logits_soft_cap", None))
+        scratch: Tensor | None = None
         for chunk in chunks:
-            ref = chunk.logprobs(final)
-            ref_top1 = ref.argmax(dim=-1)
+            n = chunk.targets.shape[0]
+            if scratch is None or scratch.shape[0] < n:
+                scratch = torch.empty((n, w_u.shape[1]), dtype=torch.float32, device=w_u.device)
+            final_logits = chunk.logits(final)
+            if linear:
+                ref: Tensor | LinearReference = LinearReference.from_logits(final_logits, w_u)
+                ref_top1 = ref.top1
+            else:
+                ref = log_probs(final_logits)
+                ref_top1 = ref.argmax(dim=-1)
             for i, k in enumerate(pts):
-                lp = ref if k == final else chunk.logprobs(k)
-                m = distribution_metrics(lp, chunk.targets, ref_logprobs=ref, ref_top1=ref_top1)
+                logits = final_logits if k == final else chunk.logits(k)
+                m = logit_metrics(logits, chunk.targets, ref, ref_top1, resid=chunk.readouts[k].float(),
+                                  overwrite=k != final, scratch=scratch)
+                if k == final:  # the final readout against itself, exactly
+                    m["kl_nats"] = torch.zeros_like(m["loss"])
+                    m["agree"] = torch.ones_like(m["correct"])
                 for j, col in enumerate(columns):
                     sums[i, j].index_add_(0, chunk.sequences.cpu(), m[_LENS_METRICS[col]].float().cpu().double())
-                del lp, m
+                del logits, m
+            del final_logits, ref
         per_seq = sums / (pos - 2)
 
     rows = []
