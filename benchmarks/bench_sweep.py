@@ -11,8 +11,10 @@ Times, in one run and on the same tokens,
     swaps by exchanging the two blocks' weights in the state dict and rebuilding the model;
 
 checks that the three agree (KL, loss, accuracy), and prints the speed-up ratios, the achieved
-GFLOP/s of each against a measured fp32 matmul rate (the best of measurements taken before and
-after the timed runs), and the peak memory of the sweep against one forward pass with its metrics
+GFLOP/s of each against a measured fp32 matmul rate (the best single product, measured before
+and after the timed runs: the machine's peak) and the sweep's also against the rate sustained over
+5 s just before and just after it (what a run gets on a machine whose speed drifts), and the peak
+memory of the sweep against one forward pass with its metrics
 (resident-set high-water mark, ``/proc/self/status`` ``VmHWM``, reset through
 ``/proc/self/clear_refs`` before each measurement, after ``malloc_trim``).
 
@@ -90,6 +92,20 @@ def matmul_gflops() -> float:
                 a @ b
                 best = max(best, 2 * m * k * n / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def sustained_matmul_gflops(seconds: float = 5.0) -> float:
+    """fp32 matmul rate sustained over ``seconds``: 2048^3 products back to back, total FLOPs over
+    total time. The best single product (:func:`matmul_gflops`) is the machine's peak; on a
+    shared machine whose speed drifts, this rate is what a run of that length actually gets."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    with torch.inference_mode():
+        a @ b
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            n += 1
+        return 2 * 2048**3 * n / (time.perf_counter() - start) / 1e9
 
 
 def forward_flops(model: HookedTransformer, tokens: torch.Tensor) -> tuple[float, float]:
@@ -184,12 +200,14 @@ def run(model: HookedTransformer, tokens: torch.Tensor, args: argparse.Namespace
             del logits
 
     times: dict[str, float] = {}
+    sustained_before = sustained_matmul_gflops()
     with PeakRSS() as mem:
         t = time.perf_counter()
         sweep = soi.robustness_sweep(model, tokens, progress=False, batch_size=args.batch_size,
                                      chunk_tokens=args.chunk_tokens)
         times["sweep"] = time.perf_counter() - t
     print(f"(a) sweep:   {times['sweep']:8.1f} s", flush=True)
+    sustained = max(sustained_before, sustained_matmul_gflops())
     t = time.perf_counter()
     slow = soi.robustness_sweep(model, tokens, progress=False, batch_size=args.batch_size,
                                 chunk_tokens=args.chunk_tokens, fast_path=False)
@@ -233,6 +251,9 @@ def run(model: HookedTransformer, tokens: torch.Tensor, args: argparse.Namespace
         rate = flops[name] / seconds / 1e9
         print(f"  {name:8s} {flops[name] / 1e9:8.0f} GFLOP in {seconds:7.1f} s = {rate:6.1f} GFLOP/s "
               f"({100 * rate / peak_rate:4.0f} % of the matmul rate)")
+    sweep_rate = flops["sweep"] / times["sweep"] / 1e9
+    print(f"  sweep against the matmul rate sustained over 5 s just before and just after it "
+          f"(the better of the two, {sustained:.1f} GFLOP/s): {100 * sweep_rate / sustained:.0f} %")
     print(f"memory (peak RSS above the start, model resident): one forward + metrics {one.increment / 2**20:.0f} MiB; "
           f"{n_plans}-plan sweep {mem.increment / 2**20:.0f} MiB = {mem.increment / one.increment:.2f}x; "
           f"process peak {one.peak / 2**20:.0f} vs {mem.peak / 2**20:.0f} MiB")
