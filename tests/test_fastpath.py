@@ -92,6 +92,18 @@ def test_blockers(tiny_models: dict[str, HookedTransformer]) -> None:
     assert "rotary" in fast_path_blocker(rotary, rotary.blocks[0], rotary.blocks[0].attn.rotary_cos.shape[0] + 1)
 
 
+def test_fast_block_refuses_what_it_does_not_reproduce(tiny_models: dict[str, HookedTransformer]) -> None:
+    model = tiny_models["gpt2"]
+    x = _residual(model, torch.zeros(1, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="d_model=32"):
+        fast_block(model, model.blocks[0], x[..., :31])
+    cfg = tiny_config("gpt2").to_dict()
+    cfg.update(attn_scores_soft_cap=30.0)
+    capped = HookedTransformer(HookedTransformerConfig(**cfg))
+    with pytest.raises(ValueError, match="soft-capped"):
+        fast_block(capped, capped.blocks[0], x)
+
+
 def _plans(n: int) -> list[soi.LayerPlan]:
     return ([soi.LayerPlan.drop(n, i) for i in range(n)] + [soi.LayerPlan.swap(n, i) for i in range(n - 1)]
             + [soi.LayerPlan.repeat(n, [1]), soi.LayerPlan.permute(n, list(reversed(range(n))))])
@@ -103,9 +115,9 @@ def test_sweep_uses_the_fast_path_and_agrees(family: str, tiny_tokens: torch.Ten
     plans = _plans(model.cfg.n_layers)
     calls = []
 
-    def counting(*args: object) -> torch.Tensor:
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
         calls.append(1)
-        return fast_block(*args)  # the original
+        return fast_block(*args, **kwargs)  # the original
 
     monkeypatch.setattr(fastpath, "fast_block", counting)
     fast = evaluate_plans(model, tiny_tokens, plans, progress=False, batch_size=2)
@@ -135,9 +147,9 @@ def test_a_hooked_block_runs_as_itself(tiny_tokens: torch.Tensor, monkeypatch: p
     try:
         calls = []
 
-        def counting(*args: object) -> torch.Tensor:
+        def counting(*args: object, **kwargs: object) -> torch.Tensor:
             calls.append(args[1])
-            return fast_block(*args)
+            return fast_block(*args, **kwargs)
 
         monkeypatch.setattr(fastpath, "fast_block", counting)
         hooked = evaluate_plans(model, tiny_tokens, plans, progress=False)
@@ -152,7 +164,7 @@ def test_a_hooked_block_runs_as_itself(tiny_tokens: torch.Tensor, monkeypatch: p
 def test_caller_hooks_turn_the_fast_path_off(tiny_tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     model = make_tiny_model("gpt2")
     calls = []
-    monkeypatch.setattr(fastpath, "fast_block", lambda *a: calls.append(1) or fast_block(*a))
+    monkeypatch.setattr(fastpath, "fast_block", lambda *a, **k: calls.append(1) or fast_block(*a, **k))
     hooks = [("blocks.0.hook_resid_pre", lambda x, hook: x)]
     evaluate_plans(model, tiny_tokens, _plans(model.cfg.n_layers), progress=False, fwd_hooks=hooks)
     assert not calls

@@ -58,7 +58,7 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
-def model_blocker(model: HookedTransformer) -> str | None:
+def _model_blocker(model: HookedTransformer) -> str | None:
     """Why no block of ``model`` can take the fast path (``None`` if its configuration allows it).
 
     The block-level conditions (its classes, its hooks) are checked by :func:`fast_path_blocker`.
@@ -84,7 +84,7 @@ def model_blocker(model: HookedTransformer) -> str | None:
 
 def fast_path_blocker(model: HookedTransformer, block: nn.Module, seq_len: int) -> str | None:
     """Why ``block`` cannot take the fast path for sequences of ``seq_len`` tokens, or ``None``."""
-    reason = model_blocker(model)
+    reason = _model_blocker(model)
     if reason is not None:
         return reason
     if type(block) is not TransformerBlock:
@@ -187,13 +187,15 @@ def _mlp(mlp: nn.Module, h: Float[Tensor, "batch pos d_model"]) -> Tensor:
 
 def fast_block(
     model: HookedTransformer, block: nn.Module, resid_pre: Float[Tensor, "batch pos d_model"],
-    qkv_weights: tuple[Tensor, Tensor, int] | None = None,
-) -> Tensor:
+    qkv_weights: tuple[Tensor, Tensor, int] | None = None, check: bool = True,
+) -> Float[Tensor, "batch pos d_model"]:
     """``block(resid_pre)`` (no padding mask, no shortformer positions) by the fast path.
 
-    The caller checks :func:`fast_path_blocker` first; this function assumes it returned ``None``.
-    ``qkv_weights`` is the block's fused query/key/value matrix, if the caller keeps it
-    (:class:`FastBlocks` does); otherwise it is made for this call.
+    With ``check=True`` it first asks :func:`fast_path_blocker` and refuses, with its reason, a
+    block the fast path does not reproduce (or that carries a hook); :class:`FastBlocks`, which
+    has asked once per batch, passes ``check=False``. ``qkv_weights`` is the block's fused
+    query/key/value matrix, if the caller keeps it (:class:`FastBlocks` does); otherwise it is
+    made for this call.
 
     Example:
         >>> import torch
@@ -208,7 +210,19 @@ def fast_block(
         >>> _ = m.blocks[0].hook_mlp_out.add_hook(lambda act, hook: act)
         >>> fast_path_blocker(m, m.blocks[0], seq_len=6)
         'a hook is attached to the block'
+        >>> fast_block(m, m.blocks[0], x)
+        Traceback (most recent call last):
+        ...
+        ValueError: this block cannot take the fast path: a hook is attached to the block; run the block itself
     """
+    if check:
+        if resid_pre.ndim != 3 or resid_pre.shape[-1] != model.cfg.d_model:
+            raise ValueError(
+                f"resid_pre must be [batch, pos, d_model={model.cfg.d_model}], got shape {tuple(resid_pre.shape)}"
+            )
+        reason = fast_path_blocker(model, block, resid_pre.shape[1])
+        if reason is not None:
+            raise ValueError(f"this block cannot take the fast path: {reason}; run the block itself")
     cfg = model.cfg
     if qkv_weights is None:
         qkv_weights = _qkv_weights(block.attn)
@@ -243,4 +257,4 @@ class FastBlocks:
         weights = self._qkv.get(layer)
         if weights is None:
             weights = self._qkv[layer] = _qkv_weights(self.blocks[layer].attn)
-        return fast_block(self.model, self.blocks[layer], resid_pre, weights)
+        return fast_block(self.model, self.blocks[layer], resid_pre, weights, check=False)
