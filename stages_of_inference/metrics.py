@@ -207,7 +207,7 @@ class LinearReference:
         for rows in groups:
             lp = logits[rows].double().log_softmax(dim=-1)
             p = lp.exp()
-            lse[rows] = logits[rows, :1].double().squeeze(-1) - lp[:, 0]
+            lse[rows] = logits[rows, :1].double().squeeze(-1) - lp[:, 0]  # logsumexp = l_0 - lp_0
             neg_entropy[rows] = (p * lp).sum(dim=-1)
             if b_U is not None:
                 c[rows] = p @ b_U.double()
