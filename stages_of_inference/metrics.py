@@ -30,6 +30,10 @@ PROB_CLAMP = 1e-9
 _LOG_PROB_CLAMP = math.log(PROB_CLAMP)
 _LN2 = math.log(2.0)
 
+ROWS_AT_ONCE = 32
+"""Rows :func:`logit_metrics` exponentiates and reduces at a time (a ``32 x d_vocab`` fp32 work
+buffer: 6 MB for a 49k vocabulary, small enough to stay in a CPU's cache between passes)."""
+
 DEFAULT_CHUNK_TOKENS = 512
 """Token positions reduced at once: one chunk holds ``DEFAULT_CHUNK_TOKENS x d_vocab`` fp32 numbers."""
 
@@ -238,6 +242,7 @@ def logit_metrics(
     resid: Float[Tensor, "n d_model"] | None = None,
     overwrite: bool = False,
     scratch: Float[Tensor, "m d_vocab"] | None = None,
+    row_max: tuple[Float[Tensor, " n"], Int[Tensor, " n"]] | None = None,
 ) -> dict[str, Tensor]:
     """:func:`distribution_metrics` of ``log_probs(logits)``, straight from the logits, in a few passes.
 
@@ -249,9 +254,12 @@ def logit_metrics(
     the KL then costs a ``d_model`` dot product per row. ``agree`` compares with ``ref_top1``, else
     with the reference's own top-1.
 
-    With ``overwrite=True`` the fp32 ``logits`` are used as a work buffer (their content is lost);
-    ``scratch``, if given, is a second buffer of at least ``n`` rows that is overwritten. Both
-    avoid allocating ``n x d_vocab`` numbers per call.
+    With ``overwrite=True`` the fp32 ``logits`` are used as a work buffer (their content is lost)
+    instead of a copy. The exponentials are computed a group of rows at a time into a work buffer:
+    ``scratch`` if given (any number of rows, overwritten; the group size is its row count), else
+    one of :data:`ROWS_AT_ONCE` rows made for the call. ``row_max``, if the caller has it, is the
+    value and index of each row's largest logit (the first one on ties, as ``Tensor.max(dim)``
+    gives), which then is not searched for again.
 
     Example:
         >>> import torch
@@ -270,30 +278,43 @@ def logit_metrics(
         z = logits
     else:
         z = logits.clone()
-    top, top1 = z.max(dim=-1)
-    # the logit of the true next token, and (for an exact reference) the log-probabilities, are
-    # read before z is modified
+    top, top1 = z.max(dim=-1) if row_max is None else row_max
+    # the logit of the true next token is read before z is modified
     target_logit = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    z.sub_(top.unsqueeze(-1))  # z = logits - max <= 0
-    e = torch.exp(z) if scratch is None else torch.exp(z, out=scratch[:n])
-    s = e.sum(dim=-1)  # >= 1
+    exact_ref = ref is not None and not isinstance(ref, LinearReference)
+    if isinstance(ref, LinearReference) and resid is None:
+        raise ValueError("a LinearReference needs resid, the unembedding input the logits were made from")
+    # The passes over the vocabulary go a group of rows at a time, so that the exponentials (and
+    # the group's logits) stay in cache between passes.
+    if scratch is not None and scratch.shape[0] < 1:
+        raise ValueError("scratch must have at least one row")
+    group = max(1, min(n, ROWS_AT_ONCE)) if scratch is None else scratch.shape[0]
+    if scratch is None:
+        scratch = z.new_empty((group, z.shape[1]))
+    s = z.new_empty(n)
+    ez = z.new_empty(n)
+    kl = z.new_empty(n) if exact_ref else None
+    for start in range(0, n, group):
+        rows = slice(start, min(start + group, n))
+        zr = z[rows]
+        zr.sub_(top[rows].unsqueeze(-1))  # logits - max <= 0
+        e = torch.exp(zr, out=scratch[: rows.stop - rows.start])
+        torch.sum(e, dim=-1, out=s[rows])  # >= 1
+        log_s = s[rows].log().unsqueeze(-1)
+        if kl is not None:
+            kl[rows] = kl_nats(ref[rows], zr - log_s)
+        # entropy: -sum p * max(lp, ln PROB_CLAMP), p = e / s, lp = z - log s, so
+        # -(1/ln 2) * [sum e * max(z, ln PROB_CLAMP + log s) / s - log s]
+        zr.clamp_min_(log_s + _LOG_PROB_CLAMP)
+        torch.sum(e.mul_(zr), dim=-1, out=ez[rows])
     log_s = s.log()
     lse = top.double() + log_s.double()
-    kl = None
     if isinstance(ref, LinearReference):
-        if resid is None:
-            raise ValueError("a LinearReference needs resid, the unembedding input the logits were made from")
         kl = ref.kl_nats(resid, lse).float()
         if ref_top1 is None:
             ref_top1 = ref.top1
-    elif ref is not None:
-        kl = kl_nats(ref, z - log_s.unsqueeze(-1))
-        if ref_top1 is None:
-            ref_top1 = ref.argmax(dim=-1)
-    # entropy: -sum p * max(lp, ln PROB_CLAMP), p = e / s, lp = z - log s, so
-    # -(1/ln 2) * [sum e * max(z, ln PROB_CLAMP + log s) / s - log s]
-    z.clamp_min_((log_s + _LOG_PROB_CLAMP).unsqueeze(-1))
-    ez = e.mul_(z).sum(dim=-1)
+    elif ref is not None and ref_top1 is None:
+        ref_top1 = ref.argmax(dim=-1)
     out: dict[str, Tensor] = {
         "loss": (lse - target_logit.double()).float(),
         "entropy_bits": ((log_s.double() - ez.double() / s.double()) / _LN2).float(),

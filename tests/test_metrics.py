@@ -60,6 +60,14 @@ def test_logit_metrics_equal_distribution_metrics(scale: float, peak: float, ove
     ref_top1 = ref_logits.max(dim=-1).indices
     old = distribution_metrics(log_probs(logits), targets, ref_top1=ref_top1)
     _assert_same(logit_metrics(logits.clone(), targets, ref_top1=ref_top1, overwrite=True, scratch=scratch), old)
+    # five rows at a time (37 = 7 x 5 + 2), the row maxima given by the caller
+    old = distribution_metrics(log_probs(logits), targets, ref_logprobs=log_probs(ref_logits))
+    top = logits.max(dim=-1)
+    new = logit_metrics(logits.clone(), targets, ref=log_probs(ref_logits), overwrite=True,
+                        scratch=torch.empty(5, d_vocab), row_max=(top.values, top.indices))
+    _assert_same(new, old)
+    with pytest.raises(ValueError, match="at least one row"):
+        logit_metrics(logits.clone(), targets, scratch=torch.empty(0, d_vocab))
 
 
 def test_logit_metrics_clamp_matters() -> None:

@@ -32,6 +32,7 @@ from stages_of_inference.interventions.hooks import ResidualReadout, collect
 from stages_of_inference.lens import check_convention, iter_lens
 from stages_of_inference.metrics import (
     DEFAULT_CHUNK_TOKENS,
+    ROWS_AT_ONCE,
     LinearReference,
     log_probs,
     logit_metrics,
@@ -141,11 +142,8 @@ def logit_lens(
         # few passes, reusing the logits as its work buffer.
         w_u = model.W_U.detach().float()
         linear = not softcap_enabled(getattr(model.cfg, "output_logits_soft_cap", None))
-        scratch: Tensor | None = None
+        scratch = torch.empty((ROWS_AT_ONCE, w_u.shape[1]), dtype=torch.float32, device=w_u.device)
         for chunk in chunks:
-            n = chunk.targets.shape[0]
-            if scratch is None or scratch.shape[0] < n:
-                scratch = torch.empty((n, w_u.shape[1]), dtype=torch.float32, device=w_u.device)
             final_logits = chunk.logits(final)
             if linear:
                 ref: Tensor | LinearReference = LinearReference.from_logits(final_logits, w_u)
