@@ -25,7 +25,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from stages_of_inference._utils import atomic_path, atomic_write_json, check_model, check_tokens, relative_depth
-from stages_of_inference.interventions.executor import BatchResult, aggregate, iter_plan_batches
+from stages_of_inference.interventions.executor import BatchResult, aggregate, iter_plan_batches, resolve_stack_tokens
 from stages_of_inference.interventions.plan import LayerPlan
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS
 from stages_of_inference.results import Result, config_hash, provenance
@@ -185,6 +185,7 @@ def robustness_sweep(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     out_dir: str | Path | None = None,
     fast_path: bool = True,
+    stack_tokens: int | None = None,
 ) -> SweepResult:
     """Delete each block, and swap each adjacent pair, and measure the damage (PAPER.md).
 
@@ -209,6 +210,9 @@ def robustness_sweep(
         fast_path: run blocks without TransformerLens' per-call weight copies where no hook can
             observe it (:func:`~stages_of_inference.interventions.executor.evaluate_plans`);
             ``False`` runs every block module as it is.
+        stack_tokens: token positions per stacked block call of the fast path (``None``: the
+            default for the model's device; see
+            :func:`~stages_of_inference.interventions.executor.evaluate_plans`).
 
     Returns:
         A :class:`SweepResult`; ``summary`` has :data:`SUMMARY_COLUMNS`, with ``layer`` the block
@@ -230,11 +234,13 @@ def robustness_sweep(
         raise ValueError(f"batch_size must be a positive number of sequences, got {batch_size}")
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive number of token positions, got {chunk_tokens}")
+    stack_tokens = resolve_stack_tokens(model, stack_tokens)
     n_layers = model.cfg.n_layers
     plans, meta = _plans(n_layers, kinds)
     orders = [p.order for p in plans]  # all distinct: plan_id == position in this list
     settings = {"kinds": list(kinds), "per_token": bool(per_token), "batch_size": int(batch_size),
-                "chunk_tokens": int(chunk_tokens), "fast_path": bool(fast_path)}
+                "chunk_tokens": int(chunk_tokens), "fast_path": bool(fast_path),
+                "stack_tokens": stack_tokens}
 
     out = None if out_dir is None else Path(out_dir)
     done: dict[int, BatchResult] = {}
@@ -262,7 +268,7 @@ def robustness_sweep(
     batches = dict(done)
     for batch in iter_plan_batches(
         model, tokens, plans, batch_size=batch_size, chunk_tokens=chunk_tokens, per_token=per_token,
-        progress=progress, skip=frozenset(done), fast_path=fast_path,
+        progress=progress, skip=frozenset(done), fast_path=fast_path, stack_tokens=stack_tokens,
     ):
         if ckpt is not None:
             _save_batch(ckpt, batch)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import FAMILIES, make_tiny_model, tiny_config
@@ -113,21 +115,37 @@ def _plans(n: int) -> list[soi.LayerPlan]:
 def test_sweep_uses_the_fast_path_and_agrees(family: str, tiny_tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     model = make_tiny_model(family)
     plans = _plans(model.cfg.n_layers)
-    calls = []
+    calls: list[int] = []  # the number of sequences of each fast block call
 
     def counting(*args: object, **kwargs: object) -> torch.Tensor:
-        calls.append(1)
+        calls.append(args[2].shape[0])
         return fast_block(*args, **kwargs)  # the original
 
     monkeypatch.setattr(fastpath, "fast_block", counting)
-    fast = evaluate_plans(model, tiny_tokens, plans, progress=False, batch_size=2)
-    n_batches = -(-tiny_tokens.shape[0] // 2)
+    n_seq = tiny_tokens.shape[0]
+    n_batches = -(-n_seq // 2)
+    # one plan at a time: a stack of 47 token positions holds no two batches of 2 x 24 (nor of
+    # 1 x 24, the last one)
+    single = evaluate_plans(model, tiny_tokens, plans, progress=False, batch_size=2, stack_tokens=47)
     assert len(calls) == block_count(plans) * n_batches  # every block of every batch, trunk included
+    assert max(calls) == 2
+    calls.clear()
+    # plans stacked (the default): every block still runs once per sequence, in fewer calls
+    fast = evaluate_plans(model, tiny_tokens, plans, progress=False, batch_size=2)
+    assert sum(calls) == block_count(plans) * n_seq
+    assert len(calls) < block_count(plans) * n_batches and max(calls) > 2
+    calls.clear()
+    # two plans per stack (96 = 2 x 48 positions), windows of four plan ends: the residuals a
+    # later window shares are carried over, none is computed twice
+    pairs = evaluate_plans(model, tiny_tokens, plans, progress=False, batch_size=2, stack_tokens=96)
+    assert sum(calls) == block_count(plans) * n_seq
+    assert max(calls) == 4
     calls.clear()
     slow = evaluate_plans(model, tiny_tokens, plans, progress=False, batch_size=2, fast_path=False)
     assert not calls
-    diff = (fast[METRICS] - slow[METRICS]).abs().to_numpy().max()
-    assert diff < 1e-5, diff
+    for other in (single, pairs, slow):
+        diff = (fast[METRICS] - other[METRICS]).abs().to_numpy().max()
+        assert diff < 1e-5, diff
     assert (fast["kl_nats"] > 1e-3).sum() >= model.cfg.n_layers  # the plans do change the output
 
 
@@ -183,3 +201,64 @@ def test_unembedding_by_vocabulary_blocks(tiny_tokens: torch.Tensor, monkeypatch
         logits = model(tiny_tokens)
     original = soi.metrics.sequence_metrics(logits, tiny_tokens)
     assert abs(blocked.attrs["reference"]["loss"] - float(original["loss"].double().mean())) < 1e-6
+
+
+@pytest.mark.parametrize("stack_tokens", [96, 1024])
+def test_stacked_plans_give_the_per_token_numbers_of_single_plans(stack_tokens: int, tiny_tokens: torch.Tensor) -> None:
+    """Stacking plans (and reducing their logits together, in chunks that straddle plans) gives
+    every plan's own per-token numbers, those of the fast path one plan at a time (47 positions
+    hold a single batch: no stacking)."""
+    model = make_tiny_model("llama")
+    plans = _plans(model.cfg.n_layers)
+    kwargs = dict(progress=False, batch_size=2, chunk_tokens=7, per_token=True)
+    _, alone = evaluate_plans(model, tiny_tokens, plans, stack_tokens=47, **kwargs)
+    _, stacked = evaluate_plans(model, tiny_tokens, plans, stack_tokens=stack_tokens, **kwargs)
+    keys = ["plan", "sequence", "position"]
+    alone, stacked = alone.sort_values(keys, ignore_index=True), stacked.sort_values(keys, ignore_index=True)
+    assert len(alone) == len(stacked) == len(plans) * tiny_tokens.shape[0] * (tiny_tokens.shape[1] - 2)
+    assert (alone[keys + ["token", "top1", "top1_original"]] == stacked[keys + ["token", "top1", "top1_original"]]).all().all()
+    for column in ("kl_nats", "loss", "entropy_bits", "confidence"):
+        assert ((alone[column] - stacked[column]).abs() / (1 + alone[column].abs())).max() < 1e-6, column
+
+
+def test_stack_tokens_is_checked(tiny_tokens: torch.Tensor) -> None:
+    model = make_tiny_model("gpt2")
+    for bad in (0, -5, True):  # (a float or a string is refused too; under the tests' type checks, earlier)
+        with pytest.raises(ValueError, match="stack_tokens must be a positive number of token positions"):
+            evaluate_plans(model, tiny_tokens, _plans(model.cfg.n_layers), progress=False, stack_tokens=bad)
+        with pytest.raises(ValueError, match="stack_tokens"):
+            soi.robustness_sweep(model, tiny_tokens, progress=False, stack_tokens=bad)
+    assert executor.resolve_stack_tokens(model, None) == executor.STACK_TOKENS_CPU
+
+
+def test_row_max_from_block_maxima(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The largest logit and its first index, found from the per-block maxima, equal
+    Tensor.max(dim): ties within a block and across blocks, the maximum in the short last block."""
+    monkeypatch.setattr(executor, "UNEMBED_BLOCK", 16)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 101, generator=gen)
+    logits[1, 99] = 9.0  # in the last block (96..100)
+    logits[2, [20, 70]] = 9.0  # a tie across blocks: the first wins
+    logits[3, [33, 35]] = 9.0  # a tie within a block
+    logits[4] = 1.0  # every logit equal
+    logits[5, [15, 16]] = 9.0  # the tie straddles a block boundary
+    block_max = torch.stack([logits[:, v0 : v0 + 16].amax(dim=1) for v0 in range(0, 101, 16)])
+    top, top1 = executor._row_max(logits, block_max)
+    want = logits.max(dim=-1)
+    assert torch.equal(top, want.values) and torch.equal(top1, want.indices)
+    assert top1.tolist()[1:] == [99, 20, 33, 0, 15]
+
+
+def test_a_hook_on_the_unembedding_is_respected(tiny_tokens: torch.Tensor) -> None:
+    """A PyTorch hook attached to ``model.unembed`` runs in the sweep: here it flattens every
+    distribution, so the loss is log(d_vocab) and no plan differs from the reference."""
+    model = make_tiny_model("llama")
+    plans = _plans(model.cfg.n_layers)
+    handle = model.unembed.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+    try:
+        df = evaluate_plans(model, tiny_tokens, plans, progress=False)
+    finally:
+        handle.remove()
+    assert abs(df.attrs["reference"]["loss"] - math.log(model.cfg.d_vocab)) < 1e-5
+    assert df["kl_nats"].abs().max() < 1e-6
+    assert (evaluate_plans(model, tiny_tokens, plans, progress=False)["kl_nats"] > 1e-3).any()

@@ -36,9 +36,9 @@ from transformer_lens.utilities import apply_softcap, get_device_for_block_index
 
 from stages_of_inference._utils import check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
-from stages_of_inference.interventions.fastpath import FastBlocks
+from stages_of_inference.interventions.fastpath import FastBlocks, _has_hooks
 from stages_of_inference.interventions.plan import LayerPlan
-from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, LinearReference, log_probs, logit_metrics
+from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, ROWS_AT_ONCE, LinearReference, log_probs, logit_metrics
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 """The ``return_type`` values :func:`run_plan` accepts (as ``HookedTransformer.forward``)."""
@@ -47,6 +47,14 @@ FwdHooks = Sequence[tuple[Any, Callable[..., Any]]]
 
 UNEMBED_BLOCK = 1024
 """Vocabulary columns the sweep unembeds at a time (see ``_run_batch``)."""
+
+STACK_TOKENS_CPU = 1024
+"""Default ``stack_tokens`` of the sweep on a CPU: the largest block call before the products
+stop getting faster on the 2-core machine the library is developed on (docs/benchmarks.md)."""
+
+STACK_TOKENS_ACCELERATOR = 8192
+"""Default ``stack_tokens`` of the sweep on a GPU or other accelerator, where larger products keep
+getting faster."""
 
 # per-token metrics summed per plan; "correct" and "agree" are booleans
 _SUM_KEYS = ("kl_nats", "loss", "correct", "agree", "entropy_bits", "confidence")
@@ -109,6 +117,18 @@ def _fast_blocks(model: HookedTransformer, emb: _Embedded, hooked: bool, enabled
     if not enabled or hooked or emb.attention_mask is not None or emb.shortformer_pos_embed is not None:
         return None
     return FastBlocks(model, _blocks(model), emb.residual.shape[1])
+
+
+def _row_max(logits: Float[Tensor, "n d_vocab"], block_max: Float[Tensor, "n_blocks n"]) -> tuple[Tensor, Tensor]:
+    """The largest logit of each row and its index (the first, on ties, as ``Tensor.max(dim)``),
+    from ``block_max``, the largest of each row in each block of ``UNEMBED_BLOCK`` columns: the
+    first block holding the row's maximum is searched, not the whole row."""
+    top, block = block_max.max(dim=0)  # the first block with the maximum
+    width = min(UNEMBED_BLOCK, logits.shape[1])
+    start = block * UNEMBED_BLOCK
+    cols = (start.unsqueeze(1) + torch.arange(width, device=logits.device)).clamp_(max=logits.shape[1] - 1)
+    # past the vocabulary's end, the last column repeats: it cannot come before its first copy
+    return top, start + logits.gather(1, cols).argmax(dim=1)
 
 
 def _final_norm(model: HookedTransformer, residual: Tensor) -> Tensor:
@@ -384,6 +404,25 @@ def _unique_orders(model: HookedTransformer, plans: Sequence[LayerPlan]) -> tupl
     return orders, pids
 
 
+def resolve_stack_tokens(model: HookedTransformer, stack_tokens: int | None) -> int:
+    """``stack_tokens`` as the sweep uses it: checked, or the default for the model's device
+    (:data:`STACK_TOKENS_CPU` on a CPU, :data:`STACK_TOKENS_ACCELERATOR` elsewhere).
+
+    Example:
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=8, d_head=4, d_vocab=5, act_fn="relu", device="cpu"))
+        >>> resolve_stack_tokens(m, None), resolve_stack_tokens(m, 256)
+        (1024, 256)
+    """
+    if stack_tokens is None:
+        return STACK_TOKENS_CPU if torch.device(model.cfg.device).type == "cpu" else STACK_TOKENS_ACCELERATOR
+    if isinstance(stack_tokens, bool) or not isinstance(stack_tokens, int) or stack_tokens < 1:
+        raise ValueError(
+            f"stack_tokens must be a positive number of token positions (or None for the default), got {stack_tokens!r}"
+        )
+    return stack_tokens
+
+
 def iter_plan_batches(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
@@ -396,12 +435,13 @@ def iter_plan_batches(
     fwd_hooks: FwdHooks = (),
     skip: frozenset[int] = frozenset(),
     fast_path: bool = True,
+    stack_tokens: int | None = None,
 ) -> Iterator[BatchResult]:
     """The sweep one batch of sequences at a time (what :func:`evaluate_plans` aggregates).
 
     Plan ids in the results index the distinct orders of ``plans`` in first-seen order. Batches
     whose index is in ``skip`` are not computed (used to resume from a checkpoint). ``fast_path``
-    as in :func:`evaluate_plans`.
+    and ``stack_tokens`` as in :func:`evaluate_plans`.
 
     Example:
         >>> import torch
@@ -419,6 +459,7 @@ def iter_plan_batches(
         raise ValueError(f"batch_size must be a positive number of sequences, got {batch_size}")
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive number of token positions, got {chunk_tokens}")
+    stack_tokens = resolve_stack_tokens(model, stack_tokens)
     starts = list(range(0, tokens.shape[0], batch_size))
     todo = [(k, s) for k, s in enumerate(starts) if k not in skip]
     trie = _build_trie(orders)
@@ -429,12 +470,41 @@ def iter_plan_batches(
             with torch.inference_mode(), model.hooks(fwd_hooks=list(fwd_hooks)):
                 try:
                     result = _run_batch(model, batch, start, trie, len(orders), chunk_tokens, per_token,
-                                        bool(fwd_hooks), ticker, fast_path)
+                                        bool(fwd_hooks), ticker, fast_path, stack_tokens)
                 finally:
                     _set_step(model, None)
             yield BatchResult(k, *result)
     finally:
         ticker.close()
+
+
+def _trie_walk(trie: _Node, n_layers: int) -> tuple[dict[int, tuple[_Node | None, int, int]], list[_Node], dict[int, int]]:
+    """The trie in depth-first (pre-)order: for every node its ``(parent, depth, layer)``, the nodes
+    where plans end in that order, and the depth of every node on the trunk (the unmodified
+    order ``0, 1, ..., n_layers - 1``)."""
+    info: dict[int, tuple[_Node | None, int, int]] = {}
+    ends: list[_Node] = []
+    stack: list[tuple[_Node, _Node | None, int, int]] = [(trie, None, 0, -1)]
+    while stack:
+        node, parent, depth, layer = stack.pop()
+        info[id(node)] = (parent, depth, layer)
+        if node.ends:
+            ends.append(node)
+        stack.extend((child, node, depth + 1, c) for c, child in reversed(list(node.children.items())))
+    trunk = {id(trie): 0}
+    node = trie
+    for depth in range(n_layers):
+        child = node.children.get(depth)
+        if child is None:
+            break
+        trunk[id(child)] = depth + 1
+        node = child
+    return info, ends, trunk
+
+
+def _own(x: Tensor) -> Tensor:
+    """``x``, or a copy of it if it is a view into a larger tensor (which it would keep alive)."""
+    return x.clone() if x.untyped_storage().nbytes() > x.numel() * x.element_size() else x
 
 
 def _run_batch(
@@ -448,6 +518,7 @@ def _run_batch(
     hooked: bool,
     ticker: _Ticker,
     fast_path: bool = True,
+    stack_tokens: int = 1,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     n_layers = model.cfg.n_layers
     n_seq, seq_len = batch.shape
@@ -456,35 +527,48 @@ def _run_batch(
     softcap = model.cfg.output_logits_soft_cap
     unembed = model.unembed
     d_vocab = unembed.W_U.shape[1]
+    # The unembedding's own module runs (and its hook points fire) when a hook could see it: the
+    # caller's hooks, or a hook attached to the module itself.
+    via_module = hooked or _has_hooks(unembed)
     # The unembedding as TransformerLens computes it (F.linear with W_U transposed and contiguous),
     # the transpose made once per batch rather than once per chunk.
     w_t = unembed.W_U.T.contiguous()
-    # Logits linear in the final residual (no soft-cap, no user hook that could edit them, fp32 or
+    # Logits linear in the final residual (no soft-cap, no hook that could edit them, fp32 or
     # wider): the KL against the reference then needs only a summary of it per row
     # (metrics.LinearReference), not its n_rows x d_vocab log-probabilities.
-    linear = not hooked and not (softcap > 0) and unembed.W_U.dtype in (torch.float32, torch.float64)
+    linear = not via_module and not (softcap > 0) and unembed.W_U.dtype in (torch.float32, torch.float64)
+    blocked = not via_module and unembed.W_U.dtype == torch.float32
+    n_vblocks = -(-d_vocab // UNEMBED_BLOCK)
     scratch: Tensor | None = None
     logits_buf: Tensor | None = None
     block_buf: Tensor | None = None
 
-    def logits_of(x: Tensor, rows: slice) -> Tensor:
-        if hooked:  # keep the unembedding's hook points firing, as the model's forward would
-            out = unembed(x[rows].unsqueeze(0)).squeeze(0)
-        elif logits_buf is not None and block_buf is not None:
-            # What F.linear computes, UNEMBED_BLOCK vocabulary columns at a time: each block's
-            # product lands in a small buffer that stays in cache and is then copied into the
-            # logits buffer (12-16 % faster on CPU than one matmul writing all the logits).
-            n = rows.stop - rows.start
-            xr = x[rows]
-            out = logits_buf[:n]
-            for v0 in range(0, d_vocab, UNEMBED_BLOCK):
-                v1 = min(v0 + UNEMBED_BLOCK, d_vocab)
-                part = block_buf[: n * (v1 - v0)].view(n, v1 - v0)
-                torch.addmm(unembed.b_U[v0:v1], xr, w_t[v0:v1].t(), out=part)
-                out[:, v0:v1] = part
-        else:
-            out = F.linear(x[rows], w_t, unembed.b_U)
-        return apply_softcap(out, softcap)
+    def logits_of(x: Tensor, rows: slice) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """The logits of ``x[rows]`` and, when the blocked unembedding made them, the value and
+        (first) index of each row's largest logit."""
+        if via_module:  # keep the unembedding's hook points firing, as the model's forward would
+            return apply_softcap(unembed(x[rows].unsqueeze(0)).squeeze(0), softcap), None
+        if logits_buf is None or block_buf is None:
+            return apply_softcap(F.linear(x[rows], w_t, unembed.b_U), softcap), None
+        # What F.linear computes, UNEMBED_BLOCK vocabulary columns at a time: each block's product
+        # lands in a small buffer that stays in cache and is then copied into the logits buffer
+        # (12-16 % faster on CPU than one matmul writing all the logits). The largest logit of
+        # each row in each block is taken while the block is in cache: the row's largest logit and
+        # its index then cost a pass over one block instead of over the whole vocabulary
+        # (Tensor.max(dim) with indices is six times slower than amax on CPU).
+        n = rows.stop - rows.start
+        xr = x[rows]
+        out = logits_buf[:n]
+        block_max = x.new_empty(n_vblocks, n)
+        for j, v0 in enumerate(range(0, d_vocab, UNEMBED_BLOCK)):
+            v1 = min(v0 + UNEMBED_BLOCK, d_vocab)
+            part = block_buf[: n * (v1 - v0)].view(n, v1 - v0)
+            torch.addmm(unembed.b_U[v0:v1], xr, w_t[v0:v1].t(), out=part)
+            torch.amax(part, dim=1, out=block_max[j])
+            out[:, v0:v1] = part
+        if softcap > 0:
+            return apply_softcap(out, softcap), None
+        return out, _row_max(out, block_max)
 
     def final_rows(residual: Tensor) -> Tensor:
         normed = _final_norm(model, residual)
@@ -497,11 +581,21 @@ def _run_batch(
     for layer in range(n_layers):
         trunk.append(_run_block(model, emb, layer, layer, trunk[-1], fast))
     x_ref = final_rows(trunk[-1])
-    # Two chunk-sized work buffers reused by every chunk of every plan: the logits (overwritten by
-    # logit_metrics) and its scratch. Allocating them per chunk costs more than the arithmetic on CPU.
-    chunk = min(chunk_tokens, n_rows)
-    scratch = torch.empty((chunk, d_vocab), dtype=torch.float32, device=x_ref.device)
-    if not hooked and unembed.W_U.dtype == torch.float32:
+    # Plans whose blocks run by the fast path are run side by side, up to `lanes` of them stacked
+    # along the batch axis into one block call of at most stack_tokens token positions (larger
+    # matrix products), and their final residuals are unembedded and reduced together.
+    lanes = max(1, stack_tokens // (n_seq * seq_len)) if fast is not None else 1
+    # A window holds up to twice as many plans as are stacked: plans next to each other in the
+    # trie's order often run different blocks at a step (a deletion's tail runs block d + 1 at
+    # step d, a swap's tail block d), so a wider window fills the stacks better.
+    window_size = 2 * lanes if lanes > 1 else 1
+    stack_metrics = linear and lanes > 1
+    # Work buffers reused by every chunk of every plan: the logits of a chunk (overwritten by
+    # logit_metrics) and its scratch of ROWS_AT_ONCE rows. Allocating them per chunk costs more
+    # than the arithmetic on CPU.
+    chunk = min(chunk_tokens, n_rows * (window_size if stack_metrics else 1))
+    scratch = torch.empty((min(chunk, ROWS_AT_ONCE), d_vocab), dtype=torch.float32, device=x_ref.device)
+    if blocked:
         logits_buf = torch.empty((chunk, d_vocab), dtype=torch.float32, device=x_ref.device)
         block_buf = torch.empty(chunk * min(UNEMBED_BLOCK, d_vocab), dtype=torch.float32, device=x_ref.device)
     ref_lp = None if linear else torch.empty((n_rows, d_vocab), dtype=torch.float32, device=x_ref.device)
@@ -509,12 +603,12 @@ def _run_batch(
     ref_parts: dict[str, list[Tensor]] = {}
     for start in range(0, n_rows, chunk_tokens):
         rows = slice(start, min(start + chunk_tokens, n_rows))
-        logits = logits_of(x_ref, rows)
+        logits, row_max = logits_of(x_ref, rows)
         if linear:
             ref_summary.append(LinearReference.from_logits(logits, unembed.W_U, unembed.b_U))
         else:
             ref_lp[rows] = log_probs(logits)
-        metrics = logit_metrics(logits, targets[rows], overwrite=not hooked, scratch=scratch)
+        metrics = logit_metrics(logits, targets[rows], overwrite=not via_module, scratch=scratch, row_max=row_max)
         n = rows.stop - rows.start
         metrics["kl_nats"] = torch.zeros(n, dtype=torch.float32, device=x_ref.device)  # KL(reference || itself)
         metrics["agree"] = torch.ones(n, dtype=torch.bool, device=x_ref.device)
@@ -529,21 +623,28 @@ def _run_batch(
             torch.cat([r.c for r in ref_summary]), ref_top1,
         )
     del x_ref, ref_summary
+    # the per-row references of a window's plans stacked one after another
+    tiled_targets, tiled_top1, tiled_ref = targets, ref_top1, ref_linear
+    if stack_metrics and ref_linear is not None:
+        tiled_targets, tiled_top1 = targets.repeat(window_size), ref_top1.repeat(window_size)
+        tiled_ref = LinearReference(ref_linear.neg_entropy.repeat(window_size), ref_linear.u.repeat(window_size, 1),
+                                    ref_linear.c.repeat(window_size), tiled_top1)
 
-    def plan_metrics(residual: Tensor) -> dict[str, Tensor]:
-        x = final_rows(residual)
+    def metrics_of(x: Tensor) -> dict[str, Tensor]:
+        """Per-token metrics of the final residual rows ``x`` of one plan, or (stacked) of several."""
         parts: dict[str, list[Tensor]] = {}
-        for start in range(0, n_rows, chunk_tokens):
-            rows = slice(start, min(start + chunk_tokens, n_rows))
-            ref = ref_linear[rows] if ref_linear is not None else ref_lp[rows]
-            metrics = logit_metrics(logits_of(x, rows), targets[rows], ref, ref_top1[rows],
-                                    resid=x[rows], overwrite=not hooked, scratch=scratch)
+        for start in range(0, x.shape[0], chunk_tokens):
+            rows = slice(start, min(start + chunk_tokens, x.shape[0]))
+            ref = tiled_ref[rows] if tiled_ref is not None else ref_lp[rows]
+            logits, row_max = logits_of(x, rows)
+            metrics = logit_metrics(logits, tiled_targets[rows], ref, tiled_top1[rows], resid=x[rows],
+                                    overwrite=not via_module, scratch=scratch, row_max=row_max)
             for key, value in metrics.items():
                 parts.setdefault(key, []).append(value)
         return {key: torch.cat(values) for key, values in parts.items()}
 
-    # ---- depth-first walk of the trie; one residual alive per depth. Each plan's per-token
-    # metrics are reduced to float64 sums at once (and kept only when a per-token table is asked).
+    # ---- the plans. Each plan's per-token metrics are reduced to float64 sums at once (and kept
+    # only when a per-token table is asked).
     def sums_of(pid: int, m: dict[str, Tensor]) -> dict[str, Any]:
         row: dict[str, Any] = {"plan_id": pid, "n_tokens": n_rows}
         for key in _SUM_KEYS:
@@ -553,21 +654,75 @@ def _run_batch(
     sums_rows: list[dict[str, Any] | None] = [sums_of(-1, reference)] + [None] * n_plans
     results: list[dict[str, Tensor] | None] = [None] * n_plans
 
-    def visit(node: _Node, depth: int, residual: Tensor, on_trunk: bool) -> None:
-        for pid in node.ends:
-            m = reference if (on_trunk and depth == n_layers) else plan_metrics(residual)
-            sums_rows[pid + 1] = sums_of(pid, m)
-            if per_token:
-                results[pid] = m
-            ticker.tick()
-        for layer, child in node.children.items():
-            if on_trunk and layer == depth:
-                visit(child, depth + 1, trunk[depth + 1], True)
-            else:
-                visit(child, depth + 1, _run_block(model, emb, depth, layer, residual, fast), False)
+    # The trie is walked depth first, `window_size` plan ends at a time (a window). A window
+    # computes the nodes on the paths to its plan ends that no earlier window computed, depth by
+    # depth, up to `lanes` nodes of one depth that run the same block stacked into one call; the
+    # residuals of the path to the window's last plan end are kept for the next window
+    # (depth-first order puts every node a later window shares on that path), so every trie node
+    # is computed once, and at most `window_size` residuals per depth (plus that path) are alive.
+    info, ends, trunk_depth = _trie_walk(trie, n_layers)
+    kept: dict[int, Tensor] = {}
 
-    visit(trie, 0, trunk[0], True)
-    del ref_lp, ref_linear, scratch, logits_buf, block_buf, fast
+    def residual_of(node: _Node) -> Tensor:
+        depth = trunk_depth.get(id(node))
+        return trunk[depth] if depth is not None else kept[id(node)]
+
+    def path_of(node: _Node) -> set[int]:
+        path: set[int] = set()
+        while node is not None and id(node) not in trunk_depth:
+            path.add(id(node))
+            node = info[id(node)][0]
+        return path
+
+    for w0 in range(0, len(ends), window_size):
+        window = ends[w0 : w0 + window_size]
+        todo: dict[int, list[_Node]] = {}  # the nodes to compute, by depth
+        seen: set[int] = set()
+        for leaf in window:
+            node = leaf
+            while id(node) not in trunk_depth and id(node) not in kept and id(node) not in seen:
+                seen.add(id(node))
+                parent, depth, _ = info[id(node)]
+                todo.setdefault(depth, []).append(node)
+                node = parent
+        keep = path_of(window[-1]) | {id(leaf) for leaf in window}
+        for depth in sorted(todo):
+            by_layer: dict[int, list[_Node]] = {}
+            for node in todo[depth]:
+                by_layer.setdefault(info[id(node)][2], []).append(node)
+            for layer, same in by_layer.items():
+                for g in range(0, len(same), lanes):
+                    nodes = same[g : g + lanes]
+                    inputs = [residual_of(info[id(node)][0]) for node in nodes]
+                    if len(nodes) > 1 and fast is not None and fast.allowed[layer]:  # no hook sees the stack
+                        outputs = _run_block(model, emb, depth - 1, layer, torch.cat(inputs), fast).split(n_seq)
+                    else:
+                        outputs = [_run_block(model, emb, depth - 1, layer, x, fast) for x in inputs]
+                    for node, out in zip(nodes, outputs):
+                        kept[id(node)] = out
+            for node in todo.get(depth - 1, ()):  # their children are all computed
+                if id(node) not in keep:
+                    del kept[id(node)]
+        # the window's plans: the unmodified order's metrics are the reference's
+        computed = [leaf for leaf in window if trunk_depth.get(id(leaf)) != n_layers]
+        window_metrics: dict[int, dict[str, Tensor]] = {}
+        if stack_metrics and len(computed) > 1:
+            stacked_m = metrics_of(torch.cat([final_rows(residual_of(leaf)) for leaf in computed]))
+            for k, leaf in enumerate(computed):
+                window_metrics[id(leaf)] = {key: v[k * n_rows : (k + 1) * n_rows] for key, v in stacked_m.items()}
+        else:
+            for leaf in computed:
+                window_metrics[id(leaf)] = metrics_of(final_rows(residual_of(leaf)))
+        for leaf in window:
+            m = window_metrics.get(id(leaf), reference)
+            for pid in leaf.ends:
+                sums_rows[pid + 1] = sums_of(pid, m)
+                if per_token:
+                    results[pid] = m
+                ticker.tick()
+        last = path_of(window[-1])
+        kept = {key: _own(value) for key, value in kept.items() if key in last}
+    del ref_lp, ref_linear, tiled_ref, scratch, logits_buf, block_buf, fast, kept
     sums = pd.DataFrame(sums_rows)
 
     table = None
@@ -656,6 +811,7 @@ def evaluate_plans(
     progress: bool = True,
     fwd_hooks: FwdHooks = (),
     fast_path: bool = True,
+    stack_tokens: int | None = None,
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Evaluate many layer plans against the unmodified model, sharing every common prefix.
 
@@ -663,8 +819,9 @@ def evaluate_plans(
     ``1 .. T-2`` of every sequence and pooled over all of them: KL(original || plan) in nats, the
     plan's next-token loss and its difference from the original's, top-1 accuracy and its ratio to
     the original's, top-1 agreement with the original, entropy in bits and top-1 probability.
-    Peak memory holds one batch's reference log-probabilities, one residual per trie depth and one
-    chunk of logits; it does not grow with the number of plans.
+    Peak memory holds one batch's reference (log-probabilities, or a ``d_model``-sized summary per
+    token), at most ``stack_tokens / (batch x pos)`` residuals per trie depth and one chunk of
+    logits; it does not grow with the number of plans.
 
     Args:
         model: a ``HookedTransformer``.
@@ -680,6 +837,13 @@ def evaluate_plans(
             (the block's function without TransformerLens' per-call weight copies; equal to fp32
             rounding) wherever nothing could observe the difference: no ``fwd_hooks``, no hook on
             the block, a block configuration it reproduces. ``False`` always runs the blocks.
+        stack_tokens: with the fast path, plans that run the same block at the same step are
+            stacked along the batch axis into one block call of at most this many token
+            positions (``batch x pos`` each), and their logits are reduced together: larger matrix
+            products, fewer calls. ``None``: :data:`STACK_TOKENS_CPU` on a CPU,
+            :data:`STACK_TOKENS_ACCELERATOR` elsewhere. Batches of at least half this size run
+            one plan at a time; blocks that take the TransformerLens path are never stacked, so
+            hooks always see the batch they were given.
 
     Returns:
         One row per plan, in the order given: ``plan`` (:meth:`LayerPlan.to_json`), ``label``,
@@ -705,7 +869,7 @@ def evaluate_plans(
     orders, pids = _unique_orders(model, plans)
     batches = list(iter_plan_batches(
         model, tokens, plans, batch_size=batch_size, chunk_tokens=chunk_tokens, per_token=per_token,
-        progress=progress, fwd_hooks=fwd_hooks, fast_path=fast_path,
+        progress=progress, fwd_hooks=fwd_hooks, fast_path=fast_path, stack_tokens=stack_tokens,
     ))
     summary = aggregate(orders, model.cfg.n_layers, batches)
     reference = summary.attrs["reference"]

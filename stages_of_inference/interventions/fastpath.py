@@ -147,9 +147,18 @@ def _qkv_weights(attn: nn.Module) -> tuple[Tensor, Tensor, int]:
     return weight, bias, w_k.shape[0]
 
 
+def _rotary_tables(model: HookedTransformer, attn: nn.Module, pos: int) -> tuple[Tensor, Tensor] | None:
+    """``cos`` and the signed ``sin`` (:func:`_signed_sin`) of the first ``pos`` positions, shaped
+    ``[1, pos, 1, rotary_dim]``, or ``None`` for a model without rotary positions."""
+    if model.cfg.positional_embedding_type != "rotary":
+        return None
+    cos = attn.rotary_cos[None, :pos, None, :]
+    return cos, _signed_sin(attn.rotary_sin[:pos], model.cfg.rotary_adjacent_pairs)[None, :, None, :]
+
+
 def _attention(
     model: HookedTransformer, attn: nn.Module, h: Float[Tensor, "batch pos d_model"],
-    qkv_weights: tuple[Tensor, Tensor, int],
+    qkv_weights: tuple[Tensor, Tensor, int], rotary: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     cfg = model.cfg
     batch, pos, d_model = h.shape
@@ -160,10 +169,8 @@ def _attention(
     qk = qk.view(batch, pos, n_heads + n_kv, d_head)
     v = v.view(batch, pos, n_kv, d_head)
     if cfg.positional_embedding_type == "rotary":  # queries and keys rotated together
-        adjacent = cfg.rotary_adjacent_pairs
-        cos = attn.rotary_cos[None, :pos, None, :]
-        signed_sin = _signed_sin(attn.rotary_sin[:pos], adjacent)[None, :, None, :]
-        qk = _rotate(qk, cos, signed_sin, cfg.rotary_dim, adjacent)
+        cos, signed_sin = rotary if rotary is not None else _rotary_tables(model, attn, pos)
+        qk = _rotate(qk, cos, signed_sin, cfg.rotary_dim, cfg.rotary_adjacent_pairs)
     q, k = qk[:, :, :n_heads], qk[:, :, n_heads:]
     z = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -188,6 +195,7 @@ def _mlp(mlp: nn.Module, h: Float[Tensor, "batch pos d_model"]) -> Tensor:
 def fast_block(
     model: HookedTransformer, block: nn.Module, resid_pre: Float[Tensor, "batch pos d_model"],
     qkv_weights: tuple[Tensor, Tensor, int] | None = None, check: bool = True,
+    rotary: tuple[Tensor, Tensor] | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
     """``block(resid_pre)`` (no padding mask, no shortformer positions) by the fast path.
 
@@ -195,7 +203,8 @@ def fast_block(
     block the fast path does not reproduce (or that carries a hook); :class:`FastBlocks`, which
     has asked once per batch, passes ``check=False``. ``qkv_weights`` is the block's fused
     query/key/value matrix, if the caller keeps it (:class:`FastBlocks` does); otherwise it is
-    made for this call.
+    made for this call; likewise ``rotary``, the block's rotary tables for this sequence length
+    (:func:`_rotary_tables`).
 
     Example:
         >>> import torch
@@ -226,7 +235,7 @@ def fast_block(
     cfg = model.cfg
     if qkv_weights is None:
         qkv_weights = _qkv_weights(block.attn)
-    attn_out = _attention(model, block.attn, block.ln1(resid_pre), qkv_weights)
+    attn_out = _attention(model, block.attn, block.ln1(resid_pre), qkv_weights, rotary)
     if cfg.attn_only:
         return resid_pre + attn_out
     if cfg.parallel_attn_mlp:
@@ -237,8 +246,9 @@ def fast_block(
 
 class FastBlocks:
     """The fast path for one sweep batch: which blocks may take it, and their fused query/key/value
-    matrices, made on first use and kept until the object is dropped (about 2 MB per block of
-    SmolLM2-135M; each block runs about as many times per batch as the model has blocks).
+    matrices and rotary tables, made on first use and kept until the object is dropped (about 2 MB
+    per block of SmolLM2-135M; each block runs about as many times per batch as the model has
+    blocks). Every call must have the batch's sequence length; any number of sequences.
 
     Args:
         model: the model.
@@ -249,12 +259,14 @@ class FastBlocks:
     def __init__(self, model: HookedTransformer, blocks: Sequence[nn.Module], seq_len: int) -> None:
         self.model = model
         self.blocks = tuple(blocks)
+        self.seq_len = seq_len
         self.allowed = tuple(fast_path_blocker(model, b, seq_len) is None for b in self.blocks)
-        self._qkv: dict[int, tuple[Tensor, Tensor, int]] = {}
+        self._prepared: dict[int, tuple[tuple[Tensor, Tensor, int], tuple[Tensor, Tensor] | None]] = {}
 
     def __call__(self, layer: int, resid_pre: Tensor) -> Tensor:
         """Run block ``layer`` by the fast path (only for a ``layer`` in :attr:`allowed`)."""
-        weights = self._qkv.get(layer)
-        if weights is None:
-            weights = self._qkv[layer] = _qkv_weights(self.blocks[layer].attn)
-        return fast_block(self.model, self.blocks[layer], resid_pre, weights, check=False)
+        prepared = self._prepared.get(layer)
+        if prepared is None:
+            attn = self.blocks[layer].attn
+            prepared = self._prepared[layer] = (_qkv_weights(attn), _rotary_tables(self.model, attn, self.seq_len))
+        return fast_block(self.model, self.blocks[layer], resid_pre, prepared[0], check=False, rotary=prepared[1])
