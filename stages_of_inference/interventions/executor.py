@@ -685,7 +685,8 @@ def _run_batch(
                 parent, depth, _ = info[id(node)]
                 todo.setdefault(depth, []).append(node)
                 node = parent
-        keep = path_of(window[-1]) | {id(leaf) for leaf in window}
+        last = path_of(window[-1])  # kept for the next window
+        keep = last | {id(leaf) for leaf in window}
         for depth in sorted(todo):
             by_layer: dict[int, list[_Node]] = {}
             for node in todo[depth]:
@@ -720,7 +721,6 @@ def _run_batch(
                 if per_token:
                     results[pid] = m
                 ticker.tick()
-        last = path_of(window[-1])
         kept = {key: _own(value) for key, value in kept.items() if key in last}
     del ref_lp, ref_linear, tiled_ref, scratch, logits_buf, block_buf, fast, kept
     sums = pd.DataFrame(sums_rows)
