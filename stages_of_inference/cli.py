@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bundled corpus (default, austen, melville), text file or folder (default: %(default)s)")
     run.add_argument("--n-tokens", type=_positive, default=1024,
                      help="tokens in the main batch; the lens, sharpening and repetition analyses use half "
-                          "(default: %(default)s: about four minutes for smollm2-135m on 2 CPU cores)")
+                          "(default: %(default)s: about three minutes for smollm2-135m on 2 CPU cores)")
     run.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence, BOS first (default: %(default)s)")
     run.add_argument("--seed", type=int, default=0, help="which text windows and prompts are drawn (default: %(default)s)")
     run.add_argument("--analyses", type=_analyses, default=ANALYSES,
