@@ -12,9 +12,10 @@ The sweep (:func:`evaluate_plans`) organises the plans as a trie on their block 
 unmodified model is the trunk: it runs first, once per batch of sequences, keeping the residual
 stream after every block and giving the reference log-probabilities. Every other plan branches off
 the trunk where its order first differs, and shares residuals with the plans it has a prefix in
-common with; the trie is walked depth first, so at most one residual per depth is alive. Each
-plan's final residual is unembedded a chunk of token positions at a time and reduced at once to
-per-token metrics (:mod:`stages_of_inference.metrics`); its logits are never stored.
+common with; the trie is walked depth first, so at most one residual per depth is alive (with
+stacked plans, ``stack_tokens``, those of one window of plans). Each plan's final residual is
+unembedded a chunk of token positions at a time and reduced at once to per-token metrics
+(:mod:`stages_of_inference.metrics`); its logits are never stored.
 """
 
 from __future__ import annotations
