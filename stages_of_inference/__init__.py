@@ -23,6 +23,8 @@ _NAMES = {
     "load_model": "stages_of_inference.models",
     "list_models": "stages_of_inference.models",
     "load_tokens": "stages_of_inference.data",
+    "load_token_batch": "stages_of_inference.data",
+    "TokenBatch": "stages_of_inference.batch",
     "LayerPlan": "stages_of_inference.interventions.plan",
     "run_plan": "stages_of_inference.interventions.executor",
     "reordered": "stages_of_inference.interventions.executor",

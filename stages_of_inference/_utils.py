@@ -16,6 +16,8 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from stages_of_inference.batch import tensor_of
+
 T = TypeVar("T")
 
 
@@ -52,12 +54,16 @@ def check_model(model: Any) -> HookedTransformer:
 def check_tokens(model: HookedTransformer, tokens: Any, min_len: int = 3) -> Int[Tensor, "batch pos"]:
     """Validate a token batch for ``model`` and move it to the model's device.
 
-    Tokens must be a 2-D integer tensor ``[batch, pos]`` with at least ``min_len`` positions (BOS,
-    and enough positions to score a next token), no longer than the model's context, and with ids
-    inside the vocabulary.
+    Tokens must be a 2-D integer tensor ``[batch, pos]`` (or a
+    :class:`~stages_of_inference.batch.TokenBatch` of one) with at least ``min_len`` positions
+    (BOS, and enough positions to score a next token), no longer than the model's context, and
+    with ids inside the vocabulary.
     """
+    tokens = tensor_of(tokens)
     if not isinstance(tokens, torch.Tensor):
-        raise TypeError(f"tokens must be a torch.Tensor of shape [batch, pos], got {type(tokens).__name__}")
+        raise TypeError(
+            f"tokens must be a torch.Tensor of shape [batch, pos] or a TokenBatch, got {type(tokens).__name__}"
+        )
     if tokens.ndim != 2:
         raise ValueError(f"tokens must have shape [batch, pos], got shape {tuple(tokens.shape)}")
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import lzma
 import os
 import re
@@ -46,6 +47,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from stages_of_inference._utils import check_model
+from stages_of_inference.batch import DIGEST_CHARS, TokenBatch
 from stages_of_inference.models import bos_token_id
 
 BUNDLED = {
@@ -152,7 +154,28 @@ def load_tokens(
     text_column: str = "text",
     split: str = "train",
 ) -> Int[Tensor, "batch pos"]:
-    """A batch of token sequences from a corpus, BOS first, for ``model``'s tokenizer.
+    """The token ids of :func:`load_token_batch` (same arguments), as a plain tensor.
+
+    Example:
+        >>> from stages_of_inference.data import corpus_names
+        >>> "default" in corpus_names()
+        True
+    """
+    return load_token_batch(model, corpus, n_sequences, seq_len, seed, text_column=text_column, split=split).tokens
+
+
+def load_token_batch(
+    model: HookedTransformer,
+    corpus: Any = "default",
+    n_sequences: int = 8,
+    seq_len: int = 128,
+    seed: int = 0,
+    *,
+    text_column: str = "text",
+    split: str = "train",
+) -> TokenBatch:
+    """A batch of token sequences from a corpus, BOS first, for ``model``'s tokenizer, that
+    records its corpus (and, for files and folders, the digest of their text) and seed.
 
     Args:
         model: a ``HookedTransformer`` with a tokenizer (its BOS policy: :func:`bos_token_id`).
@@ -165,7 +188,8 @@ def load_tokens(
         split: the split of a Hugging Face dataset.
 
     Returns:
-        ``[n_sequences, seq_len]`` token ids on the model's device.
+        A :class:`~stages_of_inference.batch.TokenBatch` of ``[n_sequences, seq_len]`` token ids
+        on the model's device.
 
     Example:
         >>> from tokenizers import Tokenizer, models, pre_tokenizers
@@ -178,9 +202,12 @@ def load_tokens(
         >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=16, d_head=4, d_vocab=6, act_fn="relu")
         >>> model = HookedTransformer(cfg)
         >>> model.tokenizer = tokenizer  # normally set by load_model
-        >>> load_tokens(model, ["the whale. the sea. the ship."], n_sequences=2, seq_len=4)
+        >>> batch = load_token_batch(model, ["the whale. the sea. the ship."], n_sequences=2, seq_len=4)
+        >>> batch.tokens
         tensor([[0, 2, 5, 6],
                 [0, 2, 3, 6]])
+        >>> batch.corpus, batch.seed
+        ('iterable', 0)
     """
     model = check_model(model)
     if model.tokenizer is None:
@@ -197,11 +224,13 @@ def load_tokens(
 
     windows: list[list[int]] = []
     n_documents = n_characters = 0
+    text_digest = hashlib.sha256()
     for document in documents:
         if not isinstance(document, str):
             raise TypeError(f"every document must be a str, got {type(document).__name__}")
         n_documents += 1
         n_characters += len(document)
+        text_digest.update(document.encode("utf-8", errors="surrogatepass") + b"\0")
         ids, starts = _tokenize(tokenizer, document, cache_key=description if finite else None)
         windows.extend(ids[start : start + width] for start in _window_starts(starts, len(ids), width))
         if not finite and len(windows) >= POOL_FACTOR * n_sequences:
@@ -219,7 +248,10 @@ def load_tokens(
     bos = bos_token_id(model)
     rows = [[bos, *windows[i]] for i in chosen]
     tokens = torch.tensor(rows, dtype=torch.long, device=model.cfg.device)
-    return tokens
+    from_files = description.startswith(("file:", "folder:"))
+    name = os.fspath(corpus) if isinstance(corpus, (str, os.PathLike)) else description
+    return TokenBatch(tokens, corpus=name, seed=seed,
+                      corpus_sha256=text_digest.hexdigest()[:DIGEST_CHARS] if from_files else None)
 
 
 _TOKEN_CACHE: dict[tuple[Any, ...], tuple[list[int], list[int] | None]] = {}

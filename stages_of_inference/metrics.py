@@ -8,7 +8,10 @@ Conventions (PAPER.md, "Per-token metrics"):
   describe the same set of predictions (the authors' code compared loss rows one position off
   against its KL rows; here they line up);
 * KL(P_original || P_intervened) in nats over the full vocabulary;
-* entropy in bits with probabilities clamped at ``1e-9`` inside the logarithm, as the authors did;
+* entropy in bits of the clamped probabilities, exactly as the authors computed it
+  (``p = clamp(softmax(logits), min=1e-9)``, ``H = -sum(p * log2 p)``; their
+  ``model_intervention.py`` and ``entropy_calculation.ipynb``): the clamped vector's own entropy,
+  so every token below ``1e-9`` adds ``1e-9 * log2(1e9)`` bits;
 * loss is the next-token cross-entropy in nats; accuracy is argmax == true next token.
 
 Every function upcasts to fp32 before ``log_softmax``.
@@ -25,7 +28,7 @@ from jaxtyping import Bool, Float, Float64, Int
 from torch import Tensor
 
 PROB_CLAMP = 1e-9
-"""Probabilities are clamped at this value inside ``log2`` for entropies, as the authors did."""
+"""Probabilities are clamped from below at this value before the entropy is taken, as the authors did."""
 
 _LOG_PROB_CLAMP = math.log(PROB_CLAMP)
 _LN2 = math.log(2.0)
@@ -50,15 +53,16 @@ def log_probs(logits: Float[Tensor, "*shape d_vocab"]) -> Float[Tensor, "*shape 
 
 
 def entropy_bits(logprobs: Float[Tensor, "*shape d_vocab"]) -> Float[Tensor, "*shape"]:
-    """Entropy in bits of each distribution, probabilities clamped at ``PROB_CLAMP`` in the log.
+    """Entropy in bits of each distribution after its probabilities are clamped at ``PROB_CLAMP``
+    (the authors' ``-sum(p * log2 p)`` of ``p = clamp(softmax, min=1e-9)``).
 
     Example:
         >>> import torch
         >>> entropy_bits(torch.full((8,), 1 / 8).log())
         tensor(3.)
     """
-    probs = logprobs.float().exp()
-    return -(probs * torch.log2(probs.clamp_min(PROB_CLAMP))).sum(dim=-1)
+    probs = logprobs.float().exp().clamp_min(PROB_CLAMP)
+    return -(probs * torch.log2(probs)).sum(dim=-1)
 
 
 def kl_nats(
@@ -246,8 +250,8 @@ def logit_metrics(
 ) -> dict[str, Tensor]:
     """:func:`distribution_metrics` of ``log_probs(logits)``, straight from the logits, in a few passes.
 
-    Same keys and values (to fp32 rounding): ``loss``, ``entropy_bits`` (probabilities clamped at
-    ``PROB_CLAMP`` in the log), ``top1``, ``correct``, ``confidence``, and given a reference,
+    Same keys and values (to fp32 rounding): ``loss``, ``entropy_bits`` (of the probabilities
+    clamped at ``PROB_CLAMP``, as :func:`entropy_bits`), ``top1``, ``correct``, ``confidence``, and given a reference,
     ``kl_nats`` and ``agree``. The reference is either its log-probabilities (the exact KL, as
     :func:`kl_nats`) or a :class:`LinearReference`, in which case ``resid`` must be the input of
     the unembedding the logits were made from (``logits == resid @ W_U + b_U``, no soft-cap):
@@ -293,6 +297,7 @@ def logit_metrics(
         scratch = z.new_empty((group, z.shape[1]))
     s = z.new_empty(n)
     ez = z.new_empty(n)
+    es = z.new_empty(n)
     kl = z.new_empty(n) if exact_ref else None
     for start in range(0, n, group):
         rows = slice(start, min(start + group, n))
@@ -303,8 +308,11 @@ def logit_metrics(
         log_s = s[rows].log().unsqueeze(-1)
         if kl is not None:
             kl[rows] = kl_nats(ref[rows], zr - log_s)
-        # entropy: -sum p * max(lp, ln PROB_CLAMP), p = e / s, lp = z - log s, so
-        # -(1/ln 2) * [sum e * max(z, ln PROB_CLAMP + log s) / s - log s]
+        # the authors' entropy of the clamped probabilities: -sum q * log q, q = max(p, PROB_CLAMP),
+        # p = e / s, lp = z - log s. With E = max(e, PROB_CLAMP * s) and Z = max(z, ln PROB_CLAMP + log s),
+        # q = E / s and log q = Z - log s, so H = -(1/ln 2) * [sum E * Z / s - log s * sum E / s].
+        torch.maximum(e, s[rows].unsqueeze(-1) * PROB_CLAMP, out=e)
+        torch.sum(e, dim=-1, out=es[rows])
         zr.clamp_min_(log_s + _LOG_PROB_CLAMP)
         torch.sum(e.mul_(zr), dim=-1, out=ez[rows])
     log_s = s.log()
@@ -317,7 +325,7 @@ def logit_metrics(
         ref_top1 = ref.argmax(dim=-1)
     out: dict[str, Tensor] = {
         "loss": (lse - target_logit.double()).float(),
-        "entropy_bits": ((log_s.double() - ez.double() / s.double()) / _LN2).float(),
+        "entropy_bits": ((log_s.double() * es.double() - ez.double()) / s.double() / _LN2).float(),
         "top1": top1,
         "correct": top1 == targets,
         "confidence": s.reciprocal(),

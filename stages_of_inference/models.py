@@ -197,7 +197,7 @@ def load_model(
         dtype: the parameter dtype. Metrics are always computed in fp32 whatever this is.
 
     Returns:
-        The model, in eval mode, with ``model.soi_name`` recording ``name``.
+        The model, in eval mode, its ``cfg.model_name`` set to ``name`` as given (results record it).
 
     Raises:
         ModelNotAvailableError: unknown name, weights package not installed, or the model is
@@ -231,7 +231,7 @@ def load_model(
     if dtype != torch.float32:
         model = model.to(dtype, print_details=False)
         model.cfg.dtype = dtype
-    model.soi_name = key
+    model.cfg.model_name = key
     return model.eval()
 
 
@@ -515,7 +515,7 @@ def bos_token_id(model: HookedTransformer) -> int:
 def describe(model: HookedTransformer) -> dict[str, Any]:
     """A short JSON-friendly description of a loaded model."""
     return {
-        "name": getattr(model, "soi_name", model.cfg.model_name),
+        "name": model.cfg.model_name,
         "n_layers": model.cfg.n_layers,
         "d_model": model.cfg.d_model,
         "n_heads": model.cfg.n_heads,

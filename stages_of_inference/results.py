@@ -21,27 +21,32 @@ import torch
 from transformer_lens import HookedTransformer
 
 from stages_of_inference._utils import atomic_path, atomic_write_json
+from stages_of_inference.batch import TokenBatch, describe_any
 
 FORMATS = ("parquet", "csv")
 
 
 def config_hash(model: HookedTransformer) -> str:
-    """A short stable hash of a model's TransformerLens config (which weights-independent shape it has)."""
-    cfg = {k: str(v) for k, v in sorted(model.cfg.to_dict().items()) if k not in ("device", "n_devices")}
+    """A short stable hash of a model's TransformerLens config (which weights-independent shape it
+    has; its name, device and device count are left out)."""
+    cfg = {k: str(v) for k, v in sorted(model.cfg.to_dict().items()) if k not in ("device", "n_devices", "model_name")}
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def model_name(model: HookedTransformer) -> str:
-    """The name the model was loaded under (``load_model`` records it), else TransformerLens' name."""
-    return str(getattr(model, "soi_name", None) or model.cfg.model_name)
+    """The model's name: ``model.cfg.model_name`` (``load_model`` sets it to the name it was given)."""
+    return str(model.cfg.model_name)
 
 
 def provenance(
     model: HookedTransformer | None = None,
-    tokens: torch.Tensor | None = None,
+    tokens: TokenBatch | torch.Tensor | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """How a result was made: model, data, settings and library versions.
+
+    The data are described by :meth:`TokenBatch.describe` (corpus, seed, shape, digest); a plain
+    tensor records its shape and digest, with corpus and seed ``None``.
 
     Example:
         >>> p = provenance(None, None, analysis="demo", seed=0)
@@ -74,15 +79,7 @@ def provenance(
             "device": str(model.cfg.device),
         }
     if tokens is not None:
-        record["tokens"] = {
-            "n_sequences": int(tokens.shape[0]),
-            "seq_len": int(tokens.shape[1]),
-            "n_tokens": int(tokens.numel()),
-            "sha256": hashlib.sha256(tokens.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:16],
-        }
-        corpus = getattr(tokens, "soi_corpus", None)
-        if corpus is not None:
-            record["tokens"]["corpus"] = corpus
+        record["tokens"] = describe_any(tokens)
     return record
 
 

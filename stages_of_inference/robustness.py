@@ -228,7 +228,7 @@ def robustness_sweep(
         (['none', 'drop', 'drop', 'swap'], [<NA>, 0, 1, 0])
     """
     model = check_model(model)
-    tokens = check_tokens(model, tokens)
+    source, tokens = tokens, check_tokens(model, tokens)
     kinds = _check_kinds(kinds)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of sequences, got {batch_size}")
@@ -293,7 +293,7 @@ def robustness_sweep(
         tok.insert(0, "kind", np.array([m[0] for m in meta], dtype=object)[plan_id])
         tables["per_token"] = tok[list(PER_TOKEN_COLUMNS)]
 
-    record = provenance(model, tokens, analysis="robustness_sweep", **settings,
+    record = provenance(model, source, analysis="robustness_sweep", **settings,
                         reference=table.attrs["reference"], fingerprint=fingerprint)
     result = SweepResult(tables, record)
     if out is not None:

@@ -8,6 +8,7 @@ weights and rebuilds the model (:func:`weight_swapped`). Used by the equivalence
 
 from __future__ import annotations
 
+import torch
 from transformer_lens import HookedTransformer
 
 
@@ -25,3 +26,10 @@ def weight_swapped(model: HookedTransformer, i: int) -> HookedTransformer:
     fresh = HookedTransformer(model.cfg, tokenizer=model.tokenizer)
     fresh.load_state_dict(state)
     return fresh.eval()
+
+
+def authors_entropy_bits(logits: torch.Tensor) -> torch.Tensor:
+    """The authors' entropy (``model_intervention.py``, ``entropy_calculation.ipynb``), literally:
+    probabilities clamped at 1e-9, then ``-sum(p * log2 p)`` of the clamped vector; in float64."""
+    p = torch.clamp(torch.softmax(logits.double(), dim=-1), min=1e-9)
+    return -torch.sum(p * torch.log2(p), dim=-1)

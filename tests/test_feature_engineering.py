@@ -367,7 +367,7 @@ def test_real_logit_lens_equals_float64(real_model, real_tokens, convention):
     did before 2026-11-23, was off by 1.4e-4 (paper KL, embeddings) to 1.8e-3 (per-layer-norm KL
     of 107.65 nats, embeddings)."""
     from stages_of_inference.lens import iter_lens
-    from stages_of_inference.metrics import PROB_CLAMP
+    from tests.authors import authors_entropy_bits
 
     tokens = real_tokens[:2]
     points = [0, 15, real_model.cfg.n_layers]
@@ -381,8 +381,7 @@ def test_real_logit_lens_equals_float64(real_model, real_tokens, convention):
             n += chunk.targets.shape[0]
             for p in points:
                 lp = (chunk.readouts[p].double() @ w).log_softmax(-1)
-                probs = lp.exp()
-                sums[p, "entropy_bits"] += float(-(probs * torch.log2(probs.clamp_min(PROB_CLAMP))).sum())
+                sums[p, "entropy_bits"] += float(authors_entropy_bits(chunk.readouts[p].double() @ w).sum())
                 sums[p, "kl_to_final_nats"] += float((ref.exp() * (ref - lp)).sum())
                 sums[p, "loss"] += float(-lp.gather(-1, chunk.targets[:, None]).sum())
     for (p, key), total in sums.items():

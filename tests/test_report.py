@@ -26,7 +26,7 @@ def _tiny(name: str, family: str):  # noqa: ANN202 - a HookedTransformer with a 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     model.tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>")
-    model.soi_name = name
+    model.cfg.model_name = name
     return model
 
 

@@ -21,6 +21,7 @@ unembedded a chunk of token positions at a time and reduced at once to per-token
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -39,6 +40,7 @@ from stages_of_inference._utils import check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.interventions.fastpath import FastBlocks, _has_hooks
 from stages_of_inference.interventions.plan import LayerPlan
+from stages_of_inference.interventions.step import get_step, set_step
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, ROWS_AT_ONCE, LinearReference, log_probs, logit_metrics
 
 RETURN_TYPES = ("logits", "loss", "both", None)
@@ -71,14 +73,14 @@ def _check_plan(model: HookedTransformer, plan: Any) -> LayerPlan:
     return plan.check(model.cfg.n_layers)
 
 
+# model -> its own blocks in their original order, while a `reordered` block is active on it
+_ORIGINAL_BLOCKS: weakref.WeakKeyDictionary[HookedTransformer, tuple[nn.Module, ...]] = weakref.WeakKeyDictionary()
+
+
 def _blocks(model: HookedTransformer) -> Sequence[nn.Module]:
     """The model's own blocks in their original order, also while :func:`reordered` is active."""
-    original = model.__dict__.get("_soi_original_blocks")
+    original = _ORIGINAL_BLOCKS.get(model)
     return original if original is not None else tuple(model.blocks)
-
-
-def _set_step(model: HookedTransformer, step: tuple[int, int] | None) -> None:
-    model.__dict__["_soi_step"] = step
 
 
 @dataclass
@@ -104,7 +106,7 @@ def _run_block(
     shortformer = emb.shortformer_pos_embed
     if shortformer is not None:
         shortformer = shortformer.to(device)
-    _set_step(model, (step, layer))
+    set_step(model, (step, layer))
     return _blocks(model)[layer](
         residual.to(device), shortformer_pos_embed=shortformer, attention_mask=emb.attention_mask
     )
@@ -189,7 +191,7 @@ def run_plan(
             for step, layer in enumerate(plan.order):
                 residual = _run_block(model, emb, step, layer, residual)
         finally:
-            _set_step(model, None)
+            set_step(model, None)
         residual = _final_norm(model, residual)
         if return_type is None:
             return None
@@ -275,9 +277,9 @@ def reordered(model: HookedTransformer, plan: LayerPlan) -> Iterator[HookedTrans
     plan = _check_plan(model, plan)
     n = model.cfg.n_layers
     original = _blocks(model)
-    outermost = "_soi_original_blocks" not in model.__dict__
+    outermost = model not in _ORIGINAL_BLOCKS
     previous_blocks = model.blocks
-    previous_step = model.__dict__.get("_soi_step")
+    previous_step = get_step(model)
     state = {"step": -1}
     multi_device = model.cfg.n_devices > 1
     order = plan.order
@@ -296,19 +298,19 @@ def reordered(model: HookedTransformer, plan: LayerPlan) -> Iterator[HookedTrans
     for layer in sorted(set(order)):
         def on_block(module: nn.Module, args: Any, layer: int = layer) -> None:
             state["step"] += 1
-            _set_step(model, (state["step"], layer))
+            set_step(model, (state["step"], layer))
         handles.append(original[layer].register_forward_pre_hook(on_block))
     try:
-        model.__dict__["_soi_original_blocks"] = tuple(original)
+        _ORIGINAL_BLOCKS[model] = tuple(original)
         model.blocks = nn.ModuleList(slots)
         yield model
     finally:
         model.blocks = previous_blocks
         for handle in handles:
             handle.remove()
-        _set_step(model, previous_step)
+        set_step(model, previous_step)
         if outermost:
-            model.__dict__.pop("_soi_original_blocks", None)
+            _ORIGINAL_BLOCKS.pop(model, None)
 
 
 # --------------------------------------------------------------------------- many plans: the trie
@@ -473,7 +475,7 @@ def iter_plan_batches(
                     result = _run_batch(model, batch, start, trie, len(orders), chunk_tokens, per_token,
                                         bool(fwd_hooks), ticker, fast_path, stack_tokens)
                 finally:
-                    _set_step(model, None)
+                    set_step(model, None)
             yield BatchResult(k, *result)
     finally:
         ticker.close()

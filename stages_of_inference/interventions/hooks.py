@@ -19,6 +19,7 @@ from transformer_lens.hook_points import HookPoint
 
 from stages_of_inference._utils import check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
+from stages_of_inference.interventions.step import get_step
 
 HookFn = Callable[[Tensor, HookPoint], Any]
 FwdHook = tuple[str | Callable[[str], bool], HookFn]
@@ -221,4 +222,4 @@ def current_step(model: HookedTransformer) -> tuple[int, int] | None:
         >>> seen
         [(1, 1), (2, 1)]
     """
-    return getattr(model, "_soi_step", None)
+    return get_step(model)

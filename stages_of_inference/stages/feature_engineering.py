@@ -93,7 +93,7 @@ def logit_lens(
     the scored positions ``1 .. pos - 2`` it reports, per readout, the mean over tokens and the
     standard error over sequences (``*_sem``) of:
 
-    * ``entropy_bits``: entropy of the lens distribution (probabilities clamped at 1e-9);
+    * ``entropy_bits``: entropy of the lens distribution, its probabilities clamped at 1e-9 first (the authors' formula);
     * ``kl_to_final_nats``: KL(final readout || this readout); the final readout is the lens'
       own last row, which is the model's output distribution when the model has no ``b_U``;
     * ``accuracy``: top-1 equals the true next token;
@@ -126,7 +126,7 @@ def logit_lens(
         ([0, 1, 2], 0.0, 1.0)
     """
     model = check_model(model)
-    tokens = check_tokens(model, tokens, min_len=3)
+    source, tokens = tokens, check_tokens(model, tokens, min_len=3)
     check_convention(convention)
     n_seq, pos = tokens.shape
     n_points = model.cfg.n_layers + 1
@@ -174,7 +174,7 @@ def logit_lens(
         row["n_tokens"] = n_seq * (pos - 2)
         rows.append(row)
     df = pd.DataFrame(rows)
-    record = provenance(model, tokens, analysis="logit_lens", convention=convention, batch_size=batch_size,
+    record = provenance(model, source, analysis="logit_lens", convention=convention, batch_size=batch_size,
                         chunk_tokens=chunk_tokens, positions="1..pos-2", points=pts)
     return with_provenance(df, record)
 
@@ -324,7 +324,7 @@ def layer_similarity(
     model = check_model(model)
     if method not in ("cka", "cosine"):
         raise ValueError(f"unknown similarity method {method!r}; allowed: 'cka', 'cosine'")
-    tokens = check_tokens(model, tokens, min_len=5 if method == "cka" else 2)
+    source, tokens = tokens, check_tokens(model, tokens, min_len=5 if method == "cka" else 2)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of sequences, got {batch_size}")
     if outlier_ratio is not None and not outlier_ratio > 1.0:
@@ -388,7 +388,7 @@ def layer_similarity(
         for i in range(n_layers)
         for j in range(n_layers)
     ]
-    record = provenance(model, tokens, analysis="layer_similarity", method=method, batch_size=batch_size,
+    record = provenance(model, source, analysis="layer_similarity", method=method, batch_size=batch_size,
                         positions="1..pos-1", hook="blocks.{i}.hook_resid_post", outlier_ratio=outlier_ratio,
                         excluded_tokens=n_excluded)
     return with_provenance(pd.DataFrame(rows), record)
@@ -546,7 +546,7 @@ def probe_layers(
         ([0, 1, 2], ['accuracy', 'baseline', 'gain'])
     """
     model = check_model(model)
-    tokens = check_tokens(model, tokens, min_len=1)
+    source, tokens = tokens, check_tokens(model, tokens, min_len=1)
     if isinstance(labels, str):
         if labels not in LABEL_MAKERS:
             raise ValueError(f"unknown label maker {labels!r}; built in: {', '.join(LABEL_MAKERS)}")
@@ -597,6 +597,6 @@ def probe_layers(
             "n_test": r.n_test,
             "label": label_name,
         })
-    record = provenance(model, tokens, analysis="probe_layers", label=label_name, test_fraction=test_fraction,
+    record = provenance(model, source, analysis="probe_layers", label=label_name, test_fraction=test_fraction,
                         seed=seed, l2=l2, max_iter=max_iter)
     return with_provenance(pd.DataFrame(rows), record)

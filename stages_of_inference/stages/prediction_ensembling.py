@@ -631,7 +631,7 @@ def neuron_ensemble_probe(
         ['neuron', 'neuron', 'ensemble']
     """
     model = check_model(model)
-    tokens = check_tokens(model, tokens)
+    source, tokens = tokens, check_tokens(model, tokens)
     pairs = _neuron_list(model, neurons)
     labels = _labels_from(model, tokens, label, vocab)
     keep = scored_positions(tokens.shape[1])
@@ -661,7 +661,7 @@ def neuron_ensemble_probe(
         df,
         provenance(
             model,
-            tokens,
+            source,
             analysis="neuron_ensemble_probe",
             neurons=[list(p) for p in pairs],
             label=_predicate_name(label) if not (isinstance(label, Tensor) and label.ndim == 2) else "tensor",

@@ -160,7 +160,7 @@ def sharpening_profile(
     from stages_of_inference.stages.prediction_ensembling import neuron_counts, neuron_moments
 
     model = check_model(model)
-    tokens = check_tokens(model, tokens)
+    source, tokens = tokens, check_tokens(model, tokens)
     n = model.cfg.n_layers
     if lens is None:
         lens = logit_lens(model, tokens, convention=convention, batch_size=batch_size,
@@ -197,7 +197,7 @@ def sharpening_profile(
         for col in ("n_prediction", "n_suppression", "share_prediction", "share_suppression"):
             df[col] = counts.loc[df["layer"], col].to_numpy()
     return with_provenance(df, provenance(
-        model, tokens, analysis="sharpening_profile", convention=convention,
+        model, source, analysis="sharpening_profile", convention=convention,
         neuron_counts=moments is not False, kurtosis_threshold=kurtosis_threshold,
     ))
 
@@ -278,7 +278,7 @@ def final_block_ablation(
     from stages_of_inference.interventions.plan import LayerPlan
 
     model = check_model(model)
-    tokens = check_tokens(model, tokens)
+    source, tokens = tokens, check_tokens(model, tokens)
     n = model.cfg.n_layers
     ks = [int(k) for k in last_k]
     if not ks:
@@ -314,7 +314,7 @@ def final_block_ablation(
         "plan": summary["plan"].to_numpy(),
     })
     return with_provenance(df, provenance(
-        model, tokens, analysis="final_block_ablation", last_k=ks, single=single, n_bins=n_bins,
+        model, source, analysis="final_block_ablation", last_k=ks, single=single, n_bins=n_bins,
         ablation="deletion (block outputs skipped; zero-ablation)",
     ))
 
@@ -362,7 +362,7 @@ def layer_repetition(
     from stages_of_inference.interventions.plan import LayerPlan
 
     model = check_model(model)
-    tokens = check_tokens(model, tokens)
+    source, tokens = tokens, check_tokens(model, tokens)
     n = model.cfg.n_layers
     for name, value in (("start", start), ("stop", stop), ("times", times)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -397,5 +397,5 @@ def layer_repetition(
         "plan": summary["plan"].to_numpy(),
     })
     return with_provenance(df, provenance(
-        model, tokens, analysis="layer_repetition", start=start, stop=stop, times=times,
+        model, source, analysis="layer_repetition", start=start, stop=stop, times=times,
     ))
