@@ -58,7 +58,7 @@ def _previous_token_per_sequence(
 ) -> Tensor:
     """``[sequence, layer, head]`` mean of ``A_h[q, q - d]`` over ``d = 1..k`` and ``q = d .. pos - 1``."""
     model = check_model(model)
-    source, tokens = tokens, check_tokens(model, tokens, min_len=2)
+    tokens = check_tokens(model, tokens, min_len=2)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int number of previous tokens, got {type(k).__name__}")
     pos = tokens.shape[1]
@@ -125,7 +125,7 @@ def previous_token_attention(
         mean, sem = mean_and_sem(per_seq[:, layer].mean(dim=-1, keepdim=True))
         rows.append({"layer": layer, "relative_depth": relative_depth(layer, n_layers), "mean_attention": mean,
                      "sem": sem, "k": k, "n_sequences": int(tokens.shape[0])})
-    record = provenance(model, source, analysis="previous_token_attention", k=k, batch_size=batch_size,
+    record = provenance(model, tokens, analysis="previous_token_attention", k=k, batch_size=batch_size,
                         queries="every q >= d, BOS keys included")
     return with_provenance(pd.DataFrame(rows), record)
 
@@ -158,7 +158,7 @@ def previous_token_attention_heads(
             mean, sem = mean_and_sem(per_seq[:, layer, head].unsqueeze(1))
             rows.append({"layer": layer, "head": head, "relative_depth": relative_depth(layer, n_layers),
                          "mean_attention": mean, "sem": sem, "k": k, "n_sequences": int(tokens.shape[0])})
-    record = provenance(model, source, analysis="previous_token_attention_heads", k=k, batch_size=batch_size,
+    record = provenance(model, tokens, analysis="previous_token_attention_heads", k=k, batch_size=batch_size,
                         queries="every q >= d, BOS keys included")
     return with_provenance(pd.DataFrame(rows), record)
 
