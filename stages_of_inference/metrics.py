@@ -37,6 +37,11 @@ ROWS_AT_ONCE = 32
 """Rows :func:`logit_metrics` exponentiates and reduces at a time (a ``32 x d_vocab`` fp32 work
 buffer: 6 MB for a 49k vocabulary, small enough to stay in a CPU's cache between passes)."""
 
+TokenMetrics = dict[str, Tensor]
+"""Per-token metrics of ``n`` predictions, one ``[n]`` tensor per name: ``loss`` (nats),
+``entropy_bits``, ``top1`` (token id), ``correct`` (bool), ``confidence`` (top-1 probability), and
+against a reference ``kl_nats`` and ``agree`` (bool)."""
+
 DEFAULT_CHUNK_TOKENS = 512
 """Token positions reduced at once: one chunk holds ``DEFAULT_CHUNK_TOKENS x d_vocab`` fp32 numbers."""
 
@@ -115,7 +120,7 @@ def distribution_metrics(
     targets: Int[Tensor, " n"],
     ref_logprobs: Float[Tensor, "n d_vocab"] | None = None,
     ref_top1: Int[Tensor, " n"] | None = None,
-) -> dict[str, Tensor]:
+) -> TokenMetrics:
     """All per-token numbers of one block of predictions (rows are token positions).
 
     Returns ``loss`` (nats), ``entropy_bits``, ``top1`` (argmax id), ``correct`` (top-1 equals the
@@ -132,7 +137,7 @@ def distribution_metrics(
     """
     logprobs = logprobs.float()
     top_lp, top1 = logprobs.max(dim=-1)
-    out: dict[str, Tensor] = {
+    out: TokenMetrics = {
         "loss": next_token_loss(logprobs, targets),
         "entropy_bits": entropy_bits(logprobs),
         "top1": top1,
@@ -247,7 +252,7 @@ def logit_metrics(
     overwrite: bool = False,
     scratch: Float[Tensor, "m d_vocab"] | None = None,
     row_max: tuple[Float[Tensor, " n"], Int[Tensor, " n"]] | None = None,
-) -> dict[str, Tensor]:
+) -> TokenMetrics:
     """:func:`distribution_metrics` of ``log_probs(logits)``, straight from the logits, in a few passes.
 
     Same keys and values (to fp32 rounding): ``loss``, ``entropy_bits`` (of the probabilities
@@ -323,7 +328,7 @@ def logit_metrics(
             ref_top1 = ref.top1
     elif ref is not None and ref_top1 is None:
         ref_top1 = ref.argmax(dim=-1)
-    out: dict[str, Tensor] = {
+    out: TokenMetrics = {
         "loss": (lse - target_logit.double()).float(),
         "entropy_bits": ((log_s.double() * es.double() - ez.double()) / s.double() / _LN2).float(),
         "top1": top1,
@@ -343,7 +348,7 @@ def stream_metrics(
     targets: Int[Tensor, " n_rows"],
     ref_logprobs_rows: Callable[[slice], Float[Tensor, "n d_vocab"]] | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-) -> dict[str, Tensor]:
+) -> TokenMetrics:
     """Apply :func:`distribution_metrics` to ``n_rows`` predictions, ``chunk_tokens`` rows at a time.
 
     ``logprobs_rows(rows)`` returns the fp32 log-probabilities of a slice of rows; only one chunk of
@@ -372,7 +377,7 @@ def sequence_metrics(
     tokens: Int[Tensor, "batch pos"],
     ref_logits: Float[Tensor, "batch pos d_vocab"] | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-) -> dict[str, Tensor]:
+) -> TokenMetrics:
     """Per-token metrics of a batch of logits, on the scored positions, shaped ``[batch, scored]``.
 
     Example:

@@ -25,12 +25,33 @@ from stages_of_inference.batch import TokenBatch, describe_any
 
 FORMATS = ("parquet", "csv")
 
+PROVENANCE_FILE = "provenance.json"
+"""The provenance record of a saved :class:`Result`, beside its tables."""
+
 
 def config_hash(model: HookedTransformer) -> str:
     """A short stable hash of a model's TransformerLens config (which weights-independent shape it
     has; its name, device and device count are left out)."""
     cfg = {k: str(v) for k, v in sorted(model.cfg.to_dict().items()) if k not in ("device", "n_devices", "model_name")}
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_hash(model: HookedTransformer) -> str:
+    """A hash of every parameter and buffer's bytes: which weights a checkpoint was made with.
+
+    Example:
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=5, act_fn="relu"))
+        >>> len(weights_hash(m))
+        16
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(value.dtype).encode())
+        digest.update(str(tuple(value.shape)).encode())
+        digest.update(value.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def model_name(model: HookedTransformer) -> str:
@@ -185,14 +206,14 @@ class Result:
             tmp.mkdir()
             for name, df in self.tables.items():
                 save_table(df, tmp / name, fmt)
-            atomic_write_json(tmp / "provenance.json", self.provenance)
+            atomic_write_json(tmp / PROVENANCE_FILE, self.provenance)
         return out_dir
 
     @classmethod
     def load(cls, out_dir: str | Path) -> "Result":
         """Read a folder written by :meth:`save`."""
         out_dir = Path(out_dir)
-        meta = out_dir / "provenance.json"
+        meta = out_dir / PROVENANCE_FILE
         if not meta.exists():
             raise FileNotFoundError(f"{out_dir} holds no saved result (no provenance.json)")
         tables = {}

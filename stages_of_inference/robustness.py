@@ -10,8 +10,6 @@ checkpointed, and a rerun with the same folder, model, tokens and settings resum
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +22,13 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from stages_of_inference._utils import atomic_path, atomic_write_json, check_model, check_tokens, relative_depth
-from stages_of_inference.interventions.executor import BatchResult, aggregate, iter_plan_batches, resolve_stack_tokens
+from stages_of_inference._utils import check_model, check_tokens, relative_depth
+from stages_of_inference.interventions.checkpoint import SweepCheckpoint, refuse_mismatch, sweep_fingerprint
+from stages_of_inference.interventions.executor import BatchResult, aggregate, iter_plan_batches
+from stages_of_inference.interventions.options import EngineOptions
 from stages_of_inference.interventions.plan import LayerPlan
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS
-from stages_of_inference.results import Result, config_hash, provenance
+from stages_of_inference.results import PROVENANCE_FILE, Result, provenance, weights_hash  # noqa: F401 (public here too)
 
 SWEEP_KINDS = ("drop", "swap")
 """The interventions :func:`robustness_sweep` knows."""
@@ -45,8 +45,6 @@ PER_TOKEN_COLUMNS = (
 )
 """The columns of :attr:`SweepResult.per_token`."""
 
-_CHECKPOINT = "checkpoint"
-_MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -106,75 +104,6 @@ def _check_kinds(kinds: Any) -> tuple[str, ...]:
     return kinds
 
 
-def weights_hash(model: HookedTransformer) -> str:
-    """A hash of every parameter and buffer's bytes: which weights a checkpoint was made with.
-
-    Example:
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=5, act_fn="relu"))
-        >>> len(weights_hash(m))
-        16
-    """
-    digest = hashlib.blake2b(digest_size=8)
-    for name, value in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(value.dtype).encode())
-        digest.update(str(tuple(value.shape)).encode())
-        digest.update(value.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _fingerprint(model: HookedTransformer, tokens: Tensor, settings: dict[str, Any]) -> dict[str, Any]:
-    tok = tokens.detach().cpu().to(torch.int64).contiguous().numpy()
-    return {
-        "model_config_hash": config_hash(model),
-        "model_weights_hash": weights_hash(model),
-        "tokens_shape": list(tok.shape),
-        "tokens_sha256": hashlib.sha256(tok.tobytes()).hexdigest(),
-        **settings,
-    }
-
-
-def _mismatch(found: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    keys = sorted(set(found) | set(expected))
-    return [f"{k}: checkpoint has {found.get(k)!r}, this run has {expected.get(k)!r}"
-            for k in keys if found.get(k) != expected.get(k)]
-
-
-def _refuse(where: Path, found: dict[str, Any], expected: dict[str, Any]) -> None:
-    diffs = _mismatch(found, expected)
-    if diffs:
-        raise ValueError(
-            f"{where} was written by a different sweep, so it cannot be resumed: "
-            + "; ".join(diffs)
-            + ". Use another out_dir, or delete this one to start over."
-        )
-
-
-def _save_batch(ckpt: Path, batch: BatchResult) -> None:
-    stem = f"batch_{batch.index:05d}"
-    if batch.per_token is not None:
-        with atomic_path(ckpt / f"{stem}.per_token.parquet") as tmp:
-            batch.per_token.to_parquet(tmp, index=False)
-    # the sums file is written last: its presence marks the batch as done
-    with atomic_path(ckpt / f"{stem}.sums.parquet") as tmp:
-        batch.sums.to_parquet(tmp, index=False)
-
-
-def _load_batches(ckpt: Path, per_token: bool) -> dict[int, BatchResult]:
-    done: dict[int, BatchResult] = {}
-    for path in sorted(ckpt.glob("batch_*.sums.parquet")):
-        index = int(path.name.split(".")[0].split("_")[1])
-        table = None
-        if per_token:
-            tok_path = ckpt / f"batch_{index:05d}.per_token.parquet"
-            if not tok_path.exists():
-                continue
-            table = pd.read_parquet(tok_path)
-        done[index] = BatchResult(index, pd.read_parquet(path), table)
-    return done
-
-
 def robustness_sweep(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch pos"],
@@ -230,48 +159,31 @@ def robustness_sweep(
     model = check_model(model)
     source, tokens = tokens, check_tokens(model, tokens)
     kinds = _check_kinds(kinds)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of sequences, got {batch_size}")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be a positive number of token positions, got {chunk_tokens}")
-    stack_tokens = resolve_stack_tokens(model, stack_tokens)
+    options = EngineOptions(batch_size=batch_size, chunk_tokens=chunk_tokens, stack_tokens=stack_tokens,
+                            fast_path=fast_path, per_token=per_token, progress=progress)
     n_layers = model.cfg.n_layers
     plans, meta = _plans(n_layers, kinds)
     orders = [p.order for p in plans]  # all distinct: plan_id == position in this list
-    settings = {"kinds": list(kinds), "per_token": bool(per_token), "batch_size": int(batch_size),
-                "chunk_tokens": int(chunk_tokens), "fast_path": bool(fast_path),
-                "stack_tokens": stack_tokens}
+    settings = {"kinds": list(kinds), "per_token": options.per_token, "batch_size": options.batch_size,
+                "chunk_tokens": options.chunk_tokens, "fast_path": options.fast_path,
+                "stack_tokens": options.stack_tokens_for(model.cfg.device)}
 
     out = None if out_dir is None else Path(out_dir)
-    done: dict[int, BatchResult] = {}
     fingerprint: dict[str, Any] | None = None
-    ckpt: Path | None = None
+    checkpoint: SweepCheckpoint | None = None
+    batches: dict[int, BatchResult] = {}
     if out is not None:
-        fingerprint = _fingerprint(model, tokens, settings)
-        if (out / "provenance.json").exists():
+        fingerprint = sweep_fingerprint(model, tokens, settings)
+        if (out / PROVENANCE_FILE).exists():
             finished = SweepResult.load(out)
-            _refuse(out, finished.provenance.get("settings", {}).get("fingerprint", {}), fingerprint)
+            refuse_mismatch(out, finished.provenance.get("settings", {}).get("fingerprint", {}), fingerprint)
             return finished
-        if out.exists() and any(out.iterdir()) and not (out / _CHECKPOINT).is_dir():
-            raise ValueError(
-                f"out_dir {out} is not empty and holds no sweep checkpoint or result; "
-                "give a new or empty folder (it is replaced by the result when the sweep finishes)"
-            )
-        ckpt = out / _CHECKPOINT
-        manifest = ckpt / _MANIFEST
-        if manifest.exists():
-            _refuse(ckpt, json.loads(manifest.read_text()), fingerprint)
-            done = _load_batches(ckpt, per_token)
-        else:
-            atomic_write_json(manifest, fingerprint)
+        checkpoint = SweepCheckpoint(out)
+        batches = checkpoint.open(fingerprint, options.per_token)
 
-    batches = dict(done)
-    for batch in iter_plan_batches(
-        model, tokens, plans, batch_size=batch_size, chunk_tokens=chunk_tokens, per_token=per_token,
-        progress=progress, skip=frozenset(done), fast_path=fast_path, stack_tokens=stack_tokens,
-    ):
-        if ckpt is not None:
-            _save_batch(ckpt, batch)
+    for batch in iter_plan_batches(model, tokens, plans, options, skip=frozenset(batches)):
+        if checkpoint is not None:
+            checkpoint.save(batch)
         batches[batch.index] = batch
 
     ordered = [batches[k] for k in sorted(batches)]

@@ -9,7 +9,8 @@ import torch
 from transformer_lens import HookedTransformer
 
 from stages_of_inference import LayerPlan, reordered, run_plan
-from stages_of_inference.interventions.executor import _ORIGINAL_BLOCKS, block_count, evaluate_plans
+from stages_of_inference.backends.hooked import ORIGINAL_BLOCKS as _ORIGINAL_BLOCKS
+from stages_of_inference.interventions.executor import block_count, evaluate_plans
 from stages_of_inference.interventions.hooks import drop_layer
 from stages_of_inference.metrics import sequence_metrics
 from tests.authors import authors_entropy_bits, weight_swapped

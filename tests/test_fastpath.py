@@ -10,9 +10,11 @@ from conftest import FAMILIES, make_tiny_model, tiny_config
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import stages_of_inference as soi
-from stages_of_inference.interventions import executor, fastpath
+from stages_of_inference.interventions import fastpath
 from stages_of_inference.interventions.executor import block_count, evaluate_plans
 from stages_of_inference.interventions.fastpath import fast_block, fast_path_blocker
+from stages_of_inference.interventions.options import STACK_TOKENS_CPU, EngineOptions
+from stages_of_inference.interventions.unembed import row_max
 
 METRICS = ["kl_nats", "loss", "accuracy", "top1_agreement", "entropy_bits", "confidence"]
 
@@ -188,14 +190,13 @@ def test_caller_hooks_turn_the_fast_path_off(tiny_tokens: torch.Tensor, monkeypa
     assert not calls
 
 
-def test_unembedding_by_vocabulary_blocks(tiny_tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sweep unembeds UNEMBED_BLOCK columns at a time; a block size that does not divide the
-    vocabulary (101 = 6 x 16 + 5) gives the numbers of a single block, and of the model's forward."""
+def test_unembedding_by_vocabulary_blocks(tiny_tokens: torch.Tensor) -> None:
+    """The sweep unembeds ``unembed_block`` columns at a time; a block size that does not divide
+    the vocabulary (101 = 6 x 16 + 5) gives the numbers of a single block, and of the model's forward."""
     model = make_tiny_model("llama")
     plans = _plans(model.cfg.n_layers)
     whole = evaluate_plans(model, tiny_tokens, plans, progress=False, fast_path=False)
-    monkeypatch.setattr(executor, "UNEMBED_BLOCK", 16)
-    blocked = evaluate_plans(model, tiny_tokens, plans, progress=False, fast_path=False)
+    blocked = evaluate_plans(model, tiny_tokens, plans, progress=False, fast_path=False, unembed_block=16)
     assert (blocked[METRICS] - whole[METRICS]).abs().to_numpy().max() < 1e-6
     with torch.inference_mode():
         logits = model(tiny_tokens)
@@ -228,13 +229,16 @@ def test_stack_tokens_is_checked(tiny_tokens: torch.Tensor) -> None:
             evaluate_plans(model, tiny_tokens, _plans(model.cfg.n_layers), progress=False, stack_tokens=bad)
         with pytest.raises(ValueError, match="stack_tokens"):
             soi.robustness_sweep(model, tiny_tokens, progress=False, stack_tokens=bad)
-    assert executor.resolve_stack_tokens(model, None) == executor.STACK_TOKENS_CPU
+    assert EngineOptions().stack_tokens_for(model.cfg.device) == STACK_TOKENS_CPU
+    with pytest.raises(ValueError, match="give either options or its fields as keywords"):
+        evaluate_plans(model, tiny_tokens, _plans(model.cfg.n_layers), EngineOptions(), progress=False)
+    with pytest.raises(ValueError, match=r"unknown engine setting\(s\) \['batchsize'\]"):
+        evaluate_plans(model, tiny_tokens, _plans(model.cfg.n_layers), batchsize=2)
 
 
-def test_row_max_from_block_maxima(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_row_max_from_block_maxima() -> None:
     """The largest logit and its first index, found from the per-block maxima, equal
     Tensor.max(dim): ties within a block and across blocks, the maximum in the short last block."""
-    monkeypatch.setattr(executor, "UNEMBED_BLOCK", 16)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 101, generator=gen)
     logits[1, 99] = 9.0  # in the last block (96..100)
@@ -243,7 +247,7 @@ def test_row_max_from_block_maxima(monkeypatch: pytest.MonkeyPatch) -> None:
     logits[4] = 1.0  # every logit equal
     logits[5, [15, 16]] = 9.0  # the tie straddles a block boundary
     block_max = torch.stack([logits[:, v0 : v0 + 16].amax(dim=1) for v0 in range(0, 101, 16)])
-    top, top1 = executor._row_max(logits, block_max)
+    top, top1 = row_max(logits, block_max, 16)
     want = logits.max(dim=-1)
     assert torch.equal(top, want.values) and torch.equal(top1, want.indices)
     assert top1.tolist()[1:] == [99, 20, 33, 0, 15]

@@ -1,335 +1,48 @@
-"""Executing layer plans: one plan (:func:`run_plan`), the model's own forward under a plan
-(:func:`reordered`), and many plans at once, sharing every common prefix (:func:`evaluate_plans`).
+"""Many layer plans at once, sharing every common prefix: the sweep (:func:`evaluate_plans`).
 
-Executing a plan mirrors ``HookedTransformer.forward`` of TransformerLens 3.9: the embedding (and
-learned positions, for models that have them) once, then ``model.blocks[i]`` for each ``i`` of the
-plan, each with the shortformer positions and attention mask the forward pass would give it, then
-the final norm and the unembedding (and the logit soft-cap, for models that have one). Blocks are
-the model's own modules, so every hook keeps its TransformerLens name and fires on the block it
-names, wherever (and however often) that block runs.
-
-The sweep (:func:`evaluate_plans`) organises the plans as a trie on their block orders. The
-unmodified model is the trunk: it runs first, once per batch of sequences, keeping the residual
-stream after every block and giving the reference log-probabilities. Every other plan branches off
-the trunk where its order first differs, and shares residuals with the plans it has a prefix in
-common with; the trie is walked depth first, so at most one residual per depth is alive (with
-stacked plans, ``stack_tokens``, those of one window of plans). Each plan's final residual is
-unembedded a chunk of token positions at a time and reduced at once to per-token metrics
-(:mod:`stages_of_inference.metrics`); its logits are never stored.
+The plans are organised as a trie on their block orders (:mod:`~stages_of_inference.interventions.trie`,
+pure scheduling). The unmodified model is the trunk: it runs first, once per batch of sequences,
+keeping the residual stream after every block and giving the reference. Every other plan branches
+off the trunk where its order first differs and shares residuals with the plans it has a prefix in
+common with; the schedule walks the trie depth first, a window of plan ends at a time, stacking
+plans that run the same block at the same step into one block call (``stack_tokens``). Each
+plan's final residual is unembedded a chunk of token positions at a time
+(:mod:`~stages_of_inference.interventions.unembed`) and reduced at once to per-token metrics
+(:mod:`stages_of_inference.metrics`); its logits are never stored. The model is reached only
+through the model seam (:mod:`stages_of_inference.backends`); how the sweep executes is one
+:class:`~stages_of_inference.interventions.options.EngineOptions`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import weakref
+import itertools
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from einops import rearrange
-from jaxtyping import Float, Int
-from torch import Tensor, nn
-from transformer_lens import HookedTransformer
-from transformer_lens.utilities import apply_softcap, get_device_for_block_index
+from jaxtyping import Int
+from torch import Tensor
 
-from stages_of_inference._utils import check_model, check_tokens
+from stages_of_inference._utils import check_tokens
 from stages_of_inference._utils import progress as _progress
-from stages_of_inference.interventions.fastpath import FastBlocks, _has_hooks
+from stages_of_inference.backends import Embedded, ModelSeam, as_seam
+from stages_of_inference.interventions import trie as trie_
+from stages_of_inference.interventions.forward import RETURN_TYPES, FwdHooks, _check_plan, reordered, run_plan
+from stages_of_inference.interventions.options import EngineOptions
 from stages_of_inference.interventions.plan import LayerPlan
-from stages_of_inference.interventions.step import get_step, set_step
-from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, ROWS_AT_ONCE, LinearReference, log_probs, logit_metrics
+from stages_of_inference.interventions.step import set_step
+from stages_of_inference.interventions.unembed import Unembedding, make_unembedding
+from stages_of_inference.metrics import ROWS_AT_ONCE, LinearReference, TokenMetrics, log_probs, logit_metrics
 
-RETURN_TYPES = ("logits", "loss", "both", None)
-"""The ``return_type`` values :func:`run_plan` accepts (as ``HookedTransformer.forward``)."""
+__all__ = ["RETURN_TYPES", "BatchResult", "aggregate", "block_count", "evaluate_plans", "iter_plan_batches",
+           "reordered", "run_plan"]
 
-FwdHooks = Sequence[tuple[Any, Callable[..., Any]]]
-
-UNEMBED_BLOCK = 1024
-"""Vocabulary columns the sweep unembeds at a time (see ``_run_batch``)."""
-
-STACK_TOKENS_CPU = 1024
-"""Default ``stack_tokens`` of the sweep on a CPU: the largest block call before the products
-stop getting faster on the 2-core machine the library is developed on (docs/benchmarks.md)."""
-
-STACK_TOKENS_ACCELERATOR = 8192
-"""Default ``stack_tokens`` of the sweep on a GPU or other accelerator, where larger products keep
-getting faster."""
-
-# per-token metrics summed per plan; "correct" and "agree" are booleans
-_SUM_KEYS = ("kl_nats", "loss", "correct", "agree", "entropy_bits", "confidence")
-
-
-# --------------------------------------------------------------------------- low-level pieces
-def _check_plan(model: HookedTransformer, plan: Any) -> LayerPlan:
-    if not isinstance(plan, LayerPlan):
-        raise TypeError(
-            f"expected a LayerPlan, got {type(plan).__name__}; build one with e.g. "
-            "LayerPlan.drop(model.cfg.n_layers, i) or LayerPlan(order=(...), n_layers=model.cfg.n_layers)"
-        )
-    return plan.check(model.cfg.n_layers)
-
-
-# model -> its own blocks in their original order, while a `reordered` block is active on it
-_ORIGINAL_BLOCKS: weakref.WeakKeyDictionary[HookedTransformer, tuple[nn.Module, ...]] = weakref.WeakKeyDictionary()
-
-
-def _blocks(model: HookedTransformer) -> Sequence[nn.Module]:
-    """The model's own blocks in their original order, also while :func:`reordered` is active."""
-    original = _ORIGINAL_BLOCKS.get(model)
-    return original if original is not None else tuple(model.blocks)
-
-
-@dataclass
-class _Embedded:
-    residual: Tensor
-    shortformer_pos_embed: Tensor | None
-    attention_mask: Tensor | None
-
-
-def _embed(model: HookedTransformer, tokens: Tensor) -> _Embedded:
-    residual, _, shortformer, mask = model.input_to_embed(tokens)
-    return _Embedded(residual, shortformer, mask)
-
-
-def _run_block(
-    model: HookedTransformer, emb: _Embedded, step: int, layer: int, residual: Tensor,
-    fast: FastBlocks | None = None,
-) -> Tensor:
-    """Block ``layer`` at execution ``step`` of a plan; by the fast path if ``fast`` allows it."""
-    if fast is not None and fast.allowed[layer]:
-        return fast(layer, residual)
-    device = get_device_for_block_index(layer, model.cfg)
-    shortformer = emb.shortformer_pos_embed
-    if shortformer is not None:
-        shortformer = shortformer.to(device)
-    set_step(model, (step, layer))
-    return _blocks(model)[layer](
-        residual.to(device), shortformer_pos_embed=shortformer, attention_mask=emb.attention_mask
-    )
-
-
-def _fast_blocks(model: HookedTransformer, emb: _Embedded, hooked: bool, enabled: bool) -> FastBlocks | None:
-    """The fast path for a batch (:mod:`~stages_of_inference.interventions.fastpath`): none if
-    disabled, if the caller passed hooks, or with a padding mask or shortformer positions;
-    otherwise for each block its
-    :func:`~stages_of_inference.interventions.fastpath.fast_path_blocker` finds nothing in the way of."""
-    if not enabled or hooked or emb.attention_mask is not None or emb.shortformer_pos_embed is not None:
-        return None
-    return FastBlocks(model, _blocks(model), emb.residual.shape[1])
-
-
-def _row_max(logits: Float[Tensor, "n d_vocab"], block_max: Float[Tensor, "n_blocks n"]) -> tuple[Tensor, Tensor]:
-    """The largest logit of each row and its index (the first, on ties, as ``Tensor.max(dim)``),
-    from ``block_max``, the largest of each row in each block of ``UNEMBED_BLOCK`` columns: the
-    first block holding the row's maximum is searched, not the whole row."""
-    top, block = block_max.max(dim=0)  # the first block with the maximum
-    width = min(UNEMBED_BLOCK, logits.shape[1])
-    start = block * UNEMBED_BLOCK
-    cols = (start.unsqueeze(1) + torch.arange(width, device=logits.device)).clamp_(max=logits.shape[1] - 1)
-    # past the vocabulary's end, the last column repeats: it cannot come before its first copy
-    return top, start + logits.gather(1, cols).argmax(dim=1)
-
-
-def _final_norm(model: HookedTransformer, residual: Tensor) -> Tensor:
-    residual = residual.to(get_device_for_block_index(model.cfg.n_layers - 1, model.cfg))
-    if model.cfg.normalization_type is not None:
-        residual = model.ln_final(residual)
-    return residual
-
-
-# --------------------------------------------------------------------------- one plan
-def run_plan(
-    model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
-    plan: LayerPlan,
-    fwd_hooks: FwdHooks = (),
-    return_type: Literal["logits", "loss", "both"] | None = "logits",
-) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, ""] | tuple[Tensor, Tensor] | None:
-    """Run ``tokens`` through ``model`` executing the blocks in ``plan``'s order.
-
-    The embedding runs once, then each block of the plan, then the final norm and unembedding,
-    exactly as ``HookedTransformer.forward`` does for the unmodified order. ``fwd_hooks`` are
-    TransformerLens ``(name, function)`` pairs; a hook on ``blocks.{i}....`` fires whenever block
-    ``i`` runs (once per occurrence in the plan, never for a deleted block). Runs under
-    ``torch.inference_mode()``; for gradients, use :func:`reordered` with the model's own forward.
-
-    Args:
-        model: a ``HookedTransformer``.
-        tokens: token ids ``[batch, pos]``.
-        plan: the block order, for ``model.cfg.n_layers`` blocks.
-        fwd_hooks: forward hooks attached for this call only.
-        return_type: ``"logits"``, ``"loss"`` (TransformerLens' mean next-token loss), ``"both"``
-            (a ``(logits, loss)`` pair) or ``None``.
-
-    Returns:
-        As ``HookedTransformer.forward`` with the same ``return_type``.
-
-    Example:
-        >>> import torch
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> from stages_of_inference import LayerPlan, run_plan
-        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=3, d_model=8, n_ctx=8, d_head=4, d_vocab=5, act_fn="relu"))
-        >>> tokens = torch.tensor([[0, 1, 2, 3]])
-        >>> bool(torch.allclose(run_plan(m, tokens, LayerPlan.identity(3)), m(tokens), atol=1e-6))
-        True
-        >>> run_plan(m, tokens, LayerPlan.drop(3, 1)).shape
-        torch.Size([1, 4, 5])
-    """
-    model = check_model(model)
-    plan = _check_plan(model, plan)
-    tokens = check_tokens(model, tokens, min_len=1)
-    if return_type not in RETURN_TYPES:
-        raise ValueError(f"unknown return_type {return_type!r}; allowed: {RETURN_TYPES}")
-    with torch.inference_mode(), model.hooks(fwd_hooks=list(fwd_hooks)):
-        try:
-            emb = _embed(model, tokens)
-            residual = emb.residual
-            for step, layer in enumerate(plan.order):
-                residual = _run_block(model, emb, step, layer, residual)
-        finally:
-            set_step(model, None)
-        residual = _final_norm(model, residual)
-        if return_type is None:
-            return None
-        logits = apply_softcap(model.unembed(residual), model.cfg.output_logits_soft_cap)
-        if return_type == "logits":
-            return logits
-        loss = model.loss_fn(logits, tokens, emb.attention_mask)
-        return loss if return_type == "loss" else (logits, loss)
-
-
-# --------------------------------------------------------------------------- the model's own forward
-class _Chain(nn.Module):
-    """Several blocks run one after another in one slot of ``model.blocks`` (plans longer than the
-    model, or models spread over several devices)."""
-
-    def __init__(self, model: HookedTransformer, layers: Sequence[int]) -> None:
-        super().__init__()
-        self._cfg = model.cfg
-        self._layers = tuple(layers)
-        self._run = [_blocks(model)[i] for i in layers]  # a plain list: not registered as submodules
-
-    def forward(
-        self,
-        resid_pre: Tensor,
-        shortformer_pos_embed: Tensor | None = None,
-        past_kv_cache_entry: Any = None,
-        attention_mask: Tensor | None = None,
-    ) -> Tensor:
-        if past_kv_cache_entry is not None and len(self._layers) > 1:
-            raise NotImplementedError(
-                "generation with a key-value cache is not supported under a plan longer than the model"
-            )
-        residual = resid_pre
-        for layer, block in zip(self._layers, self._run):
-            device = get_device_for_block_index(layer, self._cfg)
-            pos = None if shortformer_pos_embed is None else shortformer_pos_embed.to(device)
-            residual = block(
-                residual.to(device),
-                shortformer_pos_embed=pos,
-                past_kv_cache_entry=past_kv_cache_entry,
-                attention_mask=attention_mask,
-            )
-        return residual
-
-    def extra_repr(self) -> str:
-        return f"layers={self._layers}"
-
-
-@contextlib.contextmanager
-def reordered(model: HookedTransformer, plan: LayerPlan) -> Iterator[HookedTransformer]:
-    """Make the model's own ``forward``, ``run_with_hooks`` and ``run_with_cache`` follow ``plan``.
-
-    Inside the block, ``model.blocks`` is a list of the model's own block modules in the plan's
-    order (the same objects, so hook names are unchanged and hooks fire on the block they name);
-    on exit, exceptions included, the original list is put back. ``start_at_layer`` /
-    ``stop_at_layer`` count steps of the plan. Plans longer than the model run their surplus steps
-    in the last slot. Inside, :func:`stages_of_inference.hooks.current_step` tells hooks the
-    execution step. Nested ``reordered`` blocks use the original block indices. Do not save or move
-    the model inside the block. Caches from ``run_with_cache`` hold, for a repeated block, its last
-    occurrence, and no entries for deleted blocks.
-
-    Args:
-        model: a ``HookedTransformer``.
-        plan: the block order, for ``model.cfg.n_layers`` blocks.
-
-    Yields:
-        The model itself.
-
-    Example:
-        >>> import torch
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> from stages_of_inference import LayerPlan, reordered, run_plan
-        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=3, d_model=8, n_ctx=8, d_head=4, d_vocab=5, act_fn="relu"))
-        >>> tokens = torch.tensor([[0, 1, 2, 3]])
-        >>> with reordered(m, LayerPlan.swap(3, 0)):
-        ...     logits, cache = m.run_with_cache(tokens)
-        >>> bool(torch.allclose(logits, run_plan(m, tokens, LayerPlan.swap(3, 0)), atol=1e-6))
-        True
-        >>> len(m.blocks)
-        3
-    """
-    model = check_model(model)
-    plan = _check_plan(model, plan)
-    n = model.cfg.n_layers
-    original = _blocks(model)
-    outermost = model not in _ORIGINAL_BLOCKS
-    previous_blocks = model.blocks
-    previous_step = get_step(model)
-    state = {"step": -1}
-    multi_device = model.cfg.n_devices > 1
-    order = plan.order
-    slots: list[nn.Module] = []
-    for k in range(min(len(order), n)):
-        layers = order[k:] if (k == n - 1 and len(order) > n) else (order[k],)
-        if len(layers) == 1 and not multi_device:
-            slots.append(original[layers[0]])
-        else:
-            slots.append(_Chain(model, layers))
-
-    def on_embed(module: nn.Module, args: Any) -> None:
-        state["step"] = -1
-
-    handles = [model.embed.register_forward_pre_hook(on_embed)]
-    for layer in sorted(set(order)):
-        def on_block(module: nn.Module, args: Any, layer: int = layer) -> None:
-            state["step"] += 1
-            set_step(model, (state["step"], layer))
-        handles.append(original[layer].register_forward_pre_hook(on_block))
-    try:
-        _ORIGINAL_BLOCKS[model] = tuple(original)
-        model.blocks = nn.ModuleList(slots)
-        yield model
-    finally:
-        model.blocks = previous_blocks
-        for handle in handles:
-            handle.remove()
-        set_step(model, previous_step)
-        if outermost:
-            _ORIGINAL_BLOCKS.pop(model, None)
-
-
-# --------------------------------------------------------------------------- many plans: the trie
-class _Node:
-    __slots__ = ("children", "ends")
-
-    def __init__(self) -> None:
-        self.children: dict[int, _Node] = {}
-        self.ends: list[int] = []
-
-
-def _build_trie(orders: Sequence[tuple[int, ...]]) -> _Node:
-    root = _Node()
-    for pid, order in enumerate(orders):
-        node = root
-        for layer in order:
-            node = node.children.setdefault(layer, _Node())
-        node.ends.append(pid)
-    return root
+SUM_KEYS = ("kl_nats", "loss", "correct", "agree", "entropy_bits", "confidence")
+"""The per-token metrics summed per plan (``correct`` and ``agree`` are booleans)."""
 
 
 def block_count(plans: Sequence[LayerPlan], shared: bool = True) -> int:
@@ -344,15 +57,7 @@ def block_count(plans: Sequence[LayerPlan], shared: bool = True) -> int:
     """
     if not plans:
         return 0
-    n = plans[0].n_layers
-    orders = [tuple(range(n))] + [p.order for p in plans]
-    if not shared:
-        return sum(len(o) for o in orders)
-    seen: set[tuple[int, ...]] = set()
-    for order in orders:
-        for k in range(1, len(order) + 1):
-            seen.add(order[:k])
-    return len(seen)
+    return trie_.block_count([p.order for p in plans], plans[0].n_layers, shared)
 
 
 class _Ticker:
@@ -389,7 +94,7 @@ class BatchResult:
     per_token: pd.DataFrame | None
 
 
-def _unique_orders(model: HookedTransformer, plans: Sequence[LayerPlan]) -> tuple[list[tuple[int, ...]], list[int]]:
+def _unique_orders(seam: ModelSeam, plans: Sequence[LayerPlan]) -> tuple[list[tuple[int, ...]], list[int]]:
     if isinstance(plans, LayerPlan):
         raise TypeError("plans must be a sequence of LayerPlan; wrap a single plan in a list")
     plans = list(plans)
@@ -399,7 +104,7 @@ def _unique_orders(model: HookedTransformer, plans: Sequence[LayerPlan]) -> tupl
     index: dict[tuple[int, ...], int] = {}
     pids: list[int] = []
     for plan in plans:
-        order = _check_plan(model, plan).order
+        order = _check_plan(seam, plan).order
         if order not in index:
             index[order] = len(orders)
             orders.append(order)
@@ -407,102 +112,50 @@ def _unique_orders(model: HookedTransformer, plans: Sequence[LayerPlan]) -> tupl
     return orders, pids
 
 
-def resolve_stack_tokens(model: HookedTransformer, stack_tokens: int | None) -> int:
-    """``stack_tokens`` as the sweep uses it: checked, or the default for the model's device
-    (:data:`STACK_TOKENS_CPU` on a CPU, :data:`STACK_TOKENS_ACCELERATOR` elsewhere).
-
-    Example:
-        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
-        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=8, d_head=4, d_vocab=5, act_fn="relu", device="cpu"))
-        >>> resolve_stack_tokens(m, None), resolve_stack_tokens(m, 256)
-        (1024, 256)
-    """
-    if stack_tokens is None:
-        return STACK_TOKENS_CPU if torch.device(model.cfg.device).type == "cpu" else STACK_TOKENS_ACCELERATOR
-    if isinstance(stack_tokens, bool) or not isinstance(stack_tokens, int) or stack_tokens < 1:
-        raise ValueError(
-            f"stack_tokens must be a positive number of token positions (or None for the default), got {stack_tokens!r}"
-        )
-    return stack_tokens
-
 
 def iter_plan_batches(
-    model: HookedTransformer,
+    model: Any,
     tokens: Int[Tensor, "batch pos"],
     plans: Sequence[LayerPlan],
+    options: EngineOptions | None = None,
     *,
-    batch_size: int = 8,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    per_token: bool = False,
-    progress: bool = True,
     fwd_hooks: FwdHooks = (),
     skip: frozenset[int] = frozenset(),
-    fast_path: bool = True,
-    stack_tokens: int | None = None,
 ) -> Iterator[BatchResult]:
     """The sweep one batch of sequences at a time (what :func:`evaluate_plans` aggregates).
 
     Plan ids in the results index the distinct orders of ``plans`` in first-seen order. Batches
-    whose index is in ``skip`` are not computed (used to resume from a checkpoint). ``fast_path``
-    and ``stack_tokens`` as in :func:`evaluate_plans`.
+    whose index is in ``skip`` are not computed (used to resume from a checkpoint).
 
     Example:
         >>> import torch
         >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
         >>> from stages_of_inference import LayerPlan
         >>> m = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=8, d_head=4, d_vocab=5, act_fn="relu"))
-        >>> out = list(iter_plan_batches(m, torch.tensor([[0, 1, 2, 3]] * 3), [LayerPlan.drop(2, 0)], batch_size=2, progress=False))
+        >>> out = list(iter_plan_batches(m, torch.tensor([[0, 1, 2, 3]] * 3), [LayerPlan.drop(2, 0)],
+        ...                              EngineOptions(batch_size=2, progress=False)))
         >>> [b.index for b in out], out[0].sums["plan_id"].tolist()
         ([0, 1], [-1, 0])
     """
-    model = check_model(model)
-    tokens = check_tokens(model, tokens)
-    orders, _ = _unique_orders(model, plans)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of sequences, got {batch_size}")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be a positive number of token positions, got {chunk_tokens}")
-    stack_tokens = resolve_stack_tokens(model, stack_tokens)
-    starts = list(range(0, tokens.shape[0], batch_size))
+    seam = as_seam(model)
+    options = options if options is not None else EngineOptions()
+    tokens = check_tokens(seam.model, tokens)
+    orders, _ = _unique_orders(seam, plans)
+    starts = list(range(0, tokens.shape[0], options.batch_size))
     todo = [(k, s) for k, s in enumerate(starts) if k not in skip]
-    trie = _build_trie(orders)
-    ticker = _Ticker(len(todo) * len(orders), progress, desc=f"{len(orders)} plans")
+    lay = trie_.layout(trie_.build_trie(orders), seam.n_layers)
+    ticker = _Ticker(len(todo) * len(orders), options.progress, desc=f"{len(orders)} plans")
     try:
         for k, start in todo:
-            batch = tokens[start : start + batch_size]
-            with torch.inference_mode(), model.hooks(fwd_hooks=list(fwd_hooks)):
+            batch = tokens[start : start + options.batch_size]
+            with torch.inference_mode(), seam.hooks(fwd_hooks):
                 try:
-                    result = _run_batch(model, batch, start, trie, len(orders), chunk_tokens, per_token,
-                                        bool(fwd_hooks), ticker, fast_path, stack_tokens)
+                    sums, table = _run_batch(seam, batch, start, lay, len(orders), options, bool(fwd_hooks), ticker)
                 finally:
-                    set_step(model, None)
-            yield BatchResult(k, *result)
+                    set_step(seam.model, None)
+            yield BatchResult(k, sums, table)
     finally:
         ticker.close()
-
-
-def _trie_walk(trie: _Node, n_layers: int) -> tuple[dict[int, tuple[_Node | None, int, int]], list[_Node], dict[int, int]]:
-    """The trie in depth-first (pre-)order: for every node its ``(parent, depth, layer)``, the nodes
-    where plans end in that order, and the depth of every node on the trunk (the unmodified
-    order ``0, 1, ..., n_layers - 1``)."""
-    info: dict[int, tuple[_Node | None, int, int]] = {}
-    ends: list[_Node] = []
-    stack: list[tuple[_Node, _Node | None, int, int]] = [(trie, None, 0, -1)]
-    while stack:
-        node, parent, depth, layer = stack.pop()
-        info[id(node)] = (parent, depth, layer)
-        if node.ends:
-            ends.append(node)
-        stack.extend((child, node, depth + 1, c) for c, child in reversed(list(node.children.items())))
-    trunk = {id(trie): 0}
-    node = trie
-    for depth in range(n_layers):
-        child = node.children.get(depth)
-        if child is None:
-            break
-        trunk[id(child)] = depth + 1
-        node = child
-    return info, ends, trunk
 
 
 def _own(x: Tensor) -> Tensor:
@@ -510,253 +163,226 @@ def _own(x: Tensor) -> Tensor:
     return x.clone() if x.untyped_storage().nbytes() > x.numel() * x.element_size() else x
 
 
-def _run_batch(
-    model: HookedTransformer,
-    batch: Tensor,
-    first_sequence: int,
-    trie: _Node,
-    n_plans: int,
-    chunk_tokens: int,
-    per_token: bool,
-    hooked: bool,
-    ticker: _Ticker,
-    fast_path: bool = True,
-    stack_tokens: int = 1,
-) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    n_layers = model.cfg.n_layers
-    n_seq, seq_len = batch.shape
-    targets = rearrange(batch[:, 2:], "batch pos -> (batch pos)")
-    n_rows = targets.shape[0]
-    softcap = model.cfg.output_logits_soft_cap
-    unembed = model.unembed
-    d_vocab = unembed.W_U.shape[1]
-    # The unembedding's own module runs (and its hook points fire) when a hook could see it: the
-    # caller's hooks, or a hook attached to the module itself.
-    via_module = hooked or _has_hooks(unembed)
-    # The unembedding as TransformerLens computes it (F.linear with W_U transposed and contiguous),
-    # the transpose made once per batch rather than once per chunk.
-    w_t = unembed.W_U.T.contiguous()
-    # Logits linear in the final residual (no soft-cap, no hook that could edit them, fp32 or
-    # wider): the KL against the reference then needs only a summary of it per row
-    # (metrics.LinearReference), not its n_rows x d_vocab log-probabilities.
-    linear = not via_module and not (softcap > 0) and unembed.W_U.dtype in (torch.float32, torch.float64)
-    blocked = not via_module and unembed.W_U.dtype == torch.float32
-    n_vblocks = -(-d_vocab // UNEMBED_BLOCK)
-    scratch: Tensor | None = None
-    logits_buf: Tensor | None = None
-    block_buf: Tensor | None = None
+def _final_rows(seam: ModelSeam, residual: Tensor) -> Tensor:
+    """The final-norm residual of the scored positions ``1 .. T-2``, one row per position."""
+    normed = seam.final_norm(residual)
+    return rearrange(normed[:, 1:-1], "batch pos d_model -> (batch pos) d_model")
 
-    def logits_of(x: Tensor, rows: slice) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """The logits of ``x[rows]`` and, when the blocked unembedding made them, the value and
-        (first) index of each row's largest logit."""
-        if via_module:  # keep the unembedding's hook points firing, as the model's forward would
-            return apply_softcap(unembed(x[rows].unsqueeze(0)).squeeze(0), softcap), None
-        if logits_buf is None or block_buf is None:
-            return apply_softcap(F.linear(x[rows], w_t, unembed.b_U), softcap), None
-        # What F.linear computes, UNEMBED_BLOCK vocabulary columns at a time: each block's product
-        # lands in a small buffer that stays in cache and is then copied into the logits buffer
-        # (12-16 % faster on CPU than one matmul writing all the logits). The largest logit of
-        # each row in each block is taken while the block is in cache: the row's largest logit and
-        # its index then cost a pass over one block instead of over the whole vocabulary
-        # (Tensor.max(dim) with indices is six times slower than amax on CPU).
-        n = rows.stop - rows.start
-        xr = x[rows]
-        out = logits_buf[:n]
-        block_max = x.new_empty(n_vblocks, n)
-        for j, v0 in enumerate(range(0, d_vocab, UNEMBED_BLOCK)):
-            v1 = min(v0 + UNEMBED_BLOCK, d_vocab)
-            part = block_buf[: n * (v1 - v0)].view(n, v1 - v0)
-            torch.addmm(unembed.b_U[v0:v1], xr, w_t[v0:v1].t(), out=part)
-            torch.amax(part, dim=1, out=block_max[j])
-            out[:, v0:v1] = part
-        if softcap > 0:
-            return apply_softcap(out, softcap), None
-        return out, _row_max(out, block_max)
 
-    def final_rows(residual: Tensor) -> Tensor:
-        normed = _final_norm(model, residual)
-        return rearrange(normed[:, 1 : seq_len - 1], "batch pos d_model -> (batch pos) d_model")
+@dataclass
+class _Reference:
+    """The unmodified model's scores on one batch.
 
-    # ---- the trunk: the unmodified model, residual kept after every block
-    emb = _embed(model, batch)
-    fast = _fast_blocks(model, emb, hooked, fast_path)
-    trunk = [emb.residual]
-    for layer in range(n_layers):
-        trunk.append(_run_block(model, emb, layer, layer, trunk[-1], fast))
-    x_ref = final_rows(trunk[-1])
-    # Plans whose blocks run by the fast path are run side by side, up to `lanes` of them stacked
-    # along the batch axis into one block call of at most stack_tokens token positions (larger
-    # matrix products), and their final residuals are unembedded and reduced together.
-    lanes = max(1, stack_tokens // (n_seq * seq_len)) if fast is not None else 1
-    # A window holds up to twice as many plans as are stacked: plans next to each other in the
-    # trie's order often run different blocks at a step (a deletion's tail runs block d + 1 at
-    # step d, a swap's tail block d), so a wider window fills the stacks better.
-    window_size = 2 * lanes if lanes > 1 else 1
-    stack_metrics = linear and lanes > 1
-    # Work buffers reused by every chunk of every plan: the logits of a chunk (overwritten by
-    # logit_metrics) and its scratch of ROWS_AT_ONCE rows. Allocating them per chunk costs more
-    # than the arithmetic on CPU.
-    chunk = min(chunk_tokens, n_rows * (window_size if stack_metrics else 1))
-    scratch = torch.empty((min(chunk, ROWS_AT_ONCE), d_vocab), dtype=torch.float32, device=x_ref.device)
-    if blocked:
-        logits_buf = torch.empty((chunk, d_vocab), dtype=torch.float32, device=x_ref.device)
-        block_buf = torch.empty(chunk * min(UNEMBED_BLOCK, d_vocab), dtype=torch.float32, device=x_ref.device)
-    ref_lp = None if linear else torch.empty((n_rows, d_vocab), dtype=torch.float32, device=x_ref.device)
-    ref_summary: list[LinearReference] = []
-    ref_parts: dict[str, list[Tensor]] = {}
+    Attributes:
+        metrics: its per-token metrics (``kl_nats`` 0 and ``agree`` true: against itself).
+        linear: the summary the KL of linear logits needs (:class:`LinearReference`), or ``None``.
+        logprobs: its log-probabilities, where the KL needs them whole (else ``None``).
+    """
+
+    metrics: TokenMetrics
+    linear: LinearReference | None
+    logprobs: Tensor | None
+
+
+def _reference(seam: ModelSeam, unembedding: Unembedding, x_ref: Tensor, targets: Tensor, linear: bool,
+               chunk_tokens: int, overwrite: bool, scratch: Tensor) -> _Reference:
+    """Score the unmodified model's final rows ``x_ref``, a chunk of rows at a time."""
+    n_rows = x_ref.shape[0]
+    logprobs = None if linear else x_ref.new_empty((n_rows, seam.d_vocab), dtype=torch.float32)
+    summaries: list[LinearReference] = []
+    parts: dict[str, list[Tensor]] = {}
     for start in range(0, n_rows, chunk_tokens):
         rows = slice(start, min(start + chunk_tokens, n_rows))
-        logits, row_max = logits_of(x_ref, rows)
+        logits, row_max = unembedding(x_ref[rows])
         if linear:
-            ref_summary.append(LinearReference.from_logits(logits, unembed.W_U, unembed.b_U))
+            summaries.append(LinearReference.from_logits(logits, seam.W_U, seam.b_U))
         else:
-            ref_lp[rows] = log_probs(logits)
-        metrics = logit_metrics(logits, targets[rows], overwrite=not via_module, scratch=scratch, row_max=row_max)
-        n = rows.stop - rows.start
-        metrics["kl_nats"] = torch.zeros(n, dtype=torch.float32, device=x_ref.device)  # KL(reference || itself)
-        metrics["agree"] = torch.ones(n, dtype=torch.bool, device=x_ref.device)
-        for key, value in metrics.items():
-            ref_parts.setdefault(key, []).append(value)
-    reference = {key: torch.cat(parts) for key, parts in ref_parts.items()}
-    ref_top1 = reference["top1"]
-    ref_linear = None
+            logprobs[rows] = log_probs(logits)
+        m = logit_metrics(logits, targets[rows], overwrite=overwrite, scratch=scratch, row_max=row_max)
+        m["kl_nats"] = torch.zeros(rows.stop - rows.start, dtype=torch.float32, device=x_ref.device)
+        m["agree"] = torch.ones(rows.stop - rows.start, dtype=torch.bool, device=x_ref.device)
+        for key, value in m.items():
+            parts.setdefault(key, []).append(value)
+    metrics = {key: torch.cat(values) for key, values in parts.items()}
+    summary = None
     if linear:
-        ref_linear = LinearReference(
-            torch.cat([r.neg_entropy for r in ref_summary]), torch.cat([r.u for r in ref_summary]),
-            torch.cat([r.c for r in ref_summary]), ref_top1,
-        )
-    del x_ref, ref_summary
-    # the per-row references of a window's plans stacked one after another
-    tiled_targets, tiled_top1, tiled_ref = targets, ref_top1, ref_linear
-    if stack_metrics and ref_linear is not None:
-        tiled_targets, tiled_top1 = targets.repeat(window_size), ref_top1.repeat(window_size)
-        tiled_ref = LinearReference(ref_linear.neg_entropy.repeat(window_size), ref_linear.u.repeat(window_size, 1),
-                                    ref_linear.c.repeat(window_size), tiled_top1)
+        summary = LinearReference(*(torch.cat([getattr(s, f) for s in summaries]) for f in ("neg_entropy", "u", "c")),
+                                  metrics["top1"])
+    return _Reference(metrics, summary, logprobs)
 
-    def metrics_of(x: Tensor) -> dict[str, Tensor]:
-        """Per-token metrics of the final residual rows ``x`` of one plan, or (stacked) of several."""
+
+@dataclass
+class _Scorer:
+    """Per-token metrics of final residual rows against the reference: of one plan, or of up to
+    ``tiles`` plans stacked one after another (then the reference's rows are tiled to match)."""
+
+    unembedding: Unembedding
+    targets: Tensor
+    reference: _Reference
+    chunk_tokens: int
+    overwrite: bool
+    scratch: Tensor
+    tiles: int = 1
+    _targets: Tensor = field(init=False, repr=False)
+    _top1: Tensor = field(init=False, repr=False)
+    _linear: LinearReference | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        ref, t = self.reference, self.tiles
+        self._targets, self._top1, self._linear = self.targets, ref.metrics["top1"], ref.linear
+        if t > 1 and ref.linear is not None:
+            lin = ref.linear
+            self._targets, self._top1 = self.targets.repeat(t), self._top1.repeat(t)
+            self._linear = LinearReference(lin.neg_entropy.repeat(t), lin.u.repeat(t, 1), lin.c.repeat(t), self._top1)
+
+    def __call__(self, x: Tensor) -> TokenMetrics:
         parts: dict[str, list[Tensor]] = {}
-        for start in range(0, x.shape[0], chunk_tokens):
-            rows = slice(start, min(start + chunk_tokens, x.shape[0]))
-            ref = tiled_ref[rows] if tiled_ref is not None else ref_lp[rows]
-            logits, row_max = logits_of(x, rows)
-            metrics = logit_metrics(logits, tiled_targets[rows], ref, tiled_top1[rows], resid=x[rows],
-                                    overwrite=not via_module, scratch=scratch, row_max=row_max)
-            for key, value in metrics.items():
+        for start in range(0, x.shape[0], self.chunk_tokens):
+            rows = slice(start, min(start + self.chunk_tokens, x.shape[0]))
+            ref = self._linear[rows] if self._linear is not None else self.reference.logprobs[rows]
+            logits, row_max = self.unembedding(x[rows])
+            m = logit_metrics(logits, self._targets[rows], ref, self._top1[rows], resid=x[rows],
+                              overwrite=self.overwrite, scratch=self.scratch, row_max=row_max)
+            for key, value in m.items():
                 parts.setdefault(key, []).append(value)
         return {key: torch.cat(values) for key, values in parts.items()}
 
-    # ---- the plans. Each plan's per-token metrics are reduced to float64 sums at once (and kept
-    # only when a per-token table is asked).
-    def sums_of(pid: int, m: dict[str, Tensor]) -> dict[str, Any]:
-        row: dict[str, Any] = {"plan_id": pid, "n_tokens": n_rows}
-        for key in _SUM_KEYS:
-            row[f"{key}_sum"] = float(m[key].double().sum())
-        return row
 
-    sums_rows: list[dict[str, Any] | None] = [sums_of(-1, reference)] + [None] * n_plans
-    results: list[dict[str, Tensor] | None] = [None] * n_plans
+@dataclass
+class _Walk:
+    """One batch's trie walk: the model, its embedded batch and trunk, and how plans are stacked."""
 
-    # The trie is walked depth first, `window_size` plan ends at a time (a window). A window
-    # computes the nodes on the paths to its plan ends that no earlier window computed, depth by
-    # depth, up to `lanes` nodes of one depth that run the same block stacked into one call; the
-    # residuals of the path to the window's last plan end are kept for the next window
-    # (depth-first order puts every node a later window shares on that path), so every trie node
-    # is computed once, and at most `window_size` residuals per depth (plus that path) are alive.
-    info, ends, trunk_depth = _trie_walk(trie, n_layers)
-    kept: dict[int, Tensor] = {}
+    seam: ModelSeam
+    emb: Embedded
+    fast: Any
+    lay: trie_.Layout
+    trunk: list[Tensor]
+    lanes: int
+    window_size: int
+    stack_metrics: bool
 
-    def residual_of(node: _Node) -> Tensor:
-        depth = trunk_depth.get(id(node))
-        return trunk[depth] if depth is not None else kept[id(node)]
+    def block(self, layer: int, x: Tensor, step: int) -> Tensor:
+        """Block ``layer`` on ``x`` at execution ``step``: by the fast path where it may run."""
+        if self.fast is not None and self.fast.allowed[layer]:
+            return self.fast(layer, x)
+        return self.seam.run_block(layer, x, self.emb, step)
 
-    def path_of(node: _Node) -> set[int]:
-        path: set[int] = set()
-        while node is not None and id(node) not in trunk_depth:
-            path.add(id(node))
-            node = info[id(node)][0]
-        return path
+    def leaves(self, score: _Scorer) -> Iterator[tuple[trie_.Node, TokenMetrics | None]]:
+        """Every plan end with its metrics (``None``: the unmodified order, scored as the reference)."""
+        n_layers = self.seam.n_layers
+        kept: dict[int, Tensor] = {}
 
-    for w0 in range(0, len(ends), window_size):
-        window = ends[w0 : w0 + window_size]
-        todo: dict[int, list[_Node]] = {}  # the nodes to compute, by depth
-        seen: set[int] = set()
-        for leaf in window:
-            node = leaf
-            while id(node) not in trunk_depth and id(node) not in kept and id(node) not in seen:
-                seen.add(id(node))
-                parent, depth, _ = info[id(node)]
-                todo.setdefault(depth, []).append(node)
-                node = parent
-        last = path_of(window[-1])  # kept for the next window
-        keep = last | {id(leaf) for leaf in window}
-        for depth in sorted(todo):
-            by_layer: dict[int, list[_Node]] = {}
-            for node in todo[depth]:
-                by_layer.setdefault(info[id(node)][2], []).append(node)
-            for layer, same in by_layer.items():
-                for g in range(0, len(same), lanes):
-                    nodes = same[g : g + lanes]
-                    inputs = [residual_of(info[id(node)][0]) for node in nodes]
-                    if len(nodes) > 1 and fast is not None and fast.allowed[layer]:  # no hook sees the stack
-                        outputs = _run_block(model, emb, depth - 1, layer, torch.cat(inputs), fast).split(n_seq)
-                    else:
-                        outputs = [_run_block(model, emb, depth - 1, layer, x, fast) for x in inputs]
-                    for node, out in zip(nodes, outputs):
-                        kept[id(node)] = out
-            for node in todo.get(depth - 1, ()):  # their children are all computed
-                if id(node) not in keep:
-                    del kept[id(node)]
-        # the window's plans: the unmodified order's metrics are the reference's
-        computed = [leaf for leaf in window if trunk_depth.get(id(leaf)) != n_layers]
-        window_metrics: dict[int, dict[str, Tensor]] = {}
-        if stack_metrics and len(computed) > 1:
-            stacked_m = metrics_of(torch.cat([final_rows(residual_of(leaf)) for leaf in computed]))
-            for k, leaf in enumerate(computed):
-                window_metrics[id(leaf)] = {key: v[k * n_rows : (k + 1) * n_rows] for key, v in stacked_m.items()}
-        else:
-            for leaf in computed:
-                window_metrics[id(leaf)] = metrics_of(final_rows(residual_of(leaf)))
-        for leaf in window:
-            m = window_metrics.get(id(leaf), reference)
-            for pid in leaf.ends:
-                sums_rows[pid + 1] = sums_of(pid, m)
-                if per_token:
-                    results[pid] = m
-                ticker.tick()
-        kept = {key: _own(value) for key, value in kept.items() if key in last}
-    del ref_lp, ref_linear, tiled_ref, scratch, logits_buf, block_buf, fast, kept
-    sums = pd.DataFrame(sums_rows)
+        def residual(node: trie_.Node) -> Tensor:
+            depth = self.lay.trunk.get(node.index)
+            return self.trunk[depth] if depth is not None else kept[node.index]
 
+        for window in trie_.schedule(self.lay, self.window_size, self.lanes):
+            for depth, runs in itertools.groupby(window.runs, key=lambda r: r.depth):
+                for run in runs:
+                    outputs = self._run(run, [residual(self.lay.parent[n.index]) for n in run.nodes])
+                    kept.update((n.index, out) for n, out in zip(run.nodes, outputs))
+                for index in window.free_after.get(depth, ()):
+                    del kept[index]
+            computed = [leaf for leaf in window.leaves if self.lay.trunk.get(leaf.index) != n_layers]
+            scored = self._score(score, [_final_rows(self.seam, residual(leaf)) for leaf in computed])
+            scores = {leaf.index: m for leaf, m in zip(computed, scored)}
+            yield from ((leaf, scores.get(leaf.index)) for leaf in window.leaves)
+            kept = {k: _own(v) for k, v in kept.items() if k in window.carry}
+
+    def _run(self, run: trie_.Run, inputs: list[Tensor]) -> list[Tensor]:
+        """One scheduled block call: stacked along the batch axis where the block takes the fast
+        path (so no hook ever sees a stacked batch), else one call per input."""
+        n_seq, step = self.emb.residual.shape[0], run.depth - 1
+        if len(inputs) > 1 and self.fast is not None and self.fast.allowed[run.block]:
+            return list(self.fast(run.block, torch.cat(inputs)).split(n_seq))
+        return [self.block(run.block, x, step) for x in inputs]
+
+    def _score(self, score: _Scorer, rows: list[Tensor]) -> list[TokenMetrics]:
+        """Metrics of each computed leaf's final rows, reduced as one stack where allowed."""
+        if self.stack_metrics and len(rows) > 1:
+            stacked = score(torch.cat(rows))
+            n = rows[0].shape[0]
+            return [{key: v[k * n : (k + 1) * n] for key, v in stacked.items()} for k in range(len(rows))]
+        return [score(x) for x in rows]
+
+
+def _sums(pid: int, m: TokenMetrics, n_rows: int) -> dict[str, Any]:
+    """One plan's per-token metrics reduced to float64 sums."""
+    return {"plan_id": pid, "n_tokens": n_rows, **{f"{key}_sum": float(m[key].double().sum()) for key in SUM_KEYS}}
+
+
+def _per_token_table(results: list[TokenMetrics], reference: TokenMetrics, targets: Tensor, first_sequence: int,
+                     n_seq: int, seq_len: int) -> pd.DataFrame:
+    """The per-token table of one batch: one row per plan and scored position."""
+    n_rows = targets.shape[0]
+    seq = np.repeat(np.arange(first_sequence, first_sequence + n_seq), seq_len - 2)
+    pos = np.tile(np.arange(1, seq_len - 1), n_seq)
+    target_np, ref_loss, ref_top1 = targets.cpu().numpy(), reference["loss"].cpu().numpy(), reference["top1"].cpu().numpy()
+    frames = []
+    for pid, m in enumerate(results):
+        loss = m["loss"].cpu().numpy()
+        frames.append(pd.DataFrame({
+            "plan_id": np.full(n_rows, pid, dtype=np.int64), "sequence": seq, "position": pos, "token": target_np,
+            "top1": m["top1"].cpu().numpy(), "top1_original": ref_top1, "kl_nats": m["kl_nats"].cpu().numpy(),
+            "loss": loss, "loss_original": ref_loss, "loss_delta": loss - ref_loss,
+            "entropy_bits": m["entropy_bits"].cpu().numpy(), "confidence": m["confidence"].cpu().numpy(),
+            "correct": m["correct"].cpu().numpy(), "agree": m["agree"].cpu().numpy(),
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _prepare(seam: ModelSeam, batch: Tensor, lay: trie_.Layout, options: EngineOptions, hooked: bool,
+             targets: Tensor) -> tuple[_Walk, _Scorer]:
+    """Embed a batch, run the trunk, score the reference, and size the stacks and buffers."""
+    n_seq, seq_len = batch.shape
+    emb = seam.embed(batch)
+    fast = None if hooked else seam.fast_blocks(emb, options.fast_path)
+    trunk = [emb.residual]
+    walk = _Walk(seam, emb, fast, lay, trunk, 1, 1, False)
+    for layer in range(seam.n_layers):
+        trunk.append(walk.block(layer, trunk[-1], layer))
+    # The unembedding module runs (and its hook points fire) when a hook could see it. Logits
+    # linear in the final residual (no soft-cap, no such hook, fp32 or wider) need only a summary
+    # of the reference per row for the KL (metrics.LinearReference).
+    via_module = hooked or seam.has_hooks(seam.unembed_module)
+    linear = not via_module and not seam.softcap > 0 and seam.W_U.dtype in (torch.float32, torch.float64)
+    # Plans whose blocks take the fast path run up to `lanes` at a time stacked into one block
+    # call; a window holds twice as many plan ends (neighbouring plans often run different blocks
+    # at a step: a deletion's tail runs block d + 1 at step d, a swap's tail block d).
+    lanes = max(1, options.stack_tokens_for(seam.device) // (n_seq * seq_len)) if fast is not None else 1
+    walk.lanes, walk.window_size, walk.stack_metrics = lanes, 2 * lanes if lanes > 1 else 1, linear and lanes > 1
+    n_rows = targets.shape[0]
+    chunk = min(options.chunk_tokens, n_rows * (walk.window_size if walk.stack_metrics else 1))
+    scratch = emb.residual.new_empty((min(chunk, ROWS_AT_ONCE), seam.d_vocab), dtype=torch.float32)
+    unembedding = make_unembedding(seam.unembed_module, seam.W_U, seam.b_U, seam.softcap, via_module, chunk,
+                                   options.unembed_block)
+    reference = _reference(seam, unembedding, _final_rows(seam, trunk[-1]), targets, linear, options.chunk_tokens,
+                           not via_module, scratch)
+    tiles = walk.window_size if walk.stack_metrics else 1
+    return walk, _Scorer(unembedding, targets, reference, options.chunk_tokens, not via_module, scratch, tiles)
+
+
+def _run_batch(seam: ModelSeam, batch: Tensor, first_sequence: int, lay: trie_.Layout, n_plans: int,
+               options: EngineOptions, hooked: bool, ticker: _Ticker) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Every plan on one batch: float64 sums per plan (and the per-token table, if asked)."""
+    targets = rearrange(batch[:, 2:], "batch pos -> (batch pos)")
+    n_rows = targets.shape[0]
+    walk, score = _prepare(seam, batch, lay, options, hooked, targets)
+    reference = score.reference.metrics
+    sums_rows: list[dict[str, Any] | None] = [_sums(-1, reference, n_rows)] + [None] * n_plans
+    results: list[TokenMetrics] = [reference] * n_plans
+    for leaf, m in walk.leaves(score):
+        m = reference if m is None else m
+        for pid in leaf.ends:
+            sums_rows[pid + 1] = _sums(pid, m, n_rows)
+            if options.per_token:
+                results[pid] = m
+            ticker.tick()
+    del walk, score  # the buffers and residuals, before the table is built
     table = None
-    if per_token:
-        seq = np.repeat(np.arange(first_sequence, first_sequence + n_seq), seq_len - 2)
-        pos = np.tile(np.arange(1, seq_len - 1), n_seq)
-        target_np = targets.cpu().numpy()
-        ref_loss = reference["loss"].cpu().numpy()
-        ref_top1_np = ref_top1.cpu().numpy()
-        frames = []
-        for pid, m in enumerate(results):
-            assert m is not None
-            loss = m["loss"].cpu().numpy()
-            frames.append(pd.DataFrame({
-                "plan_id": np.full(n_rows, pid, dtype=np.int64),
-                "sequence": seq,
-                "position": pos,
-                "token": target_np,
-                "top1": m["top1"].cpu().numpy(),
-                "top1_original": ref_top1_np,
-                "kl_nats": m["kl_nats"].cpu().numpy(),
-                "loss": loss,
-                "loss_original": ref_loss,
-                "loss_delta": loss - ref_loss,
-                "entropy_bits": m["entropy_bits"].cpu().numpy(),
-                "confidence": m["confidence"].cpu().numpy(),
-                "correct": m["correct"].cpu().numpy(),
-                "agree": m["agree"].cpu().numpy(),
-            }))
-        table = pd.concat(frames, ignore_index=True)
-    return sums, table
+    if options.per_token:
+        table = _per_token_table(results, reference, targets, first_sequence, *batch.shape)
+    return pd.DataFrame(sums_rows), table
 
 
 def aggregate(orders: Sequence[tuple[int, ...]], n_layers: int, batches: Sequence[BatchResult]) -> pd.DataFrame:
@@ -771,8 +397,8 @@ def aggregate(orders: Sequence[tuple[int, ...]], n_layers: int, batches: Sequenc
     total = pd.concat([b.sums for b in sorted(batches, key=lambda b: b.index)], ignore_index=True)
     total = total.groupby("plan_id", sort=True).sum()
     n = total["n_tokens"].astype(np.float64)
-    means = {key: total[f"{key}_sum"] / n for key in _SUM_KEYS}
-    ref = {key: float(means[key].loc[-1]) for key in _SUM_KEYS}
+    means = {key: total[f"{key}_sum"] / n for key in SUM_KEYS}
+    ref = {key: float(means[key].loc[-1]) for key in SUM_KEYS}
     rows = []
     for pid, order in enumerate(orders):
         plan = LayerPlan(order=order, n_layers=n_layers)
@@ -804,17 +430,13 @@ def aggregate(orders: Sequence[tuple[int, ...]], n_layers: int, batches: Sequenc
 
 
 def evaluate_plans(
-    model: HookedTransformer,
+    model: Any,
     tokens: Int[Tensor, "batch pos"],
     plans: Sequence[LayerPlan],
+    options: EngineOptions | None = None,
     *,
-    batch_size: int = 8,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    per_token: bool = False,
-    progress: bool = True,
     fwd_hooks: FwdHooks = (),
-    fast_path: bool = True,
-    stack_tokens: int | None = None,
+    **settings: Any,
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Evaluate many layer plans against the unmodified model, sharing every common prefix.
 
@@ -827,15 +449,15 @@ def evaluate_plans(
     logits; it does not grow with the number of plans.
 
     Args:
-        model: a ``HookedTransformer``.
+        model: a ``HookedTransformer`` (or any model seam, :mod:`stages_of_inference.backends`).
         tokens: ``[batch, pos]`` token ids, BOS first, at least 3 positions.
         plans: layer plans for ``model.cfg.n_layers`` blocks (duplicates are computed once).
+        options: how the sweep executes (:class:`~stages_of_inference.interventions.options.EngineOptions`);
+            or give its fields as keywords (``settings``), not both:
         batch_size: sequences per trie pass.
         chunk_tokens: token positions unembedded and reduced at a time.
         per_token: also return the per-token table.
         progress: show a progress bar.
-        fwd_hooks: TransformerLens hooks active for every plan *and* the reference run (for
-            example an ablation whose effect of reordering is to be measured).
         fast_path: run blocks by :func:`~stages_of_inference.interventions.fastpath.fast_block`
             (the block's function without TransformerLens' per-call weight copies; equal to fp32
             rounding) wherever nothing could observe the difference: no ``fwd_hooks``, no hook on
@@ -847,6 +469,10 @@ def evaluate_plans(
             :data:`STACK_TOKENS_ACCELERATOR` elsewhere. Batches of at least half this size run
             one plan at a time; blocks that take the TransformerLens path are never stacked, so
             hooks always see the batch they were given.
+        unembed_block: vocabulary columns unembedded at a time.
+        fwd_hooks: TransformerLens hooks active for every plan *and* the reference run (for
+            example an ablation whose effect of reordering is to be measured).
+        **settings: the fields of ``EngineOptions`` as keywords (the arguments listed above).
 
     Returns:
         One row per plan, in the order given: ``plan`` (:meth:`LayerPlan.to_json`), ``label``,
@@ -868,19 +494,17 @@ def evaluate_plans(
         >>> df["label"].tolist(), float(df["kl_nats"].iloc[0]), int(df["n_tokens"].iloc[0])
         (['identity', 'drop 1', 'swap 0<->1'], 0.0, 3)
     """
-    model = check_model(model)
-    orders, pids = _unique_orders(model, plans)
-    batches = list(iter_plan_batches(
-        model, tokens, plans, batch_size=batch_size, chunk_tokens=chunk_tokens, per_token=per_token,
-        progress=progress, fwd_hooks=fwd_hooks, fast_path=fast_path, stack_tokens=stack_tokens,
-    ))
-    summary = aggregate(orders, model.cfg.n_layers, batches)
+    seam = as_seam(model)
+    options = EngineOptions.from_settings(options, settings)
+    orders, pids = _unique_orders(seam, plans)
+    batches = list(iter_plan_batches(seam, tokens, plans, options, fwd_hooks=fwd_hooks))
+    summary = aggregate(orders, seam.n_layers, batches)
     reference = summary.attrs["reference"]
     out = summary.iloc[pids].reset_index(drop=True)
     out.attrs["reference"] = reference
-    if not per_token:
+    if not options.per_token:
         return out
     table = pd.concat([b.per_token for b in batches if b.per_token is not None], ignore_index=True)
-    plan_json = np.array([LayerPlan(order=o, n_layers=model.cfg.n_layers).to_json() for o in orders], dtype=object)
+    plan_json = np.array([LayerPlan(order=o, n_layers=seam.n_layers).to_json() for o in orders], dtype=object)
     table.insert(0, "plan", plan_json[table.pop("plan_id").to_numpy()])
     return out, table

@@ -1,0 +1,37 @@
+"""Backends: the model seam (:class:`~stages_of_inference.backends.base.ModelSeam`) and its
+adapters. :func:`as_seam` is the one place that looks at what kind of model it was given."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stages_of_inference.backends.base import Embedded, ModelSeam
+
+__all__ = ["Embedded", "ModelSeam", "as_seam"]
+
+
+def as_seam(model: Any) -> ModelSeam:
+    """The seam of ``model``: a ``HookedTransformer`` is adapted; a seam is returned as it is.
+
+    Example:
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=5, act_fn="relu"))
+        >>> as_seam(m).n_layers
+        1
+        >>> as_seam("gpt2")
+        Traceback (most recent call last):
+        ...
+        TypeError: expected a transformer_lens.HookedTransformer, got str; load one with stages_of_inference.load_model(name) or HookedTransformer.from_pretrained
+    """
+    from transformer_lens import HookedTransformer
+
+    if isinstance(model, HookedTransformer):
+        from stages_of_inference.backends.hooked import HookedSeam
+
+        return HookedSeam(model)
+    if isinstance(model, ModelSeam) and not isinstance(model, type):
+        return model
+    raise TypeError(
+        f"expected a transformer_lens.HookedTransformer, got {type(model).__name__}; "
+        "load one with stages_of_inference.load_model(name) or HookedTransformer.from_pretrained"
+    )

@@ -1,0 +1,111 @@
+"""The model seam: everything the engine, the lens and the weight-based analyses need from a model.
+
+A backend adapts one kind of model object to :class:`ModelSeam`. The engine never asks what kind
+of model it holds: it embeds tokens, runs block ``i`` on a residual, applies the final norm and
+unembeds, through the seam; the weight-based analyses read processed weights through it.
+:func:`stages_of_inference.backends.as_seam` is the one place that picks the backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+FwdHooks = Sequence[tuple[Any, Callable[..., Any]]]
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """The embedded batch and what every block call of it needs besides the residual.
+
+    Attributes:
+        residual: the residual stream before block 0, ``[batch, pos, d_model]``.
+        extras: what the backend's blocks take besides the residual (positions, masks), opaque
+            to the engine.
+        plain: ``True`` when the blocks need nothing the fast path cannot supply (no padding
+            mask, no separate position stream), so the fast path may run them.
+    """
+
+    residual: Float[Tensor, "batch pos d_model"]
+    extras: Any = None
+    plain: bool = True
+
+
+@runtime_checkable
+class ModelSeam(Protocol):
+    """What the library needs from a model (one adapter per kind of model)."""
+
+    @property
+    def model(self) -> nn.Module:
+        """The adapted model itself (hooks are attached to it)."""
+
+    @property
+    def name(self) -> str:
+        """The model's name, as results record it."""
+
+    @property
+    def n_layers(self) -> int:
+        """Number of blocks."""
+
+    @property
+    def d_vocab(self) -> int:
+        """Vocabulary size."""
+
+    @property
+    def device(self) -> str:
+        """Where the model's weights are."""
+
+    def blocks(self) -> Sequence[nn.Module]:
+        """The blocks in their original order."""
+
+    def embed(self, tokens: Int[Tensor, "batch pos"]) -> Embedded:
+        """Embed a batch (positions included where the architecture adds them to the residual)."""
+
+    def run_block(self, layer: int, residual: Tensor, embedded: Embedded, step: int) -> Tensor:
+        """Block ``layer`` on ``residual``, as execution step ``step`` of a plan; its hooks fire."""
+
+    def final_norm(self, residual: Tensor) -> Tensor:
+        """The final norm (the identity for models without one)."""
+
+    @property
+    def unembed_module(self) -> nn.Module:
+        """The unembedding module (its hooks fire when it is called)."""
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        """The processed unembedding matrix."""
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        """The unembedding bias."""
+
+    @property
+    def softcap(self) -> float:
+        """The logit soft-cap (0: none)."""
+
+    def W_out(self, layer: int) -> Float[Tensor, "d_mlp d_model"]:
+        """Block ``layer``'s MLP output weights (one row per neuron)."""
+
+    def hooks(self, fwd_hooks: FwdHooks) -> contextlib.AbstractContextManager[Any]:
+        """Attach ``fwd_hooks`` (name, function) for the duration of a ``with`` block."""
+
+    def has_hooks(self, module: nn.Module) -> bool:
+        """Whether a hook is attached to ``module`` or any module inside it."""
+
+    def fast_blocks(self, embedded: Embedded, enabled: bool) -> Any:
+        """The fast path for this batch (an object with ``allowed[layer]`` and ``(layer, x)``
+        calls), or ``None`` where it cannot run."""
+
+    def loss(self, logits: Tensor, tokens: Tensor, embedded: Embedded) -> Tensor:
+        """The model's own mean next-token loss."""
+
+
+@contextlib.contextmanager
+def no_hooks() -> Iterator[None]:
+    """A ``with`` block that attaches nothing (for backends given no hooks)."""
+    yield

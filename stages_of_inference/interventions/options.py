@@ -1,0 +1,118 @@
+"""The engine's settings as one frozen, validated object.
+
+:class:`EngineOptions` is checked once, where a user hands settings to the library (the public
+functions build it from their keyword arguments); everything below takes the object and trusts
+it. :func:`check_count` is the one check of a positive count that the rest of the package uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stages_of_inference.interventions.unembed import UNEMBED_BLOCK
+from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS
+
+STACK_TOKENS_CPU = 1024
+"""Default ``stack_tokens`` on a CPU: the largest block call before the products stop getting
+faster on the 2-core machine the library is developed on (docs/benchmarks.md)."""
+
+STACK_TOKENS_ACCELERATOR = 8192
+"""Default ``stack_tokens`` on a GPU or other accelerator, where larger products keep getting faster."""
+
+
+def check_count(value: Any, name: str, what: str = "a positive integer") -> int:
+    """``value`` as an ``int`` if it is a whole number of at least 1 (numpy integers accepted,
+    booleans refused), else a ``ValueError`` naming ``name``.
+
+    Example:
+        >>> import numpy as np
+        >>> check_count(np.int64(2), "batch_size")
+        2
+        >>> check_count(True, "batch_size")
+        Traceback (most recent call last):
+        ...
+        ValueError: batch_size must be a positive integer, got True
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the sweep executes (not what it computes: every setting gives the same numbers to fp32
+    rounding).
+
+    Attributes:
+        batch_size: sequences per trie pass.
+        chunk_tokens: token positions unembedded and reduced at a time.
+        stack_tokens: with the fast path, plans that run the same block at the same step are
+            stacked into one block call of at most this many token positions; ``None``: the
+            device's default (:meth:`stack_tokens_for`).
+        fast_path: run blocks by the hook-free fast path wherever nothing could observe it.
+        per_token: also keep the per-token table.
+        progress: show a progress bar.
+        unembed_block: vocabulary columns the blocked unembedding computes at a time.
+
+    Example:
+        >>> EngineOptions(batch_size=4).stack_tokens_for("cpu")
+        1024
+        >>> EngineOptions(chunk_tokens=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: chunk_tokens must be a positive number of token positions, got 0
+    """
+
+    batch_size: int = 8
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    stack_tokens: int | None = None
+    fast_path: bool = True
+    per_token: bool = False
+    progress: bool = True
+    unembed_block: int = UNEMBED_BLOCK
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "batch_size", check_count(self.batch_size, "batch_size", "a positive number of sequences"))
+        positions = "a positive number of token positions"
+        object.__setattr__(self, "chunk_tokens", check_count(self.chunk_tokens, "chunk_tokens", positions))
+        if self.stack_tokens is not None:
+            stack = check_count(self.stack_tokens, "stack_tokens", f"{positions} (or None for the default)")
+            object.__setattr__(self, "stack_tokens", stack)
+        object.__setattr__(self, "unembed_block", check_count(self.unembed_block, "unembed_block", "a positive number of vocabulary columns"))
+        for name in ("fast_path", "per_token", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def stack_tokens_for(self, device: str | torch.device) -> int:
+        """``stack_tokens``, or the default for ``device``: :data:`STACK_TOKENS_CPU` on a CPU,
+        :data:`STACK_TOKENS_ACCELERATOR` elsewhere."""
+        if self.stack_tokens is not None:
+            return self.stack_tokens
+        return STACK_TOKENS_CPU if torch.device(device).type == "cpu" else STACK_TOKENS_ACCELERATOR
+
+    @classmethod
+    def from_settings(cls, options: EngineOptions | None, settings: dict[str, Any]) -> EngineOptions:
+        """``options``, or one built from keyword ``settings`` (its fields); never both.
+
+        Example:
+            >>> EngineOptions.from_settings(None, {"batch_size": 2}).batch_size
+            2
+            >>> EngineOptions.from_settings(None, {"batchsize": 2})
+            Traceback (most recent call last):
+            ...
+            ValueError: unknown engine setting(s) ['batchsize']; known: batch_size, chunk_tokens, stack_tokens, fast_path, per_token, progress, unembed_block
+        """
+        if options is not None and not isinstance(options, EngineOptions):
+            raise TypeError(f"options must be an EngineOptions, got {type(options).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise ValueError(f"unknown engine setting(s) {unknown}; known: {', '.join(known)}")
+        if options is not None and settings:
+            raise ValueError(f"give either options or its fields as keywords, not both (got options and {sorted(settings)})")
+        return options if options is not None else cls(**settings)
