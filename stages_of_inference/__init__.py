@@ -34,7 +34,7 @@ _NAMES = {
     "Result": "stages_of_inference.results",
     "provenance": "stages_of_inference.results",
     "relative_depth": "stages_of_inference._utils",
-    "run_study": "stages_of_inference.report",
+    "run_study": "stages_of_inference.study",
 }
 # public submodule -> module path
 _MODULES = {
@@ -47,6 +47,8 @@ _MODULES = {
     "results": "stages_of_inference.results",
     "models": "stages_of_inference.models",
     "data": "stages_of_inference.data",
+    "study": "stages_of_inference.study",
+    "backends": "stages_of_inference.backends",
 }
 
 __all__ = sorted([*_NAMES, *_MODULES, "__version__"])

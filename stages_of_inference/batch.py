@@ -106,3 +106,7 @@ def tensor_of(tokens: TokenBatch | Tensor) -> Tensor:
 def describe_any(tokens: TokenBatch | Tensor) -> dict[str, Any]:
     """The provenance record of a :class:`TokenBatch` or of a plain tensor (corpus unknown)."""
     return tokens.describe() if isinstance(tokens, TokenBatch) else describe_tokens(tokens)
+
+
+Tokens = Int[Tensor, "batch pos"] | TokenBatch
+"""What every analysis takes as its tokens: a ``[batch, pos]`` tensor or a :class:`TokenBatch`."""

@@ -2,7 +2,7 @@
 
 Commands:
 
-* ``run``: the main job, the whole study (:func:`stages_of_inference.report.run_study`) on one or
+* ``run``: the main job, the whole study (:func:`stages_of_inference.study.run_study`) on one or
   more models; writes ``report.html`` and the data files into ``--out-dir``;
 * ``sweep``: the deletion / swap robustness sweep alone, printed (and saved with ``--out``);
 * ``neurons``: prediction and suppression neurons per layer (the weights alone, no text);
@@ -43,21 +43,6 @@ def _positive(text: str) -> int:
     return value
 
 
-def _analyses(text: str) -> tuple[str, ...]:
-    from stages_of_inference.report import ANALYSES, FAST_ANALYSES
-
-    if text == "all":
-        return ANALYSES
-    if text == "fast":
-        return FAST_ANALYSES
-    names = tuple(a.strip() for a in text.split(",") if a.strip())
-    unknown = [a for a in names if a not in ANALYSES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown analyses {unknown or '(none)'}; give 'all', 'fast' or a comma list of: {', '.join(ANALYSES)}")
-    return names
-
-
 def _load(args: argparse.Namespace, n_tokens: int | None = None):  # noqa: ANN202 - returns (model, tokens)
     import stages_of_inference as soi
 
@@ -93,12 +78,11 @@ def _print_table(table, columns: Sequence[str], formats: dict[str, str]) -> None
 
 
 def _run(args: argparse.Namespace) -> int:
-    from stages_of_inference.report import StudyConfig, run_study
+    from stages_of_inference.study import run_study
+    from stages_of_inference.study.config import from_args
 
-    models = tuple(args.model or [DEFAULT_MODEL])
-    config = StudyConfig(models=models, corpus=args.corpus, n_tokens=args.n_tokens, seq_len=args.seq_len,
-                         seed=args.seed, analyses=args.analyses, table_format=args.format, device=args.device,
-                         static_formats=() if args.no_static else ("png",))
+    config = from_args(args)
+    models = config.models
     out_dir = Path(args.out_dir) if args.out_dir else Path("reports") / "+".join(
         "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(m).name) for m in models)
     started = time.perf_counter()
@@ -203,7 +187,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``stages-of-inference`` command."""
-    from stages_of_inference.report import ANALYSES
+    from stages_of_inference.study.config import add_options
 
     parser = _Parser(
         prog="stages-of-inference",
@@ -220,23 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "file per result (with JSON provenance) and, where kaleido works, PNG figures. Started again with "
                     "the same --out-dir, it reuses every finished analysis.",
     )
-    run.add_argument("--model", action="append", default=None,
-                     help=f"a model to study; repeat for several, overlaid on relative depth (default: {DEFAULT_MODEL})")
-    run.add_argument("--corpus", default="default",
-                     help="bundled corpus (default, austen, melville), text file or folder (default: %(default)s)")
-    run.add_argument("--n-tokens", type=_positive, default=1024,
-                     help="tokens in the main batch; the lens, sharpening and repetition analyses use half "
-                          "(default: %(default)s: about three minutes for smollm2-135m on 2 CPU cores)")
-    run.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence, BOS first (default: %(default)s)")
-    run.add_argument("--seed", type=int, default=0, help="which text windows and prompts are drawn (default: %(default)s)")
-    run.add_argument("--analyses", type=_analyses, default=ANALYSES,
-                     help="'all' (default), 'fast', or a comma list of: " + ", ".join(ANALYSES))
+    add_options(run)  # one option per StudyConfig field, declared there
     run.add_argument("--out-dir", default=None, help="the study's folder (default: reports/<model>[+<model>...])")
-    run.add_argument("--format", choices=("parquet", "csv"), default="parquet", help="data file format (default: %(default)s)")
     run.add_argument("--on-mismatch", choices=("recompute", "error"), default="recompute",
                      help="what to do with a finished analysis in --out-dir made with other settings (default: %(default)s)")
-    run.add_argument("--no-static", action="store_true", help="no PNG copies of the figures even if kaleido is installed")
-    run.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_run)
 
@@ -278,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stages-of-inference`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     from stages_of_inference.models import ModelNotAvailableError
-    from stages_of_inference.report import StudyMismatchError
+    from stages_of_inference.study.run import StudyMismatchError
 
     try:
         return int(args.func(args))

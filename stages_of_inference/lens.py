@@ -54,6 +54,7 @@ from stages_of_inference._utils import check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.interventions.hooks import ResidualReadout, collect
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, log_probs, scored_positions
+from stages_of_inference.batch import Tokens
 
 __all__ = [
     "CONVENTIONS",
@@ -218,7 +219,7 @@ def _normalize_inplace(model: HookedTransformer, buf: Tensor, convention: str, f
 
 def lens_logits(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     convention: str = "paper",
     points: Sequence[int] | None = None,
 ) -> Float[Tensor, "layer batch pos d_vocab"]:
@@ -308,7 +309,7 @@ class LensChunk:
 
 def iter_lens(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     convention: str = "paper",
     *,
     batch_size: int = 8,

@@ -59,9 +59,6 @@ BLOCK_DEPTH = "relative depth (block i / (n_layers - 1))"
 READOUT_DEPTH = "relative depth (readout k / n_layers; 0 = embeddings)"
 """x-axis title of logit-lens figures."""
 
-STAGES = ("detokenization", "feature engineering", "prediction ensembling", "residual sharpening")
-"""The four stages of inference, in depth order (Lad et al. 2024)."""
-
 _STAGE_FILL = ("#4c78a8", "#72b7b2", "#f58518", "#e45756")
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 _X_RANGE = (-0.03, 1.03)
@@ -82,42 +79,9 @@ _KIND_NAME = {"drop": "delete block", "swap": "swap with next"}
 # --------------------------------------------------------------------------------------------
 # inputs
 
-
-def _provenance(result: Any) -> dict[str, Any]:
-    if isinstance(result, pd.DataFrame):
-        return dict(result.attrs.get("provenance", {}) or {})
-    prov = getattr(result, "provenance", None)
-    if isinstance(prov, Mapping):
-        return dict(prov)
-    heads = getattr(result, "heads", None)
-    if isinstance(heads, pd.DataFrame):
-        return dict(heads.attrs.get("provenance", {}) or {})
-    return {}
-
-
-def result_model(result: Any, default: str = "model") -> str:
-    """The model name recorded in a result's provenance, else ``default``.
-
-    Works on DataFrames (``attrs["provenance"]``), :class:`~stages_of_inference.results.Result`
-    objects and :class:`~stages_of_inference.stages.detokenization.SubjoinerResult`.
-
-    Example:
-        >>> import pandas as pd
-        >>> df = pd.DataFrame({"layer": [0]}); df.attrs["provenance"] = {"model": {"name": "gpt2"}}
-        >>> result_model(df), result_model(pd.DataFrame())
-        ('gpt2', 'model')
-    """
-    name = _provenance(result).get("model", {}).get("name")
-    return str(name) if name else default
-
-
-def _n_layers(result: Any, table: pd.DataFrame | None = None) -> int | None:
-    n = _provenance(result).get("model", {}).get("n_layers")
-    if n:
-        return int(n)
-    if table is not None and "layer" in table and len(table):
-        return int(pd.to_numeric(table["layer"], errors="coerce").max()) + 1
-    return None
+from stages_of_inference._tables import _n_layers, _provenance, _require, _table, result_model  # noqa: E402
+from stages_of_inference.stages.placement import STAGES, _band_edges, place_stages  # noqa: E402
+from stages_of_inference.stages.placement import first_peak as _first_peak  # noqa: E402
 
 
 def _as_list(results: Any) -> list[Any]:
@@ -130,29 +94,6 @@ def _as_list(results: Any) -> list[Any]:
     if not items:
         raise ValueError("no result to plot: the list of results is empty")
     return items
-
-
-def _table(result: Any, name: str | None = None) -> pd.DataFrame:
-    """The DataFrame inside ``result`` (a DataFrame, a Result's table ``name`` or its only table)."""
-    if isinstance(result, pd.DataFrame):
-        return result
-    tables = getattr(result, "tables", None)
-    if isinstance(tables, Mapping):
-        if name is not None and name in tables:
-            return tables[name]
-        if len(tables) == 1:
-            return next(iter(tables.values()))
-        raise ValueError(f"this result holds tables {sorted(tables)}; expected one named {name!r}")
-    heads = getattr(result, "heads", None)
-    if isinstance(heads, pd.DataFrame):
-        return heads
-    raise TypeError(f"expected a pandas DataFrame or a stages_of_inference result, got {type(result).__name__}")
-
-
-def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{what} needs the columns {missing}; this table has {list(df.columns)}")
 
 
 def model_colors(results: Any, colors: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -231,204 +172,6 @@ def _depth_axes(fig: go.Figure, title: str = BLOCK_DEPTH) -> None:
 
 # --------------------------------------------------------------------------------------------
 # stages
-
-
-def _band_edges(first: int, last: int, n_layers: int) -> tuple[float, float]:
-    if n_layers <= 1:
-        return 0.0, 1.0
-    step = 1.0 / (n_layers - 1)
-    return max(0.0, (first - 0.5) * step), min(1.0, (last + 0.5) * step)
-
-
-def _drop_kl(sweep: Any) -> pd.Series | None:
-    if sweep is None:
-        return None
-    summary = _table(sweep, "summary")
-    _require(summary, ["kind", "layer", "kl_nats"], "place_stages(sweep=...)")
-    drops = summary[summary["kind"] == "drop"]
-    if drops.empty:
-        return None
-    return pd.Series(drops["kl_nats"].to_numpy(float), index=drops["layer"].astype(int).to_numpy())
-
-
-def _first_peak(layers: np.ndarray, values: np.ndarray) -> int:
-    """The layer of the first local maximum of ``values`` (higher than the next, not lower than the
-    previous), else of the maximum."""
-    for i in range(len(values) - 1):
-        if values[i] > values[i + 1] and (i == 0 or values[i] >= values[i - 1]):
-            return int(layers[i])
-    return int(layers[int(np.argmax(values))])
-
-
-def place_stages(
-    sweep: Any = None,
-    lens: pd.DataFrame | None = None,
-    neurons: pd.DataFrame | None = None,
-    attention: pd.DataFrame | None = None,
-    *,
-    n_layers: int | None = None,
-    fragile: float = 3.0,
-    entropy_fall: float = 0.25,
-) -> pd.DataFrame:
-    """Place the four stages on a model's blocks from its measurements (the "stage-band rule").
-
-    Blocks ``0 .. n-1`` are split at three boundaries ``b <= c <= d`` into detokenization
-    ``[0, b)``, feature engineering ``[b, c)``, prediction ensembling ``[c, d)`` and residual
-    sharpening ``[d, n)``. A block is *fragile* when deleting it costs more than ``fragile`` times
-    the median deletion KL over all blocks.
-
-    * ``b``, end of detokenization: past the leading run of fragile blocks, and past the first
-      peak (local maximum) of previous-token attention in the first half of the depth; at least
-      1, at most ``n // 2``.
-    * ``c``, start of prediction ensembling: the first block after whose output the logit-lens
-      entropy (paper convention) has fallen by ``entropy_fall`` of its total fall from the
-      embeddings to the output (the lens starts to align with the vocabulary). Without a lens
-      table: the first block holding at least a tenth of the peak count of prediction neurons.
-    * ``d``, start of residual sharpening: the first block of the trailing run of blocks that are
-      fragile or hold more suppression than prediction neurons; at least the last block.
-
-    Boundaries are then ordered (``b <= c <= d``); a stage squeezed to no block is reported with
-    ``n_blocks == 0``. Each band spans its blocks' relative depths plus half a block either side
-    (clipped to [0, 1]), so neighbouring bands meet.
-
-    Args:
-        sweep: a robustness sweep (or its ``summary``) with ``kind == "drop"`` rows.
-        lens: a logit-lens table (``layer``, ``entropy_bits``), preferably ``convention="paper"``.
-        neurons: ``neuron_counts`` (``layer``, ``n_prediction``, ``n_suppression``) or
-            ``neuron_moments`` (``layer``, ``kind``).
-        attention: ``previous_token_attention`` (``layer``, ``mean_attention``).
-        n_layers: the model's number of blocks (default: from the inputs' provenance or layers).
-        fragile: the fragility factor over the median deletion KL.
-        entropy_fall: the fraction of the lens entropy's total fall that marks ``c``.
-
-    Returns:
-        One row per stage: ``stage``, ``first_layer``, ``last_layer``, ``n_blocks``, ``start``,
-        ``end`` (relative depth), ``model``, ``evidence`` (which measurement placed its start).
-
-    Example:
-        >>> import pandas as pd
-        >>> sweep = pd.DataFrame({"kind": ["drop"] * 10, "layer": range(10),
-        ...                       "kl_nats": [8, .3, .2, .2, .1, .1, .2, .3, .5, 2]})
-        >>> lens = pd.DataFrame({"layer": range(11), "entropy_bits": [15, 15, 15, 15, 14.8, 14.5, 13, 11, 9, 7, 5]})
-        >>> place_stages(sweep, lens)[["stage", "first_layer", "last_layer"]].values.tolist()
-        [['detokenization', 0, 0], ['feature engineering', 1, 5], ['prediction ensembling', 6, 8], ['residual sharpening', 9, 9]]
-    """
-    if not fragile > 1:
-        raise ValueError(f"fragile must be a factor above 1, got {fragile}")
-    if not 0 < entropy_fall < 1:
-        raise ValueError(f"entropy_fall must lie strictly between 0 and 1, got {entropy_fall}")
-    kl = _drop_kl(sweep)
-    inputs = [x for x in (sweep, lens, neurons, attention) if x is not None]
-    if not inputs:
-        raise ValueError("place_stages needs at least one measurement: sweep, lens, neurons or attention")
-    if n_layers is None:
-        for x in inputs:
-            n_layers = _n_layers(x)
-            if n_layers:
-                break
-    if n_layers is None:
-        if kl is not None:
-            n_layers = int(kl.index.max()) + 1
-        elif lens is not None:
-            n_layers = int(lens["layer"].max())
-        else:
-            n_layers = int(_table(inputs[0])["layer"].max()) + 1
-    n = int(n_layers)
-    if n < 1:
-        raise ValueError(f"n_layers must be positive, got {n}")
-    model = next((result_model(x) for x in inputs if result_model(x, "") != ""), "model")
-
-    is_fragile = np.zeros(n, dtype=bool)
-    if kl is not None and len(kl):
-        median = float(np.median(kl.to_numpy()))
-        threshold = fragile * max(median, 1e-12)
-        for layer, value in kl.items():
-            if 0 <= int(layer) < n:
-                is_fragile[int(layer)] = value > threshold
-
-    counts = None
-    if neurons is not None:
-        table = _table(neurons)
-        if {"n_prediction", "n_suppression"} <= set(table.columns):
-            counts = table.set_index("layer")[["n_prediction", "n_suppression"]]
-        else:
-            _require(table, ["layer", "kind"], "place_stages(neurons=...)")
-            counts = pd.crosstab(table["layer"], table["kind"]).reindex(
-                columns=["prediction", "suppression"], fill_value=0)
-            counts.columns = ["n_prediction", "n_suppression"]
-        counts = counts.reindex(range(n), fill_value=0)
-
-    # b: end of detokenization
-    evidence_b = []
-    lead = 0
-    while lead < n and is_fragile[lead]:
-        lead += 1
-    b = lead
-    if lead:
-        evidence_b.append(f"deleting block{'s' if lead > 1 else ''} 0..{lead - 1} is fragile (KL > {fragile:g} x median)")
-    if attention is not None:
-        att = _table(attention)
-        _require(att, ["layer", "mean_attention"], "place_stages(attention=...)")
-        early = att[att["layer"] <= (n - 1) // 2].sort_values("layer")
-        if len(early):
-            peak = _first_peak(early["layer"].to_numpy(int), early["mean_attention"].to_numpy(float))
-            if peak + 1 > b:
-                b = peak + 1
-            evidence_b.append(f"previous-token attention has its first peak at block {peak}")
-    b = min(max(b, 1), max(n // 2, 1))
-
-    # d: start of residual sharpening
-    d = n
-    reason_d = []
-    while d > 0:
-        layer = d - 1
-        supp = counts is not None and counts.loc[layer, "n_suppression"] > max(counts.loc[layer, "n_prediction"], 0)
-        if is_fragile[layer] or supp:
-            d -= 1
-            if is_fragile[layer] and "fragile" not in " ".join(reason_d):
-                reason_d.append("fragile under deletion")
-            if supp and "suppression" not in " ".join(reason_d):
-                reason_d.append("more suppression than prediction neurons")
-        else:
-            break
-    if d == n:
-        d = n - 1
-        reason_d.append("the last block (no trailing fragile or suppression-dominated run)")
-
-    # c: start of prediction ensembling
-    c = None
-    reason_c = ""
-    if lens is not None:
-        lt = _table(lens)
-        _require(lt, ["layer", "entropy_bits"], "place_stages(lens=...)")
-        h = lt.sort_values("layer")["entropy_bits"].to_numpy(float)
-        fall = h[0] - h[-1]
-        if len(h) >= 2 and fall > 0:
-            below = np.nonzero(h[1:] <= h[0] - entropy_fall * fall)[0]
-            if len(below):
-                c = int(below[0])  # readout k + 1 is the output of block k
-                reason_c = f"logit-lens entropy has fallen by {entropy_fall:.0%} of its total fall after block {c}"
-    if c is None and counts is not None and counts["n_prediction"].max() > 0:
-        pred = counts["n_prediction"].to_numpy()
-        c = int(np.nonzero(pred >= max(1, 0.1 * pred.max()))[0][0])
-        reason_c = f"first block with at least a tenth of the peak count of prediction neurons ({c})"
-    if c is None:
-        c = (b + d) // 2
-        reason_c = "no lens or neuron data: midway between detokenization and residual sharpening"
-    c = min(max(c, b), d)
-
-    edges = [(0, b, "; ".join(evidence_b) or "at least one block"), (b, c, "after detokenization"),
-             (c, d, reason_c), (d, n, "; ".join(reason_d))]
-    rows = []
-    for stage, (lo, hi, why) in zip(STAGES, edges):
-        n_blocks = max(hi - lo, 0)
-        start, end = _band_edges(lo, hi - 1, n) if n_blocks else (np.nan, np.nan)
-        rows.append({"stage": stage, "first_layer": lo if n_blocks else -1, "last_layer": hi - 1 if n_blocks else -1,
-                     "n_blocks": n_blocks, "start": start, "end": end, "model": model, "evidence": why})
-    out = pd.DataFrame(rows)
-    out.attrs["provenance"] = {"model": {"name": model, "n_layers": n},
-                               "settings": {"analysis": "place_stages", "fragile": fragile, "entropy_fall": entropy_fall}}
-    return out
 
 
 def add_stage_bands(
@@ -661,15 +404,17 @@ def subjoiner_scores(results: Any, stages: Any = None, colors: Mapping[str, str]
     return _layout(fig, "Stage 1 · subjoiner heads: attention that glues a word's pieces")
 
 
-def subjoiner_patterns(result: Any, heads: Sequence[tuple[int, int]] | None = None, top: int = 3) -> go.Figure:
+def subjoiner_patterns(result: Any, heads: Sequence[tuple[int, int]] | None = None, top: int = 3,
+                       ranked: pd.DataFrame | None = None) -> go.Figure:
     """Mean attention patterns of the best subjoiner heads, on multi-piece prompts and on controls.
 
     Args:
         result: a ``subjoiner_heads`` result, or a long table with ``layer``, ``head``, ``prompts``
-            ("subword" or "control"), ``query``, ``key``, ``attention`` and the heads table in
-            ``attrs["heads"]`` (as the study saves it).
+            ("subword" or "control"), ``query``, ``key``, ``attention`` (and ``n_pieces``), as the
+            study saves it.
         heads: ``(layer, head)`` pairs to draw (default: the ``top`` ranked heads).
         top: how many heads when ``heads`` is not given.
+        ranked: the heads table to rank by, for a long table (a result carries its own).
 
     Example:
         >>> import torch, pandas as pd
@@ -680,14 +425,15 @@ def subjoiner_patterns(result: Any, heads: Sequence[tuple[int, int]] | None = No
         2
     """
     long = _pattern_table(result)
-    ranked = _table(result, "heads") if not isinstance(result, pd.DataFrame) else result.attrs.get("heads")
+    if ranked is None and not isinstance(result, pd.DataFrame):
+        ranked = _table(result, "heads")
     if heads is None:
         if ranked is None or len(ranked) == 0:
             raise ValueError("no heads table to rank heads by: pass heads=[(layer, head), ...]")
         heads = [(int(l), int(h)) for l, h in ranked[["layer", "head"]].head(top).itertuples(index=False)]
     if not heads:
         raise ValueError("heads is empty: name at least one (layer, head)")
-    n_pieces = int(long.attrs.get("n_pieces", 0))
+    n_pieces = int(long["n_pieces"].iloc[0]) if "n_pieces" in long.columns and len(long) else 0
     titles = [f"L{l}H{h}: {kind}" for l, h in heads for kind in ("word split into pieces", "control (one-token word)")]
     fig = make_subplots(rows=len(heads), cols=2, subplot_titles=titles, horizontal_spacing=0.12,
                         vertical_spacing=0.12 if len(heads) > 1 else 0.2)
@@ -724,7 +470,7 @@ def _pattern_table(result: Any) -> pd.DataFrame:
         rows.append(pd.DataFrame({"layer": li.ravel(), "head": hi.ravel(), "prompts": kind, "query": qi.ravel(),
                                   "key": ki.ravel(), "attention": arr.ravel()}))
     out = pd.concat(rows, ignore_index=True)
-    out.attrs["n_pieces"] = int(getattr(result, "n_pieces", 0))
+    out["n_pieces"] = int(getattr(result, "n_pieces", 0))
     return out
 
 

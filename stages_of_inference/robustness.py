@@ -29,6 +29,7 @@ from stages_of_inference.interventions.options import EngineOptions
 from stages_of_inference.interventions.plan import LayerPlan
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS
 from stages_of_inference.results import PROVENANCE_FILE, Result, provenance, weights_hash  # noqa: F401 (public here too)
+from stages_of_inference.batch import Tokens
 
 SWEEP_KINDS = ("drop", "swap")
 """The interventions :func:`robustness_sweep` knows."""
@@ -106,7 +107,7 @@ def _check_kinds(kinds: Any) -> tuple[str, ...]:
 
 def robustness_sweep(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     kinds: Sequence[str] = SWEEP_KINDS,
     per_token: bool = False,
     progress: bool = True,

@@ -60,7 +60,7 @@ def test_unknown_model_exits_3(capsys: pytest.CaptureFixture[str], monkeypatch: 
 
 def test_mismatch_exits_4_and_interrupt_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                             tmp_path: Path) -> None:
-    from stages_of_inference import report
+    from stages_of_inference import study as report
 
     def mismatch(**kwargs):  # noqa: ANN003, ANN202
         raise report.StudyMismatchError("reports/x holds a finished analysis made with other settings")
@@ -79,7 +79,8 @@ def test_mismatch_exits_4_and_interrupt_130(monkeypatch: pytest.MonkeyPatch, cap
 
 def test_run_passes_its_options_to_the_study(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                              tmp_path: Path) -> None:
-    from stages_of_inference import report
+    from stages_of_inference import study as report
+    from stages_of_inference.study.registry import fast_analyses
 
     seen = {}
 
@@ -93,7 +94,7 @@ def test_run_passes_its_options_to_the_study(monkeypatch: pytest.MonkeyPatch, ca
     assert code == 0
     config = seen["config"]
     assert config.models == ("smollm2-135m", "gemma3-270m") and config.n_tokens == 512
-    assert config.analyses == report.FAST_ANALYSES and config.table_format == "csv" and config.static_formats == ()
+    assert config.analyses == fast_analyses() and config.table_format == "csv" and config.static_formats == ()
     assert seen["out_dir"] == Path("reports/smollm2-135m+gemma3-270m") and seen["progress"] is False
     assert "report.html" in capsys.readouterr().out
 

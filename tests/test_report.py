@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -11,9 +12,17 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from stages_of_inference import report
-from stages_of_inference.report import StudyConfig, StudyMismatchError, build_report, load_study, run_study
+from stages_of_inference.batch import token_digest
 from stages_of_inference.results import Result
+from stages_of_inference.study import (
+    REGISTRY,
+    Analysis,
+    StudyConfig,
+    StudyMismatchError,
+    build_report,
+    load_study,
+    run_study,
+)
 from tests.conftest import make_tiny_model
 
 TINY_ANALYSES = ("robustness", "previous_token_attention", "logit_lens", "layer_similarity", "neurons", "sharpening",
@@ -114,23 +123,27 @@ def test_two_models_study_report_and_data_files(tmp_path: Path, corpus: Path) ->
 def test_interrupted_study_resumes_and_mismatch_is_handled(tmp_path: Path, corpus: Path, monkeypatch) -> None:
     model = _tiny("tiny-parallel", "parallel")
     config = _config(corpus, ("tiny-parallel",))
-    real = report._compute
     calls: list[str] = []
 
-    def flaky(analysis, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        calls.append(analysis)
-        if analysis == "layer_similarity":
-            raise KeyboardInterrupt
-        return real(analysis, *args, **kwargs)
+    def counted(entry: Analysis, fail: bool = False) -> Analysis:
+        def compute(ctx):  # noqa: ANN001, ANN202
+            calls.append(entry.name)
+            if fail:
+                raise KeyboardInterrupt
+            return entry.compute(ctx)
+        return dataclasses.replace(entry, compute=compute)
 
-    monkeypatch.setattr(report, "_compute", flaky)
+    originals = dict(REGISTRY)
+    for name, entry in originals.items():
+        monkeypatch.setitem(REGISTRY, name, counted(entry, fail=name == "layer_similarity"))
     with pytest.raises(KeyboardInterrupt):
         run_study(model, config=config, out_dir=tmp_path, progress=False, log=None)
     assert calls == ["robustness", "previous_token_attention", "logit_lens", "layer_similarity"]
     assert not (tmp_path / "report.html").exists()
 
     calls.clear()
-    monkeypatch.setattr(report, "_compute", real)
+    for name, entry in originals.items():
+        monkeypatch.setitem(REGISTRY, name, counted(entry))
     study = run_study(model, config=config, out_dir=tmp_path, progress=False, log=None, write_report=False)
     assert [a for _, a in study.reused] == ["robustness", "previous_token_attention", "logit_lens"]
 
@@ -142,7 +155,7 @@ def test_interrupted_study_resumes_and_mismatch_is_handled(tmp_path: Path, corpu
     assert ("tiny-parallel", "neurons") in study.reused  # the weights-only analysis does not depend on the text
     assert ("tiny-parallel", "robustness") not in study.reused
     fp = Result.load(tmp_path / "tiny-parallel" / "robustness").provenance["study_fingerprint"]
-    assert fp["tokens_sha256"] == report._tokens_digest(
+    assert fp["tokens_sha256"] == token_digest(
         __import__("stages_of_inference").load_tokens(model, str(corpus), n_sequences=4, seq_len=16, seed=1))
 
 

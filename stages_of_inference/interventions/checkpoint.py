@@ -40,13 +40,17 @@ def sweep_fingerprint(model: Any, tokens: Tensor, settings: dict[str, Any]) -> d
     }
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint folder holds another sweep's checkpoint, or is not a checkpoint at all."""
+
+
 def refuse_mismatch(where: Path, found: dict[str, Any], expected: dict[str, Any]) -> None:
     """Raise a ``ValueError`` naming every difference if ``found`` is not ``expected``."""
     keys = sorted(set(found) | set(expected))
     diffs = [f"{k}: checkpoint has {found.get(k)!r}, this run has {expected.get(k)!r}"
              for k in keys if found.get(k) != expected.get(k)]
     if diffs:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"{where} was written by a different sweep, so it cannot be resumed: " + "; ".join(diffs)
             + ". Use another out_dir, or delete this one to start over."
         )
@@ -73,7 +77,7 @@ class SweepCheckpoint:
         """Start or resume: the finished batches (none for a new checkpoint); a folder that is
         not empty and holds no checkpoint, or holds another sweep's, is refused."""
         if self.out_dir.exists() and any(self.out_dir.iterdir()) and not self.folder.is_dir():
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"out_dir {self.out_dir} is not empty and holds no sweep checkpoint or result; "
                 "give a new or empty folder (it is replaced by the result when the sweep finishes)"
             )

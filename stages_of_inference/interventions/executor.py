@@ -37,6 +37,7 @@ from stages_of_inference.interventions.plan import LayerPlan
 from stages_of_inference.interventions.step import set_step
 from stages_of_inference.interventions.unembed import Unembedding, make_unembedding
 from stages_of_inference.metrics import ROWS_AT_ONCE, LinearReference, TokenMetrics, log_probs, logit_metrics
+from stages_of_inference.batch import Tokens
 
 __all__ = ["RETURN_TYPES", "BatchResult", "aggregate", "block_count", "evaluate_plans", "iter_plan_batches",
            "reordered", "run_plan"]
@@ -115,7 +116,7 @@ def _unique_orders(seam: ModelSeam, plans: Sequence[LayerPlan]) -> tuple[list[tu
 
 def iter_plan_batches(
     model: Any,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     plans: Sequence[LayerPlan],
     options: EngineOptions | None = None,
     *,
@@ -431,7 +432,7 @@ def aggregate(orders: Sequence[tuple[int, ...]], n_layers: int, batches: Sequenc
 
 def evaluate_plans(
     model: Any,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     plans: Sequence[LayerPlan],
     options: EngineOptions | None = None,
     *,

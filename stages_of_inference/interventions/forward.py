@@ -27,6 +27,7 @@ from stages_of_inference.backends import ModelSeam, as_seam
 from stages_of_inference.backends.hooked import ORIGINAL_BLOCKS, HookedSeam
 from stages_of_inference.interventions.plan import LayerPlan
 from stages_of_inference.interventions.step import get_step, set_step
+from stages_of_inference.batch import Tokens
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 """The ``return_type`` values :func:`run_plan` accepts (as ``HookedTransformer.forward``)."""
@@ -47,7 +48,7 @@ def _check_plan(seam: ModelSeam, plan: Any) -> LayerPlan:
 # --------------------------------------------------------------------------- one plan
 def run_plan(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     plan: LayerPlan,
     fwd_hooks: FwdHooks = (),
     return_type: Literal["logits", "loss", "both"] | None = "logits",

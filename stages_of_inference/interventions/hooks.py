@@ -20,6 +20,7 @@ from transformer_lens.hook_points import HookPoint
 from stages_of_inference._utils import check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.interventions.step import get_step
+from stages_of_inference.batch import Tokens
 
 HookFn = Callable[[Tensor, HookPoint], Any]
 FwdHook = tuple[str | Callable[[str], bool], HookFn]
@@ -32,7 +33,7 @@ class Collector:
     :func:`collect` calls with each batch's tokens before its forward pass.
     """
 
-    def start_batch(self, tokens: Int[Tensor, "batch pos"]) -> None:
+    def start_batch(self, tokens: Tokens) -> None:
         """Called with each batch's tokens before its forward pass."""
 
     def fwd_hooks(self, model: HookedTransformer) -> list[FwdHook]:
@@ -127,7 +128,7 @@ class AttentionReadout(Collector):
 
 def collect(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     collectors: Sequence[Collector],
     *,
     batch_size: int = 8,

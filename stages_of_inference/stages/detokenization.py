@@ -31,6 +31,7 @@ from stages_of_inference._utils import progress as _progress
 from stages_of_inference.interventions.hooks import AttentionReadout, collect
 from stages_of_inference.metrics import mean_and_sem
 from stages_of_inference.results import provenance, with_provenance
+from stages_of_inference.batch import Tokens
 
 __all__ = [
     "SubjoinerResult",
@@ -54,7 +55,7 @@ def _tiny_model() -> HookedTransformer:  # for docstring examples
 
 
 def _previous_token_per_sequence(
-    model: HookedTransformer, tokens: Tensor, k: int, batch_size: int, progress: bool
+    model: HookedTransformer, tokens: Tokens, k: int, batch_size: int, progress: bool
 ) -> Tensor:
     """``[sequence, layer, head]`` mean of ``A_h[q, q - d]`` over ``d = 1..k`` and ``q = d .. pos - 1``."""
     model = check_model(model)
@@ -85,7 +86,7 @@ def _previous_token_per_sequence(
 
 def previous_token_attention(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     k: int = 5,
     batch_size: int = 8,
     progress: bool = True,
@@ -132,7 +133,7 @@ def previous_token_attention(
 
 def previous_token_attention_heads(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     k: int = 5,
     batch_size: int = 8,
     progress: bool = True,

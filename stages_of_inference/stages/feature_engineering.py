@@ -40,6 +40,7 @@ from stages_of_inference.metrics import (
 )
 from stages_of_inference.probes import fit_probe
 from stages_of_inference.results import provenance, with_provenance
+from stages_of_inference.batch import Tokens
 
 __all__ = [
     "LABEL_MAKERS",
@@ -77,7 +78,7 @@ def _tiny_model(normalization_type: str = "LNPre") -> HookedTransformer:  # for 
 
 def logit_lens(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     convention: str = "paper",
     batch_size: int = 8,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
@@ -275,7 +276,7 @@ def _pairwise_unbiased_hsic(grams: Float[Tensor, "layer batch n n"]) -> Float[Te
 
 def layer_similarity(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     method: str = "cka",
     batch_size: int = 8,
     progress: bool = True,
@@ -424,7 +425,7 @@ def _ends_wordlike(piece: str) -> bool:
     return bool(piece) and piece[-1].isalnum()
 
 
-def continues_word(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+def continues_word(model: HookedTransformer, tokens: Tokens) -> Int[Tensor, "batch pos"]:
     """Label 1 where a token continues a word begun by an earlier token, else 0 (-1 at position 0).
 
     From the tokenizer's token strings (``convert_ids_to_tokens``): a token continues a word when
@@ -458,7 +459,7 @@ def continues_word(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -
     return out.to(tokens.device)
 
 
-def next_starts_word(model: HookedTransformer, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+def next_starts_word(model: HookedTransformer, tokens: Tokens) -> Int[Tensor, "batch pos"]:
     """Label 1 where the *next* token starts a new word, else 0 (-1 at position 0 and the last position).
 
     A token starts a new word when its string (``convert_ids_to_tokens``) has a leading-space
@@ -502,7 +503,7 @@ LABEL_MAKERS: dict[str, Callable[[HookedTransformer, Tensor], Tensor]] = {
 
 def probe_layers(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     labels: Int[Tensor, "batch pos"] | str | Callable[[HookedTransformer, Tensor], Tensor],
     *,
     points: Sequence[int] | None = None,

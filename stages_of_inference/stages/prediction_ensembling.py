@@ -36,6 +36,7 @@ from stages_of_inference._utils import progress as _progress
 from stages_of_inference.metrics import scored_positions
 from stages_of_inference.probes import ProbeResult, fit_probe
 from stages_of_inference.results import provenance, with_provenance
+from stages_of_inference.batch import Tokens
 
 KINDS = ("prediction", "suppression", "other")
 """The kinds of neuron :func:`neuron_moments` assigns."""
@@ -515,7 +516,7 @@ def _neuron_list(model: HookedTransformer, neurons: Any) -> list[tuple[int, int]
 
 def neuron_activations(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     neurons: Sequence[tuple[int, int]] | pd.DataFrame,
     *,
     batch_size: int = 8,
@@ -560,7 +561,7 @@ def neuron_activations(
 
 def _labels_from(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     label: Any,
     vocab: Vocab | None,
 ) -> Tensor:
@@ -580,7 +581,7 @@ def _labels_from(
 
 def neuron_ensemble_probe(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     neurons: Sequence[tuple[int, int]] | pd.DataFrame,
     label: Any,
     *,

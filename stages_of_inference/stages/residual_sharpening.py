@@ -28,6 +28,7 @@ from transformer_lens import HookedTransformer
 from stages_of_inference._utils import check_model, check_tokens, relative_depth
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS
 from stages_of_inference.results import provenance, with_provenance
+from stages_of_inference.batch import Tokens
 
 DEFAULT_CONVENTION = "per_layer_norm"
 """The logit-lens convention :func:`sharpening_profile` reads blocks through by default: each
@@ -76,7 +77,7 @@ def expected_calibration_error(
 # ----------------------------------------------------------------------------- profile
 
 
-def _matching_lens(lens: pd.DataFrame, model: HookedTransformer, tokens: Tensor, convention: str) -> pd.DataFrame:
+def _matching_lens(lens: pd.DataFrame, model: HookedTransformer, tokens: Tokens, convention: str) -> pd.DataFrame:
     """The rows of a given logit-lens table for ``convention``, checked to come from this model and these tokens."""
     if not isinstance(lens, pd.DataFrame) or not {"layer", "entropy_bits", "confidence"} <= set(lens.columns):
         raise TypeError("lens must be a logit_lens table (columns layer, entropy_bits, confidence, ...) or None")
@@ -97,7 +98,7 @@ def _matching_lens(lens: pd.DataFrame, model: HookedTransformer, tokens: Tensor,
 
 def sharpening_profile(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     *,
     convention: str = DEFAULT_CONVENTION,
     moments: pd.DataFrame | bool = True,
@@ -231,7 +232,7 @@ def _plan_metrics(
 
 def final_block_ablation(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     last_k: Sequence[int] = (1, 2, 3),
     *,
     single: bool = True,
@@ -321,7 +322,7 @@ def final_block_ablation(
 
 def layer_repetition(
     model: HookedTransformer,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Tokens,
     start: int,
     stop: int,
     *,

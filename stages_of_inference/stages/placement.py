@@ -1,0 +1,213 @@
+"""Where the stages lie: the rule that places the four stages on a model's blocks
+(:func:`place_stages`), from the sweep, the logit lens, the neuron counts and previous-token
+attention. Returns a table; the plots draw it (:func:`stages_of_inference.plots.add_stage_bands`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stages_of_inference._tables import _n_layers, _require, _table, result_model
+
+STAGES = ("detokenization", "feature engineering", "prediction ensembling", "residual sharpening")
+"""The four stages of inference, in depth order (Lad et al. 2024)."""
+
+
+def _band_edges(first: int, last: int, n_layers: int) -> tuple[float, float]:
+    if n_layers <= 1:
+        return 0.0, 1.0
+    step = 1.0 / (n_layers - 1)
+    return max(0.0, (first - 0.5) * step), min(1.0, (last + 0.5) * step)
+
+
+def _drop_kl(sweep: Any) -> pd.Series | None:
+    if sweep is None:
+        return None
+    summary = _table(sweep, "summary")
+    _require(summary, ["kind", "layer", "kl_nats"], "place_stages(sweep=...)")
+    drops = summary[summary["kind"] == "drop"]
+    if drops.empty:
+        return None
+    return pd.Series(drops["kl_nats"].to_numpy(float), index=drops["layer"].astype(int).to_numpy())
+
+
+def first_peak(layers: np.ndarray, values: np.ndarray) -> int:
+    """The layer of the first local maximum of ``values`` (higher than the next, not lower than the
+    previous), else of the maximum."""
+    for i in range(len(values) - 1):
+        if values[i] > values[i + 1] and (i == 0 or values[i] >= values[i - 1]):
+            return int(layers[i])
+    return int(layers[int(np.argmax(values))])
+
+
+def place_stages(
+    sweep: Any = None,
+    lens: pd.DataFrame | None = None,
+    neurons: pd.DataFrame | None = None,
+    attention: pd.DataFrame | None = None,
+    *,
+    n_layers: int | None = None,
+    fragile: float = 3.0,
+    entropy_fall: float = 0.25,
+) -> pd.DataFrame:
+    """Place the four stages on a model's blocks from its measurements (the "stage-band rule").
+
+    Blocks ``0 .. n-1`` are split at three boundaries ``b <= c <= d`` into detokenization
+    ``[0, b)``, feature engineering ``[b, c)``, prediction ensembling ``[c, d)`` and residual
+    sharpening ``[d, n)``. A block is *fragile* when deleting it costs more than ``fragile`` times
+    the median deletion KL over all blocks.
+
+    * ``b``, end of detokenization: past the leading run of fragile blocks, and past the first
+      peak (local maximum) of previous-token attention in the first half of the depth; at least
+      1, at most ``n // 2``.
+    * ``c``, start of prediction ensembling: the first block after whose output the logit-lens
+      entropy (paper convention) has fallen by ``entropy_fall`` of its total fall from the
+      embeddings to the output (the lens starts to align with the vocabulary). Without a lens
+      table: the first block holding at least a tenth of the peak count of prediction neurons.
+    * ``d``, start of residual sharpening: the first block of the trailing run of blocks that are
+      fragile or hold more suppression than prediction neurons; at least the last block.
+
+    Boundaries are then ordered (``b <= c <= d``); a stage squeezed to no block is reported with
+    ``n_blocks == 0``. Each band spans its blocks' relative depths plus half a block either side
+    (clipped to [0, 1]), so neighbouring bands meet.
+
+    Args:
+        sweep: a robustness sweep (or its ``summary``) with ``kind == "drop"`` rows.
+        lens: a logit-lens table (``layer``, ``entropy_bits``), preferably ``convention="paper"``.
+        neurons: ``neuron_counts`` (``layer``, ``n_prediction``, ``n_suppression``) or
+            ``neuron_moments`` (``layer``, ``kind``).
+        attention: ``previous_token_attention`` (``layer``, ``mean_attention``).
+        n_layers: the model's number of blocks (default: from the inputs' provenance or layers).
+        fragile: the fragility factor over the median deletion KL.
+        entropy_fall: the fraction of the lens entropy's total fall that marks ``c``.
+
+    Returns:
+        One row per stage: ``stage``, ``first_layer``, ``last_layer``, ``n_blocks``, ``start``,
+        ``end`` (relative depth), ``model``, ``evidence`` (which measurement placed its start).
+
+    Example:
+        >>> import pandas as pd
+        >>> sweep = pd.DataFrame({"kind": ["drop"] * 10, "layer": range(10),
+        ...                       "kl_nats": [8, .3, .2, .2, .1, .1, .2, .3, .5, 2]})
+        >>> lens = pd.DataFrame({"layer": range(11), "entropy_bits": [15, 15, 15, 15, 14.8, 14.5, 13, 11, 9, 7, 5]})
+        >>> place_stages(sweep, lens)[["stage", "first_layer", "last_layer"]].values.tolist()
+        [['detokenization', 0, 0], ['feature engineering', 1, 5], ['prediction ensembling', 6, 8], ['residual sharpening', 9, 9]]
+    """
+    if not fragile > 1:
+        raise ValueError(f"fragile must be a factor above 1, got {fragile}")
+    if not 0 < entropy_fall < 1:
+        raise ValueError(f"entropy_fall must lie strictly between 0 and 1, got {entropy_fall}")
+    kl = _drop_kl(sweep)
+    inputs = [x for x in (sweep, lens, neurons, attention) if x is not None]
+    if not inputs:
+        raise ValueError("place_stages needs at least one measurement: sweep, lens, neurons or attention")
+    if n_layers is None:
+        for x in inputs:
+            n_layers = _n_layers(x)
+            if n_layers:
+                break
+    if n_layers is None:
+        if kl is not None:
+            n_layers = int(kl.index.max()) + 1
+        elif lens is not None:
+            n_layers = int(lens["layer"].max())
+        else:
+            n_layers = int(_table(inputs[0])["layer"].max()) + 1
+    n = int(n_layers)
+    if n < 1:
+        raise ValueError(f"n_layers must be positive, got {n}")
+    model = next((result_model(x) for x in inputs if result_model(x, "") != ""), "model")
+
+    is_fragile = np.zeros(n, dtype=bool)
+    if kl is not None and len(kl):
+        median = float(np.median(kl.to_numpy()))
+        threshold = fragile * max(median, 1e-12)
+        for layer, value in kl.items():
+            if 0 <= int(layer) < n:
+                is_fragile[int(layer)] = value > threshold
+
+    counts = None
+    if neurons is not None:
+        table = _table(neurons)
+        if {"n_prediction", "n_suppression"} <= set(table.columns):
+            counts = table.set_index("layer")[["n_prediction", "n_suppression"]]
+        else:
+            _require(table, ["layer", "kind"], "place_stages(neurons=...)")
+            counts = pd.crosstab(table["layer"], table["kind"]).reindex(
+                columns=["prediction", "suppression"], fill_value=0)
+            counts.columns = ["n_prediction", "n_suppression"]
+        counts = counts.reindex(range(n), fill_value=0)
+
+    # b: end of detokenization
+    evidence_b = []
+    lead = 0
+    while lead < n and is_fragile[lead]:
+        lead += 1
+    b = lead
+    if lead:
+        evidence_b.append(f"deleting block{'s' if lead > 1 else ''} 0..{lead - 1} is fragile (KL > {fragile:g} x median)")
+    if attention is not None:
+        att = _table(attention)
+        _require(att, ["layer", "mean_attention"], "place_stages(attention=...)")
+        early = att[att["layer"] <= (n - 1) // 2].sort_values("layer")
+        if len(early):
+            peak = first_peak(early["layer"].to_numpy(int), early["mean_attention"].to_numpy(float))
+            if peak + 1 > b:
+                b = peak + 1
+            evidence_b.append(f"previous-token attention has its first peak at block {peak}")
+    b = min(max(b, 1), max(n // 2, 1))
+
+    # d: start of residual sharpening
+    d = n
+    reason_d = []
+    while d > 0:
+        layer = d - 1
+        supp = counts is not None and counts.loc[layer, "n_suppression"] > max(counts.loc[layer, "n_prediction"], 0)
+        if is_fragile[layer] or supp:
+            d -= 1
+            if is_fragile[layer] and "fragile" not in " ".join(reason_d):
+                reason_d.append("fragile under deletion")
+            if supp and "suppression" not in " ".join(reason_d):
+                reason_d.append("more suppression than prediction neurons")
+        else:
+            break
+    if d == n:
+        d = n - 1
+        reason_d.append("the last block (no trailing fragile or suppression-dominated run)")
+
+    # c: start of prediction ensembling
+    c = None
+    reason_c = ""
+    if lens is not None:
+        lt = _table(lens)
+        _require(lt, ["layer", "entropy_bits"], "place_stages(lens=...)")
+        h = lt.sort_values("layer")["entropy_bits"].to_numpy(float)
+        fall = h[0] - h[-1]
+        if len(h) >= 2 and fall > 0:
+            below = np.nonzero(h[1:] <= h[0] - entropy_fall * fall)[0]
+            if len(below):
+                c = int(below[0])  # readout k + 1 is the output of block k
+                reason_c = f"logit-lens entropy has fallen by {entropy_fall:.0%} of its total fall after block {c}"
+    if c is None and counts is not None and counts["n_prediction"].max() > 0:
+        pred = counts["n_prediction"].to_numpy()
+        c = int(np.nonzero(pred >= max(1, 0.1 * pred.max()))[0][0])
+        reason_c = f"first block with at least a tenth of the peak count of prediction neurons ({c})"
+    if c is None:
+        c = (b + d) // 2
+        reason_c = "no lens or neuron data: midway between detokenization and residual sharpening"
+    c = min(max(c, b), d)
+
+    edges = [(0, b, "; ".join(evidence_b) or "at least one block"), (b, c, "after detokenization"),
+             (c, d, reason_c), (d, n, "; ".join(reason_d))]
+    rows = []
+    for stage, (lo, hi, why) in zip(STAGES, edges):
+        n_blocks = max(hi - lo, 0)
+        start, end = _band_edges(lo, hi - 1, n) if n_blocks else (np.nan, np.nan)
+        rows.append({"stage": stage, "first_layer": lo if n_blocks else -1, "last_layer": hi - 1 if n_blocks else -1,
+                     "n_blocks": n_blocks, "start": start, "end": end, "model": model, "evidence": why})
+    out = pd.DataFrame(rows)
+    out.attrs["provenance"] = {"model": {"name": model, "n_layers": n},
+                               "settings": {"analysis": "place_stages", "fragile": fragile, "entropy_fall": entropy_fall}}
+    return out

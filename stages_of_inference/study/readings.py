@@ -1,0 +1,225 @@
+"""The report's written readings: one short paragraph per figure, from the study's results."""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from stages_of_inference.stages.placement import first_peak
+
+if TYPE_CHECKING:
+    from stages_of_inference.study.run import Study
+
+
+def named_tables(study: Study, analysis: str, key: str) -> Iterator[tuple[str, pd.DataFrame]]:
+    """``(model name, table)`` of table ``key`` of ``analysis``, for every model that has it."""
+    for name, done in study.results.items():
+        if analysis in done and key in done[analysis].tables:
+            yield name, done[analysis].tables[key]
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def read_robustness(study: Study) -> str:
+    parts = []
+    for name, done in study.results.items():
+        if "robustness" not in done:
+            continue
+        s = done["robustness"]["summary"]
+        base = s[s["kind"] == "none"].iloc[0]
+        drops, swaps = s[s["kind"] == "drop"], s[s["kind"] == "swap"]
+        worst = drops.loc[drops["kl_nats"].idxmax()]
+        n = len(drops)
+        mid = drops[(drops["relative_depth"] >= 1 / 3) & (drops["relative_depth"] < 2 / 3)]
+        last = drops.iloc[-1]
+        text = (f"<b>{html.escape(name)}</b>: the unmodified model has loss {_fmt(base['loss'])} nats and top-1 accuracy "
+                f"{_fmt(100 * base['accuracy'], 1)} %. Deleting block {int(worst['layer'])} (relative depth "
+                f"{_fmt(worst['relative_depth'])}) does the most damage: KL {_fmt(worst['kl_nats'])} nats, "
+                f"{_fmt(100 * worst['relative_accuracy'], 0)} % of the accuracy retained. ")
+        if len(mid):
+            text += (f"Deleting one of the middle third's {len(mid)} blocks costs on average KL {_fmt(mid['kl_nats'].mean())} "
+                     f"nats and keeps {_fmt(100 * mid['relative_accuracy'].mean(), 0)} % of the accuracy; ")
+        text += (f"the last block (block {n - 1}) costs KL {_fmt(last['kl_nats'])} nats "
+                 f"({_fmt(100 * last['relative_accuracy'], 0)} % retained). ")
+        text += (f"Over all blocks, a deletion keeps {_fmt(100 * drops['relative_accuracy'].min(), 0)}–"
+                 f"{_fmt(100 * drops['relative_accuracy'].max(), 0)} % of the accuracy (the paper: 72–95 % on its models, "
+                 "its first block excepted). ")
+        if len(swaps):
+            rel = "less" if swaps["kl_nats"].mean() < drops["kl_nats"].mean() else "more"
+            text += (f"Swapping adjacent blocks hurts {rel} than deleting on average (mean KL {_fmt(swaps['kl_nats'].mean())} "
+                     f"vs {_fmt(drops['kl_nats'].mean())} nats).")
+        parts.append(text)
+    return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""
+
+
+def read_attention(study: Study) -> str:
+    parts = []
+    for name, df in named_tables(study, "previous_token_attention", "attention"):
+
+        df = df.sort_values("layer")
+        peak = df.loc[df["mean_attention"].idxmax()]
+        first = first_peak(df["layer"].to_numpy(int), df["mean_attention"].to_numpy(float))
+        first_row = df[df["layer"] == first].iloc[0]
+        late = df[df["relative_depth"] >= 2 / 3]["mean_attention"].mean()
+        parts.append(f"<b>{html.escape(name)}</b>: the mean attention weight on each of the previous {int(df['k'].iloc[0])} "
+                     f"tokens has its first peak at block {first} (relative depth {_fmt(first_row['relative_depth'])}, "
+                     f"{_fmt(first_row['mean_attention'], 3)}) and its highest value at block {int(peak['layer'])} "
+                     f"(relative depth {_fmt(peak['relative_depth'])}, {_fmt(peak['mean_attention'], 3)}); it averages "
+                     f"{_fmt(late, 3)} over the last third (the paper, GPT-2 small: about 0.10 at depth 0.18, 0.02–0.03 "
+                     "late).")
+    return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""
+
+
+def read_subjoiner(study: Study) -> str:
+    parts = []
+    for name, df in named_tables(study, "subjoiner_heads", "heads"):
+        top = df.sort_values("difference", ascending=False).iloc[0]
+        strong = int((df["z"] > 3).sum()) if "z" in df else 0
+        parts.append(f"<b>{html.escape(name)}</b>: the best subjoiner head is L{int(top['layer'])}H{int(top['head'])} "
+                     f"(relative depth {_fmt(top['relative_depth'])}): from a four-piece word's last piece it puts "
+                     f"{_fmt(top['score'], 3)} of its attention on the word's earlier pieces, against "
+                     f"{_fmt(top['control_score'], 3)} on the same positions in control prompts. {strong} heads beat "
+                     f"their control by more than three standard errors ({int(top.get('n_prompts', 0))} prompts of each kind).")
+    return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""
+
+
+def read_patterns(name: str, patterns: pd.DataFrame, heads: pd.DataFrame | None) -> str:
+    n_pieces = int(patterns["n_pieces"].iloc[0]) if "n_pieces" in patterns.columns else 4
+    if heads is None or heads.empty:
+        return ""
+    top = heads.sort_values("difference", ascending=False).iloc[0]
+    return (f"<p><b>{html.escape(name)}</b>: mean attention over the prompts, rows the attending (query) position and "
+            f"columns the attended (key) position, both counted from the prompt's end; the final word's {n_pieces} "
+            f"pieces are the last {n_pieces} positions. A subjoiner head such as L{int(top['layer'])}H{int(top['head'])} "
+            "attends from each piece of a split word to the piece before it inside the word, and does not in the "
+            "controls, whose last positions belong to different words.</p>")
+
+
+def read_lens(study: Study) -> str:
+    parts = []
+    for name, df in named_tables(study, "logit_lens", "lens"):
+        pieces = []
+        for convention, label in (("paper", "paper convention"), ("per_layer_norm", "per-layer norm")):
+            part = df[df["convention"] == convention].sort_values("layer")
+            if part.empty:
+                continue
+            h = part["entropy_bits"].to_numpy()
+            half = part.iloc[len(part) // 2]
+            pieces.append(f"with the {label}, entropy is {_fmt(h[0], 1)} bits at the embeddings, "
+                          f"{_fmt(half['entropy_bits'], 1)} at half depth and {_fmt(h[-1], 1)} at the output; "
+                          f"KL to the output at half depth is {_fmt(half['kl_to_final_nats'], 1)} nats")
+        parts.append(f"<b>{html.escape(name)}</b>: " + "; ".join(pieces) + ".")
+    return ("<p>" + "</p><p>".join(parts) + "</p><p>The two conventions tell different stories (docs: the logit "
+            "lens): dividing every layer by the final norm's scale keeps early layers near-uniform, while "
+            "normalising each by its own statistics makes them look sharp.</p>") if parts else ""
+
+
+def read_similarity(study: Study) -> str:
+    parts = []
+    for name, df in named_tables(study, "layer_similarity", "similarity"):
+        grid = df.pivot(index="layer_a", columns="layer_b", values="similarity").to_numpy()
+        n = grid.shape[0]
+        neighbours = np.array([grid[i, i + 1] for i in range(n - 1)])
+        third = max(1, n // 3)
+        parts.append(f"<b>{html.escape(name)}</b>: neighbouring blocks' outputs have CKA {_fmt(neighbours[third:n - third].mean())} "
+                     f"on average in the middle third, {_fmt(neighbours[:third].mean())} in the first third and "
+                     f"{_fmt(neighbours[n - third - 1:].mean())} in the last; block 0 and the last block have CKA "
+                     f"{_fmt(grid[0, -1])}.")
+    return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""
+
+
+def read_probes(study: Study) -> str:
+    parts = []
+    for name, df in named_tables(study, "probes", "probes"):
+        best = df.loc[df["accuracy"].idxmax()]
+        parts.append(f"<b>{html.escape(name)}</b>: a linear probe for “{html.escape(str(best['label']))}” reaches "
+                     f"{_fmt(100 * best['accuracy'], 1)} % held-out accuracy at readout {int(best['layer'])} (relative depth "
+                     f"{_fmt(best['relative_depth'])}), against {_fmt(100 * best['baseline'], 1)} % for the majority class; "
+                     f"{_fmt(100 * df['accuracy'].iloc[0], 1)} % on the embeddings.")
+    return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""
+
+
+def read_neurons(study: Study) -> str:
+    parts = []
+    for name, df in named_tables(study, "neurons", "counts"):
+        total_p, total_s = int(df["n_prediction"].sum()), int(df["n_suppression"].sum())
+        if total_p + total_s == 0:
+            moments = study.results.get(name, {}).get("neurons")
+            moments = moments.tables.get("moments") if moments is not None else None
+            text = f"<b>{html.escape(name)}</b>: no neuron passes the kurtosis threshold"
+            if moments is not None and len(moments):
+                top = moments.loc[moments["vocab_kurt"].idxmax()]
+                text += (f"; the highest vocabulary kurtosis is {_fmt(float(top['vocab_kurt']), 1)} (block {int(top['layer'])}, "
+                         f"neuron {int(top['neuron'])}, skew {_fmt(float(top['vocab_skew']))})")
+            parts.append(text + ".")
+            continue
+        cum = df["n_prediction"].cumsum() / max(total_p, 1)
+        first_half = int(df[df["relative_depth"] < 0.5]["n_prediction"].sum()) if total_p else 0
+        peak_p = df.loc[df["n_prediction"].idxmax()]
+        peak_s = df.loc[df["n_suppression"].idxmax()]
+        parts.append(f"<b>{html.escape(name)}</b>: {total_p} prediction and {total_s} suppression neurons; "
+                     f"{first_half} of the prediction neurons lie in the first half of the depth "
+                     f"(half of them by block {int(df['layer'][cum >= 0.5].iloc[0]) if total_p else 'n/a'}). "
+                     f"Prediction neurons peak at block {int(peak_p['layer'])} ({int(peak_p['n_prediction'])}), "
+                     f"suppression neurons at block {int(peak_s['layer'])} ({int(peak_s['n_suppression'])}).")
+    return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""
+
+
+def read_sharpening(study: Study) -> str:
+    parts = []
+    for name, done in study.results.items():
+        if "sharpening" not in done:
+            continue
+        prof = done["sharpening"]["profile"]
+        last = prof.iloc[-1]
+        sharpest = prof.loc[prof["entropy_change_bits"].idxmin()]
+        text = (f"<b>{html.escape(name)}</b>: the last block changes the output entropy by "
+                f"{_fmt(last['entropy_change_bits'])} bits ({'sharpens' if last['entropy_change_bits'] < 0 else 'flattens: it calibrates rather than sharpens'}) "
+                f"and top-1 confidence by {_fmt(last['confidence_change'], 3)}; block {int(sharpest['layer'])} sharpens most "
+                f"({_fmt(sharpest['entropy_change_bits'])} bits). ")
+        fb = done["sharpening"].tables.get("final_blocks")
+        if fb is not None and len(fb) > 1:
+            one = fb[(fb["kind"] == "last_k") & (fb["k"] == 1)]
+            if len(one):
+                r = one.iloc[0]
+                text += (f"Deleting the last block moves the output entropy by {_fmt(r['entropy_change_bits'])} bits, the "
+                         f"calibration error by {_fmt(r['ece_change'], 3)} and the loss by {_fmt(r['loss_delta'])} nats.")
+        parts.append(text)
+    return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""
+
+
+def read_repetition(study: Study) -> str:
+    parts = []
+    for name, df in named_tables(study, "repetition", "repetition"):
+        worst = df.loc[df["kl_nats"].idxmax()]
+        mid = df[(df["relative_depth"] >= 1 / 3) & (df["relative_depth"] < 2 / 3)]
+        parts.append(f"<b>{html.escape(name)}</b>: running block {int(worst['layer'])} twice costs the most (KL "
+                     f"{_fmt(worst['kl_nats'])} nats, entropy change {_fmt(worst['entropy_change_bits'])} bits); repeating a "
+                     f"middle-third block costs KL {_fmt(mid['kl_nats'].mean())} nats on average and changes the output "
+                     f"entropy by {_fmt(mid['entropy_change_bits'].mean())} bits.")
+    return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""
+
+
+def read_stages(study: Study) -> str:
+    parts = []
+    for name, table in study.stages.items():
+        if table is None or table.empty:
+            continue
+        spans = []
+        for _, r in table.iterrows():
+            if r["n_blocks"] > 0:
+                blocks = f"block {r['first_layer']}" if r["n_blocks"] == 1 else f"blocks {r['first_layer']}–{r['last_layer']}"
+                spans.append(f"{r['stage']}: {blocks} (depth {_fmt(r['start'])}–{_fmt(r['end'])}; {html.escape(str(r['evidence']))})")
+            else:
+                spans.append(f"{r['stage']}: no block")
+        parts.append(f"<b>{html.escape(name)}</b>: " + "; ".join(spans) + ".")
+    return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""

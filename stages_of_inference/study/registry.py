@@ -1,0 +1,369 @@
+"""The study's analyses, one registry entry each.
+
+An :class:`Analysis` says everything the study needs to know of an analysis: the settings that
+determine its numbers (part of its fingerprint, so a finished result is reused only when they
+match), which token batch it reads, how it runs (a function of a :class:`Context` returning named
+tables), its figures, and its written reading. :func:`register` adds one; the study, the report
+and the command line (``--analyses``) read :data:`REGISTRY` and know nothing else about any
+analysis. Adding an analysis to the study is one ``register(Analysis(...))`` call and the
+functions it names (docs/report.md, notebooks/05_extending.ipynb).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from stages_of_inference.batch import TokenBatch
+from stages_of_inference.results import Result
+from stages_of_inference.study import readings as rd
+
+if TYPE_CHECKING:
+    from stages_of_inference.study.config import StudyConfig
+    from stages_of_inference.study.run import Study
+
+SUBJOINER_CHARS = 200_000
+"""The subjoiner prompts are drawn from the first this many characters of each document."""
+
+Tables = dict[str, pd.DataFrame]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What an analysis' ``compute`` gets.
+
+    Attributes:
+        model: the loaded model.
+        tokens: the main token batch (corpus and seed recorded).
+        heavy: its first ``config.heavy_sequences`` sequences (the costly analyses' batch).
+        config: the study's settings.
+        progress: show progress bars.
+        work_dir: a folder of the analysis' own for intermediate state (checkpoints); removed
+            when the analysis' result is saved.
+        done: the results of the analyses already run (or reused) for this model.
+    """
+
+    model: Any
+    tokens: TokenBatch
+    heavy: TokenBatch
+    config: StudyConfig
+    progress: bool
+    work_dir: Path
+    done: dict[str, Result]
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure of the report: a name (its anchor and file name), a title, how to draw it and
+    its written reading (HTML)."""
+
+    name: str
+    title: str
+    draw: Callable[[], Any]
+    reading: Callable[[], str]
+
+
+@dataclass(frozen=True)
+class Style:
+    """What every figure of one report shares: the stage tables (bands) and the model colours."""
+
+    stages: list[pd.DataFrame] | None
+    colors: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One analysis of the study.
+
+    Attributes:
+        name: its name (its folder under each model, its ``--analyses`` name).
+        compute: runs it: a :class:`Context` to named tables.
+        settings: the settings that determine its numbers, from the study's config.
+        tokens: which batch it reads: ``"main"``, ``"heavy"`` or ``"none"`` (weights or prompts).
+        figures: its figures for a study's results (none where the study has no result of it).
+        fast: part of the ``fast`` selection (one forward pass or the weights, plus the sweep).
+        default: part of a default study (``all``).
+    """
+
+    name: str
+    compute: Callable[[Context], Tables]
+    settings: Callable[[StudyConfig], dict[str, Any]] = lambda config: {}
+    tokens: Literal["main", "heavy", "none"] = "main"
+    figures: Callable[[Study, Style], list[Figure]] = lambda study, style: []
+    fast: bool = False
+    default: bool = True
+
+
+REGISTRY: dict[str, Analysis] = {}
+"""Every analysis the study knows, by name, in the order a study runs them."""
+
+
+def register(analysis: Analysis, *, replace: bool = False) -> Analysis:
+    """Add ``analysis`` to :data:`REGISTRY` (after the ones there); a taken name is refused
+    unless ``replace``.
+
+    Example:
+        >>> a = register(Analysis("demo_count", lambda ctx: {"n": pd.DataFrame({"n": [len(ctx.tokens)]})},
+        ...                       default=False))
+        >>> "demo_count" in REGISTRY
+        True
+        >>> _ = REGISTRY.pop("demo_count")
+    """
+    if not isinstance(analysis, Analysis):
+        raise TypeError(f"register takes an Analysis, got {type(analysis).__name__}")
+    if analysis.name in REGISTRY and not replace:
+        raise ValueError(f"an analysis named {analysis.name!r} is registered already (pass replace=True to replace it)")
+    if analysis.tokens not in ("main", "heavy", "none"):
+        raise ValueError(f"tokens must be 'main', 'heavy' or 'none', got {analysis.tokens!r}")
+    REGISTRY[analysis.name] = analysis
+    return analysis
+
+
+def tables_of(study: Study, analysis: str, key: str) -> list[pd.DataFrame]:
+    """Table ``key`` of ``analysis`` for every model of the study that has it, in model order."""
+    return [done[analysis].tables[key] for done in study.results.values()
+            if analysis in done and key in done[analysis].tables]
+
+
+def _one(name: str, title: str, analysis: str, key: str, draw: Callable[[list[pd.DataFrame], Style], Any],
+         read: Callable[[Study], str]) -> Callable[[Study, Style], list[Figure]]:
+    """The figures callable of an analysis drawn as one figure of one table per model."""
+    def figures(study: Study, style: Style) -> list[Figure]:
+        tables = tables_of(study, analysis, key)
+        return [Figure(name, title, lambda: draw(tables, style), lambda: read(study))] if tables else []
+    return figures
+
+
+# --------------------------------------------------------------------------- the paper's analyses
+def _robustness(ctx: Context) -> Tables:
+    from stages_of_inference.interventions.checkpoint import CheckpointMismatchError
+    from stages_of_inference.robustness import robustness_sweep
+
+    def sweep() -> Any:
+        return robustness_sweep(ctx.model, ctx.tokens, per_token=True, progress=ctx.progress,
+                                batch_size=ctx.config.batch_size, out_dir=ctx.work_dir)
+    try:
+        return dict(sweep().tables)
+    except CheckpointMismatchError:  # another sweep's checkpoint: start over
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+        return dict(sweep().tables)
+
+
+def _robustness_figures(study: Study, style: Style) -> list[Figure]:
+    from stages_of_inference import plots
+
+    sweeps = [done["robustness"] for done in study.results.values() if "robustness" in done]
+    if not sweeps:
+        return []
+    return [Figure("robustness", "Deleting and swapping blocks",
+                   lambda: plots.robustness(sweeps, stages=style.stages, colors=style.colors),
+                   lambda: rd.read_robustness(study))]
+
+
+def _attention(ctx: Context) -> Tables:
+    from stages_of_inference.stages import detokenization as detok
+
+    return {"attention": detok.previous_token_attention(ctx.model, ctx.tokens, k=ctx.config.k,
+                                                        batch_size=ctx.config.batch_size, progress=ctx.progress)}
+
+
+def _subjoiner(ctx: Context) -> Tables:
+    from stages_of_inference.plots import _pattern_table
+    from stages_of_inference.stages import detokenization as detok
+
+    # prompts come from the start of each document: scanning all of a long corpus costs more
+    # than the forward passes, and a few hundred thousand words hold plenty of candidates
+    texts = [t[:SUBJOINER_CHARS] for t in _corpus_texts(ctx.config.corpus)]
+    result = detok.subjoiner_heads(ctx.model, texts, max_prompts=ctx.config.subjoiner_prompts, seed=ctx.config.seed,
+                                   progress=ctx.progress)
+    patterns = _pattern_table(result)
+    return {"heads": result.heads, "patterns": patterns}
+
+
+def _subjoiner_figures(study: Study, style: Style) -> list[Figure]:
+    from stages_of_inference import plots
+    from stages_of_inference.study.run import slug
+
+    heads = tables_of(study, "subjoiner_heads", "heads")
+    if not heads:
+        return []
+    out = [Figure("subjoiner_scores", "Stage 1: subjoiner heads",
+                  lambda: plots.subjoiner_scores(heads, stages=style.stages, colors=style.colors),
+                  lambda: rd.read_subjoiner(study))]
+    for name, done in study.results.items():
+        if "subjoiner_heads" in done:
+            patterns, top = done["subjoiner_heads"]["patterns"], done["subjoiner_heads"]["heads"]
+            out.append(Figure(f"subjoiner_patterns_{slug(name)}", f"Stage 1: subjoiner attention patterns ({name})",
+                              lambda p=patterns, h=top: plots.subjoiner_patterns(p, top=3, ranked=h),
+                              lambda n=name, p=patterns, h=top: rd.read_patterns(n, p, h)))
+    return out
+
+
+def _corpus_texts(corpus: str) -> list[str]:
+    from stages_of_inference.data import corpus_names, corpus_texts
+
+    if corpus in corpus_names():
+        return corpus_texts(corpus)
+    path = Path(corpus)
+    if path.is_dir():
+        return [p.read_text(encoding="utf-8", errors="replace") for p in sorted(path.glob("*.txt"))]
+    if path.is_file():
+        return [path.read_text(encoding="utf-8", errors="replace")]
+    raise FileNotFoundError(f"corpus {corpus!r} is neither a bundled corpus nor a text file or folder")
+
+
+def _lens(ctx: Context) -> Tables:
+    from stages_of_inference.stages import feature_engineering as fe
+
+    tables = [fe.logit_lens(ctx.model, ctx.heavy, convention=c, batch_size=ctx.config.batch_size, progress=ctx.progress)
+              for c in ("paper", "per_layer_norm")]
+    lens = pd.concat(tables, ignore_index=True)
+    lens.attrs["provenance"] = tables[0].attrs["provenance"]
+    return {"lens": lens}
+
+
+def _similarity(ctx: Context) -> Tables:
+    from stages_of_inference.stages import feature_engineering as fe
+
+    return {"similarity": fe.layer_similarity(ctx.model, ctx.tokens, method="cka", batch_size=ctx.config.batch_size,
+                                              progress=ctx.progress)}
+
+
+def _probes(ctx: Context) -> Tables:
+    from stages_of_inference.stages import feature_engineering as fe
+
+    return {"probes": fe.probe_layers(ctx.model, ctx.tokens, ctx.config.probe_label, seed=ctx.config.seed,
+                                      batch_size=ctx.config.batch_size, progress=ctx.progress)}
+
+
+def _neurons(ctx: Context) -> Tables:
+    from stages_of_inference.stages import prediction_ensembling as pe
+
+    moments = pe.neuron_moments(ctx.model, ctx.config.kurtosis_threshold, progress=ctx.progress)
+    return {"counts": pe.neuron_counts(moments, n_layers=ctx.model.cfg.n_layers), "moments": moments}
+
+
+def _sharpening(ctx: Context) -> Tables:
+    from stages_of_inference.stages import residual_sharpening as rs
+
+    done, bs = ctx.done, ctx.config.batch_size
+    moments = done["neurons"]["moments"] if "neurons" in done else True
+    lens = done["logit_lens"]["lens"] if "logit_lens" in done else None  # same heavy tokens: read, not redone
+    profile = rs.sharpening_profile(ctx.model, ctx.heavy, moments=moments, kurtosis_threshold=ctx.config.kurtosis_threshold,
+                                    lens=lens, batch_size=bs, progress=ctx.progress)
+    ablation = rs.final_block_ablation(ctx.model, ctx.heavy, last_k=(1, 2, 3), batch_size=bs, progress=ctx.progress)
+    return {"profile": profile, "final_blocks": ablation}
+
+
+def _repetition(ctx: Context) -> Tables:
+    """Every block run twice in place, one block at a time, as one prefix-sharing engine sweep."""
+    from stages_of_inference._utils import relative_depth
+    from stages_of_inference.interventions.executor import evaluate_plans
+    from stages_of_inference.interventions.plan import LayerPlan
+    from stages_of_inference.results import provenance, with_provenance
+
+    model, tokens = ctx.model, ctx.heavy
+    n = model.cfg.n_layers
+    plans = [LayerPlan.identity(n)] + [LayerPlan.repeat(n, [i], times=2) for i in range(n)]
+    summary = evaluate_plans(model, tokens.tokens, plans, batch_size=ctx.config.batch_size, progress=ctx.progress)
+    ref = summary.attrs["reference"]
+    rows = summary.iloc[1:].reset_index(drop=True)
+    df = pd.DataFrame({
+        "layer": np.arange(n, dtype=np.int64),
+        "relative_depth": [relative_depth(i, n) for i in range(n)],
+        "entropy_bits": rows["entropy_bits"].to_numpy(),
+        "entropy_change_bits": rows["entropy_bits"].to_numpy() - ref["entropy_bits"],
+        "kl_nats": rows["kl_nats"].to_numpy(),
+        "loss_delta": rows["loss_delta"].to_numpy(),
+        "relative_accuracy": rows["relative_accuracy"].to_numpy(),
+        "plan": rows["plan"].to_numpy(),
+    })
+    return {"repetition": with_provenance(df, provenance(model, tokens, analysis="layer_repetition", times=2,
+                                                         blocks="each block alone", reference=ref))}
+
+
+def _plot(name: str) -> Callable[[list[pd.DataFrame], Style], Any]:
+    """A ``plots`` function drawing one table per model with the study's bands and colours."""
+    def draw(tables: list[pd.DataFrame], style: Style) -> Any:
+        from stages_of_inference import plots
+
+        return getattr(plots, name)(tables, stages=style.stages, colors=style.colors)
+    return draw
+
+
+def _neuron_plot(tables: list[pd.DataFrame], style: Style) -> Any:
+    from stages_of_inference import plots
+
+    return plots.neuron_counts(tables, share=len(tables) > 1, stages=style.stages, colors=style.colors)
+
+
+def _similarity_plot(tables: list[pd.DataFrame], style: Style) -> Any:
+    from stages_of_inference import plots
+
+    return plots.layer_similarity(tables)
+
+
+def _batch(config: StudyConfig) -> dict[str, Any]:
+    return {"batch_size": config.batch_size}
+
+
+def _heavy(config: StudyConfig) -> dict[str, Any]:
+    return {"sequences": config.heavy_sequences, "batch_size": config.batch_size}
+
+
+register(Analysis(
+    "robustness", _robustness, lambda c: {"kinds": ["drop", "swap"], "per_token": True, **_batch(c)},
+    figures=_robustness_figures, fast=True))
+register(Analysis(
+    "previous_token_attention", _attention, lambda c: {"k": c.k, **_batch(c)},
+    figures=_one("previous_token_attention", "Stage 1: attention to the previous tokens", "previous_token_attention",
+                 "attention", _plot("previous_token_attention"), rd.read_attention), fast=True))
+register(Analysis(
+    "subjoiner_heads", _subjoiner,
+    lambda c: {"corpus": c.corpus, "max_prompts": c.subjoiner_prompts, "seed": c.seed, "n_pieces": 4,
+               "n_context_words": 16, "characters_per_document": SUBJOINER_CHARS},
+    tokens="none", figures=_subjoiner_figures))
+register(Analysis(
+    "logit_lens", _lens, lambda c: {"conventions": ["paper", "per_layer_norm"], **_heavy(c)}, tokens="heavy",
+    figures=_one("logit_lens", "Stage 2: the logit lens", "logit_lens", "lens", _plot("logit_lens"), rd.read_lens)))
+register(Analysis(
+    "layer_similarity", _similarity, lambda c: {"method": "cka", **_batch(c)},
+    figures=_one("layer_similarity", "Stage 2: similarity of the blocks", "layer_similarity", "similarity",
+                 _similarity_plot, rd.read_similarity), fast=True))
+register(Analysis(
+    "probes", _probes, lambda c: {"label": c.probe_label, "seed": c.seed, **_batch(c)},
+    figures=_one("probes", "Stage 2: probes", "probes", "probes", _plot("probe_accuracy"), rd.read_probes)))
+register(Analysis(
+    "neurons", _neurons, lambda c: {"kurtosis_threshold": c.kurtosis_threshold}, tokens="none",
+    figures=_one("neuron_counts", "Stage 3: prediction and suppression neurons", "neurons", "counts", _neuron_plot,
+                 rd.read_neurons), fast=True))
+register(Analysis(
+    "sharpening", _sharpening,
+    lambda c: {"convention": "per_layer_norm", "kurtosis_threshold": c.kurtosis_threshold, "last_k": [1, 2, 3],
+               **_heavy(c)},
+    tokens="heavy",
+    figures=_one("sharpening", "Stage 4: residual sharpening", "sharpening", "profile", _plot("sharpening_profile"),
+                 rd.read_sharpening)))
+register(Analysis(
+    "repetition", _repetition, lambda c: {"times": 2, "blocks": "each block alone", **_heavy(c)}, tokens="heavy",
+    figures=_one("repetition", "Stage 4: layer repetition", "repetition", "repetition", _plot("layer_repetition"),
+                 rd.read_repetition)))
+
+PAPER_ANALYSES = tuple(REGISTRY)
+"""The analyses of the paper, in the order a study runs them."""
+
+
+def default_analyses() -> tuple[str, ...]:
+    """What ``--analyses all`` (and a default study) runs: every registered analysis marked default."""
+    return tuple(name for name, a in REGISTRY.items() if a.default)
+
+
+def fast_analyses() -> tuple[str, ...]:
+    """A cheap subset (one forward pass each, or the weights only, plus the sweep) for quick checks."""
+    return tuple(name for name, a in REGISTRY.items() if a.fast)

@@ -1,0 +1,288 @@
+"""The whole study in one call: every analysis for one or more models, and a self-contained report.
+
+:func:`run_study` loads each model and one token batch of the corpus, runs every analysis of the
+four stages (the robustness sweep, previous-token attention, subjoiner heads, the logit lens in
+both conventions, layer similarity, probes, prediction / suppression neurons, the sharpening
+profile with final-block deletions, and layer repetition), places the stages
+(:func:`stages_of_inference.stages.placement.place_stages`) and writes ``out_dir``::
+
+    out_dir/
+      study.json                   the StudyConfig of the run (drives `stages-of-inference run`)
+      report.html                  figures (plotly, embedded once), readings, provenance, settings
+      figures/<name>.png           static figures, only where a static exporter (kaleido) works
+      <model>/<analysis>/          one folder per analysis: <table>.parquet (or .csv), its
+                                   <table>.parquet.json provenance, and provenance.json
+
+Every write is atomic (a temporary file or folder, then a rename). A study interrupted and started
+again with the same ``out_dir`` reuses each finished analysis whose recorded fingerprint (model
+name, config and weights hashes, the token batch's digest, and the analysis' settings) matches
+this run's; an analysis whose fingerprint differs is recomputed (``on_mismatch="recompute"``, the
+default) or refused (``on_mismatch="error"``). The robustness sweep also checkpoints each batch
+of sequences, so an interrupted sweep resumes mid-way.
+
+Token budgets. ``n_tokens`` (default 1,024: 8 sequences of 128) is the batch of the robustness
+sweep, the attention, similarity and probe analyses; the logit lens (two conventions), the
+sharpening profile, the final-block deletions and layer repetition, which unembed every layer or
+run many plans, use the first half of the sequences (docs/report.md lists the costs).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from transformer_lens import HookedTransformer
+
+from stages_of_inference._utils import atomic_write_json
+from stages_of_inference.batch import TokenBatch, token_digest
+from stages_of_inference.data import load_token_batch
+from stages_of_inference.results import PROVENANCE_FILE, Result, config_hash, model_name, weights_hash
+from stages_of_inference.stages.placement import place_stages
+from stages_of_inference.study.config import DEFAULT_OUT_DIR, StudyConfig
+from stages_of_inference.study.html import build_report
+from stages_of_inference.study.registry import REGISTRY, Analysis, Context
+
+STUDY_FILE = "study.json"
+"""The study's settings, in its folder."""
+
+
+def slug(name: str) -> str:
+    """A model name as a folder name."""
+    keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(str(name)).name or str(name))
+    return keep.strip("._") or "model"
+
+
+@dataclass
+class Study:
+    """What :func:`run_study` made: results per model and analysis, stage placements, the report.
+
+    Attributes:
+        config: the study's settings.
+        out_dir: where everything was written.
+        results: model name -> analysis -> :class:`~stages_of_inference.results.Result`.
+        stages: model name -> stage table (:func:`stages_of_inference.stages.placement.place_stages`).
+        timings: model name -> analysis -> seconds spent (0 where a finished result was reused).
+        reused: ``(model, analysis)`` pairs read back from ``out_dir``.
+        figures: figure name -> plotly figure.
+        readings: figure name -> the written reading of it.
+    """
+
+    config: StudyConfig
+    out_dir: Path
+    results: dict[str, dict[str, Result]] = field(default_factory=dict)
+    stages: dict[str, pd.DataFrame] = field(default_factory=dict)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    reused: list[tuple[str, str]] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict, repr=False)
+    readings: dict[str, str] = field(default_factory=dict, repr=False)
+    static_note: str = ""
+
+    @property
+    def report(self) -> Path:
+        """The report's path."""
+        return self.out_dir / "report.html"
+
+
+class StudyMismatchError(ValueError):
+    """A finished analysis in ``out_dir`` was made with other settings, and ``on_mismatch="error"``."""
+
+
+
+def fingerprint(analysis: Analysis, config: StudyConfig, model_id: dict[str, Any], batches: dict[str, TokenBatch]) -> dict[str, Any]:
+    """What a finished analysis' numbers depend on: the model, the corpus, the token batch it
+    read (digest and shape) and its registry settings. A result is reused only when it matches."""
+    data: dict[str, Any] = {"corpus": config.corpus}
+    if analysis.tokens != "none":
+        batch = batches[analysis.tokens]
+        data["seed"] = batch.seed
+        data["tokens_sha256"] = token_digest(batch.tokens)
+        data["tokens_shape"] = list(batch.shape)
+    return {"analysis": analysis.name, **model_id, **data, "settings": analysis.settings(config)}
+
+
+def _load_if_matching(folder: Path, fingerprint: dict[str, Any], on_mismatch: str) -> Result | None:
+    if not (folder / PROVENANCE_FILE).exists():
+        return None
+    try:
+        found = json.loads((folder / PROVENANCE_FILE).read_text()).get("study_fingerprint")
+    except (OSError, json.JSONDecodeError):
+        found = None
+    if found == fingerprint:
+        return Result.load(folder)
+    if on_mismatch == "error":
+        diffs = [k for k in sorted(set(fingerprint) | set(found or {})) if (found or {}).get(k) != fingerprint.get(k)]
+        raise StudyMismatchError(
+            f"{folder} holds a finished analysis made with other settings (differs in: {', '.join(diffs) or 'all'}); "
+            "use another out_dir, or on_mismatch='recompute' to replace it"
+        )
+    return None
+
+
+def run_study(
+    models: str | HookedTransformer | Sequence[str | HookedTransformer] = ("smollm2-135m",),
+    corpus: str = "default",
+    n_tokens: int = 1024,
+    out_dir: str | Path = DEFAULT_OUT_DIR,
+    *,
+    analyses: Sequence[str] | None = None,
+    config: StudyConfig | None = None,
+    on_mismatch: str = "recompute",
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+    write_report: bool = True,
+) -> Study:
+    """Run every analysis of the four stages on each model and write a self-contained report.
+
+    Args:
+        models: one model or several: names (embedded keys such as ``"smollm2-135m"`` and
+            ``"gemma3-270m"``, TransformerLens names where the hub is reachable, folders, ``.gguf``
+            files) or already loaded ``HookedTransformer`` objects (with a tokenizer), which are
+            known in the study by their name (``load_model`` records it).
+        corpus: a bundled corpus name (``"default"``, ``"austen"``, ``"melville"``), a text file or a
+            folder of ``.txt`` files.
+        n_tokens: tokens in the main batch (sequences of 128, BOS first); the expensive analyses use
+            half of it (module docstring).
+        out_dir: the study's folder (created; reused on a rerun).
+        analyses: which analyses to run (names in :data:`~stages_of_inference.study.registry.REGISTRY`;
+            default: every default one).
+        config: full settings; when given, ``corpus``, ``n_tokens`` and ``analyses`` are ignored,
+            and the models are ``config.models`` (loaded models passed in ``models`` are used for
+            the names they carry).
+        on_mismatch: ``"recompute"`` a finished analysis made with other settings, or ``"error"``.
+        progress: progress bars.
+        log: where one line per step goes (``None``: silent).
+        write_report: write ``report.html`` (and static figures) at the end.
+
+    Returns:
+        A :class:`Study`; the report is at ``study.report``.
+
+    Example:
+        >>> study = run_study("smollm2-135m", n_tokens=512, out_dir="/tmp/soi-study",
+        ...                   analyses=("robustness",), progress=False)  # doctest: +SKIP
+        >>> study.report.name  # doctest: +SKIP
+        'report.html'
+    """
+    import stages_of_inference as soi
+
+    given = [models] if isinstance(models, (str, HookedTransformer)) else list(models)
+    loaded = {model_name(m): m for m in given if isinstance(m, HookedTransformer)}
+    if config is None:
+        config = StudyConfig(models=tuple(m if isinstance(m, str) else model_name(m) for m in given), corpus=corpus,
+                             n_tokens=n_tokens, **({} if analyses is None else {"analyses": tuple(analyses)}))
+    if on_mismatch not in ("recompute", "error"):
+        raise ValueError(f"on_mismatch must be 'recompute' or 'error', got {on_mismatch!r}")
+    say = log or (lambda _: None)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out_dir {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / STUDY_FILE, config.to_dict())
+    study = Study(config=config, out_dir=out)
+    slugs: dict[str, str] = {}
+    started = time.perf_counter()
+    for name in config.models:
+        slugs[name] = _unique(slug(name), set(slugs.values()))
+        t0 = time.perf_counter()
+        model = loaded[name] if name in loaded else soi.load_model(name, device=config.device)
+        tokens = load_token_batch(model, config.corpus, n_sequences=config.n_sequences, seq_len=config.seq_len,
+                                  seed=config.seed)
+        batches = {"main": tokens, "heavy": tokens[: config.heavy_sequences]}
+        say(f"{name}: {model.cfg.n_layers} blocks, {tokens.shape[0]} x {tokens.shape[1]} tokens of {config.corpus!r} "
+            f"(loaded in {time.perf_counter() - t0:.0f} s)")
+        model_id = {"model": str(name), "model_config_hash": config_hash(model), "model_weights_hash": weights_hash(model)}
+        study.results[name], study.timings[name] = {}, {}
+        for analysis in config.analyses:
+            _run_one(study, REGISTRY[analysis], model, name, out / slugs[name], batches, model_id, on_mismatch, progress, say)
+        study.stages[name] = _stages_for(study.results[name], name, model.cfg.n_layers)
+        del model, tokens, batches
+    say(f"all analyses done in {time.perf_counter() - started:.0f} s")
+    if write_report:
+        build_report(study)
+        say(f"report: {study.report}")
+    return study
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    while name in taken:
+        name += "_"
+    return name
+
+
+def _run_one(study: Study, analysis: Analysis, model: Any, name: str, folder: Path, batches: dict[str, TokenBatch],
+             model_id: dict[str, Any], on_mismatch: str, progress: bool, say: Callable[[str], None]) -> None:
+    """Run (or reuse) one analysis of one model and save its result with explicit provenance."""
+    config, done = study.config, study.results[name]
+    where = folder / analysis.name
+    print_fp = fingerprint(analysis, config, model_id, batches)
+    found = _load_if_matching(where, print_fp, on_mismatch)
+    if found is not None:
+        done[analysis.name] = found
+        study.reused.append((name, analysis.name))
+        study.timings[name][analysis.name] = 0.0
+        say(f"  {analysis.name}: reused the finished result in {where}")
+        return
+    t0 = time.perf_counter()
+    work = folder / f".{analysis.name}.work"
+    ctx = Context(model, batches["main"], batches["heavy"], config, progress, work, done)
+    tables = analysis.compute(ctx)
+    record = dict(next(iter(tables.values())).attrs.get("provenance", {}))
+    record["model"] = {**record.get("model", {}), "name": name}
+    if analysis.tokens != "none":  # the batch it read, with its corpus and seed, stated explicitly
+        record["tokens"] = batches[analysis.tokens].describe()
+    record["study_fingerprint"] = print_fp
+    record["study"] = config.to_dict()
+    record["study_seconds"] = round(time.perf_counter() - t0, 1)
+    result = Result({k: v.copy() for k, v in tables.items()}, record)
+    result.save(where, fmt=config.table_format)
+    shutil.rmtree(work, ignore_errors=True)
+    done[analysis.name] = result
+    study.timings[name][analysis.name] = time.perf_counter() - t0
+    say(f"  {analysis.name}: {study.timings[name][analysis.name]:.0f} s")
+
+
+def _stages_for(done: dict[str, Result], name: str, n_layers: int) -> pd.DataFrame:
+
+    def table(analysis: str, key: str) -> pd.DataFrame | None:
+        return done[analysis].tables.get(key) if analysis in done else None
+
+    lens = table("logit_lens", "lens")
+    if lens is not None:
+        lens = lens[lens["convention"] == "paper"]
+    sweep = table("robustness", "summary")
+    inputs = dict(sweep=sweep, lens=lens, neurons=table("neurons", "counts"),
+                  attention=table("previous_token_attention", "attention"))
+    if all(v is None for v in inputs.values()):
+        return pd.DataFrame()
+    stages = place_stages(**inputs, n_layers=n_layers)
+    stages["model"] = name
+    return stages
+
+
+def load_study(out_dir: str | Path) -> Study:
+    """Read a finished study back from its folder (its ``study.json`` and result folders).
+
+    Example:
+        >>> load_study("reports/smollm2-135m").config.models  # doctest: +SKIP
+        ('smollm2-135m',)
+    """
+    out = Path(out_dir)
+    meta = out / STUDY_FILE
+    if not meta.exists():
+        raise FileNotFoundError(f"{out} holds no study (no study.json)")
+    config = StudyConfig.from_json(meta.read_text())
+    study = Study(config=config, out_dir=out)
+    for name in config.models:
+        folder = out / slug(name)
+        done = {a: Result.load(folder / a) for a in config.analyses if (folder / a / PROVENANCE_FILE).exists()}
+        study.results[name] = done
+        n_layers = next((int(r.provenance.get("model", {}).get("n_layers", 0)) for r in done.values()
+                         if r.provenance.get("model")), 0)
+        if done and n_layers:
+            study.stages[name] = _stages_for(done, name, n_layers)
+    return study
