@@ -24,6 +24,7 @@ run: $(STAMP)
 	$(VENV)/bin/stages-of-inference run
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest
 
 bench: $(STAMP)

@@ -1,5 +1,6 @@
 """Reading results: the table inside a result object, its recorded model, a column check.
-Shared by the analyses that read other analyses' tables and by the plots."""
+Shared by the analyses that read other analyses' tables and by the plots.
+"""
 
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+__all__ = ["DIGEST_CHARS", "TokenBatch", "Tokens", "describe_any", "describe_tokens", "tensor_of", "token_digest"]
+
 DIGEST_CHARS = 24
 """Hex characters kept of a token batch's SHA-256."""
 

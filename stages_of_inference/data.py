@@ -46,9 +46,11 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from stages_of_inference._utils import check_model
+from stages_of_inference._utils import check_count, check_model
 from stages_of_inference.batch import DIGEST_CHARS, TokenBatch
 from stages_of_inference.models import bos_token_id
+
+__all__ = ["BUNDLED", "POOL_FACTOR", "corpus_names", "corpus_texts", "load_token_batch", "load_tokens"]
 
 BUNDLED = {
     "austen": (
@@ -212,8 +214,7 @@ def load_token_batch(
     model = check_model(model)
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer; tokenize the text yourself (BOS first in every row)")
-    if not isinstance(n_sequences, int) or n_sequences < 1:
-        raise ValueError(f"n_sequences must be a positive integer, got {n_sequences!r}")
+    n_sequences = check_count(n_sequences, "n_sequences")
     if not isinstance(seq_len, int) or seq_len < 3:
         raise ValueError(f"seq_len must be an integer of at least 3 (BOS plus two text tokens), got {seq_len!r}")
     if seq_len > model.cfg.n_ctx:

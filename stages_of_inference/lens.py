@@ -50,11 +50,11 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
 
-from stages_of_inference._utils import check_model, check_tokens
+from stages_of_inference._utils import check_count, check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
+from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.hooks import ResidualReadout, collect
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, log_probs, scored_positions
-from stages_of_inference.batch import Tokens
 
 __all__ = [
     "CONVENTIONS",
@@ -93,7 +93,7 @@ class _FinalNorm:
     weight: Tensor | None
 
     @classmethod
-    def of(cls, model: HookedTransformer) -> "_FinalNorm":
+    def of(cls, model: HookedTransformer) -> _FinalNorm:
         ln = getattr(model, "ln_final", None)
         if ln is None or isinstance(ln, torch.nn.Identity) or model.cfg.normalization_type is None:
             return cls("none", 0.0, None)
@@ -181,7 +181,8 @@ def _readouts(
     model: HookedTransformer, batch: Int[Tensor, "batch pos"], positions: slice, points: Sequence[int]
 ) -> tuple[Tensor, Tensor | None]:
     """One forward pass; returns the readouts ``[point, batch, kept pos, d_model]`` (fp32) at
-    ``points`` and the final norm's scale ``[batch, kept pos, 1]`` (None without a final norm)."""
+    ``points`` and the final norm's scale ``[batch, kept pos, 1]`` (None without a final norm).
+    """
     n_pos = len(range(*positions.indices(batch.shape[1])))
     buf = torch.empty(len(points), batch.shape[0], n_pos, model.cfg.d_model, dtype=torch.float32, device=batch.device)
     slot = {p: i for i, p in enumerate(points)}
@@ -342,10 +343,8 @@ def iter_lens(
     model = check_model(model)
     tokens = check_tokens(model, tokens, min_len=3)
     check_convention(convention)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of sequences, got {batch_size}")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be a positive number of token positions, got {chunk_tokens}")
+    batch_size = check_count(batch_size, "batch_size", "a positive number of sequences")
+    chunk_tokens = check_count(chunk_tokens, "chunk_tokens", "a positive number of token positions")
     n_seq, pos = tokens.shape
     keep = scored_positions(pos)
     n_kept = pos - 2

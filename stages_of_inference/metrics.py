@@ -27,6 +27,12 @@ import torch
 from jaxtyping import Bool, Float, Float64, Int
 from torch import Tensor
 
+from stages_of_inference._utils import check_count
+
+__all__ = ["DEFAULT_CHUNK_TOKENS", "LinearReference", "PROB_CLAMP", "ROWS_AT_ONCE", "TokenMetrics",
+    "distribution_metrics", "entropy_bits", "kl_nats", "log_probs", "logit_metrics", "mean_and_sem",
+    "next_token_loss", "scored_positions", "sequence_metrics", "stream_metrics", "targets_for"]
+
 PROB_CLAMP = 1e-9
 """Probabilities are clamped from below at this value before the entropy is taken, as the authors did."""
 
@@ -207,7 +213,8 @@ class LinearReference:
         Computed in float64, ``rows_at_once`` rows at a time: the KL is a difference of terms
         much larger than itself, so their rounding errors must stay well under ``1e-6``. The
         float64 copy of ``W_U`` is made ``vocab_at_once`` columns at a time, never whole (for a
-        49k vocabulary it would be a 226 MB copy)."""
+        49k vocabulary it would be a 226 MB copy).
+        """
         logits = logits.float()
         top1 = logits.max(dim=-1).indices  # the same ids (ties included) as distribution_metrics
         d_model, d_vocab = W_U.shape
@@ -237,7 +244,8 @@ class LinearReference:
         self, resid: Float[Tensor, "n d_model"], lse: Float[Tensor, " n"]
     ) -> Float64[Tensor, " n"]:
         """KL(reference || softmax(resid @ W_U + b_U)) in nats, float64, from the unembedding input
-        ``resid`` and the log-partition ``lse = logsumexp(resid @ W_U + b_U)`` of each row."""
+        ``resid`` and the log-partition ``lse = logsumexp(resid @ W_U + b_U)`` of each row.
+        """
         expected_logit = (resid.double() * self.u).sum(dim=-1) + self.c
         return self.neg_entropy - expected_logit + lse.double()
 
@@ -361,8 +369,7 @@ def stream_metrics(
         >>> bool(torch.allclose(m["loss"], -lp[:, 0]))
         True
     """
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be a positive number of token positions, got {chunk_tokens}")
+    chunk_tokens = check_count(chunk_tokens, "chunk_tokens", "a positive number of token positions")
     parts: dict[str, list[Tensor]] = {}
     for start in range(0, n_rows, chunk_tokens):
         rows = slice(start, min(start + chunk_tokens, n_rows))

@@ -41,6 +41,10 @@ from transformer_lens import HookedTransformer
 
 from stages_of_inference._utils import atomic_path, atomic_write_json
 
+__all__ = ["CACHE_ENV", "CONVERSION_FORMAT", "DEFAULT_MODEL", "EMBEDDED_MODELS", "EmbeddedModel",
+    "HUB_PROBE_TIMEOUT_S", "ModelNotAvailableError", "bos_token_id", "cache_dir", "checkpoint_folder", "describe",
+    "hub_reachable", "list_models", "load_model"]
+
 CACHE_ENV = "STAGES_OF_INFERENCE_CACHE"
 CONVERSION_FORMAT = 1  # bump when the cached layout changes; old entries are then rebuilt
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -370,8 +374,8 @@ def _convert_gguf(parts: list[Path], gguf_name: str, out: Path) -> None:
 
 def _load_folder(folder: Path, device: str | torch.device, bos_token: str | None) -> HookedTransformer:
     """Build a HookedTransformer from a local transformers checkpoint folder, offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens import loading_from_pretrained as loading
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (folder / "config.json").is_file():
         raise ModelNotAvailableError(f"{folder} is not a transformers checkpoint: it has no config.json")

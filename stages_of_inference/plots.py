@@ -79,9 +79,8 @@ _KIND_NAME = {"drop": "delete block", "swap": "swap with next"}
 # --------------------------------------------------------------------------------------------
 # inputs
 
-from stages_of_inference._tables import _n_layers, _provenance, _require, _table, result_model  # noqa: E402
-from stages_of_inference.stages.placement import STAGES, _band_edges, place_stages  # noqa: E402
-from stages_of_inference.stages.placement import first_peak as _first_peak  # noqa: E402
+from stages_of_inference._tables import _n_layers, _require, _table, result_model  # noqa: E402
+from stages_of_inference.stages.placement import STAGES, place_stages  # noqa: E402
 
 
 def _as_list(results: Any) -> list[Any]:

@@ -23,6 +23,9 @@ from transformer_lens import HookedTransformer
 from stages_of_inference._utils import atomic_path, atomic_write_json
 from stages_of_inference.batch import TokenBatch, describe_any
 
+__all__ = ["FORMATS", "PROVENANCE_FILE", "Result", "config_hash", "load_table", "model_name", "provenance",
+    "save_table", "weights_hash", "with_provenance"]
+
 FORMATS = ("parquet", "csv")
 
 PROVENANCE_FILE = "provenance.json"
@@ -31,7 +34,8 @@ PROVENANCE_FILE = "provenance.json"
 
 def config_hash(model: HookedTransformer) -> str:
     """A short stable hash of a model's TransformerLens config (which weights-independent shape it
-    has; its name, device and device count are left out)."""
+    has; its name, device and device count are left out).
+    """
     cfg = {k: str(v) for k, v in sorted(model.cfg.to_dict().items()) if k not in ("device", "n_devices", "model_name")}
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -210,7 +214,7 @@ class Result:
         return out_dir
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> "Result":
+    def load(cls, out_dir: str | Path) -> Result:
         """Read a folder written by :meth:`save`."""
         out_dir = Path(out_dir)
         meta = out_dir / PROVENANCE_FILE

@@ -17,19 +17,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from jaxtyping import Int
-from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from stages_of_inference._utils import check_model, check_tokens, relative_depth
+from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.checkpoint import SweepCheckpoint, refuse_mismatch, sweep_fingerprint
 from stages_of_inference.interventions.executor import BatchResult, aggregate, iter_plan_batches
 from stages_of_inference.interventions.options import EngineOptions
 from stages_of_inference.interventions.plan import LayerPlan
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS
 from stages_of_inference.results import PROVENANCE_FILE, Result, provenance, weights_hash  # noqa: F401 (public here too)
-from stages_of_inference.batch import Tokens
+
+__all__ = ["PER_TOKEN_COLUMNS", "SUMMARY_COLUMNS", "SWEEP_KINDS", "SweepResult", "robustness_sweep", "weights_hash"]
 
 SWEEP_KINDS = ("drop", "swap")
 """The interventions :func:`robustness_sweep` knows."""

@@ -26,3 +26,12 @@ def test_docstring_examples(name: str) -> None:
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0, f"{result.failed} docstring example(s) failed in {name}"
+
+
+@pytest.mark.parametrize("name", [n for n in _modules() if not n.rsplit(".", 1)[-1].startswith("_")])
+def test_public_modules_declare_their_names(name: str) -> None:
+    """Every public module says what it exports (``__all__``), and every name it lists exists."""
+    module = importlib.import_module(name)
+    assert isinstance(getattr(module, "__all__", None), (list, tuple)), f"{name} has no __all__"
+    missing = [n for n in module.__all__ if not hasattr(module, n)]
+    assert not missing, f"{name}.__all__ lists names it does not define: {missing}"

@@ -66,9 +66,8 @@ def test_apply_lens_norm_rms_does_not_centre(tiny_models):
 
 def test_unfolded_final_norm_reads_like_folded():
     """With fold_ln=False the final norm's weight is applied, so the lens matches the folded model."""
-    from transformer_lens import HookedTransformer
-
     from conftest import tiny_config
+    from transformer_lens import HookedTransformer
 
     torch.manual_seed(0)
     raw = HookedTransformer(tiny_config("gpt2"))

@@ -11,7 +11,6 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer
 
-import stages_of_inference as soi
 from stages_of_inference.interventions import executor
 from stages_of_inference.interventions.hooks import drop_layer
 from stages_of_inference.robustness import PER_TOKEN_COLUMNS, SUMMARY_COLUMNS, SweepResult, robustness_sweep

@@ -44,6 +44,7 @@ def unwrap(text: str) -> str:
 
 
 def main(source: Path) -> None:
+    """Write the bundled corpora (unwrapped, Gutenberg boilerplate stripped) from ``source``."""
     for path in sorted(source.glob("austen_*.txt")) + [source / "mobydick.txt"]:
         text = path.read_text(encoding="utf-8")
         if path.name == "mobydick.txt":

@@ -22,6 +22,7 @@ WIDTH, HEIGHT = 1200, 760
 
 
 def main(study_dir: str, out_png: str) -> None:
+    """Draw the README's robustness figure from a finished study into ``out_png``."""
     study = load_study(study_dir)
     sweeps = [done["robustness"] for done in study.results.values() if "robustness" in done]
     if not sweeps:

@@ -1,5 +1,6 @@
 """Backends: the model seam (:class:`~stages_of_inference.backends.base.ModelSeam`) and its
-adapters. :func:`as_seam` is the one place that looks at what kind of model it was given."""
+adapters. :func:`as_seam` is the one place that looks at what kind of model it was given.
+"""
 
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+__all__ = ["Embedded", "FwdHooks", "ModelSeam", "no_hooks"]
+
 FwdHooks = Sequence[tuple[Any, Callable[..., Any]]]
 
 
@@ -99,7 +101,8 @@ class ModelSeam(Protocol):
 
     def fast_blocks(self, embedded: Embedded, enabled: bool) -> Any:
         """The fast path for this batch (an object with ``allowed[layer]`` and ``(layer, x)``
-        calls), or ``None`` where it cannot run."""
+        calls), or ``None`` where it cannot run.
+        """
 
     def loss(self, logits: Tensor, tokens: Tensor, embedded: Embedded) -> Tensor:
         """The model's own mean next-token loss."""

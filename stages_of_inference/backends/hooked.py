@@ -1,6 +1,7 @@
 """The :class:`~stages_of_inference.backends.base.ModelSeam` of a TransformerLens 3.x
 ``HookedTransformer``: its own embedding, blocks (called with the shortformer positions and
-attention mask its forward would pass), final norm and unembedding, and its processed weights."""
+attention mask its forward would pass), final norm and unembedding, and its processed weights.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from transformer_lens.utilities import get_device_for_block_index
 
 from stages_of_inference.backends.base import Embedded, FwdHooks
 from stages_of_inference.interventions.step import set_step
+
+__all__ = ["HookedSeam", "ORIGINAL_BLOCKS"]
 
 # model -> its own blocks in their original order, while `reordered` has replaced model.blocks
 ORIGINAL_BLOCKS: weakref.WeakKeyDictionary[HookedTransformer, tuple[nn.Module, ...]] = weakref.WeakKeyDictionary()

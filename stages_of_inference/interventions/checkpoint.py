@@ -22,6 +22,9 @@ from stages_of_inference.batch import token_digest
 from stages_of_inference.interventions.executor import BatchResult
 from stages_of_inference.results import config_hash, weights_hash
 
+__all__ = ["CHECKPOINT_DIR", "CheckpointMismatchError", "MANIFEST", "SweepCheckpoint", "refuse_mismatch",
+    "sweep_fingerprint"]
+
 CHECKPOINT_DIR = "checkpoint"
 """The checkpoint's folder inside a sweep's ``out_dir``."""
 
@@ -75,7 +78,8 @@ class SweepCheckpoint:
 
     def open(self, fingerprint: dict[str, Any], per_token: bool) -> dict[int, BatchResult]:
         """Start or resume: the finished batches (none for a new checkpoint); a folder that is
-        not empty and holds no checkpoint, or holds another sweep's, is refused."""
+        not empty and holds no checkpoint, or holds another sweep's, is refused.
+        """
         if self.out_dir.exists() and any(self.out_dir.iterdir()) and not self.folder.is_dir():
             raise CheckpointMismatchError(
                 f"out_dir {self.out_dir} is not empty and holds no sweep checkpoint or result; "

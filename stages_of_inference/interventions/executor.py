@@ -16,7 +16,7 @@ through the model seam (:mod:`stages_of_inference.backends`); how the sweep exec
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +24,12 @@ import numpy as np
 import pandas as pd
 import torch
 from einops import rearrange
-from jaxtyping import Int
 from torch import Tensor
 
 from stages_of_inference._utils import check_tokens
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.backends import Embedded, ModelSeam, as_seam
+from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions import trie as trie_
 from stages_of_inference.interventions.forward import RETURN_TYPES, FwdHooks, _check_plan, reordered, run_plan
 from stages_of_inference.interventions.options import EngineOptions
@@ -37,7 +37,6 @@ from stages_of_inference.interventions.plan import LayerPlan
 from stages_of_inference.interventions.step import set_step
 from stages_of_inference.interventions.unembed import Unembedding, make_unembedding
 from stages_of_inference.metrics import ROWS_AT_ONCE, LinearReference, TokenMetrics, log_probs, logit_metrics
-from stages_of_inference.batch import Tokens
 
 __all__ = ["RETURN_TYPES", "BatchResult", "aggregate", "block_count", "evaluate_plans", "iter_plan_batches",
            "reordered", "run_plan"]
@@ -215,7 +214,8 @@ def _reference(seam: ModelSeam, unembedding: Unembedding, x_ref: Tensor, targets
 @dataclass
 class _Scorer:
     """Per-token metrics of final residual rows against the reference: of one plan, or of up to
-    ``tiles`` plans stacked one after another (then the reference's rows are tiled to match)."""
+    ``tiles`` plans stacked one after another (then the reference's rows are tiled to match).
+    """
 
     unembedding: Unembedding
     targets: Tensor
@@ -292,7 +292,8 @@ class _Walk:
 
     def _run(self, run: trie_.Run, inputs: list[Tensor]) -> list[Tensor]:
         """One scheduled block call: stacked along the batch axis where the block takes the fast
-        path (so no hook ever sees a stacked batch), else one call per input."""
+        path (so no hook ever sees a stacked batch), else one call per input.
+        """
         n_seq, step = self.emb.residual.shape[0], run.depth - 1
         if len(inputs) > 1 and self.fast is not None and self.fast.allowed[run.block]:
             return list(self.fast(run.block, torch.cat(inputs)).split(n_seq))

@@ -39,6 +39,8 @@ from transformer_lens.components.mlps.gated_mlp import GatedMLP
 from transformer_lens.components.mlps.mlp import MLP
 from transformer_lens.utilities.activation_functions import softcap_enabled
 
+__all__ = ["FastBlocks", "fast_block", "fast_path_blocker"]
+
 _ATTENTIONS = (Attention, GroupedQueryAttention)
 _MLPS = (MLP, GatedMLP)
 
@@ -109,7 +111,8 @@ def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor, rotary_dim: int, adjacen
     """TransformerLens' rotary embedding of the first ``rotary_dim`` features of ``x``
     ``[batch, pos, head, d_head]``; ``cos`` and ``signed_sin`` are ``[1, pos, 1, rotary_dim]``, the
     latter with the sign TransformerLens puts on the rotated-in feature moved onto the sine (the
-    products are the same numbers: ``(-a) * s == a * (-s)``)."""
+    products are the same numbers: ``(-a) * s == a * (-s)``).
+    """
     x_rot = x[..., :rotary_dim]
     if adjacent:  # GPT-J: pairs (0, 1), (2, 3), ...
         swapped = torch.stack((x_rot[..., 1::2], x_rot[..., 0::2]), dim=-1).flatten(-2)
@@ -124,7 +127,8 @@ def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor, rotary_dim: int, adjacen
 
 def _signed_sin(sin: Tensor, adjacent: bool) -> Tensor:
     """``sin`` with the sign of the rotated-in feature: TransformerLens' ``rotate_every_two`` maps
-    ``(a, b)`` pairs to ``(-b, a)``, so the first feature of each pair gets ``-sin``."""
+    ``(a, b)`` pairs to ``(-b, a)``, so the first feature of each pair gets ``-sin``.
+    """
     signed = sin.clone()
     if adjacent:
         signed[..., 0::2] = -sin[..., 0::2]
@@ -136,7 +140,8 @@ def _signed_sin(sin: Tensor, adjacent: bool) -> Tensor:
 
 def _qkv_weights(attn: nn.Module) -> tuple[Tensor, Tensor, int]:
     """``W_Q``, ``W_K``, ``W_V`` side by side as one ``[d_model, (heads + 2 kv_heads) d_head]``
-    matrix, their biases as one vector, and the number of key/value heads."""
+    matrix, their biases as one vector, and the number of key/value heads.
+    """
     d_model = attn.W_Q.shape[1]
     if isinstance(attn, GroupedQueryAttention):
         w_k, w_v, b_k, b_v = attn._W_K, attn._W_V, attn._b_K, attn._b_V  # noqa: SLF001 (unexpanded)
@@ -149,7 +154,8 @@ def _qkv_weights(attn: nn.Module) -> tuple[Tensor, Tensor, int]:
 
 def _rotary_tables(model: HookedTransformer, attn: nn.Module, pos: int) -> tuple[Tensor, Tensor] | None:
     """``cos`` and the signed ``sin`` (:func:`_signed_sin`) of the first ``pos`` positions, shaped
-    ``[1, pos, 1, rotary_dim]``, or ``None`` for a model without rotary positions."""
+    ``[1, pos, 1, rotary_dim]``, or ``None`` for a model without rotary positions.
+    """
     if model.cfg.positional_embedding_type != "rotary":
         return None
     cos = attn.rotary_cos[None, :pos, None, :]

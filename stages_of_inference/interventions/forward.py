@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities import apply_softcap, get_device_for_block_index
@@ -25,9 +25,11 @@ from transformer_lens.utilities import apply_softcap, get_device_for_block_index
 from stages_of_inference._utils import check_model, check_tokens
 from stages_of_inference.backends import ModelSeam, as_seam
 from stages_of_inference.backends.hooked import ORIGINAL_BLOCKS, HookedSeam
+from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.plan import LayerPlan
 from stages_of_inference.interventions.step import get_step, set_step
-from stages_of_inference.batch import Tokens
+
+__all__ = ["FwdHooks", "RETURN_TYPES", "reordered", "run_plan"]
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 """The ``return_type`` values :func:`run_plan` accepts (as ``HookedTransformer.forward``)."""
@@ -109,7 +111,8 @@ def run_plan(
 # --------------------------------------------------------------------------- the model's own forward
 class _Chain(nn.Module):
     """Several blocks run one after another in one slot of ``model.blocks`` (plans longer than the
-    model, or models spread over several devices)."""
+    model, or models spread over several devices).
+    """
 
     def __init__(self, model: HookedTransformer, layers: Sequence[int]) -> None:
         super().__init__()

@@ -12,15 +12,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from stages_of_inference._utils import check_model, check_tokens
+from stages_of_inference._utils import check_count, check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
-from stages_of_inference.interventions.step import get_step
 from stages_of_inference.batch import Tokens
+from stages_of_inference.interventions.step import get_step
+
+__all__ = ["AttentionReadout", "Collector", "FwdHook", "HookFn", "ResidualReadout", "collect", "current_step",
+    "drop_layer", "drop_layers", "resid_hook_name"]
 
 HookFn = Callable[[Tensor, HookPoint], Any]
 FwdHook = tuple[str | Callable[[str], bool], HookFn]
@@ -84,6 +87,7 @@ class ResidualReadout(Collector):
         self.points = None if points is None else tuple(points)
 
     def fwd_hooks(self, model: HookedTransformer) -> list[FwdHook]:
+        """The ``(name, function)`` hooks that collect the readouts of ``model``."""
         points = range(model.cfg.n_layers + 1) if self.points is None else self.points
         hooks: list[FwdHook] = []
         for point in points:
@@ -115,6 +119,7 @@ class AttentionReadout(Collector):
         self.layers = None if layers is None else tuple(layers)
 
     def fwd_hooks(self, model: HookedTransformer) -> list[FwdHook]:
+        """The ``(name, function)`` hooks that collect the attention patterns of ``model``."""
         layers = range(model.cfg.n_layers) if self.layers is None else self.layers
         hooks: list[FwdHook] = []
         for layer in layers:
@@ -140,8 +145,7 @@ def collect(
     """
     model = check_model(model)
     tokens = check_tokens(model, tokens, min_len=1)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of sequences, got {batch_size}")
+    batch_size = check_count(batch_size, "batch_size", "a positive number of sequences")
     hooks = [h for c in collectors for h in c.fwd_hooks(model)] + list(fwd_hooks)
     starts = range(0, tokens.shape[0], batch_size)
     with torch.inference_mode():

@@ -2,20 +2,22 @@
 
 :class:`EngineOptions` is checked once, where a user hands settings to the library (the public
 functions build it from their keyword arguments); everything below takes the object and trusts
-it. :func:`check_count` is the one check of a positive count that the rest of the package uses.
+it. Counts are checked by :func:`stages_of_inference._utils.check_count`, the package's one check.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from stages_of_inference._utils import check_count
 from stages_of_inference.interventions.unembed import UNEMBED_BLOCK
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS
+
+__all__ = ["EngineOptions", "STACK_TOKENS_ACCELERATOR", "STACK_TOKENS_CPU", "check_count"]
 
 STACK_TOKENS_CPU = 1024
 """Default ``stack_tokens`` on a CPU: the largest block call before the products stop getting
@@ -23,24 +25,6 @@ faster on the 2-core machine the library is developed on (docs/benchmarks.md).""
 
 STACK_TOKENS_ACCELERATOR = 8192
 """Default ``stack_tokens`` on a GPU or other accelerator, where larger products keep getting faster."""
-
-
-def check_count(value: Any, name: str, what: str = "a positive integer") -> int:
-    """``value`` as an ``int`` if it is a whole number of at least 1 (numpy integers accepted,
-    booleans refused), else a ``ValueError`` naming ``name``.
-
-    Example:
-        >>> import numpy as np
-        >>> check_count(np.int64(2), "batch_size")
-        2
-        >>> check_count(True, "batch_size")
-        Traceback (most recent call last):
-        ...
-        ValueError: batch_size must be a positive integer, got True
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -90,7 +74,8 @@ class EngineOptions:
 
     def stack_tokens_for(self, device: str | torch.device) -> int:
         """``stack_tokens``, or the default for ``device``: :data:`STACK_TOKENS_CPU` on a CPU,
-        :data:`STACK_TOKENS_ACCELERATOR` elsewhere."""
+        :data:`STACK_TOKENS_ACCELERATOR` elsewhere.
+        """
         if self.stack_tokens is not None:
             return self.stack_tokens
         return STACK_TOKENS_CPU if torch.device(device).type == "cpu" else STACK_TOKENS_ACCELERATOR

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+__all__ = ["KINDS", "LayerPlan"]
+
 KINDS = ("identity", "drop", "swap", "repeat", "permute", "custom")
 """The kinds of plan :attr:`LayerPlan.kind` recognises."""
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import Any
 
+__all__ = ["get_step", "set_step"]
+
 _STEP: ContextVar[tuple[Any, tuple[int, int]] | None] = ContextVar("stages_of_inference_step", default=None)
 
 

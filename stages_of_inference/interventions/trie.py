@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+__all__ = ["Layout", "Node", "Run", "Window", "block_count", "build_trie", "layout", "schedule"]
+
 
 class Node:
     """One prefix of the plans' block orders.

@@ -21,6 +21,9 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.utilities import apply_softcap
 
+__all__ = ["BlockedUnembedding", "ModuleUnembedding", "PlainUnembedding", "RowMax", "UNEMBED_BLOCK", "Unembedding",
+    "make_unembedding", "row_max"]
+
 UNEMBED_BLOCK = 1024
 """Default vocabulary columns :class:`BlockedUnembedding` computes at a time."""
 
@@ -57,6 +60,7 @@ class ModuleUnembedding:
     softcap: float = 0.0
 
     def __call__(self, x: Float[Tensor, "n d_model"]) -> tuple[Tensor, RowMax | None]:
+        """The logits of the rows ``x`` (no row maxima)."""
         return apply_softcap(self.module(x.unsqueeze(0)).squeeze(0), self.softcap), None
 
 
@@ -73,6 +77,7 @@ class PlainUnembedding:
         self.w_t = self.W_U.T.contiguous()  # once per batch, not once per chunk
 
     def __call__(self, x: Float[Tensor, "n d_model"]) -> tuple[Tensor, RowMax | None]:
+        """The logits of the rows ``x`` (no row maxima)."""
         return apply_softcap(F.linear(x, self.w_t, self.b_U), self.softcap), None
 
 
@@ -112,6 +117,7 @@ class BlockedUnembedding:
         self._block = self.W_U.new_empty(self.max_rows * min(self.block_size, d_vocab))
 
     def __call__(self, x: Float[Tensor, "n d_model"]) -> tuple[Tensor, RowMax | None]:
+        """The logits of the rows ``x`` (a view of the reused buffer) and their row maxima."""
         n, d_vocab = x.shape[0], self.W_U.shape[1]
         if n > self.max_rows:
             raise ValueError(f"at most {self.max_rows} rows a call, got {n}")
@@ -136,7 +142,8 @@ def make_unembedding(
     block_size: int = UNEMBED_BLOCK,
 ) -> Unembedding:
     """The unembedding the sweep uses: through ``module`` when a hook could see it
-    (``via_module``), else blocked for fp32 weights ``W_U``, else plain."""
+    (``via_module``), else blocked for fp32 weights ``W_U``, else plain.
+    """
     if via_module:
         return ModuleUnembedding(module, softcap)
     if W_U.dtype == torch.float32:

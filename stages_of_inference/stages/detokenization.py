@@ -22,16 +22,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from stages_of_inference._utils import check_model, check_tokens, relative_depth
+from stages_of_inference._utils import check_count, check_model, check_tokens, relative_depth
 from stages_of_inference._utils import progress as _progress
+from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.hooks import AttentionReadout, collect
 from stages_of_inference.metrics import mean_and_sem
 from stages_of_inference.results import provenance, with_provenance
-from stages_of_inference.batch import Tokens
 
 __all__ = [
     "SubjoinerResult",
@@ -65,8 +65,7 @@ def _previous_token_per_sequence(
     pos = tokens.shape[1]
     if not 1 <= k < pos:
         raise ValueError(f"k must lie in 1 .. pos - 1 = {pos - 1} (offsets need a key before the query), got {k}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of sequences, got {batch_size}")
+    batch_size = check_count(batch_size, "batch_size", "a positive number of sequences")
     n_entries = sum(pos - d for d in range(1, k + 1))
     out = torch.zeros(tokens.shape[0], model.cfg.n_layers, model.cfg.n_heads, dtype=torch.float64)
     offset = {"start": 0}
@@ -205,7 +204,8 @@ def _candidate_prompts(
     tokenizer: Any, texts: Sequence[str], n_context_words: int, n_pieces: int
 ) -> tuple[list[list[str]], list[tuple[int, int]], list[tuple[int, int]]]:
     """Split the texts into words; return them with the (document, word index) of every final
-    word that splits into ``n_pieces`` tokens, and of every one-token final word."""
+    word that splits into ``n_pieces`` tokens, and of every one-token final word.
+    """
     docs = [_WORD.findall(text) for text in texts]
     where: dict[str, list[tuple[int, int]]] = {}
     for d, words in enumerate(docs):
@@ -239,7 +239,8 @@ def _encode_prompts(
 ) -> tuple[list[list[int]], list[str]]:
     """Tokenize a random selection of prompts (``n_context_words`` words, then the final word);
     keep those whose final word's tokens are exactly the tokens of ``" " + word`` at the end
-    (no merge across the space), each text once."""
+    (no merge across the space), each text once.
+    """
     order = list(range(len(places)))
     rng.shuffle(order)
     out: list[list[int]] = []
@@ -269,7 +270,8 @@ def _attention_stats(
     """Per-prompt scores ``[prompt, layer, head]`` (attention from the last token to the
     ``n_pieces - 1`` before it, and to the first of them) and the mean ``[layer, head, window, window]``
     pattern among the last ``window`` positions. Prompts are right-padded within a batch: with
-    causal attention, padding after a prompt's end changes nothing at its positions."""
+    causal attention, padding after a prompt's end changes nothing at its positions.
+    """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     scores = torch.zeros(len(prompts), n_layers, n_heads, dtype=torch.float64)
     first = torch.zeros_like(scores)

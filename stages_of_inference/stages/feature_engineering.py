@@ -26,8 +26,9 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import softcap_enabled
 
-from stages_of_inference._utils import check_model, check_tokens, relative_depth
+from stages_of_inference._utils import check_count, check_model, check_tokens, relative_depth
 from stages_of_inference._utils import progress as _progress
+from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.hooks import ResidualReadout, collect
 from stages_of_inference.lens import check_convention, iter_lens
 from stages_of_inference.metrics import (
@@ -40,7 +41,6 @@ from stages_of_inference.metrics import (
 )
 from stages_of_inference.probes import fit_probe
 from stages_of_inference.results import provenance, with_provenance
-from stages_of_inference.batch import Tokens
 
 __all__ = [
     "LABEL_MAKERS",
@@ -326,8 +326,7 @@ def layer_similarity(
     if method not in ("cka", "cosine"):
         raise ValueError(f"unknown similarity method {method!r}; allowed: 'cka', 'cosine'")
     source, tokens = tokens, check_tokens(model, tokens, min_len=5 if method == "cka" else 2)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of sequences, got {batch_size}")
+    batch_size = check_count(batch_size, "batch_size", "a positive number of sequences")
     if outlier_ratio is not None and not outlier_ratio > 1.0:
         raise ValueError(f"outlier_ratio must be above 1 (a multiple of the median norm) or None, got {outlier_ratio}")
     n_layers = model.cfg.n_layers
@@ -529,7 +528,10 @@ def probe_layers(
             built-in label maker (:data:`LABEL_MAKERS`: ``"continues_word"``,
             ``"next_starts_word"``) or any callable ``(model, tokens) -> labels``.
         points: readouts to probe (default: all).
-        test_fraction, seed, l2, max_iter: passed to :func:`~stages_of_inference.probes.fit_probe`.
+        test_fraction: the held-out share (:func:`~stages_of_inference.probes.fit_probe`).
+        seed: the seed of the split.
+        l2: the probes' L2 penalty.
+        max_iter: the most optimiser iterations per probe.
         batch_size: sequences per forward pass.
         progress: show a progress bar.
 

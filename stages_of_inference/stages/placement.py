@@ -1,6 +1,7 @@
 """Where the stages lie: the rule that places the four stages on a model's blocks
 (:func:`place_stages`), from the sweep, the logit lens, the neuron counts and previous-token
-attention. Returns a table; the plots draw it (:func:`stages_of_inference.plots.add_stage_bands`)."""
+attention. Returns a table; the plots draw it (:func:`stages_of_inference.plots.add_stage_bands`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import numpy as np
 import pandas as pd
 
 from stages_of_inference._tables import _n_layers, _require, _table, result_model
+
+__all__ = ["STAGES", "first_peak", "place_stages"]
 
 STAGES = ("detokenization", "feature engineering", "prediction ensembling", "residual sharpening")
 """The four stages of inference, in depth order (Lad et al. 2024)."""
@@ -35,7 +38,8 @@ def _drop_kl(sweep: Any) -> pd.Series | None:
 
 def first_peak(layers: np.ndarray, values: np.ndarray) -> int:
     """The layer of the first local maximum of ``values`` (higher than the next, not lower than the
-    previous), else of the maximum."""
+    previous), else of the maximum.
+    """
     for i in range(len(values) - 1):
         if values[i] > values[i + 1] and (i == 0 or values[i] >= values[i - 1]):
             return int(layers[i])
@@ -103,104 +107,21 @@ def place_stages(
     inputs = [x for x in (sweep, lens, neurons, attention) if x is not None]
     if not inputs:
         raise ValueError("place_stages needs at least one measurement: sweep, lens, neurons or attention")
-    if n_layers is None:
-        for x in inputs:
-            n_layers = _n_layers(x)
-            if n_layers:
-                break
-    if n_layers is None:
-        if kl is not None:
-            n_layers = int(kl.index.max()) + 1
-        elif lens is not None:
-            n_layers = int(lens["layer"].max())
-        else:
-            n_layers = int(_table(inputs[0])["layer"].max()) + 1
-    n = int(n_layers)
+    n = _block_count(inputs, kl, lens) if n_layers is None else int(n_layers)
     if n < 1:
         raise ValueError(f"n_layers must be positive, got {n}")
     model = next((result_model(x) for x in inputs if result_model(x, "") != ""), "model")
-
-    is_fragile = np.zeros(n, dtype=bool)
-    if kl is not None and len(kl):
-        median = float(np.median(kl.to_numpy()))
-        threshold = fragile * max(median, 1e-12)
-        for layer, value in kl.items():
-            if 0 <= int(layer) < n:
-                is_fragile[int(layer)] = value > threshold
-
-    counts = None
-    if neurons is not None:
-        table = _table(neurons)
-        if {"n_prediction", "n_suppression"} <= set(table.columns):
-            counts = table.set_index("layer")[["n_prediction", "n_suppression"]]
-        else:
-            _require(table, ["layer", "kind"], "place_stages(neurons=...)")
-            counts = pd.crosstab(table["layer"], table["kind"]).reindex(
-                columns=["prediction", "suppression"], fill_value=0)
-            counts.columns = ["n_prediction", "n_suppression"]
-        counts = counts.reindex(range(n), fill_value=0)
-
-    # b: end of detokenization
-    evidence_b = []
-    lead = 0
-    while lead < n and is_fragile[lead]:
-        lead += 1
-    b = lead
-    if lead:
-        evidence_b.append(f"deleting block{'s' if lead > 1 else ''} 0..{lead - 1} is fragile (KL > {fragile:g} x median)")
-    if attention is not None:
-        att = _table(attention)
-        _require(att, ["layer", "mean_attention"], "place_stages(attention=...)")
-        early = att[att["layer"] <= (n - 1) // 2].sort_values("layer")
-        if len(early):
-            peak = first_peak(early["layer"].to_numpy(int), early["mean_attention"].to_numpy(float))
-            if peak + 1 > b:
-                b = peak + 1
-            evidence_b.append(f"previous-token attention has its first peak at block {peak}")
-    b = min(max(b, 1), max(n // 2, 1))
-
-    # d: start of residual sharpening
-    d = n
-    reason_d = []
-    while d > 0:
-        layer = d - 1
-        supp = counts is not None and counts.loc[layer, "n_suppression"] > max(counts.loc[layer, "n_prediction"], 0)
-        if is_fragile[layer] or supp:
-            d -= 1
-            if is_fragile[layer] and "fragile" not in " ".join(reason_d):
-                reason_d.append("fragile under deletion")
-            if supp and "suppression" not in " ".join(reason_d):
-                reason_d.append("more suppression than prediction neurons")
-        else:
-            break
-    if d == n:
-        d = n - 1
-        reason_d.append("the last block (no trailing fragile or suppression-dominated run)")
-
-    # c: start of prediction ensembling
-    c = None
-    reason_c = ""
-    if lens is not None:
-        lt = _table(lens)
-        _require(lt, ["layer", "entropy_bits"], "place_stages(lens=...)")
-        h = lt.sort_values("layer")["entropy_bits"].to_numpy(float)
-        fall = h[0] - h[-1]
-        if len(h) >= 2 and fall > 0:
-            below = np.nonzero(h[1:] <= h[0] - entropy_fall * fall)[0]
-            if len(below):
-                c = int(below[0])  # readout k + 1 is the output of block k
-                reason_c = f"logit-lens entropy has fallen by {entropy_fall:.0%} of its total fall after block {c}"
-    if c is None and counts is not None and counts["n_prediction"].max() > 0:
-        pred = counts["n_prediction"].to_numpy()
-        c = int(np.nonzero(pred >= max(1, 0.1 * pred.max()))[0][0])
-        reason_c = f"first block with at least a tenth of the peak count of prediction neurons ({c})"
+    is_fragile = _fragile(kl, n, fragile)
+    counts = None if neurons is None else _neuron_counts(neurons, n)
+    b, evidence_b = _detokenization_end(is_fragile, attention, n, fragile)
+    d, reason_d = _sharpening_start(is_fragile, counts, n)
+    c, reason_c = _ensembling_start(lens, counts, entropy_fall)
     if c is None:
         c = (b + d) // 2
         reason_c = "no lens or neuron data: midway between detokenization and residual sharpening"
     c = min(max(c, b), d)
 
-    edges = [(0, b, "; ".join(evidence_b) or "at least one block"), (b, c, "after detokenization"),
-             (c, d, reason_c), (d, n, "; ".join(reason_d))]
+    edges = [(0, b, evidence_b or "at least one block"), (b, c, "after detokenization"), (c, d, reason_c), (d, n, reason_d)]
     rows = []
     for stage, (lo, hi, why) in zip(STAGES, edges):
         n_blocks = max(hi - lo, 0)
@@ -211,3 +132,99 @@ def place_stages(
     out.attrs["provenance"] = {"model": {"name": model, "n_layers": n},
                                "settings": {"analysis": "place_stages", "fragile": fragile, "entropy_fall": entropy_fall}}
     return out
+
+
+def _block_count(inputs: list[Any], kl: pd.Series | None, lens: pd.DataFrame | None) -> int:
+    """The number of blocks: from the inputs' provenance, else from their layer columns."""
+    for x in inputs:
+        n = _n_layers(x)
+        if n:
+            return int(n)
+    if kl is not None:
+        return int(kl.index.max()) + 1
+    if lens is not None:
+        return int(lens["layer"].max())
+    return int(_table(inputs[0])["layer"].max()) + 1
+
+
+def _fragile(kl: pd.Series | None, n: int, fragile: float) -> np.ndarray:
+    """Per block: does deleting it cost more than ``fragile`` times the median deletion KL?"""
+    is_fragile = np.zeros(n, dtype=bool)
+    if kl is not None and len(kl):
+        threshold = fragile * max(float(np.median(kl.to_numpy())), 1e-12)
+        for layer, value in kl.items():
+            if 0 <= int(layer) < n:
+                is_fragile[int(layer)] = value > threshold
+    return is_fragile
+
+
+def _neuron_counts(neurons: Any, n: int) -> pd.DataFrame:
+    """Prediction and suppression neurons per block, from counts or from per-neuron moments."""
+    table = _table(neurons)
+    if {"n_prediction", "n_suppression"} <= set(table.columns):
+        counts = table.set_index("layer")[["n_prediction", "n_suppression"]]
+    else:
+        _require(table, ["layer", "kind"], "place_stages(neurons=...)")
+        counts = pd.crosstab(table["layer"], table["kind"]).reindex(columns=["prediction", "suppression"], fill_value=0)
+        counts.columns = ["n_prediction", "n_suppression"]
+    return counts.reindex(range(n), fill_value=0)
+
+
+def _detokenization_end(is_fragile: np.ndarray, attention: Any, n: int, fragile: float) -> tuple[int, str]:
+    """``b``: past the leading fragile blocks and the first early peak of previous-token attention."""
+    evidence = []
+    lead = 0
+    while lead < n and is_fragile[lead]:
+        lead += 1
+    b = lead
+    if lead:
+        evidence.append(f"deleting block{'s' if lead > 1 else ''} 0..{lead - 1} is fragile (KL > {fragile:g} x median)")
+    if attention is not None:
+        att = _table(attention)
+        _require(att, ["layer", "mean_attention"], "place_stages(attention=...)")
+        early = att[att["layer"] <= (n - 1) // 2].sort_values("layer")
+        if len(early):
+            peak = first_peak(early["layer"].to_numpy(int), early["mean_attention"].to_numpy(float))
+            b = max(b, peak + 1)
+            evidence.append(f"previous-token attention has its first peak at block {peak}")
+    return min(max(b, 1), max(n // 2, 1)), "; ".join(evidence)
+
+
+def _sharpening_start(is_fragile: np.ndarray, counts: pd.DataFrame | None, n: int) -> tuple[int, str]:
+    """``d``: the first block of the trailing run of fragile or suppression-dominated blocks."""
+    d = n
+    reasons: list[str] = []
+    while d > 0:
+        layer = d - 1
+        supp = counts is not None and counts.loc[layer, "n_suppression"] > max(counts.loc[layer, "n_prediction"], 0)
+        if not (is_fragile[layer] or supp):
+            break
+        d -= 1
+        if is_fragile[layer] and "fragile" not in " ".join(reasons):
+            reasons.append("fragile under deletion")
+        if supp and "suppression" not in " ".join(reasons):
+            reasons.append("more suppression than prediction neurons")
+    if d == n:
+        return n - 1, "the last block (no trailing fragile or suppression-dominated run)"
+    return d, "; ".join(reasons)
+
+
+def _ensembling_start(lens: Any, counts: pd.DataFrame | None, entropy_fall: float) -> tuple[int | None, str]:
+    """``c``: where the lens entropy has fallen by ``entropy_fall`` of its fall, else where
+    prediction neurons appear; ``None`` without either.
+    """
+    if lens is not None:
+        lt = _table(lens)
+        _require(lt, ["layer", "entropy_bits"], "place_stages(lens=...)")
+        h = lt.sort_values("layer")["entropy_bits"].to_numpy(float)
+        fall = h[0] - h[-1]
+        if len(h) >= 2 and fall > 0:
+            below = np.nonzero(h[1:] <= h[0] - entropy_fall * fall)[0]
+            if len(below):
+                c = int(below[0])  # readout k + 1 is the output of block k
+                return c, f"logit-lens entropy has fallen by {entropy_fall:.0%} of its total fall after block {c}"
+    if counts is not None and counts["n_prediction"].max() > 0:
+        pred = counts["n_prediction"].to_numpy()
+        c = int(np.nonzero(pred >= max(1, 0.1 * pred.max()))[0][0])
+        return c, f"first block with at least a tenth of the peak count of prediction neurons ({c})"
+    return None, ""

@@ -22,21 +22,25 @@ import math
 import string
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from stages_of_inference._utils import check_model, check_tokens, relative_depth
+from stages_of_inference._utils import check_count, check_model, check_tokens, relative_depth
 from stages_of_inference._utils import progress as _progress
+from stages_of_inference.batch import Tokens
 from stages_of_inference.metrics import scored_positions
 from stages_of_inference.probes import ProbeResult, fit_probe
 from stages_of_inference.results import provenance, with_provenance
-from stages_of_inference.batch import Tokens
+
+__all__ = ["KINDS", "MOMENT_COLUMNS", "PREDICATES", "Predicate", "PredicateLike", "REGIONS", "Vocab", "ends_with",
+    "is_capitalised", "is_digits", "is_punctuation", "neuron_activations", "neuron_counts",
+    "neuron_ensemble_probe", "neuron_moments", "robustness_by_region", "token_class_neurons", "vocabulary"]
 
 KINDS = ("prediction", "suppression", "other")
 """The kinds of neuron :func:`neuron_moments` assigns."""
@@ -44,8 +48,8 @@ KINDS = ("prediction", "suppression", "other")
 MOMENT_COLUMNS = ("layer", "neuron", "vocab_mean", "vocab_var", "vocab_skew", "vocab_kurt", "kind")
 
 Predicate = Callable[[str], bool]
-Vocab = Union[Sequence[str], Mapping[str, int]]
-PredicateLike = Union[Predicate, str, Bool[Tensor, " d_vocab"]]
+Vocab = Sequence[str] | Mapping[str, int]
+PredicateLike = Predicate | str | Bool[Tensor, " d_vocab"]
 
 
 # ----------------------------------------------------------------------------- weights
@@ -306,11 +310,11 @@ def is_digits(token: str) -> bool:
 
 
 def is_punctuation(token: str) -> bool:
-    """The token, stripped of spaces, is non-empty and every character is punctuation
+    r"""The token, stripped of spaces, is non-empty and every character is punctuation
     (Unicode category P*, or an ASCII punctuation character).
 
     Example:
-        >>> is_punctuation(" ,"), is_punctuation("...\\""), is_punctuation("a.")
+        >>> is_punctuation(" ,"), is_punctuation("...\""), is_punctuation("a.")
         (True, True, False)
     """
     stripped = token.strip()
@@ -536,8 +540,7 @@ def neuron_activations(
     model = check_model(model)
     tokens = check_tokens(model, tokens, min_len=1)
     pairs = _neuron_list(model, neurons)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of sequences, got {batch_size}")
+    batch_size = check_count(batch_size, "batch_size", "a positive number of sequences")
     by_layer: dict[int, list[int]] = {}
     for column, (layer, _) in enumerate(pairs):
         by_layer.setdefault(layer, []).append(column)
@@ -611,8 +614,8 @@ def neuron_ensemble_probe(
         balance: keep an equal number of positions of every class (a seeded random subset of
             each, as many as the rarest class has), so that the majority baseline is chance; for
             rare classes such as "-ing" tokens, plain accuracy hardly moves off the baseline.
-        test_fraction, seed: the held-out split shared by all probes (``seed`` also draws the
-            balanced subset).
+        test_fraction: the held-out share of the split shared by all probes.
+        seed: the seed of that split (it also draws the balanced subset).
         batch_size: sequences per forward pass.
         progress: show a progress bar.
 

@@ -20,15 +20,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from stages_of_inference._utils import check_model, check_tokens, relative_depth
+from stages_of_inference.batch import Tokens
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS
 from stages_of_inference.results import provenance, with_provenance
-from stages_of_inference.batch import Tokens
+
+__all__ = ["DEFAULT_BINS", "DEFAULT_CONVENTION", "expected_calibration_error", "final_block_ablation",
+    "layer_repetition", "sharpening_profile"]
 
 DEFAULT_CONVENTION = "per_layer_norm"
 """The logit-lens convention :func:`sharpening_profile` reads blocks through by default: each
@@ -139,7 +141,9 @@ def sharpening_profile(
             computed for this model and these tokens (rows of other conventions are ignored), so
             that a study running both does not unembed every layer twice; its provenance must name
             the same model and token digest, else a ``ValueError``. ``None`` computes it.
-        batch_size, chunk_tokens, progress: passed to the logit lens.
+        batch_size: sequences per forward pass (of the logit lens).
+        chunk_tokens: token positions reduced at a time.
+        progress: show a progress bar.
 
     Returns:
         One row per block: ``layer``, ``relative_depth``, ``entropy_before_bits``,
@@ -257,7 +261,9 @@ def final_block_ablation(
         last_k: delete the last ``k`` blocks together, for each ``k``.
         single: also delete block ``n_layers - k`` alone, for each ``k`` > 1.
         n_bins: confidence bins of the ECE.
-        batch_size, chunk_tokens, progress: passed to the engine.
+        batch_size: sequences per sweep pass.
+        chunk_tokens: token positions reduced at a time.
+        progress: show a progress bar.
 
     Returns:
         One row for the original model (``kind`` "none") and one per deletion (``kind`` "last_k":
@@ -341,9 +347,12 @@ def layer_repetition(
     Args:
         model: a HookedTransformer.
         tokens: ``[batch, pos]`` token ids, BOS first.
-        start, stop: the range of blocks, ``0 <= start <= stop <= n_layers`` (``stop`` exclusive).
+        start: the first repeated block, ``0 <= start <= stop``.
+        stop: the block after the last repeated one, ``stop <= n_layers`` (exclusive).
         times: how often each repeated block runs (2 = twice).
-        batch_size, chunk_tokens, progress: passed to the engine.
+        batch_size: sequences per sweep pass.
+        chunk_tokens: token positions reduced at a time.
+        progress: show a progress bar.
 
     Returns:
         One row per ``end`` in ``start .. stop``: ``start``, ``end``, ``n_repeated``, ``repeated``

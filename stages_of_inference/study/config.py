@@ -9,6 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from stages_of_inference._utils import check_count
+
+__all__ = ["DEFAULT_OUT_DIR", "StudyConfig", "add_options", "analysis_names", "from_args"]
+
 DEFAULT_OUT_DIR = "reports"
 
 
@@ -152,8 +156,7 @@ class StudyConfig:
             raise ValueError(f"heavy_fraction must lie in (0, 1], got {self.heavy_fraction}")
         if self.k < 1:
             raise ValueError(f"k must be a positive number of previous tokens, got {self.k}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive number of sequences, got {self.batch_size}")
+        object.__setattr__(self, "batch_size", check_count(self.batch_size, "batch_size", "a positive number of sequences"))
         if self.subjoiner_prompts < 16:
             raise ValueError(f"subjoiner_prompts must be at least 16, got {self.subjoiner_prompts}")
         if self.table_format not in ("parquet", "csv"):
@@ -183,7 +186,7 @@ class StudyConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "StudyConfig":
+    def from_json(cls, text: str) -> StudyConfig:
         """Read settings written by :meth:`to_json` (unknown keys are refused)."""
         data = json.loads(text)
         names = {f.name for f in dataclasses.fields(cls)}

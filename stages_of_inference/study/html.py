@@ -10,13 +10,16 @@ from typing import TYPE_CHECKING, Any
 from stages_of_inference._utils import atomic_write_text
 from stages_of_inference.study.readings import read_stages
 
+__all__ = ["build_report"]
+
 if TYPE_CHECKING:
     from stages_of_inference.study.run import Study
 
 
 def _figures(study: Study) -> list[tuple[str, str, Any, str]]:
     """(name, title, figure, reading) for every figure the study's results allow, in registry order.
-    A figure that cannot be drawn from the results says why instead."""
+    A figure that cannot be drawn from the results says why instead.
+    """
     from stages_of_inference import plots
     from stages_of_inference.study.registry import REGISTRY, Style
 

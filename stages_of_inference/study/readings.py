@@ -12,6 +12,9 @@ import pandas as pd
 
 from stages_of_inference.stages.placement import first_peak
 
+__all__ = ["named_tables", "read_attention", "read_lens", "read_neurons", "read_patterns", "read_probes",
+    "read_repetition", "read_robustness", "read_sharpening", "read_similarity", "read_stages", "read_subjoiner"]
+
 if TYPE_CHECKING:
     from stages_of_inference.study.run import Study
 
@@ -30,6 +33,7 @@ def _fmt(x: float, digits: int = 2) -> str:
 
 
 def read_robustness(study: Study) -> str:
+    """Which deletions and swaps hurt, and how much, per model."""
     parts = []
     for name, done in study.results.items():
         if "robustness" not in done:
@@ -62,6 +66,7 @@ def read_robustness(study: Study) -> str:
 
 
 def read_attention(study: Study) -> str:
+    """Where attention to the previous tokens peaks, per model."""
     parts = []
     for name, df in named_tables(study, "previous_token_attention", "attention"):
 
@@ -80,6 +85,7 @@ def read_attention(study: Study) -> str:
 
 
 def read_subjoiner(study: Study) -> str:
+    """The best subjoiner head and how many heads beat their control, per model."""
     parts = []
     for name, df in named_tables(study, "subjoiner_heads", "heads"):
         top = df.sort_values("difference", ascending=False).iloc[0]
@@ -93,6 +99,7 @@ def read_subjoiner(study: Study) -> str:
 
 
 def read_patterns(name: str, patterns: pd.DataFrame, heads: pd.DataFrame | None) -> str:
+    """How to read one model's subjoiner attention patterns."""
     n_pieces = int(patterns["n_pieces"].iloc[0]) if "n_pieces" in patterns.columns else 4
     if heads is None or heads.empty:
         return ""
@@ -105,6 +112,7 @@ def read_patterns(name: str, patterns: pd.DataFrame, heads: pd.DataFrame | None)
 
 
 def read_lens(study: Study) -> str:
+    """The logit-lens entropy and KL at the embeddings, half depth and the output, in both conventions."""
     parts = []
     for name, df in named_tables(study, "logit_lens", "lens"):
         pieces = []
@@ -124,6 +132,7 @@ def read_lens(study: Study) -> str:
 
 
 def read_similarity(study: Study) -> str:
+    """How alike neighbouring blocks' outputs are (CKA), by third of the depth."""
     parts = []
     for name, df in named_tables(study, "layer_similarity", "similarity"):
         grid = df.pivot(index="layer_a", columns="layer_b", values="similarity").to_numpy()
@@ -138,6 +147,7 @@ def read_similarity(study: Study) -> str:
 
 
 def read_probes(study: Study) -> str:
+    """Where the probe is most accurate, against the majority class."""
     parts = []
     for name, df in named_tables(study, "probes", "probes"):
         best = df.loc[df["accuracy"].idxmax()]
@@ -149,6 +159,7 @@ def read_probes(study: Study) -> str:
 
 
 def read_neurons(study: Study) -> str:
+    """How many prediction and suppression neurons, and where they peak."""
     parts = []
     for name, df in named_tables(study, "neurons", "counts"):
         total_p, total_s = int(df["n_prediction"].sum()), int(df["n_suppression"].sum())
@@ -175,6 +186,7 @@ def read_neurons(study: Study) -> str:
 
 
 def read_sharpening(study: Study) -> str:
+    """What the last block does to entropy and confidence, and which block sharpens most."""
     parts = []
     for name, done in study.results.items():
         if "sharpening" not in done:
@@ -198,6 +210,7 @@ def read_sharpening(study: Study) -> str:
 
 
 def read_repetition(study: Study) -> str:
+    """What running a block twice costs."""
     parts = []
     for name, df in named_tables(study, "repetition", "repetition"):
         worst = df.loc[df["kl_nats"].idxmax()]
@@ -210,6 +223,7 @@ def read_repetition(study: Study) -> str:
 
 
 def read_stages(study: Study) -> str:
+    """Where the rule places the four stages on each model, with its evidence."""
     parts = []
     for name, table in study.stages.items():
         if table is None or table.empty:

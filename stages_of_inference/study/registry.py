@@ -24,6 +24,9 @@ from stages_of_inference.batch import TokenBatch
 from stages_of_inference.results import Result
 from stages_of_inference.study import readings as rd
 
+__all__ = ["Analysis", "Context", "Figure", "PAPER_ANALYSES", "REGISTRY", "SUBJOINER_CHARS", "Style", "Tables",
+    "default_analyses", "fast_analyses", "register", "tables_of"]
+
 if TYPE_CHECKING:
     from stages_of_inference.study.config import StudyConfig
     from stages_of_inference.study.run import Study
@@ -61,7 +64,8 @@ class Context:
 @dataclass(frozen=True)
 class Figure:
     """One figure of the report: a name (its anchor and file name), a title, how to draw it and
-    its written reading (HTML)."""
+    its written reading (HTML).
+    """
 
     name: str
     title: str

@@ -48,6 +48,8 @@ from stages_of_inference.study.config import DEFAULT_OUT_DIR, StudyConfig
 from stages_of_inference.study.html import build_report
 from stages_of_inference.study.registry import REGISTRY, Analysis, Context
 
+__all__ = ["STUDY_FILE", "Study", "StudyMismatchError", "fingerprint", "load_study", "run_study", "slug"]
+
 STUDY_FILE = "study.json"
 """The study's settings, in its folder."""
 
@@ -96,7 +98,8 @@ class StudyMismatchError(ValueError):
 
 def fingerprint(analysis: Analysis, config: StudyConfig, model_id: dict[str, Any], batches: dict[str, TokenBatch]) -> dict[str, Any]:
     """What a finished analysis' numbers depend on: the model, the corpus, the token batch it
-    read (digest and shape) and its registry settings. A result is reused only when it matches."""
+    read (digest and shape) and its registry settings. A result is reused only when it matches.
+    """
     data: dict[str, Any] = {"corpus": config.corpus}
     if analysis.tokens != "none":
         batch = batches[analysis.tokens]
