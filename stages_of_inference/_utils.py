@@ -62,13 +62,12 @@ def check_count(value: Any, name: str, what: str = "a positive integer") -> int:
 
 
 def check_model(model: Any) -> HookedTransformer:
-    """Raise a ``TypeError`` unless ``model`` is a TransformerLens ``HookedTransformer``."""
-    if not isinstance(model, HookedTransformer):
-        raise TypeError(
-            f"expected a transformer_lens.HookedTransformer, got {type(model).__name__}; "
-            "load one with stages_of_inference.load_model(name) or HookedTransformer.from_pretrained"
-        )
-    return model
+    """The model itself (the adapted model, given a model seam); a ``TypeError`` for anything the
+    library cannot adapt (:func:`stages_of_inference.backends.as_seam` decides).
+    """
+    from stages_of_inference.backends import as_seam
+
+    return as_seam(model).model
 
 
 def check_tokens(model: HookedTransformer, tokens: Any, min_len: int = 3) -> Int[Tensor, "batch pos"]:

@@ -52,6 +52,7 @@ from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNor
 
 from stages_of_inference._utils import check_count, check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
+from stages_of_inference.backends import as_seam
 from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.hooks import ResidualReadout, collect
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, log_probs, scored_positions
@@ -170,7 +171,7 @@ def unembed(
         >>> unembed(m, torch.zeros(3, 4)).shape
         torch.Size([3, 5])
     """
-    logits = normalized.float() @ model.W_U.detach().float()
+    logits = normalized.float() @ as_seam(model).W_U.detach().float()
     cap = float(getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0)
     if cap > 0:
         logits = cap * torch.tanh(logits / cap)

@@ -90,8 +90,8 @@ class ModelSeam(Protocol):
     def softcap(self) -> float:
         """The logit soft-cap (0: none)."""
 
-    def W_out(self, layer: int) -> Float[Tensor, "d_mlp d_model"]:
-        """Block ``layer``'s MLP output weights (one row per neuron)."""
+    def W_out(self, layer: int) -> Float[Tensor, "d_mlp d_model"] | None:
+        """Block ``layer``'s MLP output weights (one row per neuron), ``None`` where the block has none."""
 
     def hooks(self, fwd_hooks: FwdHooks) -> contextlib.AbstractContextManager[Any]:
         """Attach ``fwd_hooks`` (name, function) for the duration of a ``with`` block."""

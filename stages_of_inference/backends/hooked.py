@@ -99,8 +99,8 @@ class HookedSeam:
     def softcap(self) -> float:
         return float(self._model.cfg.output_logits_soft_cap)
 
-    def W_out(self, layer: int) -> Float[Tensor, "d_mlp d_model"]:
-        return self.blocks()[layer].mlp.W_out
+    def W_out(self, layer: int) -> Float[Tensor, "d_mlp d_model"] | None:
+        return getattr(self.blocks()[layer].mlp, "W_out", None)
 
     def hooks(self, fwd_hooks: FwdHooks) -> contextlib.AbstractContextManager[Any]:
         return self._model.hooks(fwd_hooks=list(fwd_hooks))

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from einops import rearrange
 from torch import Tensor
+from transformer_lens import HookedTransformer
 
 from stages_of_inference._utils import check_tokens
 from stages_of_inference._utils import progress as _progress
@@ -114,7 +115,7 @@ def _unique_orders(seam: ModelSeam, plans: Sequence[LayerPlan]) -> tuple[list[tu
 
 
 def iter_plan_batches(
-    model: Any,
+    model: HookedTransformer | ModelSeam,
     tokens: Tokens,
     plans: Sequence[LayerPlan],
     options: EngineOptions | None = None,
@@ -432,7 +433,7 @@ def aggregate(orders: Sequence[tuple[int, ...]], n_layers: int, batches: Sequenc
 
 
 def evaluate_plans(
-    model: Any,
+    model: HookedTransformer | ModelSeam,
     tokens: Tokens,
     plans: Sequence[LayerPlan],
     options: EngineOptions | None = None,

@@ -49,7 +49,7 @@ def _check_plan(seam: ModelSeam, plan: Any) -> LayerPlan:
 
 # --------------------------------------------------------------------------- one plan
 def run_plan(
-    model: HookedTransformer,
+    model: HookedTransformer | ModelSeam,
     tokens: Tokens,
     plan: LayerPlan,
     fwd_hooks: FwdHooks = (),
@@ -64,7 +64,7 @@ def run_plan(
     ``torch.inference_mode()``; for gradients, use :func:`reordered` with the model's own forward.
 
     Args:
-        model: a ``HookedTransformer``.
+        model: a ``HookedTransformer`` (or any model seam, :mod:`stages_of_inference.backends`).
         tokens: token ids ``[batch, pos]``.
         plan: the block order, for ``model.cfg.n_layers`` blocks.
         fwd_hooks: forward hooks attached for this call only.

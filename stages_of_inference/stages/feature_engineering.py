@@ -28,6 +28,7 @@ from transformer_lens.utilities.activation_functions import softcap_enabled
 
 from stages_of_inference._utils import check_count, check_model, check_tokens, relative_depth
 from stages_of_inference._utils import progress as _progress
+from stages_of_inference.backends import as_seam
 from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.hooks import ResidualReadout, collect
 from stages_of_inference.lens import check_convention, iter_lens
@@ -141,7 +142,7 @@ def logit_lens(
         # logits; then the KL needs only a float64 summary of the final readout's distribution
         # per row (metrics.LinearReference), and logit_metrics reduces each readout's logits in a
         # few passes, reusing the logits as its work buffer.
-        w_u = model.W_U.detach().float()
+        w_u = as_seam(model).W_U.detach().float()
         linear = not softcap_enabled(getattr(model.cfg, "output_logits_soft_cap", None))
         scratch = torch.empty((ROWS_AT_ONCE, w_u.shape[1]), dtype=torch.float32, device=w_u.device)
         for chunk in chunks:

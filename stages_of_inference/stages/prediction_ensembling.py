@@ -33,6 +33,7 @@ from transformer_lens import HookedTransformer
 
 from stages_of_inference._utils import check_count, check_model, check_tokens, relative_depth
 from stages_of_inference._utils import progress as _progress
+from stages_of_inference.backends import as_seam
 from stages_of_inference.batch import Tokens
 from stages_of_inference.metrics import scored_positions
 from stages_of_inference.probes import ProbeResult, fit_probe
@@ -59,8 +60,8 @@ def _mlp_out_weights(model: HookedTransformer, layer: int) -> Float[Tensor, "d_m
     """The output weights ``W_out`` of block ``layer``'s MLP (dense or gated), rows = neurons."""
     if model.cfg.attn_only:
         raise ValueError("the model is attention-only (cfg.attn_only): it has no MLP neurons")
-    mlp = model.blocks[layer].mlp
-    w_out = getattr(mlp, "W_out", None)
+    mlp = as_seam(model).blocks()[layer].mlp
+    w_out = as_seam(model).W_out(layer)
     if not isinstance(w_out, Tensor) or w_out.ndim != 2:
         raise ValueError(
             f"block {layer}'s MLP ({type(mlp).__name__}) has no dense [d_mlp, d_model] W_out; "
@@ -78,7 +79,7 @@ def _unit_unembedding(model: HookedTransformer) -> tuple[Float[Tensor, "d_model 
     columns) is arithmetic: the cosines of a row ``r`` then come out already centred,
     ``cos[t] - mean_t cos[t] = r . (u_t - mean_t u_t)``, and their mean is ``r . mean_t u_t``.
     """
-    w_u = model.W_U.detach().to(torch.float32, copy=True)  # one copy, then in place
+    w_u = as_seam(model).W_U.detach().to(torch.float32, copy=True)  # one copy, then in place
     w_u.sub_(w_u.mean(dim=1, keepdim=True))
     w_u.div_(w_u.norm(dim=0, keepdim=True).clamp_min(1e-12))
     mean_col = w_u.mean(dim=1)
@@ -349,7 +350,7 @@ def vocabulary(model: HookedTransformer, vocab: Vocab | None = None) -> list[str
         >>> vocabulary(m, {"a": 0, "b": 2})
         ['a', None, 'b']
     """
-    d_vocab = model.W_U.shape[1]
+    d_vocab = as_seam(model).d_vocab
     out: list[str | None] = [None] * d_vocab
     if vocab is None:
         tokenizer = getattr(model, "tokenizer", None)
@@ -377,7 +378,7 @@ def _property_mask(
     model: HookedTransformer, predicate: PredicateLike, vocab: Vocab | None
 ) -> tuple[Bool[Tensor, " d_vocab"], Bool[Tensor, " d_vocab"]]:
     """(has the property, is a known token) over the vocabulary."""
-    d_vocab = model.W_U.shape[1]
+    d_vocab = as_seam(model).d_vocab
     if isinstance(predicate, Tensor):
         if predicate.dtype != torch.bool or predicate.shape != (d_vocab,):
             raise ValueError(f"a mask predicate must be a bool tensor of shape [{d_vocab}]")
@@ -451,7 +452,7 @@ def token_class_neurons(
             "token with the property and one without"
         )
     with torch.inference_mode():
-        w_u = model.W_U.detach().float()
+        w_u = as_seam(model).W_U.detach().float()
         weights = has.float() / n_has - rest.float() / n_rest
         direction = w_u @ weights.to(w_u.device)  # [d_model]: mean(has) - mean(rest) of W_U columns
         scores = torch.cat([_mlp_out_weights(model, layer).float() @ direction for layer in chosen])
