@@ -79,7 +79,7 @@ _KIND_NAME = {"drop": "delete block", "swap": "swap with next"}
 # --------------------------------------------------------------------------------------------
 # inputs
 
-from stages_of_inference._tables import _n_layers, _require, _table, result_model  # noqa: E402
+from stages_of_inference._tables import _require, _table, result_model  # noqa: E402
 from stages_of_inference.stages.placement import STAGES, place_stages  # noqa: E402
 
 
@@ -227,11 +227,8 @@ def add_stage_bands(
 
 
 def robustness_table(sweep: Any) -> pd.DataFrame:
-    """A sweep's summary with standard errors over sequences (``<metric>_sem``) for the error bands.
-
-    The standard errors come from the per-token table (``robustness_sweep(..., per_token=True)``):
-    per sequence, the mean of each metric; then the standard error of those means. Without a
-    per-token table the summary is returned as it is (the figure then draws no bands).
+    """A sweep's summary, which the figure draws: its ``<metric>_sem`` columns (standard errors over
+    sequences, computed by the sweep) are the error bands; a summary without them draws none.
 
     Example:
         >>> import pandas as pd
@@ -239,26 +236,7 @@ def robustness_table(sweep: Any) -> pd.DataFrame:
         >>> list(robustness_table(s).columns)
         ['kind', 'layer', 'kl_nats']
     """
-    summary = _table(sweep, "summary").copy()
-    per_token = getattr(sweep, "tables", {}).get("per_token") if not isinstance(sweep, pd.DataFrame) else None
-    if per_token is None or per_token.empty:
-        return summary
-    _require(per_token, ["kind", "layer", "sequence"], "robustness_table (per-token table)")
-    tok = per_token.copy()
-    tok["layer"] = tok["layer"].astype("Int64").fillna(-1).astype(int)
-    reference = tok[tok["kind"] != "none"]
-    ref_acc = float(summary.loc[summary["kind"] == "none", "accuracy"].iloc[0]) if "accuracy" in summary else np.nan
-    per_seq = reference.groupby(["kind", "layer", "sequence"]).mean(numeric_only=True)
-    sem = per_seq.groupby(level=["kind", "layer"]).agg(lambda v: v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0)
-    key = pd.MultiIndex.from_arrays([summary["kind"], summary["layer"].astype("Int64").fillna(-1).astype(int)])
-    for metric, (_, column) in _METRICS.items():
-        if metric not in summary or column not in sem:
-            continue
-        values = sem[column].reindex(key).to_numpy(float)
-        if metric == "relative_accuracy":
-            values = values / ref_acc if ref_acc and ref_acc > 0 else values * np.nan
-        summary[f"{metric}_sem"] = np.where(summary["kind"] == "none", 0.0, values)
-    return summary
+    return _table(sweep, "summary")
 
 
 def robustness(
@@ -601,15 +579,16 @@ def neuron_counts(
     cosines above the threshold; positive skew = prediction, negative = suppression).
 
     Args:
-        results: ``neuron_counts`` or ``neuron_moments`` table(s).
+        results: ``neuron_counts`` table(s) (:func:`~stages_of_inference.stages.prediction_ensembling.neuron_counts`).
         share: plot the share of the layer's neurons (comparable across widths) instead of counts.
         stages: stage bands (:func:`place_stages`) or ``None``.
         colors: model name -> colour.
 
     Example:
         >>> import pandas as pd
+        >>> from stages_of_inference.stages.prediction_ensembling import neuron_counts as count
         >>> m = pd.DataFrame({"layer": [0, 1, 1], "kind": ["other", "prediction", "suppression"]})
-        >>> [t.name for t in neuron_counts(m).data]
+        >>> [t.name for t in neuron_counts(count(m, n_layers=2)).data]
         ['model: prediction', 'model: suppression']
     """
     items = _as_list(results)
@@ -629,20 +608,10 @@ def neuron_counts(
 
 
 def _counts(result: Any) -> pd.DataFrame:
-    df = _table(result)
-    if {"n_prediction", "n_suppression", "relative_depth"} <= set(df.columns):
-        return df.sort_values("relative_depth")
-    _require(df, ["layer", "kind"], "neuron_counts")
-    n = _n_layers(result, df) or int(df["layer"].max()) + 1
-    table = pd.crosstab(df["layer"], df["kind"]).reindex(index=range(n), columns=["prediction", "suppression", "other"],
-                                                        fill_value=0)
-    total = table.sum(axis=1).replace(0, np.nan)
-    return pd.DataFrame({
-        "layer": table.index, "relative_depth": [i / (n - 1) if n > 1 else 0.0 for i in table.index],
-        "n_prediction": table["prediction"].to_numpy(), "n_suppression": table["suppression"].to_numpy(),
-        "share_prediction": (table["prediction"] / total).fillna(0).to_numpy(),
-        "share_suppression": (table["suppression"] / total).fillna(0).to_numpy(),
-    })
+    df = _table(result, "counts")
+    _require(df, ["relative_depth", "n_prediction", "n_suppression", "share_prediction", "share_suppression"],
+             "neuron_counts (the table of stages.prediction_ensembling.neuron_counts)")
+    return df.sort_values("relative_depth")
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,8 +36,11 @@ SWEEP_KINDS = ("drop", "swap")
 SUMMARY_COLUMNS = (
     "kind", "layer", "relative_depth", "kl_nats", "loss", "loss_delta", "accuracy",
     "relative_accuracy", "top1_agreement", "entropy_bits", "n_tokens",
+    "kl_nats_sem", "loss_sem", "loss_delta_sem", "accuracy_sem", "relative_accuracy_sem", "top1_agreement_sem",
+    "entropy_bits_sem",
 )
-"""The columns of :attr:`SweepResult.summary`, in order (DESIGN.md, "Public contract")."""
+"""The columns of :attr:`SweepResult.summary`, in order: DESIGN.md's public contract, then the
+standard error over sequences of each metric (the standard error of the per-sequence means)."""
 
 PER_TOKEN_COLUMNS = (
     "kind", "layer", "sequence", "position", "token", "top1", "top1_original", "kl_nats", "loss",

@@ -126,6 +126,8 @@ def test_figures_from_real_results_of_a_tiny_model(tiny_model, tiny_tokens) -> N
                       for c in ("paper", "per_layer_norm")])
     lens.attrs = fe.logit_lens(tiny_model, tiny_tokens, progress=False).attrs
     moments = pe.neuron_moments(tiny_model, progress=False)
+    with pytest.raises(ValueError, match="needs the columns"):  # plots draw counts; they do not count
+        plots.neuron_counts(moments)
     stages = plots.place_stages(sweep, lens[lens["convention"] == "paper"], moments, att)
     assert stages["stage"].tolist() == list(plots.STAGES)
     for fig in (
@@ -133,8 +135,7 @@ def test_figures_from_real_results_of_a_tiny_model(tiny_model, tiny_tokens) -> N
         plots.logit_lens(lens, stages=stages),
         plots.layer_similarity(fe.layer_similarity(tiny_model, tiny_tokens, progress=False)),
         plots.probe_accuracy(fe.probe_layers(tiny_model, tiny_tokens, (tiny_tokens % 2).long(), progress=False)),
-        plots.neuron_counts(moments, stages=stages),
-        plots.neuron_counts(pe.neuron_counts(moments)),
+        plots.neuron_counts(pe.neuron_counts(moments), stages=stages),
         plots.sharpening_profile(rs.sharpening_profile(tiny_model, tiny_tokens, moments=moments, progress=False)),
         plots.layer_repetition(rs.layer_repetition(tiny_model, tiny_tokens, 1, 3, progress=False)),
     ):

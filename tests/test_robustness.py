@@ -224,3 +224,27 @@ def test_real_model_sweep_equals_the_authors_methods(real_sweep: SweepResult, re
         expected = authors_metrics(real_model, few_real_tokens, kind, layer, base)
         for key, value in expected.items():
             assert abs(row[key] - value) <= ATOL, (kind, layer, key, row[key], value)
+
+
+def test_standard_errors_are_those_of_the_per_sequence_means(tiny_model: HookedTransformer, tiny_tokens: torch.Tensor) -> None:
+    """Every ``<metric>_sem`` of the summary equals the standard error over sequences of the
+    per-sequence means, computed here from the per-token table (the sweep computes it from its
+    per-sequence sums, with or without a per-token table)."""
+    result = robustness_sweep(tiny_model, tiny_tokens, per_token=True, batch_size=2, progress=False)
+    plain = robustness_sweep(tiny_model, tiny_tokens, batch_size=2, progress=False).summary
+    tok = result.per_token.copy()
+    ref_acc = float(result.summary.loc[result.summary["kind"] == "none", "accuracy"].iloc[0])
+    tok["layer"] = tok["layer"].fillna(-1)
+    columns = ["kl_nats", "loss", "loss_delta", "correct", "agree", "entropy_bits"]
+    tok[columns] = tok[columns].astype(np.float64)  # the fp32 per-token numbers, averaged in float64
+    per_seq = tok.groupby(["kind", "layer", "sequence"])[columns].mean()
+    n_seq = tiny_tokens.shape[0]
+    for _, row in result.summary[result.summary["kind"] != "none"].iterrows():
+        seq = per_seq.loc[(row["kind"], row["layer"])]
+        relative = 1 / ref_acc if ref_acc > 0 else float("nan")  # no accuracy to retain: NaN, as the mean
+        for metric, column, scale in (("kl_nats", "kl_nats", 1), ("loss", "loss", 1), ("loss_delta", "loss_delta", 1),
+                                      ("accuracy", "correct", 1), ("relative_accuracy", "correct", relative),
+                                      ("top1_agreement", "agree", 1), ("entropy_bits", "entropy_bits", 1)):
+            want = seq[column].astype(float).std(ddof=1) / np.sqrt(n_seq) * scale
+            assert row[f"{metric}_sem"] == pytest.approx(want, rel=1e-6, abs=1e-12, nan_ok=True), (row["kind"], row["layer"], metric)
+    pd.testing.assert_frame_equal(plain, result.summary)

@@ -39,7 +39,7 @@ from stages_of_inference.interventions.step import set_step
 from stages_of_inference.interventions.unembed import Unembedding, make_unembedding
 from stages_of_inference.metrics import ROWS_AT_ONCE, LinearReference, TokenMetrics, log_probs, logit_metrics
 
-__all__ = ["RETURN_TYPES", "BatchResult", "aggregate", "block_count", "evaluate_plans", "iter_plan_batches",
+__all__ = ["RETURN_TYPES", "SEM_METRICS", "BatchResult", "aggregate", "block_count", "evaluate_plans", "iter_plan_batches",
            "reordered", "run_plan"]
 
 SUM_KEYS = ("kl_nats", "loss", "correct", "agree", "entropy_bits", "confidence")
@@ -85,8 +85,9 @@ class BatchResult:
 
     Attributes:
         index: batch number (``0, 1, ...``).
-        sums: one row per distinct plan (``plan_id`` ``0..``) and the reference (``plan_id == -1``):
-            ``n_tokens`` and float64 sums of each per-token metric.
+        sums: one row per distinct plan (``plan_id`` ``0..``, and the reference: ``plan_id == -1``)
+            and sequence (``sequence``, its index in the whole token batch): ``n_tokens`` and
+            float64 sums of each per-token metric over the sequence's scored positions.
         per_token: the per-token table, or ``None``.
     """
 
@@ -135,8 +136,8 @@ def iter_plan_batches(
         >>> m = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=8, d_head=4, d_vocab=5, act_fn="relu"))
         >>> out = list(iter_plan_batches(m, torch.tensor([[0, 1, 2, 3]] * 3), [LayerPlan.drop(2, 0)],
         ...                              EngineOptions(batch_size=2, progress=False)))
-        >>> [b.index for b in out], out[0].sums["plan_id"].tolist()
-        ([0, 1], [-1, 0])
+        >>> [b.index for b in out], out[0].sums[["plan_id", "sequence"]].values.tolist()
+        ([0, 1], [[-1, 0], [-1, 1], [0, 0], [0, 1]])
     """
     seam = as_seam(model)
     options = options if options is not None else EngineOptions()
@@ -309,9 +310,15 @@ class _Walk:
         return [score(x) for x in rows]
 
 
-def _sums(pid: int, m: TokenMetrics, n_rows: int) -> dict[str, Any]:
-    """One plan's per-token metrics reduced to float64 sums."""
-    return {"plan_id": pid, "n_tokens": n_rows, **{f"{key}_sum": float(m[key].double().sum()) for key in SUM_KEYS}}
+def _sums(pid: int, m: TokenMetrics, n_seq: int, first_sequence: int) -> dict[str, np.ndarray]:
+    """One plan's per-token metrics reduced to float64 sums per sequence."""
+    per_seq = m["loss"].shape[0] // n_seq
+    out = {"plan_id": np.full(n_seq, pid, dtype=np.int64),
+           "sequence": np.arange(first_sequence, first_sequence + n_seq, dtype=np.int64),
+           "n_tokens": np.full(n_seq, per_seq, dtype=np.int64)}
+    for key in SUM_KEYS:
+        out[f"{key}_sum"] = m[key].double().view(n_seq, per_seq).sum(dim=1).cpu().numpy()
+    return out
 
 
 def _per_token_table(results: list[TokenMetrics], reference: TokenMetrics, targets: Tensor, first_sequence: int,
@@ -369,15 +376,15 @@ def _run_batch(seam: ModelSeam, batch: Tensor, first_sequence: int, lay: trie_.L
                options: EngineOptions, hooked: bool, ticker: _Ticker) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Every plan on one batch: float64 sums per plan (and the per-token table, if asked)."""
     targets = rearrange(batch[:, 2:], "batch pos -> (batch pos)")
-    n_rows = targets.shape[0]
     walk, score = _prepare(seam, batch, lay, options, hooked, targets)
     reference = score.reference.metrics
-    sums_rows: list[dict[str, Any] | None] = [_sums(-1, reference, n_rows)] + [None] * n_plans
+    n_seq = batch.shape[0]
+    sums_rows: list[dict[str, np.ndarray]] = [_sums(-1, reference, n_seq, first_sequence)] + [{}] * n_plans
     results: list[TokenMetrics] = [reference] * n_plans
     for leaf, m in walk.leaves(score):
         m = reference if m is None else m
         for pid in leaf.ends:
-            sums_rows[pid + 1] = _sums(pid, m, n_rows)
+            sums_rows[pid + 1] = _sums(pid, m, n_seq, first_sequence)
             if options.per_token:
                 results[pid] = m
             ticker.tick()
@@ -385,11 +392,14 @@ def _run_batch(seam: ModelSeam, batch: Tensor, first_sequence: int, lay: trie_.L
     table = None
     if options.per_token:
         table = _per_token_table(results, reference, targets, first_sequence, *batch.shape)
-    return pd.DataFrame(sums_rows), table
+    sums = pd.DataFrame({key: np.concatenate([row[key] for row in sums_rows]) for key in sums_rows[0]})
+    return sums, table
 
 
 def aggregate(orders: Sequence[tuple[int, ...]], n_layers: int, batches: Sequence[BatchResult]) -> pd.DataFrame:
-    """Means over every scored token of all batches, one row per distinct order (``plan_id``).
+    """Means over every scored token of all batches, one row per distinct order (``plan_id``), and
+    their standard errors over sequences (``<metric>_sem``: the standard error of the
+    per-sequence means; 0 for a single sequence).
 
     Deterministic: the same batch results always give bit-identical numbers, whether they were just
     computed or read back from a checkpoint. The reference (unmodified model) is in
@@ -397,11 +407,11 @@ def aggregate(orders: Sequence[tuple[int, ...]], n_layers: int, batches: Sequenc
     """
     if not batches:
         raise ValueError("no batch results to aggregate")
-    total = pd.concat([b.sums for b in sorted(batches, key=lambda b: b.index)], ignore_index=True)
-    total = total.groupby("plan_id", sort=True).sum()
-    n = total["n_tokens"].astype(np.float64)
-    means = {key: total[f"{key}_sum"] / n for key in SUM_KEYS}
+    per_seq = pd.concat([b.sums for b in sorted(batches, key=lambda b: b.index)], ignore_index=True)
+    total = per_seq.groupby("plan_id", sort=True).sum()
+    means = {key: total[f"{key}_sum"] / total["n_tokens"].astype(np.float64) for key in SUM_KEYS}
     ref = {key: float(means[key].loc[-1]) for key in SUM_KEYS}
+    sems = _sems(per_seq, ref["correct"])
     rows = []
     for pid, order in enumerate(orders):
         plan = LayerPlan(order=order, n_layers=n_layers)
@@ -420,6 +430,7 @@ def aggregate(orders: Sequence[tuple[int, ...]], n_layers: int, batches: Sequenc
             "entropy_bits": float(means["entropy_bits"].loc[pid]),
             "confidence": float(means["confidence"].loc[pid]),
             "n_tokens": int(total["n_tokens"].loc[pid]),
+            **{f"{metric}_sem": float(sems[metric].loc[pid]) for metric in SEM_METRICS},
         })
     df = pd.DataFrame(rows)
     df.attrs["reference"] = {
@@ -430,6 +441,29 @@ def aggregate(orders: Sequence[tuple[int, ...]], n_layers: int, batches: Sequenc
         "n_tokens": int(total["n_tokens"].loc[-1]),
     }
     return df
+
+
+SEM_METRICS = ("kl_nats", "loss", "loss_delta", "accuracy", "relative_accuracy", "top1_agreement", "entropy_bits")
+"""The summary columns that get a standard error over sequences (``<metric>_sem``)."""
+
+
+def _sems(per_seq: pd.DataFrame, ref_accuracy: float) -> dict[str, pd.Series]:
+    """Per plan, the standard error over sequences of each metric's per-sequence mean (the loss
+    change against the reference's mean on the same sequence; relative accuracy as accuracy over
+    the reference's pooled accuracy).
+    """
+    n = per_seq["n_tokens"].astype(np.float64)
+    seq_means = pd.DataFrame({key: per_seq[f"{key}_sum"] / n for key in SUM_KEYS})
+    seq_means["plan_id"], seq_means["sequence"] = per_seq["plan_id"], per_seq["sequence"]
+    ref_loss = seq_means[seq_means["plan_id"] == -1].set_index("sequence")["loss"]
+    seq_means["loss_delta"] = seq_means["loss"] - ref_loss.reindex(seq_means["sequence"]).to_numpy()
+    grouped = seq_means.groupby("plan_id", sort=True)
+    count = grouped.size()
+    std = grouped[["kl_nats", "loss", "loss_delta", "correct", "agree", "entropy_bits"]].std(ddof=1)
+    sem = std.div(np.sqrt(count), axis=0).where(count > 1, 0.0)
+    relative = sem["correct"] / ref_accuracy if ref_accuracy > 0 else sem["correct"] * np.nan
+    return {"kl_nats": sem["kl_nats"], "loss": sem["loss"], "loss_delta": sem["loss_delta"], "accuracy": sem["correct"],
+            "relative_accuracy": relative, "top1_agreement": sem["agree"], "entropy_bits": sem["entropy_bits"]}
 
 
 def evaluate_plans(
