@@ -33,6 +33,18 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from stages_of_inference._tables import _require, _table, result_model
+from stages_of_inference.results import Result
+from stages_of_inference.stages.detokenization import SubjoinerResult, pattern_table
+from stages_of_inference.stages.placement import STAGES, place_stages
+
+Results = pd.DataFrame | Result | Sequence[pd.DataFrame | Result]
+"""What a figure draws: a result's table, a :class:`~stages_of_inference.results.Result`, or one
+of either per model (overlaid on relative depth)."""
+
+Stages = pd.DataFrame | Sequence[pd.DataFrame] | None
+"""Stage tables (:func:`~stages_of_inference.stages.placement.place_stages`) to shade, one per model."""
+
 __all__ = [
     "BLOCK_DEPTH",
     "READOUT_DEPTH",
@@ -79,8 +91,6 @@ _KIND_NAME = {"drop": "delete block", "swap": "swap with next"}
 # --------------------------------------------------------------------------------------------
 # inputs
 
-from stages_of_inference._tables import _require, _table, result_model  # noqa: E402
-from stages_of_inference.stages.placement import STAGES, place_stages  # noqa: E402
 
 
 def _as_list(results: Any) -> list[Any]:
@@ -226,7 +236,7 @@ def add_stage_bands(
 # robustness
 
 
-def robustness_table(sweep: Any) -> pd.DataFrame:
+def robustness_table(sweep: pd.DataFrame | Result) -> pd.DataFrame:
     """A sweep's summary, which the figure draws: its ``<metric>_sem`` columns (standard errors over
     sequences, computed by the sweep) are the error bands; a summary without them draws none.
 
@@ -240,10 +250,10 @@ def robustness_table(sweep: Any) -> pd.DataFrame:
 
 
 def robustness(
-    results: Any,
+    results: Results,
     metrics: Sequence[str] = ("kl_nats", "loss_delta", "relative_accuracy", "top1_agreement"),
     kinds: Sequence[str] = ("drop", "swap"),
-    stages: Any = None,
+    stages: Stages = None,
     colors: Mapping[str, str] | None = None,
     log_kl: bool = True,
 ) -> go.Figure:
@@ -307,7 +317,7 @@ def robustness(
 # stage 1
 
 
-def previous_token_attention(results: Any, stages: Any = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+def previous_token_attention(results: Results, stages: Stages = None, colors: Mapping[str, str] | None = None) -> go.Figure:
     """Mean attention weight on each of the previous k tokens, per layer, with ±1 s.e. bands.
 
     Args:
@@ -340,7 +350,7 @@ def previous_token_attention(results: Any, stages: Any = None, colors: Mapping[s
     return _layout(fig, f"Stage 1 · mean attention weight on each of the previous k tokens{k_text}")
 
 
-def subjoiner_scores(results: Any, stages: Any = None, colors: Mapping[str, str] | None = None, top: int = 5) -> go.Figure:
+def subjoiner_scores(results: Results | SubjoinerResult | Sequence[SubjoinerResult], stages: Stages = None, colors: Mapping[str, str] | None = None, top: int = 5) -> go.Figure:
     """Every head's subjoiner score: attention from a word's last piece to its earlier pieces,
     minus the same attention in control prompts, against the head's relative depth.
 
@@ -439,23 +449,14 @@ def _pattern_table(result: Any) -> pd.DataFrame:
     if isinstance(result, pd.DataFrame):
         _require(result, ["layer", "head", "prompts", "query", "key", "attention"], "subjoiner_patterns")
         return result
-    rows = []
-    for kind, tensor in (("subword", result.patterns), ("control", result.control_patterns)):
-        arr = tensor.detach().cpu().float().numpy() if hasattr(tensor, "detach") else np.asarray(tensor)
-        L, H, Q, K = arr.shape
-        li, hi, qi, ki = np.meshgrid(np.arange(L), np.arange(H), np.arange(Q), np.arange(K), indexing="ij")
-        rows.append(pd.DataFrame({"layer": li.ravel(), "head": hi.ravel(), "prompts": kind, "query": qi.ravel(),
-                                  "key": ki.ravel(), "attention": arr.ravel()}))
-    out = pd.concat(rows, ignore_index=True)
-    out["n_pieces"] = int(getattr(result, "n_pieces", 0))
-    return out
+    return pattern_table(result)
 
 
 # --------------------------------------------------------------------------------------------
 # stage 2
 
 
-def logit_lens(results: Any, stages: Any = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+def logit_lens(results: Results, stages: Stages = None, colors: Mapping[str, str] | None = None) -> go.Figure:
     """Logit-lens entropy and KL to the final readout, in both lens conventions, with ±1 s.e. bands.
 
     Columns of panels: the paper's convention (every readout divided by the *final* norm scale)
@@ -500,7 +501,7 @@ def logit_lens(results: Any, stages: Any = None, colors: Mapping[str, str] | Non
     return _layout(fig, "Stage 2 · the logit lens: how far each layer is from a prediction", height=760)
 
 
-def layer_similarity(results: Any) -> go.Figure:
+def layer_similarity(results: Results) -> go.Figure:
     """Heatmap of the similarity (linear CKA or cosine) between every pair of blocks' outputs.
 
     Both axes are relative depth, so models of different depth are comparable; several models are
@@ -536,7 +537,7 @@ def layer_similarity(results: Any) -> go.Figure:
     return _layout(fig, f"Stage 2 · similarity of the blocks' outputs ({label})", height=480)
 
 
-def probe_accuracy(results: Any, stages: Any = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+def probe_accuracy(results: Results, stages: Stages = None, colors: Mapping[str, str] | None = None) -> go.Figure:
     """Held-out accuracy of a linear probe at every readout, beside the majority-class baseline.
 
     Args:
@@ -573,7 +574,7 @@ def probe_accuracy(results: Any, stages: Any = None, colors: Mapping[str, str] |
 
 
 def neuron_counts(
-    results: Any, share: bool = False, stages: Any = None, colors: Mapping[str, str] | None = None
+    results: Results, share: bool = False, stages: Stages = None, colors: Mapping[str, str] | None = None
 ) -> go.Figure:
     """Prediction and suppression neurons per layer (kurtosis of the output weights' vocabulary
     cosines above the threshold; positive skew = prediction, negative = suppression).
@@ -618,7 +619,7 @@ def _counts(result: Any) -> pd.DataFrame:
 # stage 4
 
 
-def sharpening_profile(results: Any, stages: Any = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+def sharpening_profile(results: Results, stages: Stages = None, colors: Mapping[str, str] | None = None) -> go.Figure:
     """What each block does to the output distribution: change in lens entropy (bits) and in top-1
     confidence, beside its share of suppression neurons.
 
@@ -667,7 +668,7 @@ def sharpening_profile(results: Any, stages: Any = None, colors: Mapping[str, st
                    height=250 * len(panels) + 120)
 
 
-def layer_repetition(results: Any, stages: Any = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+def layer_repetition(results: Results, stages: Stages = None, colors: Mapping[str, str] | None = None) -> go.Figure:
     """Output entropy and KL to the original when blocks are run twice in place.
 
     A table with ``layer`` / ``relative_depth`` (one block repeated, as the study runs it) is drawn

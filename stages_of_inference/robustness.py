@@ -111,6 +111,7 @@ def robustness_sweep(
     model: HookedTransformer,
     tokens: Tokens,
     kinds: Sequence[str] = SWEEP_KINDS,
+    *,
     per_token: bool = False,
     progress: bool = True,
     batch_size: int = 8,

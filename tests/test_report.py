@@ -82,7 +82,18 @@ def test_two_models_study_report_and_data_files(tmp_path: Path, corpus: Path) ->
             saved = Result.load(folder)
             assert saved.provenance["study_fingerprint"]["analysis"] == analysis
             assert all((folder / f"{t}.parquet.json").exists() for t in saved.tables)
-    assert not (out / "tiny-llama" / ".robustness_checkpoint").exists()
+    # every table records the model, and the corpus and seed of the tokens it read, explicitly
+    for sidecar in out.rglob("*.parquet.json"):
+        record = json.loads(sidecar.read_text())
+        analysis = sidecar.parent.name
+        assert record["model"]["name"] == sidecar.parent.parent.name, sidecar
+        assert record["study"]["corpus"] == str(corpus) and record["study"]["seed"] == 0, sidecar
+        if REGISTRY[analysis].tokens != "none":
+            tokens = record["tokens"]
+            assert (tokens["corpus"], tokens["seed"]) == (str(corpus), 0), sidecar
+            assert tokens["sha256"] == record["study_fingerprint"]["tokens_sha256"], sidecar
+            assert tokens["corpus_sha256"], sidecar  # a file corpus: the digest of its text
+    assert not list(out.rglob(".*.work"))  # the sweep's checkpoint folder is gone once its result is saved
     assert json.loads((out / "study.json").read_text())["models"] == ["tiny-llama", "tiny-gpt2"]
     assert not list(out.rglob("*.tmp"))  # nothing half-written left behind
 

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from stages_of_inference import plots
-from stages_of_inference.report import load_study
+from stages_of_inference.study import load_study
 
 WIDTH, HEIGHT = 1200, 760
 

@@ -36,6 +36,7 @@ from stages_of_inference.results import provenance, with_provenance
 __all__ = [
     "SubjoinerResult",
     "first_blocks_damage",
+    "pattern_table",
     "previous_token_attention",
     "previous_token_attention_heads",
     "subjoiner_heads",
@@ -439,6 +440,29 @@ _DAMAGE = {  # damage measure -> how it is read off a sweep summary (higher = wo
     "accuracy_lost": lambda s: 1.0 - s["relative_accuracy"],
     "disagreement": lambda s: 1.0 - s["top1_agreement"],
 }
+
+
+def pattern_table(result: Any) -> pd.DataFrame:
+    """A subjoiner result's mean attention patterns as a long table: ``layer``, ``head``,
+    ``prompts`` ("subword" or "control"), ``query``, ``key``, ``attention``, ``n_pieces``.
+
+    Example:
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> r = SimpleNamespace(patterns=torch.rand(1, 2, 3, 3), control_patterns=torch.rand(1, 2, 3, 3), n_pieces=3)
+        >>> len(pattern_table(r)), int(pattern_table(r)["n_pieces"].iloc[0])
+        (36, 3)
+    """
+    rows = []
+    for kind, tensor in (("subword", result.patterns), ("control", result.control_patterns)):
+        arr = tensor.detach().cpu().float().numpy() if hasattr(tensor, "detach") else np.asarray(tensor)
+        n_layers, n_heads, n_q, n_k = arr.shape
+        li, hi, qi, ki = np.meshgrid(np.arange(n_layers), np.arange(n_heads), np.arange(n_q), np.arange(n_k), indexing="ij")
+        rows.append(pd.DataFrame({"layer": li.ravel(), "head": hi.ravel(), "prompts": kind, "query": qi.ravel(),
+                                  "key": ki.ravel(), "attention": arr.ravel()}))
+    out = pd.concat(rows, ignore_index=True)
+    out["n_pieces"] = int(getattr(result, "n_pieces", 0))
+    return out
 
 
 def first_blocks_damage(sweep_summary: Any, fraction: float = 0.2) -> pd.DataFrame:

@@ -178,7 +178,6 @@ def _attention(ctx: Context) -> Tables:
 
 
 def _subjoiner(ctx: Context) -> Tables:
-    from stages_of_inference.plots import _pattern_table
     from stages_of_inference.stages import detokenization as detok
 
     # prompts come from the start of each document: scanning all of a long corpus costs more
@@ -186,7 +185,7 @@ def _subjoiner(ctx: Context) -> Tables:
     texts = [t[:SUBJOINER_CHARS] for t in _corpus_texts(ctx.config.corpus)]
     result = detok.subjoiner_heads(ctx.model, texts, max_prompts=ctx.config.subjoiner_prompts, seed=ctx.config.seed,
                                    progress=ctx.progress)
-    patterns = _pattern_table(result)
+    patterns = detok.pattern_table(result)
     return {"heads": result.heads, "patterns": patterns}
 
 

@@ -200,8 +200,9 @@ def run_study(
             f"(loaded in {time.perf_counter() - t0:.0f} s)")
         model_id = {"model": str(name), "model_config_hash": config_hash(model), "model_weights_hash": weights_hash(model)}
         study.results[name], study.timings[name] = {}, {}
+        subject = _Subject(name, model, out / slugs[name], batches, model_id)
         for analysis in config.analyses:
-            _run_one(study, REGISTRY[analysis], model, name, out / slugs[name], batches, model_id, on_mismatch, progress, say)
+            _run_one(study, REGISTRY[analysis], subject, on_mismatch, progress, say)
         study.stages[name] = _stages_for(study.results[name], name, model.cfg.n_layers)
         del model, tokens, batches
     say(f"all analyses done in {time.perf_counter() - started:.0f} s")
@@ -217,12 +218,24 @@ def _unique(name: str, taken: set[str]) -> str:
     return name
 
 
-def _run_one(study: Study, analysis: Analysis, model: Any, name: str, folder: Path, batches: dict[str, TokenBatch],
-             model_id: dict[str, Any], on_mismatch: str, progress: bool, say: Callable[[str], None]) -> None:
+@dataclass(frozen=True)
+class _Subject:
+    """One model of a study: its name, the model, its folder, its token batches, its identity."""
+
+    name: str
+    model: Any
+    folder: Path
+    batches: dict[str, TokenBatch]
+    model_id: dict[str, Any]
+
+
+def _run_one(study: Study, analysis: Analysis, subject: _Subject, on_mismatch: str, progress: bool,
+             say: Callable[[str], None]) -> None:
     """Run (or reuse) one analysis of one model and save its result with explicit provenance."""
+    name, model, batches = subject.name, subject.model, subject.batches
     config, done = study.config, study.results[name]
-    where = folder / analysis.name
-    print_fp = fingerprint(analysis, config, model_id, batches)
+    where = subject.folder / analysis.name
+    print_fp = fingerprint(analysis, config, subject.model_id, batches)
     found = _load_if_matching(where, print_fp, on_mismatch)
     if found is not None:
         done[analysis.name] = found
@@ -231,7 +244,7 @@ def _run_one(study: Study, analysis: Analysis, model: Any, name: str, folder: Pa
         say(f"  {analysis.name}: reused the finished result in {where}")
         return
     t0 = time.perf_counter()
-    work = folder / f".{analysis.name}.work"
+    work = subject.folder / f".{analysis.name}.work"
     ctx = Context(model, batches["main"], batches["heavy"], config, progress, work, done)
     tables = analysis.compute(ctx)
     record = dict(next(iter(tables.values())).attrs.get("provenance", {}))
