@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import numbers
 import os
 import shutil
 import tempfile
@@ -17,6 +16,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from stages_of_inference._checks import check_count  # noqa: F401 (used across the package from here)
 from stages_of_inference.batch import tensor_of
 
 T = TypeVar("T")
@@ -40,25 +40,6 @@ def relative_depth(index: int, n_points: int) -> float:
     if not 0 <= index < n_points:
         raise ValueError(f"index {index} is out of range for {n_points} points (0..{n_points - 1})")
     return 0.0 if n_points == 1 else index / (n_points - 1)
-
-
-def check_count(value: Any, name: str, what: str = "a positive integer") -> int:
-    """``value`` as an ``int`` if it is a whole number of at least 1 (numpy integers accepted,
-    booleans refused), else a ``ValueError`` naming ``name``.
-
-    Example:
-        >>> import numpy as np
-        >>> check_count(np.int64(2), "batch_size")
-        2
-        >>> check_count(True, "batch_size")
-        Traceback (most recent call last):
-        ...
-        ValueError: batch_size must be a positive integer, got True
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return int(value)
-
 
 
 def check_model(model: Any) -> HookedTransformer:

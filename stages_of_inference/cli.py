@@ -46,14 +46,52 @@ def _positive(text: str) -> int:
     return value
 
 
+def _preflight(args: argparse.Namespace, corpus: str | None = None, out: str | None = None,
+               out_dir: str | Path | None = None) -> None:
+    """Every check that needs no model, before one loads: the device, where results go, the
+    corpus (a dataset name is only readable where the hub answers: asked now, in bounded time).
+    """
+    from stages_of_inference._checks import check_device, check_output_path
+
+    check_device(getattr(args, "device", None) or getattr(args, "config_device", None))
+    if out:
+        check_output_path(out, "--out file")
+    if out_dir is not None:
+        check_output_path(out_dir, "--out-dir folder")
+    if corpus is not None:
+        _check_corpus(corpus)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' own bars (loading weights) too
+
+
+def _check_corpus(corpus: str) -> None:
+    from stages_of_inference.data import corpus_names
+
+    path = Path(corpus).expanduser()
+    if corpus in corpus_names() or path.is_file() or path.is_dir():
+        return
+    if corpus.startswith(("/", "./", "../", "~")) or corpus.endswith(".txt"):
+        raise FileNotFoundError(f"no such corpus file or folder: {corpus}")
+    from stages_of_inference.models import CorpusNotAvailableError, hub_problem
+
+    problem = hub_problem()
+    if problem is not None:
+        raise CorpusNotAvailableError(
+            f"{corpus!r} is not a bundled corpus ({', '.join(corpus_names())}) or an existing path, and as a Hugging "
+            f"Face dataset it cannot be read: {problem}")
+
+
 def _load(args: argparse.Namespace, n_tokens: int | None = None):  # noqa: ANN202 - returns (model, tokens)
     import stages_of_inference as soi
 
+    if n_tokens is not None and n_tokens < 2 * args.seq_len:
+        raise ValueError(f"--n-tokens must be at least two sequences of --seq-len {args.seq_len} ({2 * args.seq_len})")
+    _preflight(args, corpus=args.corpus if n_tokens is not None else None, out=getattr(args, "out", None))
     model = soi.load_model(args.model, device=args.device)
     if n_tokens is None:
         return model, None
-    if n_tokens < 2 * args.seq_len:
-        raise ValueError(f"--n-tokens must be at least two sequences of --seq-len {args.seq_len} ({2 * args.seq_len})")
     tokens = soi.load_tokens(model, args.corpus, n_sequences=n_tokens // args.seq_len, seq_len=args.seq_len,
                              seed=args.seed)
     return model, tokens
@@ -88,6 +126,7 @@ def _run(args: argparse.Namespace) -> int:
     models = config.models
     out_dir = Path(args.out_dir) if args.out_dir else Path("reports") / "+".join(
         "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(m).name) for m in models)
+    _preflight(args, corpus=config.corpus, out_dir=out_dir)
     started = time.perf_counter()
     study = run_study(config=config, out_dir=out_dir, on_mismatch=args.on_mismatch, progress=not args.quiet,
                       log=print)
@@ -97,9 +136,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     import stages_of_inference as soi
+    from stages_of_inference.robustness import _check_kinds
 
+    kinds = _check_kinds(tuple(k.strip() for k in args.kinds.split(",") if k.strip()))
     model, tokens = _load(args, args.n_tokens)
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     result = soi.robustness_sweep(model, tokens, kinds=kinds, progress=not args.quiet, batch_size=args.batch_size)
     summary = result.summary
     ref = summary[summary["kind"] == "none"].iloc[0]
@@ -251,19 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stages-of-inference`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    from stages_of_inference.models import ModelNotAvailableError
+    from stages_of_inference.models import UnavailableError
     from stages_of_inference.study.run import StudyMismatchError
 
     try:
         return int(args.func(args))
-    except ModelNotAvailableError as error:
-        print(f"stages-of-inference: {error}", file=sys.stderr)
+    except UnavailableError as error:
+        print(f"stages-of-inference: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except StudyMismatchError as error:
         print(f"stages-of-inference: {error}", file=sys.stderr)
         return EXIT_MISMATCH
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as error:
-        print(f"stages-of-inference: error: {error}", file=sys.stderr)
+        print(f"stages-of-inference: error: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("stages-of-inference: interrupted (run again with the same --out-dir to resume)", file=sys.stderr)

@@ -105,12 +105,12 @@ def _documents(corpus: Any, text_column: str, split: str) -> tuple[Iterable[Any]
             return corpus_texts(key), True, f"bundled:{key}"
         path = Path(key).expanduser()
         if path.is_file():
-            return [path.read_text(encoding="utf-8")], True, f"file:{path.name}"
+            return [_read_text(path)], True, f"file:{path.name}"
         if path.is_dir():
             files = sorted(path.glob("*.txt"))
             if not files:
                 raise ValueError(f"the folder {path} holds no .txt files")
-            return [f.read_text(encoding="utf-8") for f in files], True, f"folder:{path.name}"
+            return [_read_text(f) for f in files], True, f"folder:{path.name}"
         if key.startswith(("/", "./", "../", "~")) or key.endswith(".txt"):
             raise FileNotFoundError(f"no such corpus file or folder: {key}")
         return _hf_dataset(key, text_column, split), False, f"hf:{key}"
@@ -123,8 +123,19 @@ def _documents(corpus: Any, text_column: str, split: str) -> tuple[Iterable[Any]
     )
 
 
+def _read_text(path: Path) -> str:
+    """A corpus file's text, or one line naming the file when it is not UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"the corpus file {path} is not UTF-8 text (byte {error.start} cannot be decoded); "
+                         "give a UTF-8 text file, or convert it first (e.g. iconv -f latin1 -t utf-8)") from None
+    except OSError as error:
+        raise ValueError(f"the corpus file {path} cannot be read: {error.strerror or error}") from None
+
+
 def _hf_dataset(name: str, text_column: str, split: str) -> Iterator[str]:
-    from stages_of_inference.models import hub_reachable
+    from stages_of_inference.models import CorpusNotAvailableError, _bounded_hub_requests, hub_problem
 
     try:
         import datasets
@@ -133,13 +144,19 @@ def _hf_dataset(name: str, text_column: str, split: str) -> Iterator[str]:
             f"{name!r} is not a bundled corpus or a path, and the 'datasets' package needed to read "
             f"it as a Hugging Face dataset is not installed. Bundled corpora: {', '.join(corpus_names())}"
         ) from None
-    if not hub_reachable():
-        raise ValueError(
-            f"{name!r} is not a bundled corpus ({', '.join(corpus_names())}) or an existing path, and "
-            "as a Hugging Face dataset it cannot be read: the hub is not reachable from here (or "
-            "HF_HUB_OFFLINE is set). Pass a bundled name, a text file or folder, or a list of strings."
+    problem = hub_problem()
+    if problem is not None:
+        raise CorpusNotAvailableError(
+            f"{name!r} is not a bundled corpus ({', '.join(corpus_names())}) or an existing path, and as a Hugging "
+            f"Face dataset it cannot be read: {problem}; pass a bundled name, a text file or folder, or a list of "
+            "strings"
         )
-    stream = datasets.load_dataset(name, split=split, streaming=True)
+    with _bounded_hub_requests():
+        stream = datasets.load_dataset(name, split=split, streaming=True)
+        yield from _rows(stream, name, text_column)
+
+
+def _rows(stream: Iterable[Any], name: str, text_column: str) -> Iterator[str]:
     for row in stream:
         if text_column not in row:
             raise ValueError(f"dataset {name!r} has no column {text_column!r}; columns: {', '.join(row)}")

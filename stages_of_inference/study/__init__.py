@@ -10,10 +10,23 @@
 
 from __future__ import annotations
 
-from stages_of_inference.study.config import DEFAULT_OUT_DIR, StudyConfig
-from stages_of_inference.study.html import build_report
-from stages_of_inference.study.registry import REGISTRY, Analysis, Context, Figure, Style, register
-from stages_of_inference.study.run import Study, StudyMismatchError, load_study, run_study
+import importlib
+from typing import Any
 
-__all__ = ["DEFAULT_OUT_DIR", "REGISTRY", "Analysis", "Context", "Figure", "Study", "StudyConfig",
-           "StudyMismatchError", "Style", "build_report", "load_study", "register", "run_study"]
+# public name -> the module that defines it; resolved on first use, so that the command line's
+# parser (which reads study.config) imports no torch
+_NAMES = {
+    "DEFAULT_OUT_DIR": "config", "StudyConfig": "config", "build_report": "html", "REGISTRY": "registry",
+    "Analysis": "registry", "Context": "registry", "Figure": "registry", "Style": "registry", "register": "registry",
+    "Study": "run", "StudyMismatchError": "run", "load_study": "run", "run_study": "run",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _NAMES:
+        raise AttributeError(f"module 'stages_of_inference.study' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"stages_of_inference.study.{_NAMES[name]}"), name)
+    globals()[name] = value
+    return value

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages_of_inference._utils import check_count
+from stages_of_inference._checks import check_count, check_device
 
 __all__ = ["DEFAULT_OUT_DIR", "StudyConfig", "add_options", "analysis_names", "from_args"]
 
@@ -157,6 +157,7 @@ class StudyConfig:
         if self.k < 1:
             raise ValueError(f"k must be a positive number of previous tokens, got {self.k}")
         object.__setattr__(self, "batch_size", check_count(self.batch_size, "batch_size", "a positive number of sequences"))
+        object.__setattr__(self, "device", check_device(self.device))
         if self.subjoiner_prompts < 16:
             raise ValueError(f"subjoiner_prompts must be at least 16, got {self.subjoiner_prompts}")
         if self.table_format not in ("parquet", "csv"):

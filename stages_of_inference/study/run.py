@@ -39,6 +39,7 @@ from typing import Any
 import pandas as pd
 from transformer_lens import HookedTransformer
 
+from stages_of_inference._checks import check_output_path
 from stages_of_inference._utils import atomic_write_json
 from stages_of_inference.batch import TokenBatch, token_digest
 from stages_of_inference.data import load_token_batch
@@ -181,11 +182,7 @@ def run_study(
     if on_mismatch not in ("recompute", "error"):
         raise ValueError(f"on_mismatch must be 'recompute' or 'error', got {on_mismatch!r}")
     say = log or (lambda _: None)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"out_dir {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / STUDY_FILE, config.to_dict())
+    out = check_output_path(out_dir, "out_dir folder")  # created by the first result saved in it
     study = Study(config=config, out_dir=out)
     slugs: dict[str, str] = {}
     started = time.perf_counter()
@@ -206,6 +203,8 @@ def run_study(
         study.stages[name] = _stages_for(study.results[name], name, model.cfg.n_layers)
         del model, tokens, batches
     say(f"all analyses done in {time.perf_counter() - started:.0f} s")
+    # written last: a run refused or interrupted part-way leaves the folder's record as it was
+    atomic_write_json(out / STUDY_FILE, config.to_dict())
     if write_report:
         build_report(study)
         say(f"report: {study.report}")

@@ -1,0 +1,190 @@
+"""What a careless or hostile user tries: each case ends quickly with one readable line and the
+documented exit code (2: bad input, 3: not available here), before any model loads where it can."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import stages_of_inference as soi
+from stages_of_inference import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def silent_hub() -> Iterator[str]:
+    """A server on loopback that accepts every connection and never answers (a firewalled hub)."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                held.append(conn)  # held open, never read from or written to
+            except (TimeoutError, OSError):
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def _cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """The command in a fresh process, as a user runs it; bounded in time."""
+    full = {**os.environ, **(env or {})}
+    if env and env.get("HF_HUB_OFFLINE") == "":
+        full.pop("HF_HUB_OFFLINE")
+    return subprocess.run([sys.executable, "-m", "stages_of_inference.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=full)
+
+
+def _one_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{text}"
+    assert "Traceback" not in text
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------- hangs
+@pytest.mark.parametrize("args", [["run", "--model", "gpt2"], ["sweep", "--corpus", "someone/some-dataset"],
+                                  ["run", "--corpus", "someone/some-dataset"]], ids=["model", "sweep-corpus", "run-corpus"])
+def test_a_hub_that_never_answers_fails_in_bounded_time(args: list[str], silent_hub: str, tmp_path: Path) -> None:
+    started = time.monotonic()
+    extra = ["--out-dir", str(tmp_path / "out")] if args[0] == "run" else []
+    done = _cli([*args, *extra, "--quiet"],
+                env={"HF_ENDPOINT": silent_hub, "HF_HUB_OFFLINE": "", "HF_HOME": str(tmp_path / "hf")})
+    assert done.returncode == cli.EXIT_UNAVAILABLE, done.stderr
+    line = _one_line(done.stderr)
+    assert "did not answer within" in line and silent_hub in line
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "out").exists()  # nothing written for a run that could not start
+
+
+def test_the_hub_probe_tells_offline_silent_and_refused_apart(silent_hub: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    from stages_of_inference.models import hub_problem
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", silent_hub)
+    assert "did not answer within 0.5 s" in hub_problem(timeout=0.5)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    assert "cannot be reached" in hub_problem(timeout=0.5)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_problem() == "HF_HUB_OFFLINE is set"
+
+
+def test_a_dataset_name_without_a_hub_is_unavailable_not_a_hang(silent_hub: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    from stages_of_inference.models import CorpusNotAvailableError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", silent_hub)
+    with pytest.raises(CorpusNotAvailableError, match="did not answer"):
+        list(soi.data._documents("someone/some-dataset", "text", "train")[0])
+
+
+# ------------------------------------------------------------------------------------------- one line, exit 2
+@pytest.mark.parametrize("device", ["banana", "cuda" if not torch.cuda.is_available() else "cuda:99"])
+def test_a_device_this_torch_lacks_is_one_line_before_loading(device: str) -> None:
+    for args in (["run", "--device", device, "--quiet"], ["sweep", "--device", device, "--quiet"]):
+        done = _cli(args, timeout=60)
+        assert done.returncode == cli.EXIT_USAGE, done.stderr
+        line = _one_line(done.stderr)
+        assert device in line and "cpu" in line  # what was asked, and what there is
+    with pytest.raises(ValueError, match="this machine has: cpu"):
+        soi.load_model("smollm2-135m", device=device)
+    with pytest.raises(ValueError, match="device"):
+        soi.study.StudyConfig(device=device)
+
+
+@pytest.mark.parametrize("where", ["/proc/no-such-folder/out", "FILE/out"], ids=["read-only", "under-a-file"])
+def test_an_unwritable_output_is_refused_before_loading(where: str, tmp_path: Path) -> None:
+    if where.startswith("FILE"):
+        (tmp_path / "FILE").write_text("a file, not a folder")
+        where = str(tmp_path / where)
+    for args in (["run", "--out-dir", where], ["sweep", "--out", where + ".csv"], ["lens", "--out", where + ".parquet"]):
+        done = _cli([*args, "--quiet"], timeout=60)
+        assert done.returncode == cli.EXIT_USAGE, done.stderr
+        assert "cannot be written" in _one_line(done.stderr)
+
+
+def test_bad_kinds_and_missing_corpus_files_are_refused_before_loading(tmp_path: Path) -> None:
+    done = _cli(["sweep", "--kinds", "drop,delete", "--quiet"], timeout=60)
+    assert done.returncode == cli.EXIT_USAGE and "unknown sweep kind" in _one_line(done.stderr)
+    done = _cli(["run", "--corpus", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "o"), "--quiet"])
+    assert done.returncode == cli.EXIT_USAGE and "no such corpus" in _one_line(done.stderr)
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_imports_no_torch() -> None:
+    code = ("import sys; from stages_of_inference.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'pandas', 'transformer_lens') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------------------------------- files
+def test_a_model_folder_with_unreadable_weights_is_one_line_exit_3(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}')
+    (folder / "model.safetensors").write_bytes(b"this is not a safetensors file" * 10)
+    done = _cli(["neurons", "--model", str(folder), "--quiet"], timeout=120)
+    assert done.returncode == cli.EXIT_UNAVAILABLE, done.stderr
+    line = _one_line(done.stderr)
+    assert "model.safetensors" in line and str(folder) in line and "expected a transformers checkpoint" in line
+
+
+def test_a_corpus_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    from stages_of_inference.data import _documents
+
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café au lait, déjà vu".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text"):
+        _documents(str(latin), "text", "train")
+    binary = tmp_path / "folder"
+    binary.mkdir()
+    (binary / "a.txt").write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match=r"a.txt is not UTF-8 text"):
+        _documents(str(binary), "text", "train")
+
+
+def test_counts_accept_numpy_integers_and_refuse_booleans() -> None:
+    from stages_of_inference._checks import check_count
+
+    assert check_count(np.int64(2), "n_sequences") == 2
+    for bad in (True, 0, -1, 2.0, "2"):
+        with pytest.raises(ValueError, match="n_sequences must be a positive integer"):
+            check_count(bad, "n_sequences")
