@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -148,3 +149,68 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class LockedError(ValueError):
+    """Another process holds the lock (and the caller would not wait, or waited long enough)."""
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str], wait_s: float = 0.0, what: str = "") -> Iterator[Path]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block.
+
+    Another process holding it makes this wait up to ``wait_s`` seconds, then raise
+    :class:`LockedError` naming ``what`` and the process that holds it. The lock is the operating
+    system's (``fcntl.flock``): a killed holder releases it. Where there is no ``fcntl``
+    (Windows), no lock is taken.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - POSIX only
+        yield Path(path)
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    raise LockedError(f"{what or path} is in use by {holder} (lock {path})") from None
+                time.sleep(0.5)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}")
+        handle.flush()
+        try:
+            yield path
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str], name: str = "") -> list[Path]:
+    """Remove the temporaries :func:`atomic_path` leaves when its process is killed (``.{name}.*.tmp``
+    in ``folder``; every one when ``name`` is empty). Call it only while holding the lock that
+    keeps other writers of ``folder`` out. Returns what was removed.
+    """
+    removed = []
+    for tmp in Path(folder).glob(f".{name}.*.tmp" if name else ".*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes (hex), read a block at a time."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

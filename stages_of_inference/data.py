@@ -229,9 +229,9 @@ def load_token_batch(
         ('iterable', 0)
     """
     model = check_model(model)
+    n_sequences = check_count(n_sequences, "n_sequences")
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer; tokenize the text yourself (BOS first in every row)")
-    n_sequences = check_count(n_sequences, "n_sequences")
     if not isinstance(seq_len, int) or seq_len < 3:
         raise ValueError(f"seq_len must be an integer of at least 3 (BOS plus two text tokens), got {seq_len!r}")
     if seq_len > model.cfg.n_ctx:

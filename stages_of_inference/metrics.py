@@ -43,6 +43,24 @@ ROWS_AT_ONCE = 32
 """Rows :func:`logit_metrics` exponentiates and reduces at a time (a ``32 x d_vocab`` fp32 work
 buffer: 6 MB for a 49k vocabulary, small enough to stay in a CPU's cache between passes)."""
 
+class NonFiniteError(ValueError):
+    """The model produced NaN or infinity: no number derived from it is returned (a NaN would be
+    skipped by sums and means, and become a plausible-looking result).
+    """
+
+
+def first_nonfinite(values: Tensor, axis: int = 0) -> int | None:
+    """The first index along ``axis`` whose slice holds a NaN or an infinity, or ``None``.
+
+    Example:
+        >>> import torch
+        >>> first_nonfinite(torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [float("inf"), 1.0]]))
+        1
+    """
+    bad = ~torch.isfinite(values.movedim(axis, 0).reshape(values.shape[axis], -1)).all(dim=1)
+    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
+
+
 TokenMetrics = dict[str, Tensor]
 """Per-token metrics of ``n`` predictions, one ``[n]`` tensor per name: ``loss`` (nats),
 ``entropy_bits``, ``top1`` (token id), ``correct`` (bool), ``confidence`` (top-1 probability), and

@@ -40,7 +40,13 @@ import torch
 from transformer_lens import HookedTransformer
 
 from stages_of_inference._checks import check_device
-from stages_of_inference._utils import atomic_path, atomic_write_json
+from stages_of_inference._utils import (
+    atomic_path,
+    atomic_write_json,
+    file_lock,
+    file_sha256,
+    remove_stale_temporaries,
+)
 
 __all__ = ["CACHE_ENV", "CONVERSION_FORMAT", "DEFAULT_MODEL", "EMBEDDED_MODELS", "EmbeddedModel",
     "HUB_PROBE_TIMEOUT_S", "HUB_REQUEST_TIMEOUT_S", "OFFLINE_ADVICE", "CorpusNotAvailableError", "ModelNotAvailableError",
@@ -50,6 +56,8 @@ __all__ = ["CACHE_ENV", "CONVERSION_FORMAT", "DEFAULT_MODEL", "EMBEDDED_MODELS",
 CACHE_ENV = "STAGES_OF_INFERENCE_CACHE"
 CONVERSION_FORMAT = 1  # bump when the cached layout changes; old entries are then rebuilt
 HUB_PROBE_TIMEOUT_S = 3.0
+CONVERSION_WAIT_S = 1800.0
+"""How long a process waits for another one converting the same model (about 25 to 100 s here)."""
 
 
 HUB_REQUEST_TIMEOUT_S = 10.0
@@ -318,21 +326,13 @@ def _fingerprint(items: list[str]) -> str:
     return hashlib.sha256("\n".join([f"format={CONVERSION_FORMAT}", *items]).encode()).hexdigest()[:12]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _entry_is_valid(folder: Path) -> bool:
     """An entry is valid when its manifest exists and every file matches its size and digest."""
     manifest = folder / "manifest.json"
     try:
         files = json.loads(manifest.read_text())["files"]
         return bool(files) and all(
-            (folder / name).stat().st_size == meta["size"] and _sha256(folder / name) == meta["sha256"]
+            (folder / name).stat().st_size == meta["size"] and file_sha256(folder / name) == meta["sha256"]
             for name, meta in files.items()
         )
     except (OSError, ValueError, KeyError, TypeError):
@@ -340,13 +340,31 @@ def _entry_is_valid(folder: Path) -> bool:
 
 
 def _converted(entry_name: str, parts: list[Path], gguf_name: str) -> Path:
-    """The cache folder of a GGUF source, converting it first if it is missing or damaged."""
-    folder = cache_dir() / "models" / entry_name
+    """The cache folder of a GGUF source, converting it first if it is missing or damaged.
+
+    One process converts at a time (a lock beside the entry); another one waits, then finds the
+    entry valid and uses it. Under the lock, the temporaries of a killed conversion and a damaged
+    entry (a file where a folder belongs, a missing manifest, altered or truncated weights) are
+    removed before the entry is built again; a rebuilt entry that is still not valid is an error
+    naming its path.
+    """
+    models = cache_dir() / "models"
+    folder = models / entry_name
     if folder.is_dir() and _entry_is_valid(folder):
         return folder
-    with atomic_path(folder) as tmp:
-        tmp.mkdir()
-        _convert_gguf(parts, gguf_name, tmp)
+    with file_lock(models / f".{entry_name}.lock", wait_s=CONVERSION_WAIT_S, what=f"the model cache entry {folder}"):
+        if folder.is_dir() and _entry_is_valid(folder):
+            return folder  # another process converted it while this one waited
+        remove_stale_temporaries(models, entry_name)
+        if folder.exists() or folder.is_symlink():
+            warnings.warn(f"the model cache entry {folder} is damaged; rebuilding it", stacklevel=3)
+            shutil.rmtree(folder) if folder.is_dir() and not folder.is_symlink() else folder.unlink()
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            _convert_gguf(parts, gguf_name, tmp)
+        if not _entry_is_valid(folder):
+            raise ModelNotAvailableError(f"the model cache entry {folder} is not valid even after it was rebuilt; "
+                                         f"delete {models} and try again, or set {CACHE_ENV} to another folder")
     return folder
 
 
@@ -376,7 +394,7 @@ def _convert_gguf(parts: list[Path], gguf_name: str, out: Path) -> None:
     tokenizer.save_pretrained(out)
     del hf_model
     files = {
-        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(out.iterdir()) if p.is_file()
+        p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(out.iterdir()) if p.is_file()
     }
     atomic_write_json(
         out / "manifest.json",

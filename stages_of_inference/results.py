@@ -20,11 +20,11 @@ import pandas as pd
 import torch
 from transformer_lens import HookedTransformer
 
-from stages_of_inference._utils import atomic_path, atomic_write_json
+from stages_of_inference._utils import atomic_path, atomic_write_json, file_sha256
 from stages_of_inference.batch import TokenBatch, describe_any
 
-__all__ = ["FORMATS", "PROVENANCE_FILE", "Result", "config_hash", "load_table", "model_name", "provenance",
-    "save_table", "weights_hash", "with_provenance"]
+__all__ = ["FILES_KEY", "FORMATS", "PROVENANCE_FILE", "DamagedResultError", "Result", "config_hash", "file_sha256",
+           "load_table", "model_name", "provenance", "save_table", "weights_hash", "with_provenance"]
 
 FORMATS = ("parquet", "csv")
 
@@ -202,7 +202,10 @@ class Result:
             raise KeyError(f"no table {name!r}; this result has: {', '.join(self.tables)}") from None
 
     def save(self, out_dir: str | Path, fmt: str = "parquet") -> Path:
-        """Write every table and ``provenance.json`` into ``out_dir`` (replaced as a whole, atomically)."""
+        """Write every table and ``provenance.json`` into ``out_dir`` (replaced as a whole,
+        atomically). ``provenance.json`` also records the SHA-256 of every file beside it
+        (``files``), which :meth:`load` checks.
+        """
         if fmt not in FORMATS:
             raise ValueError(f"unknown table format {fmt!r}; allowed: {', '.join(FORMATS)}")
         out_dir = Path(out_dir)
@@ -210,18 +213,45 @@ class Result:
             tmp.mkdir()
             for name, df in self.tables.items():
                 save_table(df, tmp / name, fmt)
-            atomic_write_json(tmp / PROVENANCE_FILE, self.provenance)
+            files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+            atomic_write_json(tmp / PROVENANCE_FILE, {**self.provenance, FILES_KEY: files})
         return out_dir
 
     @classmethod
     def load(cls, out_dir: str | Path) -> Result:
-        """Read a folder written by :meth:`save`."""
+        """Read a folder written by :meth:`save`, checking every file against its recorded digest;
+        a file that is missing, altered or unreadable raises :class:`DamagedResultError` naming it.
+        """
         out_dir = Path(out_dir)
         meta = out_dir / PROVENANCE_FILE
         if not meta.exists():
             raise FileNotFoundError(f"{out_dir} holds no saved result (no provenance.json)")
+        try:
+            record = json.loads(meta.read_text())
+        except (OSError, ValueError) as error:
+            raise DamagedResultError(f"{meta} cannot be read ({type(error).__name__}: {error})") from None
+        files = record.pop(FILES_KEY, None)
+        for name, digest in (files or {}).items():
+            path = out_dir / name
+            if not path.is_file():
+                raise DamagedResultError(f"{path} is missing")
+            if file_sha256(path) != digest:
+                raise DamagedResultError(f"{path} was altered after it was written (its SHA-256 differs from "
+                                         f"the one in {PROVENANCE_FILE})")
         tables = {}
         for path in sorted(out_dir.iterdir()):
             if path.suffix in (".parquet", ".csv"):
-                tables[path.stem] = load_table(path)
-        return cls(tables, json.loads(meta.read_text()))
+                try:
+                    tables[path.stem] = load_table(path)
+                except (OSError, ValueError) as error:  # pyarrow's and json's errors are ValueErrors
+                    raise DamagedResultError(f"{path} cannot be read ({type(error).__name__}: "
+                                             f"{str(error).splitlines()[0][:160]})") from None
+        return cls(tables, record)
+
+
+class DamagedResultError(ValueError):
+    """A saved result's files cannot be read back as they were written."""
+
+
+FILES_KEY = "files"
+"""The key of ``provenance.json`` that records the SHA-256 of each file of a saved result."""

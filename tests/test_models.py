@@ -11,6 +11,7 @@ import torch
 
 import stages_of_inference as soi
 from stages_of_inference import models
+from stages_of_inference._utils import file_sha256
 
 
 def test_unknown_name_lists_known_models_and_install_command() -> None:
@@ -68,7 +69,7 @@ def test_cache_entry_is_reused_and_damage_is_rebuilt(monkeypatch: pytest.MonkeyP
     def fake_convert(parts: list[Path], gguf_name: str, out: Path) -> None:
         calls.append(gguf_name)
         (out / "model.safetensors").write_bytes(b"x" * 1000)
-        files = {"model.safetensors": {"size": 1000, "sha256": models._sha256(out / "model.safetensors")}}
+        files = {"model.safetensors": {"size": 1000, "sha256": file_sha256(out / "model.safetensors")}}
         (out / "manifest.json").write_text(json.dumps({"files": files}))
 
     monkeypatch.setattr(models, "_convert_gguf", fake_convert)
@@ -96,7 +97,8 @@ def test_cache_entry_is_reused_and_damage_is_rebuilt(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(models, "_convert_gguf", broken)
     with pytest.raises(RuntimeError, match="interrupted"):
         models._converted("other-entry", [source], "m.gguf")
-    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == ["m-entry"]
+    entries = (tmp_path / "cache" / "models").iterdir()
+    assert sorted(p.name for p in entries if not p.name.endswith(".lock")) == ["m-entry"]  # (and the entries' locks)
 
 
 def test_list_models_reports_installation() -> None:

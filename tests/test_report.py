@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -51,8 +53,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(corpus: Path, names: tuple[str, ...], **kw) -> StudyConfig:  # noqa: ANN003
-    return StudyConfig(models=names, corpus=str(corpus), n_tokens=64, seq_len=16, analyses=TINY_ANALYSES,
-                       static_formats=(), **kw)
+    return StudyConfig(**{"models": names, "corpus": str(corpus), "n_tokens": 64, "seq_len": 16,
+                          "analyses": TINY_ANALYSES, "static_formats": (), **kw})
 
 
 def test_study_config_validates_and_round_trips() -> None:
@@ -216,3 +218,88 @@ def test_real_model_small_study(real_model, tmp_path: Path) -> None:
     # a second run reuses everything
     again = run_study(real_model, config=config, out_dir=tmp_path, progress=False, log=None, write_report=False)
     assert len(again.reused) == 3 and isinstance(again.results["smollm2-135m"]["logit_lens"]["lens"], pd.DataFrame)
+
+
+# ------------------------------------------------------------------------------------------- damage
+def _study_numbers(study) -> dict[str, pd.DataFrame]:  # noqa: ANN001
+    return {f"{a}/{k}": t for a, r in study.results["tiny-gpt2"].items() for k, t in r.tables.items()}
+
+
+@pytest.mark.parametrize("damage", ["broken sidecar", "truncated table", "altered table", "deleted table",
+                                    "broken provenance", "stale temporary"])
+def test_a_damaged_study_folder_is_named_and_recomputed(damage: str, tmp_path: Path, corpus: Path) -> None:
+    """Each kind of damage to a finished study folder: the rerun names the damaged file in one line,
+    recomputes that result, and ends with the numbers of a clean run."""
+    model = _tiny("tiny-gpt2", "gpt2")
+    config = _config(corpus, ("tiny-gpt2",), analyses=("robustness", "logit_lens"))
+    clean = run_study(model, config=config, out_dir=tmp_path / "clean", progress=False, log=None, write_report=False)
+    out = tmp_path / "damaged"
+    run_study(model, config=config, out_dir=out, progress=False, log=None, write_report=False)
+    folder = out / "tiny-gpt2"
+    target = {"broken sidecar": folder / "robustness" / "summary.parquet.json",
+              "truncated table": folder / "logit_lens" / "lens.parquet",
+              "altered table": folder / "robustness" / "summary.parquet",
+              "deleted table": folder / "robustness" / "summary.parquet",
+              "broken provenance": folder / "logit_lens" / "provenance.json",
+              "stale temporary": folder / ".robustness.abc123.tmp"}[damage]
+    if damage == "broken sidecar" or damage == "broken provenance":
+        target.write_text('{"model": {name: broken')
+    elif damage == "truncated table":
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    elif damage == "altered table":
+        table = pd.read_parquet(target)
+        table["kl_nats"] *= 10
+        table.to_parquet(target, index=False)
+    elif damage == "deleted table":
+        target.unlink()
+    else:
+        target.mkdir()
+        (target / "half-written.parquet").write_bytes(b"PAR1")
+    lines: list[str] = []
+    again = run_study(model, config=config, out_dir=out, progress=False, log=lines.append, write_report=False)
+    said = "\n".join(lines)
+    assert str(target) in said, said
+    assert not target.exists() if damage == "stale temporary" else target.exists()
+    damaged_analysis = target.parent.name if damage != "stale temporary" else None
+    assert [a for _, a in again.reused] == [a for a in ("robustness", "logit_lens") if a != damaged_analysis]
+    for key, table in _study_numbers(clean).items():
+        pd.testing.assert_frame_equal(_study_numbers(again)[key], table, check_exact=True, obj=key)
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path: Path, corpus: Path) -> None:
+    from stages_of_inference._utils import LockedError, file_lock
+
+    model = _tiny("tiny-gpt2", "gpt2")
+    config = _config(corpus, ("tiny-gpt2",), analyses=("neurons",))
+    out = tmp_path / "study"
+    out.mkdir()
+    held = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from stages_of_inference._utils import file_lock\n"
+        f"with file_lock({str(out / '.lock')!r}):\n    print('held', flush=True); time.sleep(30)")],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert held.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError, match=r"the study folder .* is in use by process \d+"):
+            run_study(model, config=config, out_dir=out, progress=False, log=None)
+        assert not (out / "tiny-gpt2").exists() and not (out / "study.json").exists()
+    finally:
+        held.kill()
+        held.wait(timeout=10)
+    with file_lock(out / ".lock"):  # released when its holder died
+        pass
+    assert run_study(model, config=config, out_dir=out, progress=False, log=None, write_report=False).results
+
+
+def test_a_refused_run_changes_nothing_on_disk(tmp_path: Path, corpus: Path) -> None:
+    model = _tiny("tiny-gpt2", "gpt2")
+    out = tmp_path / "study"
+    run_study(model, config=_config(corpus, ("tiny-gpt2",), analyses=("robustness",)), out_dir=out, progress=False,
+              log=None, write_report=False)
+    def files() -> dict[Path, bytes]:  # the lock file only names the last run that held the folder
+        return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = files()
+    with pytest.raises(StudyMismatchError):
+        run_study(model, config=_config(corpus, ("tiny-gpt2",), analyses=("robustness",), seed=3), out_dir=out,
+                  progress=False, log=None, on_mismatch="error")
+    assert files() == before

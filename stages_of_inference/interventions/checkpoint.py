@@ -2,22 +2,24 @@
 interrupted sweep resumes where it stopped, with identical numbers.
 
 A checkpoint folder holds ``manifest.json`` (the sweep's fingerprint: model config and weights,
-token digest, settings) and one ``batch_NNNNN.sums.parquet`` per finished batch (plus its
-``.per_token.parquet`` when the sweep keeps one). The sums file is written last, atomically: its
-presence marks the batch as done. A folder written by a different sweep is refused, naming what
-differs.
+token digest, settings) and per finished batch ``batch_NNNNN.sums.parquet`` (plus its
+``.per_token.parquet`` when the sweep keeps one) and ``batch_NNNNN.json``, the SHA-256 of those
+files, written last: a batch is done when its marker exists and its files still match it (a
+batch altered or truncated since is computed again). A folder written by a different sweep is
+refused, naming what differs.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from torch import Tensor
 
-from stages_of_inference._utils import atomic_path, atomic_write_json
+from stages_of_inference._utils import atomic_path, atomic_write_json, file_sha256
 from stages_of_inference.batch import token_digest
 from stages_of_inference.interventions.executor import BatchResult
 from stages_of_inference.results import config_hash, weights_hash
@@ -93,23 +95,38 @@ class SweepCheckpoint:
         return self._load(per_token)
 
     def save(self, batch: BatchResult) -> None:
-        """Save one finished batch (the sums file last: its presence marks the batch done)."""
+        """Save one finished batch; its marker, the digests of its files, is written last: a
+        batch counts as done only when the marker exists and its files still match it.
+        """
         stem = f"batch_{batch.index:05d}"
+        files = {f"{stem}.sums.parquet": batch.sums}
         if batch.per_token is not None:
-            with atomic_path(self.folder / f"{stem}.per_token.parquet") as tmp:
-                batch.per_token.to_parquet(tmp, index=False)
-        with atomic_path(self.folder / f"{stem}.sums.parquet") as tmp:
-            batch.sums.to_parquet(tmp, index=False)
+            files[f"{stem}.per_token.parquet"] = batch.per_token
+        for name, table in files.items():
+            with atomic_path(self.folder / name) as tmp:
+                table.to_parquet(tmp, index=False)
+        atomic_write_json(self.folder / f"{stem}.json", {name: file_sha256(self.folder / name) for name in files})
 
     def _load(self, per_token: bool) -> dict[int, BatchResult]:
         done: dict[int, BatchResult] = {}
-        for path in sorted(self.folder.glob("batch_*.sums.parquet")):
-            index = int(path.name.split(".")[0].split("_")[1])
-            table = None
-            if per_token:
-                tok_path = self.folder / f"batch_{index:05d}.per_token.parquet"
-                if not tok_path.exists():
-                    continue
-                table = pd.read_parquet(tok_path)
-            done[index] = BatchResult(index, pd.read_parquet(path), table)
+        for marker in sorted(self.folder.glob("batch_*.json")):
+            index = int(marker.stem.split("_")[1])
+            batch = self._read(marker, index, per_token)
+            if batch is not None:
+                done[index] = batch
         return done
+
+    def _read(self, marker: Path, index: int, per_token: bool) -> BatchResult | None:
+        """A finished batch, or ``None`` (to be computed again) when its files do not match its marker."""
+        stem = f"batch_{index:05d}"
+        try:
+            digests = json.loads(marker.read_text())
+            if any(file_sha256(self.folder / name) != digest for name, digest in digests.items()):
+                raise ValueError("a file differs from its digest")
+            sums = pd.read_parquet(self.folder / f"{stem}.sums.parquet")
+            table = pd.read_parquet(self.folder / f"{stem}.per_token.parquet") if per_token else None
+        except (OSError, ValueError) as error:
+            warnings.warn(f"checkpoint batch {index} in {self.folder} is damaged ({error}); computing it again",
+                          stacklevel=4)
+            return None
+        return BatchResult(index, sums, table)

@@ -37,7 +37,14 @@ from stages_of_inference.interventions.options import EngineOptions
 from stages_of_inference.interventions.plan import LayerPlan
 from stages_of_inference.interventions.step import set_step
 from stages_of_inference.interventions.unembed import Unembedding, make_unembedding
-from stages_of_inference.metrics import ROWS_AT_ONCE, LinearReference, TokenMetrics, log_probs, logit_metrics
+from stages_of_inference.metrics import (
+    ROWS_AT_ONCE,
+    LinearReference,
+    NonFiniteError,
+    TokenMetrics,
+    log_probs,
+    logit_metrics,
+)
 
 __all__ = ["RETURN_TYPES", "SEM_METRICS", "BatchResult", "aggregate", "block_count", "evaluate_plans", "iter_plan_batches",
            "reordered", "run_plan"]
@@ -321,6 +328,40 @@ def _sums(pid: int, m: TokenMetrics, n_seq: int, first_sequence: int) -> dict[st
     return out
 
 
+def _check_finite(sums: dict[str, np.ndarray], seam: ModelSeam, batch: Tensor, order: tuple[int, ...]) -> None:
+    """Refuse a plan whose metrics are not finite, naming where the model first produced a NaN or
+    an infinity (so no sum or mean ever skips one).
+    """
+    if all(np.isfinite(v).all() for k, v in sums.items() if k.endswith("_sum")):
+        return
+    where = _first_nonfinite_block(seam, batch, order)
+    raise NonFiniteError(f"the plan {list(order)} gives NaN or infinite metrics: {where}; check the model's weights "
+                         "(no number of this sweep is returned)")
+
+
+def _first_nonfinite_block(seam: ModelSeam, batch: Tensor, order: tuple[int, ...]) -> str:
+    """Run ``order`` again, block by block, and say where the residual first stops being finite."""
+    emb = seam.embed(batch)
+    x = emb.residual
+    if not bool(torch.isfinite(x).all()):
+        return "the embeddings are already not finite"
+    for step, layer in enumerate(order):
+        x = seam.run_block(layer, x, emb, step)
+        if not bool(torch.isfinite(x).all()):
+            return f"block {layer} (step {step} of the plan) first outputs non-finite values"
+    return "every block's output is finite: the final norm or the unembedding produces them"
+
+
+def _order_of(lay: trie_.Layout, leaf: trie_.Node) -> tuple[int, ...]:
+    """The block order that ends at ``leaf``."""
+    order: list[int] = []
+    node: trie_.Node | None = leaf
+    while node is not None and lay.block[node.index] >= 0:
+        order.append(lay.block[node.index])
+        node = lay.parent[node.index]
+    return tuple(reversed(order))
+
+
 def _per_token_table(results: list[TokenMetrics], reference: TokenMetrics, targets: Tensor, first_sequence: int,
                      n_seq: int, seq_len: int) -> pd.DataFrame:
     """The per-token table of one batch: one row per plan and scored position."""
@@ -380,11 +421,13 @@ def _run_batch(seam: ModelSeam, batch: Tensor, first_sequence: int, lay: trie_.L
     reference = score.reference.metrics
     n_seq = batch.shape[0]
     sums_rows: list[dict[str, np.ndarray]] = [_sums(-1, reference, n_seq, first_sequence)] + [{}] * n_plans
+    _check_finite(sums_rows[0], seam, batch, tuple(range(seam.n_layers)))
     results: list[TokenMetrics] = [reference] * n_plans
     for leaf, m in walk.leaves(score):
         m = reference if m is None else m
         for pid in leaf.ends:
             sums_rows[pid + 1] = _sums(pid, m, n_seq, first_sequence)
+            _check_finite(sums_rows[pid + 1], seam, batch, _order_of(lay, leaf))
             if options.per_token:
                 results[pid] = m
             ticker.tick()

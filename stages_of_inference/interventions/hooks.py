@@ -22,7 +22,7 @@ from stages_of_inference._utils import progress as _progress
 from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.step import get_step
 
-__all__ = ["AttentionReadout", "Collector", "FwdHook", "HookFn", "ResidualReadout", "collect", "current_step",
+__all__ = ["FiniteCheck", "AttentionReadout", "Collector", "FwdHook", "HookFn", "ResidualReadout", "collect", "current_step",
     "drop_layer", "drop_layers", "resid_hook_name"]
 
 HookFn = Callable[[Tensor, HookPoint], Any]
@@ -131,6 +131,47 @@ class AttentionReadout(Collector):
         return hooks
 
 
+class FiniteCheck(Collector):
+    """Whether the residual stream entering each block (and leaving the last) stayed finite.
+
+    Statistics read through TransformerLens' hooks can hide a broken model: its attention turns NaN
+    weights into zeros. Collected beside them, this says where non-finite values first entered.
+    The flags stay on the model's device until read (no synchronisation per block).
+
+    Example:
+        >>> import torch
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=4, d_head=4, d_vocab=5, act_fn="relu"))
+        >>> check = FiniteCheck()
+        >>> collect(m, torch.tensor([[0, 1, 2]]), [check], progress=False)
+        >>> check.first_nonfinite() is None
+        True
+    """
+
+    def __init__(self) -> None:
+        self.flags: Tensor | None = None
+
+    def fwd_hooks(self, model: HookedTransformer) -> list[FwdHook]:
+        """Hooks on every residual readout (block inputs, then the last block's output)."""
+        n = model.cfg.n_layers
+        if self.flags is None:
+            self.flags = torch.ones(n + 1, dtype=torch.bool, device=model.cfg.device)
+
+        def hook(point: int) -> HookFn:
+            def record(resid: Tensor, hook: HookPoint) -> None:
+                self.flags[point] &= torch.isfinite(resid).all()
+            return record
+        return [(resid_hook_name(model, p), hook(p)) for p in range(n + 1)]
+
+    def first_nonfinite(self) -> int | None:
+        """The first readout (0 = the input of block 0 ... ``n_layers`` = the output) that was not
+        finite in any batch, or ``None``.
+        """
+        if self.flags is None or bool(self.flags.all()):
+            return None
+        return int((~self.flags).nonzero()[0, 0])
+
+
 def collect(
     model: HookedTransformer,
     tokens: Tokens,
@@ -142,11 +183,18 @@ def collect(
 ) -> None:
     """Run ``tokens`` through ``model`` in batches with every collector's hooks (and ``fwd_hooks``)
     attached; the collectors hold the results. Logits are not computed.
+
+    The residual stream is checked too (:class:`FiniteCheck`): if the model produces a NaN or an
+    infinity, a :class:`~stages_of_inference.metrics.NonFiniteError` names the block it first
+    enters, instead of statistics that would hide it (TransformerLens zeroes NaN attention weights).
     """
+    from stages_of_inference.metrics import NonFiniteError
+
     model = check_model(model)
     tokens = check_tokens(model, tokens, min_len=1)
     batch_size = check_count(batch_size, "batch_size", "a positive number of sequences")
-    hooks = [h for c in collectors for h in c.fwd_hooks(model)] + list(fwd_hooks)
+    finite = FiniteCheck()
+    hooks = [h for c in (*collectors, finite) for h in c.fwd_hooks(model)] + list(fwd_hooks)
     starts = range(0, tokens.shape[0], batch_size)
     with torch.inference_mode():
         for start in _progress(starts, progress, desc="collect"):
@@ -154,6 +202,11 @@ def collect(
             for c in collectors:
                 c.start_batch(batch)
             model.run_with_hooks(batch, return_type=None, fwd_hooks=hooks)
+    bad = finite.first_nonfinite()
+    if bad is not None:
+        where = f"entering block {bad}" if bad < model.cfg.n_layers else "leaving the last block"
+        raise NonFiniteError(f"the residual stream {where} is NaN or infinite: the model produces non-finite values "
+                             "there, and no statistic read from it is returned; check its weights")
 
 
 

@@ -36,6 +36,8 @@ from stages_of_inference.metrics import (
     DEFAULT_CHUNK_TOKENS,
     ROWS_AT_ONCE,
     LinearReference,
+    NonFiniteError,
+    first_nonfinite,
     log_probs,
     logit_metrics,
     mean_and_sem,
@@ -165,6 +167,18 @@ def logit_lens(
                 del logits, m
             del final_logits, ref
         per_seq = sums / (pos - 2)
+    if first_nonfinite(per_seq) is not None:
+        # where the readouts themselves break: the columns that do not compare with the output's
+        # readout (those break everywhere once the output does)
+        own = [j for j, col in enumerate(columns) if "final" not in col]
+        bad = first_nonfinite(per_seq[:, own])
+        at = pts[bad] if bad is not None else pts[-1]
+        why = ("; the paper convention divides every readout by the final layer's norm scale, so a non-finite "
+               "output spoils every readout: the per_layer_norm convention shows where it starts"
+               if convention == "paper" else "")
+        raise NonFiniteError(
+            f"the logit lens ({convention}) is NaN or infinite from readout {at} on (readout k is the residual "
+            f"after block k - 1, 0 the embeddings): the model produces non-finite values there{why}; check its weights")
 
     rows = []
     for i, k in enumerate(pts):

@@ -35,7 +35,7 @@ from stages_of_inference._utils import check_count, check_model, check_tokens, r
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.backends import as_seam
 from stages_of_inference.batch import Tokens
-from stages_of_inference.metrics import scored_positions
+from stages_of_inference.metrics import NonFiniteError, scored_positions
 from stages_of_inference.probes import ProbeResult, fit_probe
 from stages_of_inference.results import provenance, with_provenance
 
@@ -178,9 +178,14 @@ def neuron_moments(
     chosen = _check_layers(model, layers)
     parts: list[pd.DataFrame] = []
     with torch.inference_mode():
+        if not bool(torch.isfinite(as_seam(model).W_U).all()):
+            raise NonFiniteError("the unembedding W_U holds NaN or infinity")
         unit_w_u = _unit_unembedding(model)
         for layer in _progress(chosen, progress, desc="neuron moments", unit="layer"):
             w_out = _mlp_out_weights(model, layer)
+            if not bool(torch.isfinite(w_out).all()):  # (a dead, all-zero neuron has NaN moments by design)
+                bad = int((~torch.isfinite(w_out).all(dim=1)).nonzero()[0, 0])
+                raise NonFiniteError(f"block {layer}'s MLP output weights hold NaN or infinity (neuron {bad} first)")
             stats = torch.cat(
                 [
                     _cosine_moments(w_out[start : start + chunk_neurons], unit_w_u)

@@ -28,10 +28,11 @@ run many plans, use the first half of the sequences (docs/report.md lists the co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,17 @@ import pandas as pd
 from transformer_lens import HookedTransformer
 
 from stages_of_inference._checks import check_output_path
-from stages_of_inference._utils import atomic_write_json
+from stages_of_inference._utils import atomic_write_json, file_lock, remove_stale_temporaries
 from stages_of_inference.batch import TokenBatch, token_digest
 from stages_of_inference.data import load_token_batch
-from stages_of_inference.results import PROVENANCE_FILE, Result, config_hash, model_name, weights_hash
+from stages_of_inference.results import (
+    PROVENANCE_FILE,
+    DamagedResultError,
+    Result,
+    config_hash,
+    model_name,
+    weights_hash,
+)
 from stages_of_inference.stages.placement import place_stages
 from stages_of_inference.study.config import DEFAULT_OUT_DIR, StudyConfig
 from stages_of_inference.study.html import build_report
@@ -53,6 +61,9 @@ __all__ = ["STUDY_FILE", "Study", "StudyMismatchError", "fingerprint", "load_stu
 
 STUDY_FILE = "study.json"
 """The study's settings, in its folder."""
+
+LOCK_FILE = ".lock"
+"""Held by the run using a study folder."""
 
 
 def slug(name: str) -> str:
@@ -110,15 +121,25 @@ def fingerprint(analysis: Analysis, config: StudyConfig, model_id: dict[str, Any
     return {"analysis": analysis.name, **model_id, **data, "settings": analysis.settings(config)}
 
 
-def _load_if_matching(folder: Path, fingerprint: dict[str, Any], on_mismatch: str) -> Result | None:
-    if not (folder / PROVENANCE_FILE).exists():
+def _load_if_matching(folder: Path, fingerprint: dict[str, Any], on_mismatch: str,
+                      say: Callable[[str], None]) -> Result | None:
+    """The finished result in ``folder`` if its fingerprint matches and it reads back intact; a
+    damaged one is named (one line) and recomputed; another run's is recomputed or refused.
+    """
+    meta = folder / PROVENANCE_FILE
+    if not meta.exists():
         return None
     try:
-        found = json.loads((folder / PROVENANCE_FILE).read_text()).get("study_fingerprint")
-    except (OSError, json.JSONDecodeError):
-        found = None
+        found = json.loads(meta.read_text()).get("study_fingerprint")
+    except (OSError, ValueError, AttributeError) as error:
+        say(f"  {folder.name}: {meta} cannot be read ({type(error).__name__}); recomputing it")
+        return None
     if found == fingerprint:
-        return Result.load(folder)
+        try:
+            return Result.load(folder)
+        except DamagedResultError as error:
+            say(f"  {folder.name}: {error}; recomputing it")
+            return None
     if on_mismatch == "error":
         diffs = [k for k in sorted(set(fingerprint) | set(found or {})) if (found or {}).get(k) != fingerprint.get(k)]
         raise StudyMismatchError(
@@ -172,8 +193,6 @@ def run_study(
         >>> study.report.name  # doctest: +SKIP
         'report.html'
     """
-    import stages_of_inference as soi
-
     given = [models] if isinstance(models, (str, HookedTransformer)) else list(models)
     loaded = {model_name(m): m for m in given if isinstance(m, HookedTransformer)}
     if config is None:
@@ -182,10 +201,45 @@ def run_study(
     if on_mismatch not in ("recompute", "error"):
         raise ValueError(f"on_mismatch must be 'recompute' or 'error', got {on_mismatch!r}")
     say = log or (lambda _: None)
-    out = check_output_path(out_dir, "out_dir folder")  # created by the first result saved in it
+    out = check_output_path(out_dir, "out_dir folder")
     study = Study(config=config, out_dir=out)
-    slugs: dict[str, str] = {}
     started = time.perf_counter()
+    with _study_folder(out, say):
+        _run_models(study, loaded, on_mismatch, progress, say)
+    say(f"all analyses done in {time.perf_counter() - started:.0f} s")
+    # written last: a run refused or interrupted part-way leaves the folder's record as it was
+    atomic_write_json(out / STUDY_FILE, config.to_dict())
+    if write_report:
+        build_report(study)
+        say(f"report: {study.report}")
+    return study
+
+
+@contextlib.contextmanager
+def _study_folder(out: Path, say: Callable[[str], None]) -> Iterator[None]:
+    """Hold the study folder for one run: a second run into it is refused with one line; the
+    temporaries a killed run left are removed; a folder this run made and left empty is removed.
+    """
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with file_lock(out / LOCK_FILE, what=f"the study folder {out}"):
+            for folder in (out, *(p for p in out.iterdir() if p.is_dir())):
+                for tmp in remove_stale_temporaries(folder):
+                    say(f"removed {tmp}, left half-written by an interrupted run")
+            yield
+    finally:
+        if created and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _run_models(study: Study, loaded: dict[str, Any], on_mismatch: str, progress: bool,
+                say: Callable[[str], None]) -> None:
+    """Every analysis of every model of the study, one model loaded at a time."""
+    import stages_of_inference as soi
+
+    config, out = study.config, study.out_dir
+    slugs: dict[str, str] = {}
     for name in config.models:
         slugs[name] = _unique(slug(name), set(slugs.values()))
         t0 = time.perf_counter()
@@ -202,13 +256,6 @@ def run_study(
             _run_one(study, REGISTRY[analysis], subject, on_mismatch, progress, say)
         study.stages[name] = _stages_for(study.results[name], name, model.cfg.n_layers)
         del model, tokens, batches
-    say(f"all analyses done in {time.perf_counter() - started:.0f} s")
-    # written last: a run refused or interrupted part-way leaves the folder's record as it was
-    atomic_write_json(out / STUDY_FILE, config.to_dict())
-    if write_report:
-        build_report(study)
-        say(f"report: {study.report}")
-    return study
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -235,7 +282,7 @@ def _run_one(study: Study, analysis: Analysis, subject: _Subject, on_mismatch: s
     config, done = study.config, study.results[name]
     where = subject.folder / analysis.name
     print_fp = fingerprint(analysis, config, subject.model_id, batches)
-    found = _load_if_matching(where, print_fp, on_mismatch)
+    found = _load_if_matching(where, print_fp, on_mismatch, say)
     if found is not None:
         done[analysis.name] = found
         study.reused.append((name, analysis.name))
