@@ -366,4 +366,5 @@ def test_the_embedded_model_rebuilds_a_damaged_cache_entry_from_the_cli(tmp_path
                 timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "prediction and" in done.stdout
+    assert "Loading weights" not in done.stderr  # --quiet silences transformers' bars too
     assert folder.is_dir() and models._entry_is_valid(folder) and not stale.exists()

@@ -248,3 +248,30 @@ def test_standard_errors_are_those_of_the_per_sequence_means(tiny_model: HookedT
             want = seq[column].astype(float).std(ddof=1) / np.sqrt(n_seq) * scale
             assert row[f"{metric}_sem"] == pytest.approx(want, rel=1e-6, abs=1e-12, nan_ok=True), (row["kind"], row["layer"], metric)
     pd.testing.assert_frame_equal(plain, result.summary)
+
+
+def test_an_altered_checkpoint_batch_is_computed_again(tiny_models: dict[str, HookedTransformer], tiny_tokens: torch.Tensor,
+                                                      tmp_path, monkeypatch) -> None:
+    """A finished batch whose file was changed after it was written no longer counts as done: the
+    resumed sweep recomputes it (with a warning) and ends with the numbers of an uninterrupted run."""
+    model = tiny_models["gpt2"]
+    full = robustness_sweep(model, tiny_tokens, batch_size=2, progress=False)
+    original = executor._run_batch
+
+    def failing(*args, **kwargs):
+        if args[2] > 0:  # fail after the first batch
+            raise Interrupted("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "_run_batch", failing)
+    out = tmp_path / "sweep"
+    with pytest.raises(Interrupted):
+        robustness_sweep(model, tiny_tokens, batch_size=2, progress=False, out_dir=out)
+    monkeypatch.setattr(executor, "_run_batch", original)
+    sums = out / "checkpoint" / "batch_00000.sums.parquet"
+    table = pd.read_parquet(sums)
+    table["loss_sum"] *= 1.3
+    table.to_parquet(sums, index=False)
+    with pytest.warns(UserWarning, match="checkpoint batch 0 .* is damaged"):
+        resumed = robustness_sweep(model, tiny_tokens, batch_size=2, progress=False, out_dir=out)
+    pd.testing.assert_frame_equal(resumed.summary, full.summary, check_exact=True)
