@@ -36,16 +36,6 @@ EXIT_INTERRUPTED = 130
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
 def _preflight(args: argparse.Namespace, corpus: str | None = None, out: str | None = None,
                out_dir: str | Path | None = None) -> None:
     """Every check that needs no model, before one loads: the device, where results go, the
@@ -206,6 +196,8 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser, model: bool = True, text: bool = True, n_tokens: int = 512) -> None:
+    from stages_of_inference.study.config import _positive
+
     if model:
         p.add_argument("--model", default=DEFAULT_MODEL,
                        help="model name (see `stages-of-inference models`), folder or .gguf file (default: %(default)s)")

@@ -4,6 +4,7 @@ and the paper's signature on the real model."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -114,6 +115,22 @@ class Interrupted(RuntimeError):
     pass
 
 
+def _interrupt_after_first_batch(monkeypatch: pytest.MonkeyPatch, sweep: Any) -> None:
+    """Run ``sweep`` with every batch after the first one crashing (the first sequence of a batch
+    is the engine's third argument), then restore the engine."""
+    original = executor._run_batch
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        if args[2] > 0:
+            raise Interrupted("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "_run_batch", failing)
+    with pytest.raises(Interrupted):
+        sweep()
+    monkeypatch.setattr(executor, "_run_batch", original)
+
+
 def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_models: dict[str, HookedTransformer], tiny_tokens: torch.Tensor, tmp_path, monkeypatch) -> None:
     model = tiny_models["llama"]
     full = robustness_sweep(model, tiny_tokens, per_token=True, batch_size=2, progress=False)
@@ -148,18 +165,9 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_models: dict
 
 def test_a_mismatching_checkpoint_is_refused(tiny_models: dict[str, HookedTransformer], tiny_tokens: torch.Tensor, tmp_path, monkeypatch) -> None:
     model = tiny_models["gpt2"]
-    original = executor._run_batch
-
-    def failing(*args, **kwargs):
-        if args[2] > 0:  # the first sequence of the batch: fail after the first batch
-            raise Interrupted("simulated crash")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(executor, "_run_batch", failing)
     out = tmp_path / "sweep"
-    with pytest.raises(Interrupted):
-        robustness_sweep(model, tiny_tokens, batch_size=2, progress=False, out_dir=out)
-    monkeypatch.setattr(executor, "_run_batch", original)
+    _interrupt_after_first_batch(monkeypatch, lambda: robustness_sweep(model, tiny_tokens, batch_size=2, progress=False,
+                                                                       out_dir=out))
     manifest = json.loads((out / "checkpoint" / "manifest.json").read_text())
     assert manifest["batch_size"] == 2
     with pytest.raises(ValueError, match="different sweep.*batch_size"):
@@ -256,18 +264,9 @@ def test_an_altered_checkpoint_batch_is_computed_again(tiny_models: dict[str, Ho
     resumed sweep recomputes it (with a warning) and ends with the numbers of an uninterrupted run."""
     model = tiny_models["gpt2"]
     full = robustness_sweep(model, tiny_tokens, batch_size=2, progress=False)
-    original = executor._run_batch
-
-    def failing(*args, **kwargs):
-        if args[2] > 0:  # fail after the first batch
-            raise Interrupted("simulated crash")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(executor, "_run_batch", failing)
     out = tmp_path / "sweep"
-    with pytest.raises(Interrupted):
-        robustness_sweep(model, tiny_tokens, batch_size=2, progress=False, out_dir=out)
-    monkeypatch.setattr(executor, "_run_batch", original)
+    _interrupt_after_first_batch(monkeypatch, lambda: robustness_sweep(model, tiny_tokens, batch_size=2, progress=False,
+                                                                       out_dir=out))
     sums = out / "checkpoint" / "batch_00000.sums.parquet"
     table = pd.read_parquet(sums)
     table["loss_sum"] *= 1.3
