@@ -388,10 +388,6 @@ def _prepare(seam: ModelSeam, batch: Tensor, lay: trie_.Layout, options: EngineO
     n_seq, seq_len = batch.shape
     emb = seam.embed(batch)
     fast = None if hooked else seam.fast_blocks(emb, options.fast_path)
-    trunk = [emb.residual]
-    walk = _Walk(seam, emb, fast, lay, trunk, 1, 1, False)
-    for layer in range(seam.n_layers):
-        trunk.append(walk.block(layer, trunk[-1], layer))
     # The unembedding module runs (and its hook points fire) when a hook could see it. Logits
     # linear in the final residual (no soft-cap, no such hook, fp32 or wider) need only a summary
     # of the reference per row for the KL (metrics.LinearReference).
@@ -401,14 +397,16 @@ def _prepare(seam: ModelSeam, batch: Tensor, lay: trie_.Layout, options: EngineO
     # call; a window holds twice as many plan ends (neighbouring plans often run different blocks
     # at a step: a deletion's tail runs block d + 1 at step d, a swap's tail block d).
     lanes = max(1, options.stack_tokens_for(seam.device) // (n_seq * seq_len)) if fast is not None else 1
-    walk.lanes, walk.window_size, walk.stack_metrics = lanes, 2 * lanes if lanes > 1 else 1, linear and lanes > 1
+    walk = _Walk(seam, emb, fast, lay, [emb.residual], lanes, 2 * lanes if lanes > 1 else 1, linear and lanes > 1)
+    for layer in range(seam.n_layers):  # the trunk: the unmodified model, every residual kept
+        walk.trunk.append(walk.block(layer, walk.trunk[-1], layer))
     n_rows = targets.shape[0]
     chunk = min(options.chunk_tokens, n_rows * (walk.window_size if walk.stack_metrics else 1))
     scratch = emb.residual.new_empty((min(chunk, ROWS_AT_ONCE), seam.d_vocab), dtype=torch.float32)
     unembedding = make_unembedding(seam.unembed_module, seam.W_U, seam.b_U, seam.softcap, via_module, chunk,
                                    options.unembed_block)
-    reference = _reference(seam, unembedding, _final_rows(seam, trunk[-1]), targets, linear, options.chunk_tokens,
-                           not via_module, scratch)
+    reference = _reference(seam, unembedding, _final_rows(seam, walk.trunk[-1]), targets, linear,
+                           options.chunk_tokens, not via_module, scratch)
     tiles = walk.window_size if walk.stack_metrics else 1
     return walk, _Scorer(unembedding, targets, reference, options.chunk_tokens, not via_module, scratch, tiles)
 
