@@ -348,7 +348,7 @@ def _no_warning() -> Iterator[None]:
 @pytest.mark.real
 def test_the_embedded_model_rebuilds_a_damaged_cache_entry_from_the_cli(tmp_path: Path) -> None:
     """The audit's case, for real: the cache entry of the embedded model is a file, and a killed
-    conversion left its temporary folder; the command rebuilds the entry and completes."""
+    conversion left its temporary folder; the study rebuilds the entry and completes."""
     from stages_of_inference import models
 
     entry = models.EMBEDDED_MODELS["smollm2-135m"]
@@ -362,9 +362,10 @@ def test_the_embedded_model_rebuilds_a_damaged_cache_entry_from_the_cli(tmp_path
     stale = folder.parent / f".{name}.killed.tmp"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half-written")
-    done = _cli(["neurons", "--model", "smollm2-135m", "--quiet"], env={"STAGES_OF_INFERENCE_CACHE": str(cache)},
-                timeout=600)
+    out = tmp_path / "study"
+    done = _cli(["run", "--analyses", "neurons", "--out-dir", str(out), "--quiet"],
+                env={"STAGES_OF_INFERENCE_CACHE": str(cache)}, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "prediction and" in done.stdout
+    assert (out / "report.html").exists() and (out / "smollm2-135m" / "neurons" / "counts.parquet").exists()
     assert "Loading weights" not in done.stderr  # --quiet silences transformers' bars too
     assert folder.is_dir() and models._entry_is_valid(folder) and not stale.exists()
