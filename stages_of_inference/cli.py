@@ -70,7 +70,7 @@ def _check_corpus(corpus: str) -> None:
     if problem is not None:
         raise CorpusNotAvailableError(
             f"{corpus!r} is not a bundled corpus ({', '.join(corpus_names())}) or an existing path, and as a Hugging "
-            f"Face dataset it cannot be read: {problem}")
+            f"Face dataset it cannot be read: the hub is not reachable ({problem})")
 
 
 def _load(args: argparse.Namespace, n_tokens: int | None = None):  # noqa: ANN202 - returns (model, tokens)

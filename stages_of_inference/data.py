@@ -148,8 +148,8 @@ def _hf_dataset(name: str, text_column: str, split: str) -> Iterator[str]:
     if problem is not None:
         raise CorpusNotAvailableError(
             f"{name!r} is not a bundled corpus ({', '.join(corpus_names())}) or an existing path, and as a Hugging "
-            f"Face dataset it cannot be read: {problem}; pass a bundled name, a text file or folder, or a list of "
-            "strings"
+            f"Face dataset it cannot be read: the hub is not reachable ({problem}); pass a bundled name, a text file "
+            "or folder, or a list of strings"
         )
     with _bounded_hub_requests():
         stream = datasets.load_dataset(name, split=split, streaming=True)

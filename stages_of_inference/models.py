@@ -76,8 +76,10 @@ class ModelNotAvailableError(UnavailableError):
     """A model cannot be loaded here: unknown name, weights not installed, or hub unreachable."""
 
 
-class CorpusNotAvailableError(UnavailableError):
-    """A corpus cannot be read here: a dataset name while the hub is unreachable."""
+class CorpusNotAvailableError(UnavailableError, ValueError):
+    """A corpus cannot be read here: a dataset name while the hub is unreachable (also a
+    ``ValueError``, as this error was before it had its own class).
+    """
 
 
 @dataclass(frozen=True)
