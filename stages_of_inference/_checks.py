@@ -32,7 +32,12 @@ def check_count(value: Any, name: str, what: str = "a positive integer") -> int:
 
 
 def available_devices() -> list[str]:
-    """The device kinds this torch build can use here: ``cpu``, and ``cuda`` / ``mps`` when present."""
+    """The device kinds this torch build can use here: ``cpu``, and ``cuda`` / ``mps`` when present.
+
+    Example:
+        >>> available_devices()[0]
+        'cpu'
+    """
     import torch
 
     found = ["cpu"]

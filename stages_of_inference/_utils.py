@@ -163,6 +163,13 @@ def file_lock(path: str | os.PathLike[str], wait_s: float = 0.0, what: str = "")
     :class:`LockedError` naming ``what`` and the process that holds it. The lock is the operating
     system's (``fcntl.flock``): a killed holder releases it. Where there is no ``fcntl``
     (Windows), no lock is taken.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> lock = pathlib.Path(tempfile.mkdtemp()) / ".lock"
+        >>> with file_lock(lock, what="the demo folder"):
+        ...     print("held")
+        held
     """
     try:
         import fcntl
@@ -197,6 +204,12 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], name: str = "") -> 
     """Remove the temporaries :func:`atomic_path` leaves when its process is killed (``.{name}.*.tmp``
     in ``folder``; every one when ``name`` is empty). Call it only while holding the lock that
     keeps other writers of ``folder`` out. Returns what was removed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp()); (d / ".entry.x1.tmp").mkdir(); (d / "entry").mkdir()
+        >>> [p.name for p in remove_stale_temporaries(d, "entry")], sorted(p.name for p in d.iterdir())
+        (['.entry.x1.tmp'], ['entry'])
     """
     removed = []
     for tmp in Path(folder).glob(f".{name}.*.tmp" if name else ".*.tmp"):
@@ -206,7 +219,14 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], name: str = "") -> 
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The SHA-256 of a file's bytes (hex), read a block at a time."""
+    """The SHA-256 of a file's bytes (hex), read a block at a time.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "f"; _ = p.write_bytes(b"abc")
+        >>> file_sha256(p)[:12]
+        'ba7816bf8f01'
+    """
     import hashlib
 
     digest = hashlib.sha256()

@@ -86,7 +86,14 @@ def describe_tokens(
     tokens: Int[Tensor, "batch pos"], corpus: str | None = None, seed: int | None = None,
     corpus_sha256: str | None = None,
 ) -> dict[str, Any]:
-    """The provenance record of a token batch (corpus and seed ``None`` where not known)."""
+    """The provenance record of a token batch (corpus and seed ``None`` where not known).
+
+    Example:
+        >>> import torch
+        >>> r = describe_tokens(torch.tensor([[0, 1, 2]]), corpus="austen", seed=1)
+        >>> r["corpus"], r["seed"], r["n_tokens"], len(r["sha256"])
+        ('austen', 1, 3, 24)
+    """
     record: dict[str, Any] = {
         "corpus": corpus,
         "seed": seed,
@@ -101,12 +108,25 @@ def describe_tokens(
 
 
 def tensor_of(tokens: TokenBatch | Tensor) -> Tensor:
-    """The token ids of a :class:`TokenBatch`, or ``tokens`` itself."""
+    """The token ids of a :class:`TokenBatch`, or ``tokens`` itself.
+
+    Example:
+        >>> import torch
+        >>> t = torch.tensor([[0, 1]])
+        >>> tensor_of(TokenBatch(t)) is t, tensor_of(t) is t
+        (True, True)
+    """
     return tokens.tokens if isinstance(tokens, TokenBatch) else tokens
 
 
 def describe_any(tokens: TokenBatch | Tensor) -> dict[str, Any]:
-    """The provenance record of a :class:`TokenBatch` or of a plain tensor (corpus unknown)."""
+    """The provenance record of a :class:`TokenBatch` or of a plain tensor (corpus unknown).
+
+    Example:
+        >>> import torch
+        >>> describe_any(torch.tensor([[0, 1]]))["corpus"] is None
+        True
+    """
     return tokens.describe() if isinstance(tokens, TokenBatch) else describe_tokens(tokens)
 
 

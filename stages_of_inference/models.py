@@ -491,6 +491,10 @@ def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
 def hub_problem(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
     """Why the hub cannot be used from here (offline mode, no answer within ``timeout`` seconds,
     a connection refused), or ``None`` when it answered (any HTTP status counts as an answer).
+
+    Example:
+        >>> import os; os.environ["HF_HUB_OFFLINE"] = "1"; hub_problem()
+        'HF_HUB_OFFLINE is set'
     """
     import urllib.error
     import urllib.request

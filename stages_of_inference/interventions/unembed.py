@@ -143,6 +143,14 @@ def make_unembedding(
 ) -> Unembedding:
     """The unembedding the sweep uses: through ``module`` when a hook could see it
     (``via_module``), else blocked for fp32 weights ``W_U``, else plain.
+
+    Example:
+        >>> import torch
+        >>> w, b = torch.randn(4, 10), torch.zeros(10)
+        >>> type(make_unembedding(torch.nn.Identity(), w, b, 0.0, False, max_rows=8)).__name__
+        'BlockedUnembedding'
+        >>> type(make_unembedding(torch.nn.Identity(), w.double(), b.double(), 0.0, False, max_rows=8)).__name__
+        'PlainUnembedding'
     """
     if via_module:
         return ModuleUnembedding(module, softcap)
