@@ -242,13 +242,15 @@ def load_token_batch(
 
     windows: list[list[int]] = []
     n_documents = n_characters = 0
-    text_digest = hashlib.sha256()
+    # the digest of the text says which text a path held (a bundled name or a dataset names its own)
+    text_digest = hashlib.sha256() if description.startswith(("file:", "folder:")) else None
     for document in documents:
         if not isinstance(document, str):
             raise TypeError(f"every document must be a str, got {type(document).__name__}")
         n_documents += 1
         n_characters += len(document)
-        text_digest.update(document.encode("utf-8", errors="surrogatepass") + b"\0")
+        if text_digest is not None:
+            text_digest.update(document.encode("utf-8", errors="surrogatepass") + b"\0")
         ids, starts = _tokenize(tokenizer, document, cache_key=description if finite else None)
         windows.extend(ids[start : start + width] for start in _window_starts(starts, len(ids), width))
         if not finite and len(windows) >= POOL_FACTOR * n_sequences:
@@ -266,10 +268,9 @@ def load_token_batch(
     bos = bos_token_id(model)
     rows = [[bos, *windows[i]] for i in chosen]
     tokens = torch.tensor(rows, dtype=torch.long, device=model.cfg.device)
-    from_files = description.startswith(("file:", "folder:"))
     name = os.fspath(corpus) if isinstance(corpus, (str, os.PathLike)) else description
     return TokenBatch(tokens, corpus=name, seed=seed,
-                      corpus_sha256=text_digest.hexdigest()[:DIGEST_CHARS] if from_files else None)
+                      corpus_sha256=None if text_digest is None else text_digest.hexdigest()[:DIGEST_CHARS])
 
 
 _TOKEN_CACHE: dict[tuple[Any, ...], tuple[list[int], list[int] | None]] = {}
