@@ -49,28 +49,13 @@ def _preflight(args: argparse.Namespace, corpus: str | None = None, out: str | N
     if out_dir is not None:
         check_output_path(out_dir, "--out-dir folder")
     if corpus is not None:
-        _check_corpus(corpus)
+        from stages_of_inference.data import check_corpus
+
+        check_corpus(corpus)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # transformers' own bars (loading weights) too
-
-
-def _check_corpus(corpus: str) -> None:
-    from stages_of_inference.data import corpus_names
-
-    path = Path(corpus).expanduser()
-    if corpus in corpus_names() or path.is_file() or path.is_dir():
-        return
-    if corpus.startswith(("/", "./", "../", "~")) or corpus.endswith(".txt"):
-        raise FileNotFoundError(f"no such corpus file or folder: {corpus}")
-    from stages_of_inference.models import CorpusNotAvailableError, hub_problem
-
-    problem = hub_problem()
-    if problem is not None:
-        raise CorpusNotAvailableError(
-            f"{corpus!r} is not a bundled corpus ({', '.join(corpus_names())}) or an existing path, and as a Hugging "
-            f"Face dataset it cannot be read: the hub is not reachable ({problem})")
 
 
 def _load(args: argparse.Namespace, n_tokens: int | None = None):  # noqa: ANN202 - returns (model, tokens)

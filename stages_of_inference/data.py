@@ -50,7 +50,7 @@ from stages_of_inference._utils import check_count, check_model
 from stages_of_inference.batch import DIGEST_CHARS, TokenBatch
 from stages_of_inference.models import bos_token_id
 
-__all__ = ["BUNDLED", "POOL_FACTOR", "corpus_names", "corpus_texts", "load_token_batch", "load_tokens"]
+__all__ = ["BUNDLED", "POOL_FACTOR", "check_corpus", "corpus_names", "corpus_texts", "load_token_batch", "load_tokens"]
 
 BUNDLED = {
     "austen": (
@@ -97,6 +97,43 @@ def corpus_texts(name: str = "default") -> list[str]:
     return [_bundled_document(stem) for stem in BUNDLED[name]]
 
 
+def check_corpus(corpus: Any) -> None:
+    """Refuse, without reading it, a corpus named by a string that cannot be had here: a path that
+    does not exist (``FileNotFoundError``), or a dataset name while the hub does not answer
+    (:class:`~stages_of_inference.models.CorpusNotAvailableError`, in bounded time). Bundled
+    names, existing paths and iterables pass; their content is checked when it is read.
+
+    Example:
+        >>> check_corpus("austen")
+        >>> check_corpus("./no-such-corpus.txt")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: no such corpus file or folder: ./no-such-corpus.txt
+    """
+    if not isinstance(corpus, (str, os.PathLike)):
+        return
+    key = os.fspath(corpus)
+    path = Path(key).expanduser()
+    if key in BUNDLED or path.is_file() or path.is_dir():
+        return
+    if key.startswith(("/", "./", "../", "~")) or key.endswith(".txt"):
+        raise FileNotFoundError(f"no such corpus file or folder: {key}")
+    _require_hub(key)
+
+
+def _require_hub(name: str) -> None:
+    """A dataset name is readable only where the hub answers: asked now, in bounded time."""
+    from stages_of_inference.models import CorpusNotAvailableError, hub_problem
+
+    problem = hub_problem()
+    if problem is not None:
+        raise CorpusNotAvailableError(
+            f"{name!r} is not a bundled corpus ({', '.join(corpus_names())}) or an existing path, and as a Hugging "
+            f"Face dataset it cannot be read: the hub is not reachable ({problem}); pass a bundled name, a text file "
+            "or folder, or a list of strings"
+        )
+
+
 def _documents(corpus: Any, text_column: str, split: str) -> tuple[Iterable[Any], bool, str]:
     """(documents, finite, description) of any accepted corpus."""
     if isinstance(corpus, (str, os.PathLike)):
@@ -111,8 +148,7 @@ def _documents(corpus: Any, text_column: str, split: str) -> tuple[Iterable[Any]
             if not files:
                 raise ValueError(f"the folder {path} holds no .txt files")
             return [_read_text(f) for f in files], True, f"folder:{path.name}"
-        if key.startswith(("/", "./", "../", "~")) or key.endswith(".txt"):
-            raise FileNotFoundError(f"no such corpus file or folder: {key}")
+        check_corpus(key)  # a missing path, or a dataset name without a hub, is refused here
         return _hf_dataset(key, text_column, split), False, f"hf:{key}"
     if isinstance(corpus, Iterable):
         finite = isinstance(corpus, (list, tuple))
@@ -135,7 +171,7 @@ def _read_text(path: Path) -> str:
 
 
 def _hf_dataset(name: str, text_column: str, split: str) -> Iterator[str]:
-    from stages_of_inference.models import CorpusNotAvailableError, _bounded_hub_requests, hub_problem
+    from stages_of_inference.models import _bounded_hub_requests
 
     try:
         import datasets
@@ -144,13 +180,6 @@ def _hf_dataset(name: str, text_column: str, split: str) -> Iterator[str]:
             f"{name!r} is not a bundled corpus or a path, and the 'datasets' package needed to read "
             f"it as a Hugging Face dataset is not installed. Bundled corpora: {', '.join(corpus_names())}"
         ) from None
-    problem = hub_problem()
-    if problem is not None:
-        raise CorpusNotAvailableError(
-            f"{name!r} is not a bundled corpus ({', '.join(corpus_names())}) or an existing path, and as a Hugging "
-            f"Face dataset it cannot be read: the hub is not reachable ({problem}); pass a bundled name, a text file "
-            "or folder, or a list of strings"
-        )
     with _bounded_hub_requests():
         stream = datasets.load_dataset(name, split=split, streaming=True)
         yield from _rows(stream, name, text_column)
