@@ -9,14 +9,14 @@ unembeds, through the seam; the weight-based analyses read processed weights thr
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-__all__ = ["Embedded", "FwdHooks", "ModelSeam", "no_hooks"]
+__all__ = ["Embedded", "FwdHooks", "ModelSeam"]
 
 FwdHooks = Sequence[tuple[Any, Callable[..., Any]]]
 
@@ -106,9 +106,3 @@ class ModelSeam(Protocol):
 
     def loss(self, logits: Tensor, tokens: Tensor, embedded: Embedded) -> Tensor:
         """The model's own mean next-token loss."""
-
-
-@contextlib.contextmanager
-def no_hooks() -> Iterator[None]:
-    """A ``with`` block that attaches nothing (for backends given no hooks)."""
-    yield

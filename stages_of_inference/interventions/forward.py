@@ -13,7 +13,7 @@ that block runs. Many plans at once: :mod:`stages_of_inference.interventions.exe
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -24,6 +24,7 @@ from transformer_lens.utilities import apply_softcap, get_device_for_block_index
 
 from stages_of_inference._utils import check_model, check_tokens
 from stages_of_inference.backends import ModelSeam, as_seam
+from stages_of_inference.backends.base import FwdHooks
 from stages_of_inference.backends.hooked import ORIGINAL_BLOCKS, HookedSeam
 from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.plan import LayerPlan
@@ -33,8 +34,6 @@ __all__ = ["FwdHooks", "RETURN_TYPES", "reordered", "run_plan"]
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 """The ``return_type`` values :func:`run_plan` accepts (as ``HookedTransformer.forward``)."""
-
-FwdHooks = Sequence[tuple[Any, Callable[..., Any]]]
 
 
 # --------------------------------------------------------------------------- low-level pieces
