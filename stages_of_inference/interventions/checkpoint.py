@@ -50,7 +50,16 @@ class CheckpointMismatchError(ValueError):
 
 
 def refuse_mismatch(where: Path, found: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Raise a ``ValueError`` naming every difference if ``found`` is not ``expected``."""
+    """Raise a ``ValueError`` naming every difference if ``found`` is not ``expected``.
+
+    Example:
+        >>> from pathlib import Path
+        >>> refuse_mismatch(Path("ckpt"), {"batch_size": 8}, {"batch_size": 8})
+        >>> refuse_mismatch(Path("ckpt"), {"batch_size": 8}, {"batch_size": 4})
+        Traceback (most recent call last):
+        ...
+        stages_of_inference.interventions.checkpoint.CheckpointMismatchError: ckpt was written by a different sweep, so it cannot be resumed: batch_size: checkpoint has 8, this run has 4. ...
+    """
     keys = sorted(set(found) | set(expected))
     diffs = [f"{k}: checkpoint has {found.get(k)!r}, this run has {expected.get(k)!r}"
              for k in keys if found.get(k) != expected.get(k)]

@@ -67,7 +67,12 @@ LOCK_FILE = ".lock"
 
 
 def slug(name: str) -> str:
-    """A model name as a folder name."""
+    """A model name as a folder name.
+
+    Example:
+        >>> slug("smollm2-135m"), slug("/models/My Model.gguf")
+        ('smollm2-135m', 'My_Model.gguf')
+    """
     keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(str(name)).name or str(name))
     return keep.strip("._") or "model"
 
