@@ -83,13 +83,13 @@ class PeakRSS:
 
 
 # --------------------------------------------------------------------------- helpers
-def matmul_gflops() -> float:
-    """Best measured fp32 matmul rate over a few shapes (square, and the unembedding's)."""
+def matmul_gflops(dtype: torch.dtype = torch.float32) -> float:
+    """Best measured matmul rate of ``dtype`` over a few shapes (square, and the unembedding's)."""
     best = 0.0
     shapes = [(2048, 2048, 2048), (512, 576, 49152), (512, 576, 1536)]
     with torch.inference_mode():
         for m, k, n in shapes:
-            a, b = torch.randn(m, k), torch.randn(k, n)
+            a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
             a @ b
             for _ in range(5):
                 t = time.perf_counter()
@@ -168,12 +168,103 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3,
                         help="times the sweep (a) is run: the median for the speed-ups, the best for the FLOP rate")
     parser.add_argument("--skip-authors", action="store_true", help="skip (c), the slowest")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="fp32: the comparison with the loop and the authors' procedure (above); bf16 or fp16: "
+                             "that precision's sweep against the fp32 sweep, measured in the same run (run_precision)")
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = soi.load_model(args.model)
     tokens = soi.load_tokens(model, corpus="default", n_sequences=args.n_sequences, seq_len=args.seq_len, seed=0)
-    run(model, tokens, args)
+    if args.precision == "fp32":
+        run(model, tokens, args)
+    else:
+        run_precision(model, tokens, args)
+
+
+_CATEGORIES = {
+    "matrix products": ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math",
+                  "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention"),
+    "metric passes (exp, sums, max)": ("aten::exp", "aten::sum", "aten::amax", "aten::max", "aten::sub_", "aten::sub",
+                                       "aten::maximum", "aten::clamp_min_", "aten::mul_", "aten::log", "aten::gather",
+                                       "aten::argmax"),
+    "dtype casts and copies": ("aten::copy_", "aten::_to_copy", "aten::cat"),
+}
+
+
+def _where_time_goes(model: HookedTransformer, tokens: torch.Tensor, precision: str) -> dict[str, float]:
+    """Self CPU time per category of operator in one sweep (torch.profiler), in seconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        soi.robustness_sweep(model, tokens, progress=False, precision=precision, check_sequences=0)
+    spent = {name: 0.0 for name in (*_CATEGORIES, "everything else")}
+    for event in prof.key_averages():
+        kind = next((k for k, ops in _CATEGORIES.items() if event.key in ops), "everything else")
+        spent[kind] += event.self_cpu_time_total / 1e6
+    return spent
+
+
+def run_precision(model: HookedTransformer, tokens: torch.Tensor, args: argparse.Namespace) -> None:
+    """The low-precision sweep against the fp32 sweep, in one run: times (alternated, medians),
+    FLOP rates against each dtype's measured matmul rate, where the time goes, and the deviations
+    of every plan (and what the sweep's own precision check saw)."""
+    from stages_of_inference.interventions.deviation import rank_correlation
+
+    low = args.precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[low]
+    n = model.cfg.n_layers
+    print(f"model {args.model}: {n} blocks; tokens {tuple(tokens.shape)}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); "
+          f"load average {os.getloadavg()}")
+    f_fwd, f_unembed = forward_flops(model, tokens)
+    plans = [soi.LayerPlan.drop(n, i) for i in range(n)] + [soi.LayerPlan.swap(n, i) for i in range(n - 1)]
+    flops = block_count(plans) * (f_fwd - f_unembed) / n + (len(plans) + 1) * f_unembed * (tokens.shape[1] - 2) / tokens.shape[1]
+    rates = {"fp32": matmul_gflops(torch.float32), low: matmul_gflops(dtype)}
+    times: dict[str, list[float]] = {"fp32": [], low: []}
+    results = {}
+    for _ in range(args.repeat):
+        for precision in times:  # the low-precision sweep alone here; its own check is timed below
+            t = time.perf_counter()
+            results[precision] = soi.robustness_sweep(model, tokens, progress=False, batch_size=args.batch_size,
+                                                      chunk_tokens=args.chunk_tokens, stack_tokens=args.stack_tokens,
+                                                      precision=precision, check_sequences=0)
+            times[precision].append(time.perf_counter() - t)
+    rates = {p: max(r, matmul_gflops(torch.float32 if p == "fp32" else dtype)) for p, r in rates.items()}
+    med = {p: statistics.median(v) for p, v in times.items()}
+    print(f"sweep ({len(plans)} plans, {flops / 1e9:.0f} GFLOP), median of {args.repeat} runs each, alternated:")
+    for p in times:
+        rate = flops / med[p] / 1e9
+        print(f"  {p:5s} {med[p]:7.1f} s ({', '.join(f'{x:.1f}' for x in times[p])}) = {rate:6.1f} GFLOP/s: "
+              f"{100 * rate / rates[p]:.0f} % of the measured {p} matmul rate ({rates[p]:.1f} GFLOP/s)")
+    print(f"  {low} / fp32 speed-up {med['fp32'] / med[low]:.2f}x; the matmul rates' ratio on this machine "
+          f"{rates[low] / rates['fp32']:.2f}x (the bound for a sweep made only of products)")
+    t = time.perf_counter()
+    results["checked"] = soi.robustness_sweep(model, tokens, progress=False, batch_size=args.batch_size,
+                                              chunk_tokens=args.chunk_tokens, stack_tokens=args.stack_tokens,
+                                              precision=low)
+    checked = time.perf_counter() - t
+    print(f"  with its precision check (the default: a few plans re-run in fp32 on the first sequence): {checked:.1f} s, "
+          f"{med['fp32'] / checked:.2f}x faster than fp32")
+    for p in times:
+        spent = _where_time_goes(model, tokens, p)
+        total = sum(spent.values())
+        print(f"  where the {p} time goes (profiled run, self CPU time): "
+              + ", ".join(f"{k} {100 * v / total:.0f} %" for k, v in spent.items()))
+    a, b = results["fp32"].summary, results[low].summary
+    damaged = a["kind"] != "none"
+    dev = (b["kl_nats"] - a["kl_nats"]).abs()
+    print(f"deviation of {low} from fp32 over the {int(damaged.sum())} plans: KL median relative "
+          f"{100 * (dev / a['kl_nats'])[damaged].median():.2f} %, largest {dev.max():.4f} nats, rank correlation "
+          f"{rank_correlation(b['kl_nats'][damaged], a['kl_nats'][damaged]):.4f}; loss largest "
+          f"{(b['loss'] - a['loss']).abs().max():.4f} nats; accuracy largest {(b['accuracy'] - a['accuracy']).abs().max():.4f}; "
+          f"top-5 most damaging plans kept: {list(a.nlargest(5, 'kl_nats').index) == list(b.nlargest(5, 'kl_nats').index)}")
+    check = results["checked"].provenance["precision_check"]
+    print(f"the sweep's own check ({check['n_plans']} plans on {check['n_sequences']} sequences): KL median relative "
+          f"{100 * check['kl_median_rel']:.2f} %, largest {check['kl_max_abs']:.4f} nats, rank correlation "
+          f"{check['kl_rank_correlation']:.4f}; stands: {check['stands']}")
+    print(f"load average at the end {os.getloadavg()}")
 
 
 def run(model: HookedTransformer, tokens: torch.Tensor, args: argparse.Namespace) -> None:

@@ -49,6 +49,7 @@ _MODULES = {
     "data": "stages_of_inference.data",
     "study": "stages_of_inference.study",
     "backends": "stages_of_inference.backends",
+    "precision": "stages_of_inference.precision",
 }
 
 __all__ = sorted([*_NAMES, *_MODULES, "__version__"])

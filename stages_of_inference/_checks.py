@@ -10,7 +10,27 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["available_devices", "check_count", "check_device", "check_output_path"]
+__all__ = ["PRECISIONS", "available_devices", "check_count", "check_device", "check_output_path", "check_precision"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""The computing precisions every analysis that runs a model accepts (:mod:`stages_of_inference.precision`)."""
+
+
+def check_precision(precision: Any) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a one-line ``ValueError``.
+
+    Example:
+        >>> check_precision("bf16")
+        'bf16'
+        >>> check_precision("int8")
+        Traceback (most recent call last):
+        ...
+        ValueError: precision must be one of 'fp32', 'bf16', 'fp16', got 'int8'
+    """
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        allowed = ", ".join(repr(p) for p in PRECISIONS)
+        raise ValueError(f"precision must be one of {allowed}, got {precision!r}")
+    return precision
 
 
 def check_count(value: Any, name: str, what: str = "a positive integer") -> int:

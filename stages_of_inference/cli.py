@@ -24,6 +24,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from stages_of_inference._checks import PRECISIONS
+
 __all__ = ["DEFAULT_MODEL", "EXIT_INTERRUPTED", "EXIT_MISMATCH", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE",
     "build_parser", "main"]
 
@@ -111,11 +113,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     import stages_of_inference as soi
+    from stages_of_inference.interventions.deviation import PrecisionCheck
     from stages_of_inference.robustness import _check_kinds
 
     kinds = _check_kinds(tuple(k.strip() for k in args.kinds.split(",") if k.strip()))
     model, tokens = _load(args, args.n_tokens)
-    result = soi.robustness_sweep(model, tokens, kinds=kinds, progress=not args.quiet, batch_size=args.batch_size)
+    result = soi.robustness_sweep(model, tokens, kinds=kinds, progress=not args.quiet, batch_size=args.batch_size,
+                                  precision=args.precision)
     summary = result.summary
     ref = summary[summary["kind"] == "none"].iloc[0]
     print(f"{args.model}: {model.cfg.n_layers} blocks; {tokens.shape[0]} x {tokens.shape[1]} tokens of {args.corpus!r}, "
@@ -124,6 +128,8 @@ def _sweep(args: argparse.Namespace) -> int:
                  ["kind", "layer", "relative_depth", "kl_nats", "loss_delta", "relative_accuracy", "top1_agreement"],
                  {"relative_depth": ".2f", "kl_nats": ".3f", "loss_delta": "+.3f", "relative_accuracy": ".3f",
                   "top1_agreement": ".3f"})
+    if "precision_check" in result.provenance:
+        print(PrecisionCheck(result["precision_check"], result.provenance["precision_check"]).sentence)
     _save(summary, args.out)
     return EXIT_OK
 
@@ -150,7 +156,8 @@ def _lens(args: argparse.Namespace) -> int:
 
     model, tokens = _load(args, args.n_tokens)
     conventions = ("paper", "per_layer_norm") if args.convention == "both" else (args.convention,)
-    tables = [logit_lens(model, tokens, convention=c, progress=not args.quiet, batch_size=args.batch_size)
+    tables = [logit_lens(model, tokens, convention=c, progress=not args.quiet, batch_size=args.batch_size,
+                         precision=args.precision)
               for c in conventions]
     table = pd.concat(tables, ignore_index=True)
     table.attrs["provenance"] = tables[0].attrs["provenance"]
@@ -194,6 +201,9 @@ def _common(p: argparse.ArgumentParser, model: bool = True, text: bool = True, n
         p.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence, BOS first (default: %(default)s)")
         p.add_argument("--seed", type=int, default=0, help="which text windows are drawn (default: %(default)s)")
         p.add_argument("--batch-size", type=_positive, default=8, help="sequences per forward pass (default: %(default)s)")
+        p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="dtype of the model's matrix products and attention; metrics stay fp32 "
+                            "(default: %(default)s, the paper's)")
     p.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

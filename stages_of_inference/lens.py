@@ -54,8 +54,9 @@ from stages_of_inference._utils import check_count, check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.backends import as_seam
 from stages_of_inference.batch import Tokens
-from stages_of_inference.interventions.hooks import ResidualReadout, collect
+from stages_of_inference.interventions.hooks import ResidualReadout, collect, observe_in_fp32
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, log_probs, scored_positions
+from stages_of_inference.precision import autocast, check_precision
 
 __all__ = [
     "CONVENTIONS",
@@ -159,10 +160,11 @@ def apply_lens_norm(
 
 
 def unembed(
-    model: HookedTransformer, normalized: Float[Tensor, "*rows d_model"]
+    model: HookedTransformer, normalized: Float[Tensor, "*rows d_model"], precision: str = "fp32"
 ) -> Float[Tensor, "*rows d_vocab"]:
-    """Lens logits of normalised readouts: ``normalized @ W_U`` in fp32, no ``b_U`` (soft-capped
-    like the output when the model soft-caps its logits).
+    """Lens logits of normalised readouts: ``normalized @ W_U``, no ``b_U`` (soft-capped like the
+    output when the model soft-caps its logits), returned in fp32; the product runs in
+    ``precision`` (:mod:`stages_of_inference.precision`).
 
     Example:
         >>> import torch
@@ -171,7 +173,8 @@ def unembed(
         >>> unembed(m, torch.zeros(3, 4)).shape
         torch.Size([3, 5])
     """
-    logits = normalized.float() @ as_seam(model).W_U.detach().float()
+    with autocast(precision, normalized.device):
+        logits = (normalized.float() @ as_seam(model).W_U.detach().float()).float()
     cap = float(getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0)
     if cap > 0:
         logits = cap * torch.tanh(logits / cap)
@@ -179,7 +182,8 @@ def unembed(
 
 
 def _readouts(
-    model: HookedTransformer, batch: Int[Tensor, "batch pos"], positions: slice, points: Sequence[int]
+    model: HookedTransformer, batch: Int[Tensor, "batch pos"], positions: slice, points: Sequence[int],
+    precision: str = "fp32",
 ) -> tuple[Tensor, Tensor | None]:
     """One forward pass; returns the readouts ``[point, batch, kept pos, d_model]`` (fp32) at
     ``points`` and the final norm's scale ``[batch, kept pos, 1]`` (None without a final norm).
@@ -198,7 +202,10 @@ def _readouts(
     hooks = []
     if _FinalNorm.of(model).kind != "none":
         hooks.append(("ln_final.hook_scale", store_scale))
-    collect(model, batch, [ResidualReadout(store, points)], batch_size=batch.shape[0], fwd_hooks=hooks, progress=False)
+    if precision != "fp32":
+        hooks = [(name, observe_in_fp32(fn)) for name, fn in hooks]
+    collect(model, batch, [ResidualReadout(store, points)], batch_size=batch.shape[0], fwd_hooks=hooks, progress=False,
+            precision=precision)
     return buf, box.get("scale")
 
 
@@ -224,6 +231,7 @@ def lens_logits(
     tokens: Tokens,
     convention: str = "paper",
     points: Sequence[int] | None = None,
+    precision: str = "fp32",
 ) -> Float[Tensor, "layer batch pos d_vocab"]:
     """Logit-lens logits of every readout at every position, all at once (small inputs only).
 
@@ -236,6 +244,8 @@ def lens_logits(
         tokens: ``[batch, pos]`` token ids.
         convention: ``"paper"`` or ``"per_layer_norm"`` (module docstring).
         points: readout points (0 = embeddings ... ``n_layers`` = output); all by default.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the dtype of the model's products and of the
+            lens unembedding (:mod:`stages_of_inference.precision`); readouts and logits are fp32.
 
     Example:
         >>> import torch
@@ -252,11 +262,11 @@ def lens_logits(
     points = _check_points(model, points)
     need_final = convention == "paper" and _FinalNorm.of(model).kind != "none"
     with torch.inference_mode():
-        buf, scale = _readouts(model, tokens, slice(None), points)
+        buf, scale = _readouts(model, tokens, slice(None), points, precision)
         if need_final and scale is None:  # pragma: no cover - the hook always fires
             raise RuntimeError("ln_final.hook_scale did not fire")
         _normalize_inplace(model, buf, convention, scale)
-        return unembed(model, buf)
+        return unembed(model, buf, precision)
 
 
 def _check_points(model: HookedTransformer, points: Sequence[int] | None) -> list[int]:
@@ -285,6 +295,7 @@ class LensChunk:
         positions: position of each row in its sequence.
         targets: the true next token of each row.
         readouts: ``[layer, n, d_model]`` normalised readouts (fp32).
+        precision: the precision of the lens unembedding (:mod:`stages_of_inference.precision`).
     """
 
     sequences: Int[Tensor, " n"]
@@ -292,6 +303,7 @@ class LensChunk:
     targets: Int[Tensor, " n"]
     readouts: Float[Tensor, "layer n d_model"]
     model: HookedTransformer
+    precision: str = "fp32"
 
     @property
     def n_points(self) -> int:
@@ -301,7 +313,7 @@ class LensChunk:
     def logits(self, point: int) -> Float[Tensor, "n d_vocab"]:
         """fp32 lens logits of readout ``point`` (negative indices count from the output)."""
         with torch.inference_mode():
-            return unembed(self.model, self.readouts[point])
+            return unembed(self.model, self.readouts[point], self.precision)
 
     def logprobs(self, point: int) -> Float[Tensor, "n d_vocab"]:
         """fp32 lens log-probabilities of readout ``point``."""
@@ -317,6 +329,7 @@ def iter_lens(
     batch_size: int = 8,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> Iterator[LensChunk]:
     """Stream the logit lens over a token batch: one :class:`LensChunk` of scored positions at a time.
 
@@ -332,6 +345,8 @@ def iter_lens(
         batch_size: sequences per forward pass.
         chunk_tokens: scored positions per chunk.
         progress: show a progress bar over batches.
+        precision: the dtype of the model's products and of the lens unembedding (``"fp32"``,
+            ``"bf16"``, ``"fp16"``; :mod:`stages_of_inference.precision`).
 
     Example:
         >>> import torch
@@ -346,6 +361,7 @@ def iter_lens(
     check_convention(convention)
     batch_size = check_count(batch_size, "batch_size", "a positive number of sequences")
     chunk_tokens = check_count(chunk_tokens, "chunk_tokens", "a positive number of token positions")
+    precision = check_precision(precision)
     n_seq, pos = tokens.shape
     keep = scored_positions(pos)
     n_kept = pos - 2
@@ -354,7 +370,7 @@ def iter_lens(
         with torch.inference_mode():
             batch = tokens[start : start + batch_size]
             b = batch.shape[0]
-            buf, scale = _readouts(model, batch, keep, points)
+            buf, scale = _readouts(model, batch, keep, points, precision)
             _normalize_inplace(model, buf, convention, scale)
             flat = buf.view(len(points), b * n_kept, model.cfg.d_model)
             sequences = torch.arange(start, start + b, device=tokens.device).repeat_interleave(n_kept)
@@ -362,5 +378,5 @@ def iter_lens(
             targets = batch[:, keep.start + 1 :].reshape(-1)
         for r0 in range(0, b * n_kept, chunk_tokens):
             rows = slice(r0, min(r0 + chunk_tokens, b * n_kept))
-            yield LensChunk(sequences[rows], positions[rows], targets[rows], flat[:, rows], model)
+            yield LensChunk(sequences[rows], positions[rows], targets[rows], flat[:, rows], model, precision)
         del buf, flat

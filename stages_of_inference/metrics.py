@@ -30,7 +30,7 @@ from torch import Tensor
 from stages_of_inference._utils import check_count
 
 __all__ = ["DEFAULT_CHUNK_TOKENS", "LinearReference", "PROB_CLAMP", "ROWS_AT_ONCE", "TokenMetrics",
-    "distribution_metrics", "entropy_bits", "kl_nats", "log_probs", "logit_metrics", "mean_and_sem",
+    "ProbReference", "distribution_metrics", "entropy_bits", "kl_nats", "log_probs", "logit_metrics", "mean_and_sem",
     "next_token_loss", "scored_positions", "sequence_metrics", "stream_metrics", "targets_for"]
 
 PROB_CLAMP = 1e-9
@@ -268,10 +268,72 @@ class LinearReference:
         return self.neg_entropy - expected_logit + lse.double()
 
 
+@dataclass(frozen=True)
+class ProbReference:
+    """The reference distributions as fp32 probabilities, for KL(reference || q) of any logits in one
+    pass over the vocabulary.
+
+    With ``z`` a row of logits shifted by its maximum and ``log_s = log sum exp(z)``, so that
+    ``log q = z - log_s``, per row::
+
+        KL(p || q) = sum(p * lp) - sum(p * z) + log_s * sum(p)
+
+    where every term is of the size of an entropy (the shift keeps ``z`` small where ``p`` is not),
+    so fp32 suffices; ``sum(p)`` is the stored probabilities' own sum, so the identity is exact for
+    them. Used where the logits are not exactly linear in a residual (low precision, soft-cap, an
+    unembedding seen by hooks); :class:`LinearReference` is cheaper where they are.
+
+    Attributes:
+        p: the probabilities ``[n, d_vocab]`` (fp32).
+        neg_entropy: ``sum_v p_v log p_v`` per row, in nats (float64).
+        p_sum: ``sum_v p_v`` per row (float64).
+        top1: the reference's top-1 token id per row.
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.randn(3, 10), torch.randn(3, 10)
+        >>> ref = ProbReference.from_logits(a)
+        >>> zb = b - b.amax(-1, keepdim=True)
+        >>> kl = ref.kl_nats(zb, zb.logsumexp(-1))
+        >>> bool(torch.allclose(kl.float(), kl_nats(log_probs(a), log_probs(b)), atol=1e-5))
+        True
+    """
+
+    p: Float[Tensor, "n d_vocab"]
+    neg_entropy: Float64[Tensor, " n"]
+    p_sum: Float64[Tensor, " n"]
+    top1: Int[Tensor, " n"]
+
+    def __getitem__(self, rows: slice) -> ProbReference:
+        return ProbReference(self.p[rows], self.neg_entropy[rows], self.p_sum[rows], self.top1[rows])
+
+    def __len__(self) -> int:
+        return self.top1.shape[0]
+
+    @classmethod
+    def from_logits(cls, logits: Float[Tensor, "n d_vocab"]) -> ProbReference:
+        """The reference ``softmax(logits)`` (``logits`` is not modified)."""
+        lp = log_probs(logits)
+        p = lp.exp()
+        return cls(p, (p.double() * lp.double()).sum(dim=-1), p.double().sum(dim=-1), lp.max(dim=-1).indices)
+
+    @classmethod
+    def cat(cls, parts: list[ProbReference]) -> ProbReference:
+        """The rows of ``parts``, one after another."""
+        return cls(*(torch.cat([getattr(r, f) for r in parts]) for f in ("p", "neg_entropy", "p_sum", "top1")))
+
+    def kl_nats(self, shifted: Float[Tensor, "n d_vocab"], log_s: Float[Tensor, " n"]) -> Float64[Tensor, " n"]:
+        """KL(reference || softmax(shifted)) in nats (float64), from logits ``shifted`` by their row
+        maximum and their ``log_s = logsumexp(shifted)``.
+        """
+        dot = torch.bmm(self.p.unsqueeze(1), shifted.unsqueeze(2)).view(-1)  # sum(p * z) per row
+        return self.neg_entropy - dot.double() + log_s.double() * self.p_sum
+
+
 def logit_metrics(
     logits: Float[Tensor, "n d_vocab"],
     targets: Int[Tensor, " n"],
-    ref: Float[Tensor, "n d_vocab"] | LinearReference | None = None,
+    ref: Float[Tensor, "n d_vocab"] | LinearReference | ProbReference | None = None,
     ref_top1: Int[Tensor, " n"] | None = None,
     *,
     resid: Float[Tensor, "n d_model"] | None = None,
@@ -283,8 +345,9 @@ def logit_metrics(
 
     Same keys and values (to fp32 rounding): ``loss``, ``entropy_bits`` (of the probabilities
     clamped at ``PROB_CLAMP``, as :func:`entropy_bits`), ``top1``, ``correct``, ``confidence``, and given a reference,
-    ``kl_nats`` and ``agree``. The reference is either its log-probabilities (the exact KL, as
-    :func:`kl_nats`) or a :class:`LinearReference`, in which case ``resid`` must be the input of
+    ``kl_nats`` and ``agree``. The reference is its log-probabilities (the exact KL, as
+    :func:`kl_nats`), a :class:`ProbReference` (the same KL in one pass), or a
+    :class:`LinearReference`, in which case ``resid`` must be the input of
     the unembedding the logits were made from (``logits == resid @ W_U + b_U``, no soft-cap):
     the KL then costs a ``d_model`` dot product per row. ``agree`` compares with ``ref_top1``, else
     with the reference's own top-1.
@@ -316,7 +379,8 @@ def logit_metrics(
     top, top1 = z.max(dim=-1) if row_max is None else row_max
     # the logit of the true next token is read before z is modified
     target_logit = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    exact_ref = ref is not None and not isinstance(ref, LinearReference)
+    exact_ref = ref is not None and not isinstance(ref, LinearReference | ProbReference)
+    prob_ref = isinstance(ref, ProbReference)
     if isinstance(ref, LinearReference) and resid is None:
         raise ValueError("a LinearReference needs resid, the unembedding input the logits were made from")
     # The passes over the vocabulary go a group of rows at a time, so that the exponentials (and
@@ -329,7 +393,7 @@ def logit_metrics(
     s = z.new_empty(n)
     ez = z.new_empty(n)
     es = z.new_empty(n)
-    kl = z.new_empty(n) if exact_ref else None
+    kl = z.new_empty(n) if exact_ref or prob_ref else None
     for start in range(0, n, group):
         rows = slice(start, min(start + group, n))
         zr = z[rows]
@@ -337,7 +401,9 @@ def logit_metrics(
         e = torch.exp(zr, out=scratch[: rows.stop - rows.start])
         torch.sum(e, dim=-1, out=s[rows])  # >= 1
         log_s = s[rows].log().unsqueeze(-1)
-        if kl is not None:
+        if prob_ref:
+            kl[rows] = ref[rows].kl_nats(zr, log_s.squeeze(-1)).float()
+        elif kl is not None:
             kl[rows] = kl_nats(ref[rows], zr - log_s)
         # the authors' entropy of the clamped probabilities: -sum q * log q, q = max(p, PROB_CLAMP),
         # p = e / s, lp = z - log s. With E = max(e, PROB_CLAMP * s) and Z = max(z, ln PROB_CLAMP + log s),
@@ -352,6 +418,8 @@ def logit_metrics(
         kl = ref.kl_nats(resid, lse).float()
         if ref_top1 is None:
             ref_top1 = ref.top1
+    elif prob_ref and ref_top1 is None:
+        ref_top1 = ref.top1
     elif ref is not None and ref_top1 is None:
         ref_top1 = ref.argmax(dim=-1)
     out: TokenMetrics = {

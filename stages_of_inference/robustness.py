@@ -22,6 +22,7 @@ from transformer_lens import HookedTransformer
 from stages_of_inference._utils import check_model, check_tokens, relative_depth
 from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.checkpoint import SweepCheckpoint, refuse_mismatch, sweep_fingerprint
+from stages_of_inference.interventions.deviation import check_plan_ids, precision_check
 from stages_of_inference.interventions.executor import BatchResult, aggregate, iter_plan_batches
 from stages_of_inference.interventions.options import EngineOptions
 from stages_of_inference.interventions.plan import LayerPlan
@@ -95,6 +96,13 @@ def _plans(n_layers: int, kinds: Sequence[str]) -> tuple[list[LayerPlan], list[t
     return plans, meta
 
 
+def _check_sequences(value: Any, n_sequences: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"check_sequences must be a number of sequences, 0 .. {n_sequences} (0: no precision check), "
+                         f"got {value!r}")
+    return min(int(value), n_sequences)
+
+
 def _check_kinds(kinds: Any) -> tuple[str, ...]:
     if isinstance(kinds, str):
         kinds = (kinds,)
@@ -119,6 +127,8 @@ def robustness_sweep(
     out_dir: str | Path | None = None,
     fast_path: bool = True,
     stack_tokens: int | None = None,
+    precision: str = "fp32",
+    check_sequences: int = 1,
 ) -> SweepResult:
     """Delete each block, and swap each adjacent pair, and measure the damage (PAPER.md).
 
@@ -146,11 +156,21 @@ def robustness_sweep(
         stack_tokens: token positions per stacked block call of the fast path (``None``: the
             default for the model's device; see
             :func:`~stages_of_inference.interventions.executor.evaluate_plans`).
+        precision: ``"fp32"`` (the paper's setting), ``"bf16"`` or ``"fp16"``: the dtype of the
+            model's matrix products and attention; the residual stream and every metric stay fp32
+            (:mod:`stages_of_inference.precision`).
+        check_sequences: with a low ``precision``, the sweep measures its own error: a fixed
+            subset of plans is re-run in fp32 on this many sequences (the first ones; a few percent
+            of the sweep's time per sequence of a batch of eight) and compared
+            (:func:`~stages_of_inference.interventions.deviation.precision_check`); 0 skips it.
 
     Returns:
         A :class:`SweepResult`; ``summary`` has :data:`SUMMARY_COLUMNS`, with ``layer`` the block
         dropped or the first of the swapped pair, ``relative_depth`` = ``layer / (n_layers - 1)``,
-        and one ``kind == "none"`` row for the original model (no layer).
+        and one ``kind == "none"`` row for the original model (no layer). With a low precision
+        and ``check_sequences > 0`` there is also a ``precision_check`` table (``kind``,
+        ``layer``, then each metric in the low precision and in fp32) and its summary in the
+        provenance (``precision_check``).
 
     Example:
         >>> import torch
@@ -164,13 +184,16 @@ def robustness_sweep(
     source, tokens = tokens, check_tokens(model, tokens)
     kinds = _check_kinds(kinds)
     options = EngineOptions(batch_size=batch_size, chunk_tokens=chunk_tokens, stack_tokens=stack_tokens,
-                            fast_path=fast_path, per_token=per_token, progress=progress)
+                            fast_path=fast_path, per_token=per_token, progress=progress, precision=precision)
+    check_sequences = _check_sequences(check_sequences, tokens.shape[0])
     n_layers = model.cfg.n_layers
     plans, meta = _plans(n_layers, kinds)
     orders = [p.order for p in plans]  # all distinct: plan_id == position in this list
     settings = {"kinds": list(kinds), "per_token": options.per_token, "batch_size": options.batch_size,
                 "chunk_tokens": options.chunk_tokens, "fast_path": options.fast_path,
-                "stack_tokens": options.stack_tokens_for(model.cfg.device)}
+                "stack_tokens": options.stack_tokens_for(model.cfg.device), "precision": options.precision}
+    if options.precision != "fp32":
+        settings["check_sequences"] = check_sequences
 
     out = None if out_dir is None else Path(out_dir)
     fingerprint: dict[str, Any] | None = None
@@ -211,6 +234,13 @@ def robustness_sweep(
 
     record = provenance(model, source, analysis="robustness_sweep", **settings,
                         reference=table.attrs["reference"], fingerprint=fingerprint)
+    if options.precision != "fp32" and check_sequences > 0:
+        check = precision_check(model, tokens, plans, check_plan_ids(*zip(*meta)), ordered, options, check_sequences)
+        found = check.table.pop("plan_id").to_numpy()
+        check.table.insert(0, "layer", pd.array([meta[i][1] for i in found], dtype="Int64"))
+        check.table.insert(0, "kind", [meta[i][0] for i in found])
+        tables["precision_check"] = check.table.drop(columns="label")
+        record["precision_check"] = check.summary
     result = SweepResult(tables, record)
     if out is not None:
         result.save(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,6 +84,18 @@ def tiny_tokens() -> torch.Tensor:
     tokens = torch.randint(1, 101, (5, 24), generator=gen)
     tokens[:, 0] = 0
     return tokens
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A word-level text for the tiny models' word tokenizer (``w0 .. w98``, sentences of 6 words:
+    windows start at sentence boundaries)."""
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "words.txt"
+    path.write_text(" ".join(f"w{rng.randrange(99)}" + (". " if i % 6 == 5 else "") for i in range(6000)))
+    return path
 
 
 @pytest.fixture(scope="session")

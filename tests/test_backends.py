@@ -67,9 +67,9 @@ class RecordingSeam:
     def has_hooks(self, module: Any) -> bool:
         return self._inner.has_hooks(module)
 
-    def fast_blocks(self, embedded: Any, enabled: bool) -> Any:
+    def fast_blocks(self, embedded: Any, enabled: bool, dtype: Any = None) -> Any:
         self.calls.append("fast_blocks")
-        return self._inner.fast_blocks(embedded, enabled)
+        return self._inner.fast_blocks(embedded, enabled, dtype)
 
     def loss(self, *args: Any) -> Any:
         return self._inner.loss(*args)

@@ -41,17 +41,6 @@ def _tiny(name: str, family: str):  # noqa: ANN202 - a HookedTransformer with a 
     return model
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import random
-
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "words.txt"
-    # sentences of 6 words: windows start at sentence boundaries
-    path.write_text(" ".join(f"w{rng.randrange(99)}" + (". " if i % 6 == 5 else "") for i in range(6000)))
-    return path
-
-
 def _config(corpus: Path, names: tuple[str, ...], **kw) -> StudyConfig:  # noqa: ANN003
     return StudyConfig(**{"models": names, "corpus": str(corpus), "n_tokens": 64, "seq_len": 16,
                           "analyses": TINY_ANALYSES, "static_formats": (), **kw})

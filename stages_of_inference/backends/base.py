@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
@@ -99,9 +100,10 @@ class ModelSeam(Protocol):
     def has_hooks(self, module: nn.Module) -> bool:
         """Whether a hook is attached to ``module`` or any module inside it."""
 
-    def fast_blocks(self, embedded: Embedded, enabled: bool) -> Any:
+    def fast_blocks(self, embedded: Embedded, enabled: bool, dtype: torch.dtype | None = None) -> Any:
         """The fast path for this batch (an object with ``allowed[layer]`` and ``(layer, x)``
-        calls), or ``None`` where it cannot run.
+        calls), its products in ``dtype`` (``None``: the weights' own) and its residual stream in the residual's own dtype, or
+        ``None`` where it cannot run.
         """
 
     def loss(self, logits: Tensor, tokens: Tensor, embedded: Embedded) -> Tensor:

@@ -10,6 +10,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
@@ -110,12 +111,12 @@ class HookedSeam:
 
         return _has_hooks(module)
 
-    def fast_blocks(self, embedded: Embedded, enabled: bool) -> Any:
+    def fast_blocks(self, embedded: Embedded, enabled: bool, dtype: torch.dtype | None = None) -> Any:
         from stages_of_inference.interventions.fastpath import FastBlocks
 
         if not enabled or not embedded.plain:
             return None
-        return FastBlocks(self._model, self.blocks(), embedded.residual.shape[1])
+        return FastBlocks(self._model, self.blocks(), embedded.residual.shape[1], dtype)
 
     def loss(self, logits: Tensor, tokens: Tensor, embedded: Embedded) -> Tensor:
         return self._model.loss_fn(logits, tokens, embedded.extras[1])

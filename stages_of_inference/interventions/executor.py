@@ -41,10 +41,11 @@ from stages_of_inference.metrics import (
     ROWS_AT_ONCE,
     LinearReference,
     NonFiniteError,
+    ProbReference,
     TokenMetrics,
-    log_probs,
     logit_metrics,
 )
+from stages_of_inference.precision import autocast, check_model_precision, compute_dtype
 
 __all__ = ["RETURN_TYPES", "SEM_METRICS", "BatchResult", "aggregate", "block_count", "evaluate_plans", "iter_plan_batches",
            "reordered", "run_plan"]
@@ -148,6 +149,7 @@ def iter_plan_batches(
     """
     seam = as_seam(model)
     options = options if options is not None else EngineOptions()
+    check_model_precision(seam.W_U.dtype, options.precision, seam.device)
     tokens = check_tokens(seam.model, tokens)
     orders, _ = _unique_orders(seam, plans)
     starts = list(range(0, tokens.shape[0], options.batch_size))
@@ -185,20 +187,20 @@ class _Reference:
     Attributes:
         metrics: its per-token metrics (``kl_nats`` 0 and ``agree`` true: against itself).
         linear: the summary the KL of linear logits needs (:class:`LinearReference`), or ``None``.
-        logprobs: its log-probabilities, where the KL needs them whole (else ``None``).
+        probs: its probabilities (:class:`ProbReference`), where the KL needs them whole (else ``None``).
     """
 
     metrics: TokenMetrics
     linear: LinearReference | None
-    logprobs: Tensor | None
+    probs: ProbReference | None
 
 
 def _reference(seam: ModelSeam, unembedding: Unembedding, x_ref: Tensor, targets: Tensor, linear: bool,
                chunk_tokens: int, overwrite: bool, scratch: Tensor) -> _Reference:
     """Score the unmodified model's final rows ``x_ref``, a chunk of rows at a time."""
     n_rows = x_ref.shape[0]
-    logprobs = None if linear else x_ref.new_empty((n_rows, seam.d_vocab), dtype=torch.float32)
     summaries: list[LinearReference] = []
+    probs: list[ProbReference] = []
     parts: dict[str, list[Tensor]] = {}
     for start in range(0, n_rows, chunk_tokens):
         rows = slice(start, min(start + chunk_tokens, n_rows))
@@ -206,7 +208,7 @@ def _reference(seam: ModelSeam, unembedding: Unembedding, x_ref: Tensor, targets
         if linear:
             summaries.append(LinearReference.from_logits(logits, seam.W_U, seam.b_U))
         else:
-            logprobs[rows] = log_probs(logits)
+            probs.append(ProbReference.from_logits(logits))
         m = logit_metrics(logits, targets[rows], overwrite=overwrite, scratch=scratch, row_max=row_max)
         m["kl_nats"] = torch.zeros(rows.stop - rows.start, dtype=torch.float32, device=x_ref.device)
         m["agree"] = torch.ones(rows.stop - rows.start, dtype=torch.bool, device=x_ref.device)
@@ -217,7 +219,7 @@ def _reference(seam: ModelSeam, unembedding: Unembedding, x_ref: Tensor, targets
     if linear:
         summary = LinearReference(*(torch.cat([getattr(s, f) for s in summaries]) for f in ("neg_entropy", "u", "c")),
                                   metrics["top1"])
-    return _Reference(metrics, summary, logprobs)
+    return _Reference(metrics, summary, None if linear else ProbReference.cat(probs))
 
 
 @dataclass
@@ -249,7 +251,7 @@ class _Scorer:
         parts: dict[str, list[Tensor]] = {}
         for start in range(0, x.shape[0], self.chunk_tokens):
             rows = slice(start, min(start + self.chunk_tokens, x.shape[0]))
-            ref = self._linear[rows] if self._linear is not None else self.reference.logprobs[rows]
+            ref = self._linear[rows] if self._linear is not None else self.reference.probs[rows]
             logits, row_max = self.unembedding(x[rows])
             m = logit_metrics(logits, self._targets[rows], ref, self._top1[rows], resid=x[rows],
                               overwrite=self.overwrite, scratch=self.scratch, row_max=row_max)
@@ -270,12 +272,16 @@ class _Walk:
     lanes: int
     window_size: int
     stack_metrics: bool
+    precision: str = "fp32"
 
     def block(self, layer: int, x: Tensor, step: int) -> Tensor:
-        """Block ``layer`` on ``x`` at execution ``step``: by the fast path where it may run."""
+        """Block ``layer`` on ``x`` at execution ``step``: by the fast path where it may run, else
+        the block itself (under the precision's autocast).
+        """
         if self.fast is not None and self.fast.allowed[layer]:
             return self.fast(layer, x)
-        return self.seam.run_block(layer, x, self.emb, step)
+        with autocast(self.precision, x.device):
+            return self.seam.run_block(layer, x, self.emb, step)
 
     def leaves(self, score: _Scorer) -> Iterator[tuple[trie_.Node, TokenMetrics | None]]:
         """Every plan end with its metrics (``None``: the unmodified order, scored as the reference)."""
@@ -328,14 +334,17 @@ def _sums(pid: int, m: TokenMetrics, n_seq: int, first_sequence: int) -> dict[st
     return out
 
 
-def _check_finite(sums: dict[str, np.ndarray], seam: ModelSeam, batch: Tensor, order: tuple[int, ...]) -> None:
+def _check_finite(sums: dict[str, np.ndarray], seam: ModelSeam, batch: Tensor, order: tuple[int, ...],
+                  precision: str = "fp32") -> None:
     """Refuse a plan whose metrics are not finite, naming where the model first produced a NaN or
     an infinity (so no sum or mean ever skips one).
     """
     if all(np.isfinite(v).all() for k, v in sums.items() if k.endswith("_sum")):
         return
-    where = _first_nonfinite_block(seam, batch, order)
-    raise NonFiniteError(f"the plan {list(order)} gives NaN or infinite metrics: {where}; check the model's weights "
+    with autocast(precision, seam.device):
+        where = _first_nonfinite_block(seam, batch, order)
+    hint = "check the model's weights" if precision == "fp32" else f"check the model's weights, or run with precision='fp32' (this ran in {precision})"
+    raise NonFiniteError(f"the plan {list(order)} gives NaN or infinite metrics: {where}; {hint} "
                          "(no number of this sweep is returned)")
 
 
@@ -387,24 +396,27 @@ def _prepare(seam: ModelSeam, batch: Tensor, lay: trie_.Layout, options: EngineO
     """Embed a batch, run the trunk, score the reference, and size the stacks and buffers."""
     n_seq, seq_len = batch.shape
     emb = seam.embed(batch)
-    fast = None if hooked else seam.fast_blocks(emb, options.fast_path)
+    low = None if options.precision == "fp32" else compute_dtype(options.precision)  # None: the weights' own dtype
+    fast = None if hooked else seam.fast_blocks(emb, options.fast_path, low)
     # The unembedding module runs (and its hook points fire) when a hook could see it. Logits
-    # linear in the final residual (no soft-cap, no such hook, fp32 or wider) need only a summary
-    # of the reference per row for the KL (metrics.LinearReference).
+    # linear in the final residual (no soft-cap, no such hook, fp32 or wider, computed in fp32)
+    # need only a summary of the reference per row for the KL (metrics.LinearReference).
     via_module = hooked or seam.has_hooks(seam.unembed_module)
-    linear = not via_module and not seam.softcap > 0 and seam.W_U.dtype in (torch.float32, torch.float64)
+    linear = (not via_module and not seam.softcap > 0 and seam.W_U.dtype in (torch.float32, torch.float64)
+              and options.precision == "fp32")
     # Plans whose blocks take the fast path run up to `lanes` at a time stacked into one block
     # call; a window holds twice as many plan ends (neighbouring plans often run different blocks
     # at a step: a deletion's tail runs block d + 1 at step d, a swap's tail block d).
     lanes = max(1, options.stack_tokens_for(seam.device) // (n_seq * seq_len)) if fast is not None else 1
-    walk = _Walk(seam, emb, fast, lay, [emb.residual], lanes, 2 * lanes if lanes > 1 else 1, linear and lanes > 1)
+    walk = _Walk(seam, emb, fast, lay, [emb.residual], lanes, 2 * lanes if lanes > 1 else 1, linear and lanes > 1,
+                 options.precision)
     for layer in range(seam.n_layers):  # the trunk: the unmodified model, every residual kept
         walk.trunk.append(walk.block(layer, walk.trunk[-1], layer))
     n_rows = targets.shape[0]
     chunk = min(options.chunk_tokens, n_rows * (walk.window_size if walk.stack_metrics else 1))
     scratch = emb.residual.new_empty((min(chunk, ROWS_AT_ONCE), seam.d_vocab), dtype=torch.float32)
     unembedding = make_unembedding(seam.unembed_module, seam.W_U, seam.b_U, seam.softcap, via_module, chunk,
-                                   options.unembed_block)
+                                   options.unembed_block, options.precision)
     reference = _reference(seam, unembedding, _final_rows(seam, walk.trunk[-1]), targets, linear,
                            options.chunk_tokens, not via_module, scratch)
     tiles = walk.window_size if walk.stack_metrics else 1
@@ -419,13 +431,13 @@ def _run_batch(seam: ModelSeam, batch: Tensor, first_sequence: int, lay: trie_.L
     reference = score.reference.metrics
     n_seq = batch.shape[0]
     sums_rows: list[dict[str, np.ndarray]] = [_sums(-1, reference, n_seq, first_sequence)] + [{}] * n_plans
-    _check_finite(sums_rows[0], seam, batch, tuple(range(seam.n_layers)))
+    _check_finite(sums_rows[0], seam, batch, tuple(range(seam.n_layers)), options.precision)
     results: list[TokenMetrics] = [reference] * n_plans
     for leaf, m in walk.leaves(score):
         m = reference if m is None else m
         for pid in leaf.ends:
             sums_rows[pid + 1] = _sums(pid, m, n_seq, first_sequence)
-            _check_finite(sums_rows[pid + 1], seam, batch, _order_of(lay, leaf))
+            _check_finite(sums_rows[pid + 1], seam, batch, _order_of(lay, leaf), options.precision)
             if options.per_token:
                 results[pid] = m
             ticker.tick()

@@ -28,6 +28,8 @@ norm). Anything else runs the block itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,7 @@ from transformer_lens.components.mlps.gated_mlp import GatedMLP
 from transformer_lens.components.mlps.mlp import MLP
 from transformer_lens.utilities.activation_functions import softcap_enabled
 
-__all__ = ["FastBlocks", "fast_block", "fast_path_blocker"]
+__all__ = ["BlockWeights", "FastBlocks", "fast_block", "fast_path_blocker"]
 
 _ATTENTIONS = (Attention, GroupedQueryAttention)
 _MLPS = (MLP, GatedMLP)
@@ -138,44 +140,79 @@ def _signed_sin(sin: Tensor, adjacent: bool) -> Tensor:
     return signed
 
 
-def _qkv_weights(attn: nn.Module) -> tuple[Tensor, Tensor, int]:
-    """``W_Q``, ``W_K``, ``W_V`` side by side as one ``[d_model, (heads + 2 kv_heads) d_head]``
-    matrix, their biases as one vector, and the number of key/value heads.
+@dataclass(frozen=True)
+class BlockWeights:
+    """One block's weights in the layout and dtype the fast path multiplies by.
+
+    ``W_qkv`` is ``W_Q``, ``W_K``, ``W_V`` side by side as one ``[d_model, (heads + 2 kv_heads)
+    d_head]`` matrix (``b_qkv`` their biases), ``n_kv`` the number of key/value heads, ``W_O`` the
+    output projection as ``[heads d_head, d_model]``, and the MLP's matrices as stored (``W_gate``
+    is ``None`` for an ungated MLP; all MLP fields are ``None`` for an attention-only model). In
+    fp32 the fields other than ``W_qkv``/``b_qkv`` are views of the block's own parameters; in a low
+    dtype they are copies.
     """
-    d_model = attn.W_Q.shape[1]
-    if isinstance(attn, GroupedQueryAttention):
-        w_k, w_v, b_k, b_v = attn._W_K, attn._W_V, attn._b_K, attn._b_V  # noqa: SLF001 (unexpanded)
-    else:
-        w_k, w_v, b_k, b_v = attn.W_K, attn.W_V, attn.b_K, attn.b_V
-    weight = torch.cat([w.permute(1, 0, 2).reshape(d_model, -1) for w in (attn.W_Q, w_k, w_v)], dim=1)
-    bias = torch.cat([attn.b_Q.reshape(-1), b_k.reshape(-1), b_v.reshape(-1)])
-    return weight, bias, w_k.shape[0]
+
+    W_qkv: Tensor
+    b_qkv: Tensor
+    n_kv: int
+    W_O: Tensor
+    b_O: Tensor
+    W_in: Tensor | None = None
+    b_in: Tensor | None = None
+    W_gate: Tensor | None = None
+    W_out: Tensor | None = None
+    b_out: Tensor | None = None
+
+    @classmethod
+    def of(cls, block: nn.Module, dtype: torch.dtype | None = None) -> BlockWeights:
+        """The weights of ``block``, cast to ``dtype`` (``None``: as they are)."""
+        attn, mlp = block.attn, getattr(block, "mlp", None)
+        d_model, (n_heads, _, d_head) = attn.W_Q.shape[1], attn.W_Q.shape
+        if isinstance(attn, GroupedQueryAttention):
+            w_k, w_v, b_k, b_v = attn._W_K, attn._W_V, attn._b_K, attn._b_V  # noqa: SLF001 (unexpanded)
+        else:
+            w_k, w_v, b_k, b_v = attn.W_K, attn.W_V, attn.b_K, attn.b_V
+        w_qkv = torch.cat([w.permute(1, 0, 2).reshape(d_model, -1) for w in (attn.W_Q, w_k, w_v)], dim=1)
+        b_qkv = torch.cat([attn.b_Q.reshape(-1), b_k.reshape(-1), b_v.reshape(-1)])
+        mlp_weights: dict[str, Tensor | None] = {}
+        if isinstance(mlp, _MLPS):
+            mlp_weights = {"W_in": mlp.W_in, "b_in": mlp.b_in, "W_gate": getattr(mlp, "W_gate", None),
+                           "W_out": mlp.W_out, "b_out": mlp.b_out}
+
+        def cast(t: Tensor | None) -> Tensor | None:
+            return t if t is None or dtype is None else t.to(dtype)
+
+        return cls(cast(w_qkv), cast(b_qkv), w_k.shape[0], cast(attn.W_O.reshape(n_heads * d_head, d_model)),
+                   cast(attn.b_O), **{k: cast(v) for k, v in mlp_weights.items()})
 
 
-def _rotary_tables(model: HookedTransformer, attn: nn.Module, pos: int) -> tuple[Tensor, Tensor] | None:
+def _rotary_tables(model: HookedTransformer, attn: nn.Module, pos: int,
+                   dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor] | None:
     """``cos`` and the signed ``sin`` (:func:`_signed_sin`) of the first ``pos`` positions, shaped
-    ``[1, pos, 1, rotary_dim]``, or ``None`` for a model without rotary positions.
+    ``[1, pos, 1, rotary_dim]``, in ``dtype`` (``None``: the tables' own), or ``None`` for a model
+    without rotary positions.
     """
     if model.cfg.positional_embedding_type != "rotary":
         return None
     cos = attn.rotary_cos[None, :pos, None, :]
-    return cos, _signed_sin(attn.rotary_sin[:pos], model.cfg.rotary_adjacent_pairs)[None, :, None, :]
+    signed = _signed_sin(attn.rotary_sin[:pos], model.cfg.rotary_adjacent_pairs)[None, :, None, :]
+    return (cos, signed) if dtype is None else (cos.to(dtype), signed.to(dtype))
 
 
 def _attention(
     model: HookedTransformer, attn: nn.Module, h: Float[Tensor, "batch pos d_model"],
-    qkv_weights: tuple[Tensor, Tensor, int], rotary: tuple[Tensor, Tensor] | None = None,
+    weights: BlockWeights, rotary: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     cfg = model.cfg
     batch, pos, d_model = h.shape
     n_heads, _, d_head = attn.W_Q.shape
-    weight, bias, n_kv = qkv_weights
-    qkv = torch.addmm(bias, h.reshape(batch * pos, d_model), weight)
+    n_kv = weights.n_kv
+    qkv = torch.addmm(weights.b_qkv, h.reshape(batch * pos, d_model), weights.W_qkv)
     qk, v = qkv.split(((n_heads + n_kv) * d_head, n_kv * d_head), dim=1)
     qk = qk.view(batch, pos, n_heads + n_kv, d_head)
     v = v.view(batch, pos, n_kv, d_head)
     if cfg.positional_embedding_type == "rotary":  # queries and keys rotated together
-        cos, signed_sin = rotary if rotary is not None else _rotary_tables(model, attn, pos)
+        cos, signed_sin = rotary if rotary is not None else _rotary_tables(model, attn, pos, qk.dtype)
         qk = _rotate(qk, cos, signed_sin, cfg.rotary_dim, cfg.rotary_adjacent_pairs)
     q, k = qk[:, :, :n_heads], qk[:, :, n_heads:]
     z = F.scaled_dot_product_attention(
@@ -183,34 +220,34 @@ def _attention(
         is_causal=True, scale=1.0 / attn.attn_scale, enable_gqa=n_kv != n_heads,
     )  # [batch, head, pos, d_head]
     z = z.transpose(1, 2).reshape(batch * pos, n_heads * d_head)
-    out = torch.addmm(attn.b_O, z, attn.W_O.reshape(n_heads * d_head, d_model))
+    out = torch.addmm(weights.b_O, z, weights.W_O)
     return out.view(batch, pos, d_model)
 
 
-def _mlp(mlp: nn.Module, h: Float[Tensor, "batch pos d_model"]) -> Tensor:
+def _mlp(weights: BlockWeights, act_fn: Any, h: Float[Tensor, "batch pos d_model"]) -> Tensor:
     shape = h.shape
     x = h.reshape(-1, shape[-1])
-    if isinstance(mlp, GatedMLP):
-        post = mlp.act_fn(x @ mlp.W_gate)
-        post.mul_(x @ mlp.W_in).add_(mlp.b_in)
+    if weights.W_gate is not None:
+        post = act_fn(x @ weights.W_gate)
+        post.mul_(x @ weights.W_in).add_(weights.b_in)
     else:
-        post = mlp.act_fn(torch.addmm(mlp.b_in, x, mlp.W_in))
-    return torch.addmm(mlp.b_out, post, mlp.W_out).view(shape)
+        post = act_fn(torch.addmm(weights.b_in, x, weights.W_in))
+    return torch.addmm(weights.b_out, post, weights.W_out).view(shape)
 
 
 def fast_block(
     model: HookedTransformer, block: nn.Module, resid_pre: Float[Tensor, "batch pos d_model"],
-    qkv_weights: tuple[Tensor, Tensor, int] | None = None, check: bool = True,
-    rotary: tuple[Tensor, Tensor] | None = None,
+    weights: BlockWeights | None = None, check: bool = True, rotary: tuple[Tensor, Tensor] | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
     """``block(resid_pre)`` (no padding mask, no shortformer positions) by the fast path.
 
     With ``check=True`` it first asks :func:`fast_path_blocker` and refuses, with its reason, a
     block the fast path does not reproduce (or that carries a hook); :class:`FastBlocks`, which
-    has asked once per batch, passes ``check=False``. ``qkv_weights`` is the block's fused
-    query/key/value matrix, if the caller keeps it (:class:`FastBlocks` does); otherwise it is
-    made for this call; likewise ``rotary``, the block's rotary tables for this sequence length
-    (:func:`_rotary_tables`).
+    has asked once per batch, passes ``check=False``. ``weights`` is the block's
+    :class:`BlockWeights`, if the caller keeps them (:class:`FastBlocks` does); otherwise fp32 ones
+    are made for this call; likewise ``rotary``, the block's rotary tables for this sequence length
+    (:func:`_rotary_tables`). The products run in the dtype of ``weights``; the norms and the
+    residual stream stay in the dtype of ``resid_pre``.
 
     Example:
         >>> import torch
@@ -239,40 +276,48 @@ def fast_block(
         if reason is not None:
             raise ValueError(f"this block cannot take the fast path: {reason}; run the block itself")
     cfg = model.cfg
-    if qkv_weights is None:
-        qkv_weights = _qkv_weights(block.attn)
-    attn_out = _attention(model, block.attn, block.ln1(resid_pre), qkv_weights, rotary)
+    if weights is None:
+        weights = BlockWeights.of(block)
+    dtype = weights.W_qkv.dtype
+    attn_out = _attention(model, block.attn, block.ln1(resid_pre).to(dtype), weights, rotary)
     if cfg.attn_only:
         return resid_pre + attn_out
     if cfg.parallel_attn_mlp:
-        return resid_pre + attn_out + _mlp(block.mlp, block.ln2(resid_pre))
+        return resid_pre + attn_out + _mlp(weights, block.mlp.act_fn, block.ln2(resid_pre).to(dtype))
     resid_mid = resid_pre + attn_out
-    return resid_mid + _mlp(block.mlp, block.ln2(resid_mid))
+    return resid_mid + _mlp(weights, block.mlp.act_fn, block.ln2(resid_mid).to(dtype))
 
 
 class FastBlocks:
-    """The fast path for one sweep batch: which blocks may take it, and their fused query/key/value
-    matrices and rotary tables, made on first use and kept until the object is dropped (about 2 MB
-    per block of SmolLM2-135M; each block runs about as many times per batch as the model has
-    blocks). Every call must have the batch's sequence length; any number of sequences.
+    """The fast path for one sweep batch: which blocks may take it, and their :class:`BlockWeights`
+    and rotary tables in the compute dtype, made on first use and kept until the object is dropped
+    (in fp32 about 2 MB per block of SmolLM2-135M, the fused query/key/value matrix; in a low dtype
+    a copy of every block weight, half its fp32 size; each block runs about as many times per
+    batch as the model has blocks). Every call must have the batch's sequence length; any number
+    of sequences.
 
     Args:
         model: the model.
         blocks: its blocks in their original order.
         seq_len: the batch's sequence length.
+        dtype: the dtype of the matrix products and the attention (``None``: the weights' own; the
+            residual stream keeps its own either way).
     """
 
-    def __init__(self, model: HookedTransformer, blocks: Sequence[nn.Module], seq_len: int) -> None:
+    def __init__(self, model: HookedTransformer, blocks: Sequence[nn.Module], seq_len: int,
+                 dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.blocks = tuple(blocks)
         self.seq_len = seq_len
+        self.dtype = dtype
         self.allowed = tuple(fast_path_blocker(model, b, seq_len) is None for b in self.blocks)
-        self._prepared: dict[int, tuple[tuple[Tensor, Tensor, int], tuple[Tensor, Tensor] | None]] = {}
+        self._prepared: dict[int, tuple[BlockWeights, tuple[Tensor, Tensor] | None]] = {}
 
     def __call__(self, layer: int, resid_pre: Tensor) -> Tensor:
         """Run block ``layer`` by the fast path (only for a ``layer`` in :attr:`allowed`)."""
         prepared = self._prepared.get(layer)
         if prepared is None:
-            attn = self.blocks[layer].attn
-            prepared = self._prepared[layer] = (_qkv_weights(attn), _rotary_tables(self.model, attn, self.seq_len))
+            block = self.blocks[layer]
+            prepared = self._prepared[layer] = (BlockWeights.of(block, self.dtype),
+                                                _rotary_tables(self.model, block.attn, self.seq_len, self.dtype))
         return fast_block(self.model, self.blocks[layer], resid_pre, prepared[0], check=False, rotary=prepared[1])

@@ -19,11 +19,13 @@ from transformer_lens.hook_points import HookPoint
 
 from stages_of_inference._utils import check_count, check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
+from stages_of_inference.backends import as_seam
 from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.step import get_step
+from stages_of_inference.precision import autocast, check_model_precision
 
 __all__ = ["FiniteCheck", "AttentionReadout", "Collector", "FwdHook", "HookFn", "ResidualReadout", "collect", "current_step",
-    "drop_layer", "drop_layers", "resid_hook_name"]
+    "drop_layer", "drop_layers", "observe_in_fp32", "resid_hook_name"]
 
 HookFn = Callable[[Tensor, HookPoint], Any]
 FwdHook = tuple[str | Callable[[str], bool], HookFn]
@@ -180,9 +182,14 @@ def collect(
     batch_size: int = 8,
     fwd_hooks: Sequence[FwdHook] = (),
     progress: bool = True,
+    precision: str = "fp32",
 ) -> None:
     """Run ``tokens`` through ``model`` in batches with every collector's hooks (and ``fwd_hooks``)
     attached; the collectors hold the results. Logits are not computed.
+
+    With a low ``precision`` (:mod:`stages_of_inference.precision`) the forward runs under its
+    autocast, and the collectors still see fp32 activations and compute outside it (their
+    statistics stay fp32); ``fwd_hooks`` run as the forward does.
 
     The residual stream is checked too (:class:`FiniteCheck`): if the model produces a NaN or an
     infinity, a :class:`~stages_of_inference.metrics.NonFiniteError` names the block it first
@@ -193,10 +200,12 @@ def collect(
     model = check_model(model)
     tokens = check_tokens(model, tokens, min_len=1)
     batch_size = check_count(batch_size, "batch_size", "a positive number of sequences")
+    precision = check_model_precision(as_seam(model).W_U.dtype, precision, model.cfg.device)
     finite = FiniteCheck()
-    hooks = [h for c in (*collectors, finite) for h in c.fwd_hooks(model)] + list(fwd_hooks)
+    observe = observe_in_fp32 if precision != "fp32" else (lambda fn: fn)
+    hooks = [(name, observe(fn)) for c in (*collectors, finite) for name, fn in c.fwd_hooks(model)] + list(fwd_hooks)
     starts = range(0, tokens.shape[0], batch_size)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(precision, model.cfg.device):
         for start in _progress(starts, progress, desc="collect"):
             batch = tokens[start : start + batch_size]
             for c in collectors:
@@ -208,6 +217,26 @@ def collect(
         raise NonFiniteError(f"the residual stream {where} is NaN or infinite: the model produces non-finite values "
                              "there, and no statistic read from it is returned; check its weights")
 
+
+
+def observe_in_fp32(fn: HookFn) -> HookFn:
+    """``fn``, a hook that only observes, as an observer of a low-precision forward
+    (:mod:`stages_of_inference.precision`): it gets the activation in fp32 and runs outside
+    autocast, so what it computes from it stays fp32.
+
+    Example:
+        >>> import torch
+        >>> seen = []
+        >>> hook = observe_in_fp32(lambda act, hook: seen.append((act.dtype, (act @ act).dtype)))
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     hook(torch.ones(2, 2, dtype=torch.bfloat16), HookPoint())
+        >>> seen
+        [(torch.float32, torch.float32)]
+    """
+    def hook(act: Tensor, hook: HookPoint) -> None:
+        with torch.autocast(act.device.type, enabled=False):
+            fn(act.float() if act.is_floating_point() else act, hook)
+    return hook
 
 
 def _zero_hook(value: Tensor, hook: HookPoint) -> Tensor:

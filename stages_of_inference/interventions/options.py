@@ -16,6 +16,7 @@ import torch
 from stages_of_inference._utils import check_count
 from stages_of_inference.interventions.unembed import UNEMBED_BLOCK
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS
+from stages_of_inference.precision import check_precision
 
 __all__ = ["EngineOptions", "STACK_TOKENS_ACCELERATOR", "STACK_TOKENS_CPU", "check_count"]
 
@@ -29,8 +30,8 @@ STACK_TOKENS_ACCELERATOR = 8192
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How the sweep executes (not what it computes: every setting gives the same numbers to fp32
-    rounding).
+    """How the sweep executes (not what it computes: every setting but ``precision`` gives the same
+    numbers to fp32 rounding).
 
     Attributes:
         batch_size: sequences per trie pass.
@@ -42,6 +43,9 @@ class EngineOptions:
         per_token: also keep the per-token table.
         progress: show a progress bar.
         unembed_block: vocabulary columns the blocked unembedding computes at a time.
+        precision: ``"fp32"`` (the paper's setting), ``"bf16"`` or ``"fp16"``: the dtype of the
+            matrix products and the attention (:mod:`stages_of_inference.precision`); this one
+            setting does change the numbers, by what the precision check measures.
 
     Example:
         >>> EngineOptions(batch_size=4).stack_tokens_for("cpu")
@@ -59,6 +63,7 @@ class EngineOptions:
     per_token: bool = False
     progress: bool = True
     unembed_block: int = UNEMBED_BLOCK
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batch_size", check_count(self.batch_size, "batch_size", "a positive number of sequences"))
@@ -68,6 +73,7 @@ class EngineOptions:
             stack = check_count(self.stack_tokens, "stack_tokens", f"{positions} (or None for the default)")
             object.__setattr__(self, "stack_tokens", stack)
         object.__setattr__(self, "unembed_block", check_count(self.unembed_block, "unembed_block", "a positive number of vocabulary columns"))
+        check_precision(self.precision)
         for name in ("fast_path", "per_token", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -90,7 +96,7 @@ class EngineOptions:
             >>> EngineOptions.from_settings(None, {"batchsize": 2})
             Traceback (most recent call last):
             ...
-            ValueError: unknown engine setting(s) ['batchsize']; known: batch_size, chunk_tokens, stack_tokens, fast_path, per_token, progress, unembed_block
+            ValueError: unknown engine setting(s) ['batchsize']; known: batch_size, chunk_tokens, stack_tokens, fast_path, per_token, progress, unembed_block, precision
         """
         if options is not None and not isinstance(options, EngineOptions):
             raise TypeError(f"options must be an EngineOptions, got {type(options).__name__}")

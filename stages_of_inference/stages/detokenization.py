@@ -56,7 +56,7 @@ def _tiny_model() -> HookedTransformer:  # for docstring examples
 
 
 def _previous_token_per_sequence(
-    model: HookedTransformer, tokens: Tokens, k: int, batch_size: int, progress: bool
+    model: HookedTransformer, tokens: Tokens, k: int, batch_size: int, progress: bool, precision: str = "fp32"
 ) -> Tensor:
     """``[sequence, layer, head]`` mean of ``A_h[q, q - d]`` over ``d = 1..k`` and ``q = d .. pos - 1``."""
     model = check_model(model)
@@ -80,7 +80,8 @@ def _previous_token_per_sequence(
     collector = AttentionReadout(reduce)
     for start in _progress(range(0, tokens.shape[0], batch_size), progress, desc="previous-token attention"):
         offset["start"] = start
-        collect(model, tokens[start : start + batch_size], [collector], batch_size=batch_size, progress=False)
+        collect(model, tokens[start : start + batch_size], [collector], batch_size=batch_size, progress=False,
+                precision=precision)
     return out
 
 
@@ -90,6 +91,7 @@ def previous_token_attention(
     k: int = 5,
     batch_size: int = 8,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> pd.DataFrame:
     """Per layer, the mean attention weight on the previous ``k`` tokens (the paper's metric).
 
@@ -107,6 +109,8 @@ def previous_token_attention(
         k: number of previous tokens, ``1 .. pos - 1`` (the paper: 5).
         batch_size: sequences per forward pass.
         progress: show a progress bar.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the dtype of the model's products and
+            attention (:mod:`stages_of_inference.precision`); the patterns are read in fp32.
 
     Returns:
         One row per layer: ``layer``, ``relative_depth`` (``layer / (n_layers - 1)``),
@@ -119,7 +123,7 @@ def previous_token_attention(
         >>> list(df.columns[:4]), len(df)
         (['layer', 'relative_depth', 'mean_attention', 'sem'], 2)
     """
-    per_seq = _previous_token_per_sequence(model, tokens, k, batch_size, progress)
+    per_seq = _previous_token_per_sequence(model, tokens, k, batch_size, progress, precision)
     n_layers = model.cfg.n_layers
     rows = []
     for layer in range(n_layers):
@@ -127,7 +131,7 @@ def previous_token_attention(
         rows.append({"layer": layer, "relative_depth": relative_depth(layer, n_layers), "mean_attention": mean,
                      "sem": sem, "k": k, "n_sequences": int(tokens.shape[0])})
     record = provenance(model, tokens, analysis="previous_token_attention", k=k, batch_size=batch_size,
-                        queries="every q >= d, BOS keys included")
+                        queries="every q >= d, BOS keys included", precision=precision)
     return with_provenance(pd.DataFrame(rows), record)
 
 
@@ -137,8 +141,10 @@ def previous_token_attention_heads(
     k: int = 5,
     batch_size: int = 8,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> pd.DataFrame:
-    """Per head, the mean attention weight on the previous ``k`` tokens (as :func:`previous_token_attention`).
+    """Per head, the mean attention weight on the previous ``k`` tokens (as :func:`previous_token_attention`,
+    same arguments).
 
     Returns:
         One row per (layer, head): ``layer``, ``head``, ``relative_depth``, ``mean_attention``,
@@ -151,7 +157,7 @@ def previous_token_attention_heads(
         >>> df[["layer", "head"]].values.tolist()
         [[0, 0], [0, 1], [1, 0], [1, 1]]
     """
-    per_seq = _previous_token_per_sequence(model, tokens, k, batch_size, progress)
+    per_seq = _previous_token_per_sequence(model, tokens, k, batch_size, progress, precision)
     n_layers = model.cfg.n_layers
     rows = []
     for layer in range(n_layers):
@@ -160,7 +166,7 @@ def previous_token_attention_heads(
             rows.append({"layer": layer, "head": head, "relative_depth": relative_depth(layer, n_layers),
                          "mean_attention": mean, "sem": sem, "k": k, "n_sequences": int(tokens.shape[0])})
     record = provenance(model, tokens, analysis="previous_token_attention_heads", k=k, batch_size=batch_size,
-                        queries="every q >= d, BOS keys included")
+                        queries="every q >= d, BOS keys included", precision=precision)
     return with_provenance(pd.DataFrame(rows), record)
 
 
@@ -266,7 +272,8 @@ def _encode_prompts(
 
 
 def _attention_stats(
-    model: HookedTransformer, prompts: list[list[int]], n_pieces: int, window: int, batch_size: int, progress: bool, desc: str
+    model: HookedTransformer, prompts: list[list[int]], n_pieces: int, window: int, batch_size: int, progress: bool, desc: str,
+    precision: str = "fp32",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-prompt scores ``[prompt, layer, head]`` (attention from the last token to the
     ``n_pieces - 1`` before it, and to the first of them) and the mean ``[layer, head, window, window]``
@@ -296,7 +303,7 @@ def _attention_stats(
         longest = max(lengths)
         batch = torch.tensor([p + [p[-1]] * (longest - len(p)) for p in group], dtype=torch.long, device=device)
         state.update(start=start, lengths=lengths)
-        collect(model, batch, [collector], batch_size=len(group), progress=False)
+        collect(model, batch, [collector], batch_size=len(group), progress=False, precision=precision)
     return scores, first, patterns / max(len(prompts), 1)
 
 
@@ -311,6 +318,7 @@ def subjoiner_heads(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> SubjoinerResult:
     """Find heads that glue the pieces of a multi-token word ("subjoiner" heads).
 
@@ -336,6 +344,8 @@ def subjoiner_heads(
         seed: seeds the choice of prompts.
         batch_size: prompts per forward pass.
         progress: show progress bars.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the dtype of the model's products and
+            attention (:mod:`stages_of_inference.precision`); the patterns are read in fp32.
 
     Returns:
         A :class:`SubjoinerResult`: the ranked head table and the mean attention patterns.
@@ -395,8 +405,10 @@ def subjoiner_heads(
         raise ValueError(f"prompts of up to {longest} tokens exceed the model's context of {model.cfg.n_ctx}")
 
     with torch.inference_mode():
-        s, s_first, pat = _attention_stats(model, prompts, n_pieces, window, batch_size, progress, "subjoiner prompts")
-        c, c_first, cpat = _attention_stats(model, controls, n_pieces, window, batch_size, progress, "control prompts")
+        s, s_first, pat = _attention_stats(model, prompts, n_pieces, window, batch_size, progress, "subjoiner prompts",
+                                           precision)
+        c, c_first, cpat = _attention_stats(model, controls, n_pieces, window, batch_size, progress, "control prompts",
+                                            precision)
 
     def sem(x: Tensor) -> Tensor:
         return x.std(dim=0, unbiased=True) / math.sqrt(x.shape[0])
@@ -427,7 +439,7 @@ def subjoiner_heads(
     df = df.reset_index(drop=True)
     record = provenance(model, None, analysis="subjoiner_heads", n_pieces=n_pieces, n_context_words=n_context_words,
                         min_prompts=min_prompts, max_prompts=max_prompts, window=window, seed=seed,
-                        n_prompts=len(prompts), n_controls=len(controls), bos_token_id=bos)
+                        n_prompts=len(prompts), n_controls=len(controls), bos_token_id=bos, precision=precision)
     return SubjoinerResult(with_provenance(df, record), pat.float(), cpat.float(), prompt_texts, control_texts, n_pieces)
 
 

@@ -37,11 +37,13 @@ from stages_of_inference.metrics import (
     ROWS_AT_ONCE,
     LinearReference,
     NonFiniteError,
+    ProbReference,
     first_nonfinite,
     log_probs,
     logit_metrics,
     mean_and_sem,
 )
+from stages_of_inference.precision import check_precision
 from stages_of_inference.probes import fit_probe
 from stages_of_inference.results import provenance, with_provenance
 
@@ -87,6 +89,7 @@ def logit_lens(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: bool = True,
     points: Sequence[int] | None = None,
+    precision: str = "fp32",
 ) -> pd.DataFrame:
     """The logit-lens trajectory: how each readout of the residual stream predicts the next token.
 
@@ -117,6 +120,8 @@ def logit_lens(
         progress: show a progress bar.
         points: readouts to report (default: all ``0 .. n_layers``); fewer points cost
             proportionally less, since unembedding dominates the time.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the dtype of the model's products and of
+            the lens unembedding (:mod:`stages_of_inference.precision`); metrics stay fp32.
 
     Returns:
         One row per readout: ``layer``, ``relative_depth`` (``layer / n_layers``), the metrics above
@@ -139,18 +144,24 @@ def logit_lens(
     columns = list(_LENS_METRICS)
     with torch.inference_mode():
         sums = torch.zeros(len(pts), len(columns), n_seq, dtype=torch.float64)  # on the CPU (MPS has no float64)
-        chunks = iter_lens(model, tokens, convention, batch_size=batch_size, chunk_tokens=chunk_tokens, progress=progress)
+        chunks = iter_lens(model, tokens, convention, batch_size=batch_size, chunk_tokens=chunk_tokens, progress=progress,
+                           precision=precision)
         # Lens logits are linear in the readout (readout @ W_U) unless the model soft-caps its
-        # logits; then the KL needs only a float64 summary of the final readout's distribution
-        # per row (metrics.LinearReference), and logit_metrics reduces each readout's logits in a
-        # few passes, reusing the logits as its work buffer.
+        # logits or they are rounded to a low precision; then the KL needs only a float64 summary
+        # of the final readout's distribution per row (metrics.LinearReference), and logit_metrics
+        # reduces each readout's logits in a few passes, reusing the logits as its work buffer.
+        # Rounded logits take the reference's probabilities instead (metrics.ProbReference).
         w_u = as_seam(model).W_U.detach().float()
-        linear = not softcap_enabled(getattr(model.cfg, "output_logits_soft_cap", None))
+        rounded = check_precision(precision) != "fp32"
+        linear = not softcap_enabled(getattr(model.cfg, "output_logits_soft_cap", None)) and not rounded
         scratch = torch.empty((ROWS_AT_ONCE, w_u.shape[1]), dtype=torch.float32, device=w_u.device)
         for chunk in chunks:
             final_logits = chunk.logits(final)
             if linear:
-                ref: Tensor | LinearReference = LinearReference.from_logits(final_logits, w_u)
+                ref: Tensor | LinearReference | ProbReference = LinearReference.from_logits(final_logits, w_u)
+                ref_top1 = ref.top1
+            elif rounded:
+                ref = ProbReference.from_logits(final_logits)
                 ref_top1 = ref.top1
             else:
                 ref = log_probs(final_logits)
@@ -191,7 +202,7 @@ def logit_lens(
         rows.append(row)
     df = pd.DataFrame(rows)
     record = provenance(model, source, analysis="logit_lens", convention=convention, batch_size=batch_size,
-                        chunk_tokens=chunk_tokens, positions="1..pos-2", points=pts)
+                        chunk_tokens=chunk_tokens, positions="1..pos-2", points=pts, precision=precision)
     return with_provenance(df, record)
 
 
@@ -296,6 +307,7 @@ def layer_similarity(
     batch_size: int = 8,
     progress: bool = True,
     outlier_ratio: float | None = None,
+    precision: str = "fp32",
 ) -> pd.DataFrame:
     """Similarity between every pair of blocks' residual outputs (``blocks.i.hook_resid_post``).
 
@@ -323,6 +335,8 @@ def layer_similarity(
         batch_size: sequences per forward pass.
         progress: show a progress bar.
         outlier_ratio: leave out tokens with massive activations (above), or ``None``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the dtype of the model's products
+            (:mod:`stages_of_inference.precision`); the statistics stay fp32 or wider.
 
     Returns:
         The matrix in long form, one row per ordered pair of blocks: ``layer_a``, ``layer_b``,
@@ -363,7 +377,8 @@ def layer_similarity(
                 else:
                     store[point] = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
-            collect(model, batch, [ResidualReadout(reduce, points)], batch_size=batch.shape[0], progress=False)
+            collect(model, batch, [ResidualReadout(reduce, points)], batch_size=batch.shape[0], progress=False,
+                    precision=precision)
             stack = torch.stack([store.pop(p) for p in points])
             if outlier_ratio is None:
                 n_used += batch.shape[0] * (batch.shape[1] - 1)
@@ -405,7 +420,7 @@ def layer_similarity(
     ]
     record = provenance(model, source, analysis="layer_similarity", method=method, batch_size=batch_size,
                         positions="1..pos-1", hook="blocks.{i}.hook_resid_post", outlier_ratio=outlier_ratio,
-                        excluded_tokens=n_excluded)
+                        excluded_tokens=n_excluded, precision=precision)
     return with_provenance(pd.DataFrame(rows), record)
 
 
@@ -527,6 +542,7 @@ def probe_layers(
     max_iter: int = 200,
     batch_size: int = 8,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> pd.DataFrame:
     """A linear probe per residual readout for a per-token label; held-out accuracy vs the majority baseline.
 
@@ -549,6 +565,8 @@ def probe_layers(
         max_iter: the most optimiser iterations per probe.
         batch_size: sequences per forward pass.
         progress: show a progress bar.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the dtype of the model's products
+            (:mod:`stages_of_inference.precision`); the statistics stay fp32 or wider.
 
     Returns:
         One row per readout: ``layer``, ``relative_depth`` (``layer / n_layers``), ``accuracy``
@@ -598,7 +616,8 @@ def probe_layers(
             def reduce(point: int, resid: Tensor) -> None:
                 feats[point].append(resid[batch_mask].float())
 
-            collect(model, batch, [ResidualReadout(reduce, pts)], batch_size=batch.shape[0], progress=False)
+            collect(model, batch, [ResidualReadout(reduce, pts)], batch_size=batch.shape[0], progress=False,
+                    precision=precision)
     y = labels[mask]
     rows = []
     for p in _progress(pts, progress, desc="probes"):
@@ -616,5 +635,5 @@ def probe_layers(
             "label": label_name,
         })
     record = provenance(model, source, analysis="probe_layers", label=label_name, test_fraction=test_fraction,
-                        seed=seed, l2=l2, max_iter=max_iter)
+                        seed=seed, l2=l2, max_iter=max_iter, precision=precision)
     return with_provenance(pd.DataFrame(rows), record)

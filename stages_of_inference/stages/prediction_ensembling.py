@@ -36,6 +36,7 @@ from stages_of_inference._utils import progress as _progress
 from stages_of_inference.backends import as_seam
 from stages_of_inference.batch import Tokens
 from stages_of_inference.metrics import NonFiniteError, scored_positions
+from stages_of_inference.precision import autocast, check_model_precision
 from stages_of_inference.probes import ProbeResult, fit_probe
 from stages_of_inference.results import provenance, with_provenance
 
@@ -531,10 +532,12 @@ def neuron_activations(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> Float[Tensor, "batch pos neuron"]:
     """Activations (``blocks.{layer}.mlp.hook_post``, fp32) of the given neurons at every position.
 
-    The forward pass stops after the deepest block needed.
+    The forward pass stops after the deepest block needed; it runs in ``precision``
+    (:mod:`stages_of_inference.precision`), the activations are returned in fp32.
 
     Example:
         >>> import torch
@@ -547,6 +550,7 @@ def neuron_activations(
     tokens = check_tokens(model, tokens, min_len=1)
     pairs = _neuron_list(model, neurons)
     batch_size = check_count(batch_size, "batch_size", "a positive number of sequences")
+    precision = check_model_precision(as_seam(model).W_U.dtype, precision, model.cfg.device)
     by_layer: dict[int, list[int]] = {}
     for column, (layer, _) in enumerate(pairs):
         by_layer.setdefault(layer, []).append(column)
@@ -564,7 +568,8 @@ def neuron_activations(
                     out[rows, :, target] = act.index_select(-1, index.to(act.device)).float().to(out.device)
 
                 hooks.append((f"blocks.{layer}.mlp.hook_post", hook))
-            model.run_with_hooks(tokens[rows], fwd_hooks=hooks, stop_at_layer=stop)
+            with autocast(precision, model.cfg.device):
+                model.run_with_hooks(tokens[rows], fwd_hooks=hooks, stop_at_layer=stop)
     return out
 
 
@@ -600,6 +605,7 @@ def neuron_ensemble_probe(
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> pd.DataFrame:
     """Probe accuracy of each neuron's activation alone against a probe on all of them together.
 
@@ -624,6 +630,7 @@ def neuron_ensemble_probe(
         seed: the seed of that split (it also draws the balanced subset).
         batch_size: sequences per forward pass.
         progress: show a progress bar.
+        precision: the dtype of the model's products (:func:`neuron_activations`).
 
     Returns:
         One row per neuron (``probe`` = "neuron") and one for the ensemble (``probe`` =
@@ -645,7 +652,7 @@ def neuron_ensemble_probe(
     pairs = _neuron_list(model, neurons)
     labels = _labels_from(model, tokens, label, vocab)
     keep = scored_positions(tokens.shape[1])
-    acts = neuron_activations(model, tokens, pairs, batch_size=batch_size, progress=progress)
+    acts = neuron_activations(model, tokens, pairs, batch_size=batch_size, progress=progress, precision=precision)
     features = acts[:, keep].reshape(-1, len(pairs)).cpu()
     y = labels[:, keep].reshape(-1).long().cpu()
     if y.unique().numel() < 2:
@@ -680,6 +687,7 @@ def neuron_ensemble_probe(
             seed=seed,
             n_positions=int(y.numel()),
             positive_rate=float(y.float().mean()) if y.max() <= 1 else None,
+            precision=precision,
         ),
     )
 

@@ -79,8 +79,11 @@ def expected_calibration_error(
 # ----------------------------------------------------------------------------- profile
 
 
-def _matching_lens(lens: pd.DataFrame, model: HookedTransformer, tokens: Tokens, convention: str) -> pd.DataFrame:
-    """The rows of a given logit-lens table for ``convention``, checked to come from this model and these tokens."""
+def _matching_lens(lens: pd.DataFrame, model: HookedTransformer, tokens: Tokens, convention: str,
+                   precision: str = "fp32") -> pd.DataFrame:
+    """The rows of a given logit-lens table for ``convention``, checked to come from this model,
+    these tokens and this precision.
+    """
     if not isinstance(lens, pd.DataFrame) or not {"layer", "entropy_bits", "confidence"} <= set(lens.columns):
         raise TypeError("lens must be a logit_lens table (columns layer, entropy_bits, confidence, ...) or None")
     if "convention" in lens.columns:
@@ -95,6 +98,10 @@ def _matching_lens(lens: pd.DataFrame, model: HookedTransformer, tokens: Tokens,
         if given.get(key, {}).get(part) != wanted[key][part]:
             raise ValueError(f"lens was computed for a different {what} (its {key} {part} differs); "
                              "pass the lens of this model and these tokens, or lens=None")
+    lens_precision = given.get("settings", {}).get("precision", "fp32")
+    if lens_precision != precision:
+        raise ValueError(f"lens was computed in precision {lens_precision!r}, not {precision!r}; "
+                         "pass a lens of the same precision, or lens=None")
     return lens
 
 
@@ -109,6 +116,7 @@ def sharpening_profile(
     batch_size: int = 8,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> pd.DataFrame:
     """Per block: how much it sharpens (or flattens) the output distribution, read through the
     logit lens, and how many suppression neurons it holds.
@@ -144,6 +152,8 @@ def sharpening_profile(
         batch_size: sequences per forward pass (of the logit lens).
         chunk_tokens: token positions reduced at a time.
         progress: show a progress bar.
+        precision: the dtype of the model's products in the logit lens (``"fp32"``, ``"bf16"``,
+            ``"fp16"``; :mod:`stages_of_inference.precision`); a given ``lens`` must have it.
 
     Returns:
         One row per block: ``layer``, ``relative_depth``, ``entropy_before_bits``,
@@ -169,9 +179,9 @@ def sharpening_profile(
     n = model.cfg.n_layers
     if lens is None:
         lens = logit_lens(model, tokens, convention=convention, batch_size=batch_size,
-                          chunk_tokens=chunk_tokens, progress=progress)
+                          chunk_tokens=chunk_tokens, progress=progress, precision=precision)
     else:
-        lens = _matching_lens(lens, model, tokens, convention)
+        lens = _matching_lens(lens, model, tokens, convention, precision)
     lens = lens.set_index("layer")
     before, after = lens.loc[0 : n - 1], lens.loc[1:n]
     df = pd.DataFrame({
@@ -203,7 +213,7 @@ def sharpening_profile(
             df[col] = counts.loc[df["layer"], col].to_numpy()
     return with_provenance(df, provenance(
         model, source, analysis="sharpening_profile", convention=convention,
-        neuron_counts=moments is not False, kurtosis_threshold=kurtosis_threshold,
+        neuron_counts=moments is not False, kurtosis_threshold=kurtosis_threshold, precision=precision,
     ))
 
 
@@ -219,12 +229,13 @@ def _plan_metrics(
     batch_size: int,
     chunk_tokens: int,
     progress: bool,
+    precision: str,
 ) -> pd.DataFrame:
     """evaluate_plans' summary with ECE and the reference's ECE; first plan must be the identity."""
     from stages_of_inference.interventions.executor import evaluate_plans
 
     summary, per_token = evaluate_plans(model, tokens, plans, batch_size=batch_size, chunk_tokens=chunk_tokens,
-                                        per_token=True, progress=progress)
+                                        per_token=True, progress=progress, precision=precision)
     ece = {
         plan: expected_calibration_error(group["confidence"].to_numpy(), group["correct"].to_numpy(), n_bins)
         for plan, group in per_token.groupby("plan", sort=False)
@@ -244,6 +255,7 @@ def final_block_ablation(
     batch_size: int = 8,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> pd.DataFrame:
     """What deleting the last block, the last ``k`` blocks, or one late block alone does to the output.
 
@@ -264,6 +276,8 @@ def final_block_ablation(
         batch_size: sequences per sweep pass.
         chunk_tokens: token positions reduced at a time.
         progress: show a progress bar.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the dtype of the model's products
+            (:mod:`stages_of_inference.precision`); the metrics stay fp32.
 
     Returns:
         One row for the original model (``kind`` "none") and one per deletion (``kind`` "last_k":
@@ -298,7 +312,7 @@ def final_block_ablation(
         rows += [("single", k, (n - k,)) for k in ks if k > 1]
     plans = [LayerPlan.identity(n)] + [LayerPlan.drop(n, list(removed)) for _, _, removed in rows[1:]]
     summary = _plan_metrics(model, tokens, plans, n_bins=n_bins, batch_size=batch_size,
-                            chunk_tokens=chunk_tokens, progress=progress)
+                            chunk_tokens=chunk_tokens, progress=progress, precision=precision)
     base = summary.iloc[0]
     df = pd.DataFrame({
         "kind": [r[0] for r in rows],
@@ -322,7 +336,7 @@ def final_block_ablation(
     })
     return with_provenance(df, provenance(
         model, source, analysis="final_block_ablation", last_k=ks, single=single, n_bins=n_bins,
-        ablation="deletion (block outputs skipped; zero-ablation)",
+        ablation="deletion (block outputs skipped; zero-ablation)", precision=precision,
     ))
 
 
@@ -336,6 +350,7 @@ def layer_repetition(
     batch_size: int = 8,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> pd.DataFrame:
     """The v3 layer-repetition experiment: blocks ``start .. end - 1`` each run ``times`` times in
     place (``LayerPlan.repeat``), for every ``end`` from ``start`` (nothing repeated: the original
@@ -353,6 +368,8 @@ def layer_repetition(
         batch_size: sequences per sweep pass.
         chunk_tokens: token positions reduced at a time.
         progress: show a progress bar.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the dtype of the model's products
+            (:mod:`stages_of_inference.precision`); the metrics stay fp32.
 
     Returns:
         One row per ``end`` in ``start .. stop``: ``start``, ``end``, ``n_repeated``, ``repeated``
@@ -385,7 +402,7 @@ def layer_repetition(
     plans = [LayerPlan.identity(n) if end == start else LayerPlan.repeat(n, range(start, end), times=times)
              for end in ends]
     summary = _plan_metrics(model, tokens, plans, n_bins=DEFAULT_BINS, batch_size=batch_size,
-                            chunk_tokens=chunk_tokens, progress=progress)
+                            chunk_tokens=chunk_tokens, progress=progress, precision=precision)
     ref = summary.attrs["reference"]
     df = pd.DataFrame({
         "start": np.full(len(ends), start, dtype=np.int64),
@@ -407,5 +424,5 @@ def layer_repetition(
         "plan": summary["plan"].to_numpy(),
     })
     return with_provenance(df, provenance(
-        model, source, analysis="layer_repetition", start=start, stop=stop, times=times,
+        model, source, analysis="layer_repetition", start=start, stop=stop, times=times, precision=precision,
     ))

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages_of_inference._checks import check_count, check_device
+from stages_of_inference._checks import PRECISIONS, check_count, check_device, check_precision
 
 __all__ = ["DEFAULT_OUT_DIR", "StudyConfig", "add_options", "analysis_names", "from_args"]
 
@@ -84,6 +84,9 @@ class StudyConfig:
         table_format: ``"parquet"`` or ``"csv"``.
         static_formats: static figure formats written when an exporter works (``"png"``, ``"svg"``).
         device: ``None`` (the best available) or a torch device name.
+        precision: ``"fp32"`` (the paper's setting), ``"bf16"`` or ``"fp16"``: the dtype of the
+            models' matrix products and attention in every analysis that runs them
+            (:mod:`stages_of_inference.precision`); the sweep then measures its deviation from fp32.
 
     Example:
         >>> c = StudyConfig(n_tokens=512)
@@ -129,6 +132,9 @@ class StudyConfig:
         const=(), default=None))
     device: str | None = field(default=None, metadata=_cli(
         "--device", "cpu, cuda or mps (default: the best available)"))
+    precision: str = field(default="fp32", metadata=_cli(
+        "--precision", "dtype of the models' matrix products and attention; metrics stay fp32 (default: %(default)s, "
+        "the paper's)", choices=PRECISIONS))
 
     def __post_init__(self) -> None:
         for name in ("models", "analyses", "static_formats"):
@@ -158,6 +164,7 @@ class StudyConfig:
             raise ValueError(f"k must be a positive number of previous tokens, got {self.k}")
         object.__setattr__(self, "batch_size", check_count(self.batch_size, "batch_size", "a positive number of sequences"))
         object.__setattr__(self, "device", check_device(self.device))
+        check_precision(self.precision)
         if self.subjoiner_prompts < 16:
             raise ValueError(f"subjoiner_prompts must be at least 16, got {self.subjoiner_prompts}")
         if self.table_format not in ("parquet", "csv"):

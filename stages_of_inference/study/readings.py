@@ -12,7 +12,7 @@ import pandas as pd
 
 from stages_of_inference.stages.placement import first_peak
 
-__all__ = ["named_tables", "read_attention", "read_lens", "read_neurons", "read_patterns", "read_probes",
+__all__ = ["named_tables", "read_attention", "read_lens", "read_neurons", "read_patterns", "read_precision", "read_probes",
     "read_repetition", "read_robustness", "read_sharpening", "read_similarity", "read_stages", "read_subjoiner"]
 
 if TYPE_CHECKING:
@@ -237,3 +237,37 @@ def read_stages(study: Study) -> str:
                 spans.append(f"{r['stage']}: no block")
         parts.append(f"<b>{html.escape(name)}</b>: " + "; ".join(spans) + ".")
     return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""
+
+
+def read_precision(study: Study) -> str:
+    """Per model, whether the study's low-precision numbers can stand for fp32 ones: the sweep's own
+    check (:mod:`stages_of_inference.interventions.deviation`) as one line and its table. Empty for
+    an fp32 study.
+    """
+    if study.config.precision == "fp32":
+        return ""
+    from stages_of_inference.interventions.deviation import CRITERIA, PrecisionCheck
+
+    parts = []
+    for name, done in study.results.items():
+        result = done.get("robustness")
+        summary = None if result is None else result.provenance.get("precision_check")
+        if summary is None:
+            parts.append(f"<p><b>{html.escape(name)}</b>: no precision check (the robustness sweep did not run).</p>")
+            continue
+        table = result.tables["precision_check"]
+        sentence = PrecisionCheck(table, summary).sentence
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+                row["kind"], "" if pd.isna(row["layer"]) else int(row["layer"]),
+                _fmt(row["kl_nats"], 4), _fmt(row["kl_nats_fp32"], 4), _fmt(row["loss"], 4), _fmt(row["loss_fp32"], 4),
+                _fmt(row["accuracy"], 4), _fmt(row["accuracy_fp32"], 4))) + "</tr>"
+            for _, row in table.iterrows())
+        low = html.escape(summary["precision"])
+        head = "".join(f"<th>{h}</th>" for h in ("plan", "layer", f"KL {low}", "KL fp32", f"loss {low}", "loss fp32",
+                                                 f"accuracy {low}", "accuracy fp32"))
+        parts.append(f"<p><b>{html.escape(name)}</b>: {html.escape(sentence)}</p><table><tr>{head}</tr>{rows}</table>")
+    criteria = (f"median relative KL deviation at most {100 * CRITERIA['kl_median_rel']:.0f} %, every plan's KL within "
+                f"{CRITERIA['kl_abs']} nats or {100 * CRITERIA['kl_rel']:.0f} % of itself, rank correlation of the plans' "
+                f"KL at least {CRITERIA['kl_rank_correlation']}")
+    return "".join(parts) + f"<p class='small'>Criteria for standing in for fp32: {criteria}.</p>"

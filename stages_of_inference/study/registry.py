@@ -151,7 +151,7 @@ def _robustness(ctx: Context) -> Tables:
 
     def sweep() -> Any:
         return robustness_sweep(ctx.model, ctx.tokens, per_token=True, progress=ctx.progress,
-                                batch_size=ctx.config.batch_size, out_dir=ctx.work_dir)
+                                batch_size=ctx.config.batch_size, out_dir=ctx.work_dir, precision=ctx.config.precision)
     try:
         return dict(sweep().tables)
     except CheckpointMismatchError:  # another sweep's checkpoint: start over
@@ -174,7 +174,8 @@ def _attention(ctx: Context) -> Tables:
     from stages_of_inference.stages import detokenization as detok
 
     return {"attention": detok.previous_token_attention(ctx.model, ctx.tokens, k=ctx.config.k,
-                                                        batch_size=ctx.config.batch_size, progress=ctx.progress)}
+                                                        batch_size=ctx.config.batch_size, progress=ctx.progress,
+                                                        precision=ctx.config.precision)}
 
 
 def _subjoiner(ctx: Context) -> Tables:
@@ -184,7 +185,7 @@ def _subjoiner(ctx: Context) -> Tables:
     # than the forward passes, and a few hundred thousand words hold plenty of candidates
     texts = [t[:SUBJOINER_CHARS] for t in _corpus_texts(ctx.config.corpus)]
     result = detok.subjoiner_heads(ctx.model, texts, max_prompts=ctx.config.subjoiner_prompts, seed=ctx.config.seed,
-                                   progress=ctx.progress)
+                                   progress=ctx.progress, precision=ctx.config.precision)
     patterns = detok.pattern_table(result)
     return {"heads": result.heads, "patterns": patterns}
 
@@ -224,7 +225,8 @@ def _corpus_texts(corpus: str) -> list[str]:
 def _lens(ctx: Context) -> Tables:
     from stages_of_inference.stages import feature_engineering as fe
 
-    tables = [fe.logit_lens(ctx.model, ctx.heavy, convention=c, batch_size=ctx.config.batch_size, progress=ctx.progress)
+    tables = [fe.logit_lens(ctx.model, ctx.heavy, convention=c, batch_size=ctx.config.batch_size, progress=ctx.progress,
+                            precision=ctx.config.precision)
               for c in ("paper", "per_layer_norm")]
     lens = pd.concat(tables, ignore_index=True)
     lens.attrs["provenance"] = tables[0].attrs["provenance"]
@@ -235,14 +237,15 @@ def _similarity(ctx: Context) -> Tables:
     from stages_of_inference.stages import feature_engineering as fe
 
     return {"similarity": fe.layer_similarity(ctx.model, ctx.tokens, method="cka", batch_size=ctx.config.batch_size,
-                                              progress=ctx.progress)}
+                                              progress=ctx.progress, precision=ctx.config.precision)}
 
 
 def _probes(ctx: Context) -> Tables:
     from stages_of_inference.stages import feature_engineering as fe
 
     return {"probes": fe.probe_layers(ctx.model, ctx.tokens, ctx.config.probe_label, seed=ctx.config.seed,
-                                      batch_size=ctx.config.batch_size, progress=ctx.progress)}
+                                      batch_size=ctx.config.batch_size, progress=ctx.progress,
+                                      precision=ctx.config.precision)}
 
 
 def _neurons(ctx: Context) -> Tables:
@@ -255,12 +258,13 @@ def _neurons(ctx: Context) -> Tables:
 def _sharpening(ctx: Context) -> Tables:
     from stages_of_inference.stages import residual_sharpening as rs
 
-    done, bs = ctx.done, ctx.config.batch_size
+    done, bs, precision = ctx.done, ctx.config.batch_size, ctx.config.precision
     moments = done["neurons"]["moments"] if "neurons" in done else True
     lens = done["logit_lens"]["lens"] if "logit_lens" in done else None  # same heavy tokens: read, not redone
     profile = rs.sharpening_profile(ctx.model, ctx.heavy, moments=moments, kurtosis_threshold=ctx.config.kurtosis_threshold,
-                                    lens=lens, batch_size=bs, progress=ctx.progress)
-    ablation = rs.final_block_ablation(ctx.model, ctx.heavy, last_k=(1, 2, 3), batch_size=bs, progress=ctx.progress)
+                                    lens=lens, batch_size=bs, progress=ctx.progress, precision=precision)
+    ablation = rs.final_block_ablation(ctx.model, ctx.heavy, last_k=(1, 2, 3), batch_size=bs, progress=ctx.progress,
+                                       precision=precision)
     return {"profile": profile, "final_blocks": ablation}
 
 
@@ -274,7 +278,8 @@ def _repetition(ctx: Context) -> Tables:
     model, tokens = ctx.model, ctx.heavy
     n = model.cfg.n_layers
     plans = [LayerPlan.identity(n)] + [LayerPlan.repeat(n, [i], times=2) for i in range(n)]
-    summary = evaluate_plans(model, tokens.tokens, plans, batch_size=ctx.config.batch_size, progress=ctx.progress)
+    summary = evaluate_plans(model, tokens.tokens, plans, batch_size=ctx.config.batch_size, progress=ctx.progress,
+                             precision=ctx.config.precision)
     ref = summary.attrs["reference"]
     rows = summary.iloc[1:].reset_index(drop=True)
     df = pd.DataFrame({
@@ -288,7 +293,8 @@ def _repetition(ctx: Context) -> Tables:
         "plan": rows["plan"].to_numpy(),
     })
     return {"repetition": with_provenance(df, provenance(model, tokens, analysis="layer_repetition", times=2,
-                                                         blocks="each block alone", reference=ref))}
+                                                         blocks="each block alone", reference=ref,
+                                                         precision=ctx.config.precision))}
 
 
 def _plot(name: str) -> Callable[[list[pd.DataFrame], Style], Any]:
@@ -313,11 +319,11 @@ def _similarity_plot(tables: list[pd.DataFrame], style: Style) -> Any:
 
 
 def _batch(config: StudyConfig) -> dict[str, Any]:
-    return {"batch_size": config.batch_size}
+    return {"batch_size": config.batch_size, "precision": config.precision}
 
 
 def _heavy(config: StudyConfig) -> dict[str, Any]:
-    return {"sequences": config.heavy_sequences, "batch_size": config.batch_size}
+    return {"sequences": config.heavy_sequences, "batch_size": config.batch_size, "precision": config.precision}
 
 
 register(Analysis(
@@ -330,7 +336,7 @@ register(Analysis(
 register(Analysis(
     "subjoiner_heads", _subjoiner,
     lambda c: {"corpus": c.corpus, "max_prompts": c.subjoiner_prompts, "seed": c.seed, "n_pieces": 4,
-               "n_context_words": 16, "characters_per_document": SUBJOINER_CHARS},
+               "n_context_words": 16, "characters_per_document": SUBJOINER_CHARS, "precision": c.precision},
     tokens="none", figures=_subjoiner_figures))
 register(Analysis(
     "logit_lens", _lens, lambda c: {"conventions": ["paper", "per_layer_norm"], **_heavy(c)}, tokens="heavy",

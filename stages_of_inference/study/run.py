@@ -166,6 +166,7 @@ def run_study(
     progress: bool = True,
     log: Callable[[str], None] | None = print,
     write_report: bool = True,
+    precision: str = "fp32",
 ) -> Study:
     """Run every analysis of the four stages on each model and write a self-contained report.
 
@@ -181,13 +182,16 @@ def run_study(
         out_dir: the study's folder (created; reused on a rerun).
         analyses: which analyses to run (names in :data:`~stages_of_inference.study.registry.REGISTRY`;
             default: every default one).
-        config: full settings; when given, ``corpus``, ``n_tokens`` and ``analyses`` are ignored,
+        config: full settings; when given, ``corpus``, ``n_tokens``, ``analyses`` and ``precision`` are ignored,
             and the models are ``config.models`` (loaded models passed in ``models`` are used for
             the names they carry).
         on_mismatch: ``"recompute"`` a finished analysis made with other settings, or ``"error"``.
         progress: progress bars.
         log: where one line per step goes (``None``: silent).
         write_report: write ``report.html`` (and static figures) at the end.
+        precision: ``"fp32"`` (the paper's setting), ``"bf16"`` or ``"fp16"``: the dtype of the models'
+            matrix products and attention in every analysis (:mod:`stages_of_inference.precision`);
+            the report then says how far the sweep's numbers moved from fp32.
 
     Returns:
         A :class:`Study`; the report is at ``study.report``.
@@ -202,7 +206,8 @@ def run_study(
     loaded = {model_name(m): m for m in given if isinstance(m, HookedTransformer)}
     if config is None:
         config = StudyConfig(models=tuple(m if isinstance(m, str) else model_name(m) for m in given), corpus=corpus,
-                             n_tokens=n_tokens, **({} if analyses is None else {"analyses": tuple(analyses)}))
+                             n_tokens=n_tokens, precision=precision,
+                             **({} if analyses is None else {"analyses": tuple(analyses)}))
     if on_mismatch not in ("recompute", "error"):
         raise ValueError(f"on_mismatch must be 'recompute' or 'error', got {on_mismatch!r}")
     say = log or (lambda _: None)
