@@ -56,12 +56,14 @@ __all__ = [
     "model_colors",
     "neuron_counts",
     "place_stages",
+    "prediction_depth",
     "previous_token_attention",
     "probe_accuracy",
     "result_model",
     "robustness",
     "robustness_table",
     "sharpening_profile",
+    "sink_profile",
     "subjoiner_patterns",
     "subjoiner_scores",
 ]
@@ -706,3 +708,94 @@ def layer_repetition(results: Results, stages: Stages = None, colors: Mapping[st
                      row=1, col=2)
     add_stage_bands(fig, stages, palette)
     return _layout(fig, "Stage 4 · layer repetition: one block run twice in place", height=440)
+
+
+def sink_profile(results: Results, stages: Stages = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+    """Before each block: the attention paid to the first token (and the share of sink heads), the
+    largest residual activation over the median one, and the mean residual norm.
+
+    Args:
+        results: ``sink_profile`` table(s) (:func:`stages_of_inference.stages.sinks.sink_profile`).
+        stages: stage bands (:func:`place_stages`) or ``None``.
+        colors: model name -> colour.
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"relative_depth": [0, 1], "sink_attention": [.1, .8], "sink_heads_share": [0, .9],
+        ...                    "massive_ratio": [10, 900], "resid_norm": [1, 30]})
+        >>> len(sink_profile(df).data)
+        4
+    """
+    items = _as_list(results)
+    palette = model_colors(items, colors)
+    panels = ["attention to the first token: mean weight (solid) and share of heads above 0.5 (dotted)",
+              "largest |activation| entering the block / median |activation|",
+              "mean residual norm entering the block (positions after the first)"]
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, subplot_titles=panels, vertical_spacing=0.09)
+    for result in items:
+        df = _table(result)
+        _require(df, ["relative_depth", "sink_attention", "sink_heads_share", "massive_ratio", "resid_norm"],
+                 "sink_profile")
+        df = df.sort_values("relative_depth")
+        name = result_model(result)
+        _line(fig, df["relative_depth"], df["sink_attention"], name, palette[name], df.get("sink_attention_sem"),
+              row=1, col=1)
+        _line(fig, df["relative_depth"], df["sink_heads_share"], name, palette[name], row=1, col=1, dash="dot",
+              showlegend=False, hover=" (share of sink heads)")
+        _line(fig, df["relative_depth"], df["massive_ratio"], name, palette[name], row=2, col=1, showlegend=False)
+        _line(fig, df["relative_depth"], df["resid_norm"], name, palette[name], df.get("resid_norm_sem"), row=3, col=1,
+              showlegend=False)
+    fig.update_yaxes(title_text="fraction", range=[0, 1.02], row=1, col=1)
+    fig.update_yaxes(title_text="ratio (log)", type="log", row=2, col=1)
+    fig.update_yaxes(title_text="L2 norm", rangemode="tozero", row=3, col=1)
+    fig.update_xaxes(range=list(_X_RANGE))
+    fig.update_xaxes(title_text=BLOCK_DEPTH, row=3, col=1)
+    add_stage_bands(fig, stages, palette)
+    return _layout(fig, "Beyond the paper · attention sinks, massive activations and residual norms", height=870)
+
+
+def prediction_depth(results: Results, stages: Stages = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+    """Where tokens' predictions settle: the share of tokens whose prediction depth is each lens
+    readout, one panel per lens convention; solid: all tokens, dashed: those the model gets right,
+    dotted: those it gets wrong.
+
+    Args:
+        results: prediction-depth distribution table(s)
+            (:func:`stages_of_inference.stages.feature_engineering.prediction_depth`).
+        stages: stage bands (:func:`place_stages`) or ``None``.
+        colors: model name -> colour.
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"relative_depth": [0, .5, 1], "share": [.1, .2, .7], "share_right": [.2, .3, .5],
+        ...                    "share_wrong": [0, .1, .9], "convention": "paper"})
+        >>> len(prediction_depth(df).data)
+        3
+    """
+    items = _as_list(results)
+    palette = model_colors(items, colors)
+    conventions: list[str] = []
+    for result in items:
+        df = _table(result)
+        _require(df, ["relative_depth", "share", "share_right", "share_wrong", "convention"], "prediction_depth")
+        conventions += [c for c in df["convention"].unique() if c not in conventions]
+    fig = make_subplots(rows=1, cols=len(conventions), shared_yaxes=True, horizontal_spacing=0.06,
+                        subplot_titles=[f"lens convention: {c}" for c in conventions])
+    for result in items:
+        df = _table(result)
+        name = result_model(result)
+        for col, convention in enumerate(conventions, start=1):
+            part = df[df["convention"] == convention].sort_values("relative_depth")
+            if part.empty:
+                continue
+            first = col == 1
+            _line(fig, part["relative_depth"], part["share"], name, palette[name], row=1, col=col, showlegend=first)
+            _line(fig, part["relative_depth"], part["share_right"], name, palette[name], row=1, col=col, dash="dash",
+                  showlegend=False, hover=" (tokens the model gets right)")
+            _line(fig, part["relative_depth"], part["share_wrong"], name, palette[name], row=1, col=col, dash="dot",
+                  showlegend=False, hover=" (tokens it gets wrong)")
+    fig.update_xaxes(range=list(_X_RANGE), title_text=READOUT_DEPTH)
+    fig.update_yaxes(title_text="share of tokens (fraction)", rangemode="tozero", row=1, col=1)
+    add_stage_bands(fig, stages, palette)
+    return _layout(fig, "Beyond the paper · prediction depth: the readout from which the top-1 stays the final one "
+                        "(solid: all tokens; dashed: right; dotted: wrong)", height=440)

@@ -10,6 +10,7 @@ fp32"; the precision check's table is checked against separate sweeps of the sam
 from __future__ import annotations
 
 import html
+import os
 import subprocess
 import sys
 
@@ -280,3 +281,17 @@ def test_a_bf16_study_runs_every_analysis_in_bf16_and_reports_its_deviation(tmp_
     a = exact.results["tiny-llama"]["robustness"]["summary"]
     b = done["robustness"]["summary"]
     np.testing.assert_allclose(b["kl_nats"], a["kl_nats"], rtol=0.05, atol=0.02)
+
+
+@pytest.mark.real
+def test_the_gpu_check_script_runs_its_measurements_on_a_cpu() -> None:
+    """benchmarks/gpu_check.py's measuring part, on the CPU and on a few tokens, so the script a GPU
+    machine will run does not rot where there is none (its numbers are not checked: timings)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--skip-tests", "--skip-study",
+                           "--n-sequences", "2", "--seq-len", "32", "--repeat", "1"],
+                          cwd=root, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "bf16 / fp32 sweep speed-up" in done.stdout and "% of the measured bf16 matmul rate" in done.stdout

@@ -28,7 +28,7 @@ from stages_of_inference.study import (
 from tests.conftest import make_tiny_model
 
 TINY_ANALYSES = ("robustness", "previous_token_attention", "logit_lens", "layer_similarity", "neurons", "sharpening",
-                 "repetition")
+                 "repetition", "sinks")
 
 
 def _tiny(name: str, family: str):  # noqa: ANN202 - a HookedTransformer with a word-level tokenizer
@@ -91,9 +91,9 @@ def test_two_models_study_report_and_data_files(tmp_path: Path, corpus: Path) ->
     page = study.report.read_text()
     assert page.count("<script type=\"text/javascript\">") == 1  # plotly.js embedded once
     assert "<script src" not in page and "<link" not in page  # self-contained: nothing loaded from elsewhere
-    assert page.count("Plotly.newPlot") == len(study.figures) == 7
-    for name in ("robustness", "previous_token_attention", "logit_lens", "layer_similarity", "neuron_counts",
-                 "sharpening", "repetition"):
+    assert page.count("Plotly.newPlot") == len(study.figures) == 9
+    for name in ("robustness", "previous_token_attention", "logit_lens", "prediction_depth", "layer_similarity",
+                 "neuron_counts", "sharpening", "repetition", "sink_profile"):
         assert f"id='{name}'" in page
         assert study.readings[name].strip(), f"no reading for {name}"
     assert "tiny-llama" in page and "tiny-gpt2" in page and "Provenance" in page and "Settings" in page

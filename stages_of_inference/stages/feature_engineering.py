@@ -8,6 +8,8 @@ docs/stages/feature_engineering.md).
 * :func:`logit_lens`: per readout (0 = embeddings ... ``n_layers`` = output), entropy in bits, KL to
   the final readout, accuracy, agreement with the final top-1 and confidence, in either lens
   convention (:mod:`stages_of_inference.lens`), streamed.
+* :func:`prediction_depth`: for every token, the first lens readout from which the top-1 prediction
+  stays the final one (beyond the paper); :func:`lens_with_depth` gives both from one pass.
 * :func:`layer_similarity`: linear CKA (unbiased HSIC, accumulated over sequences) or mean cosine
   similarity between every pair of blocks' residual outputs.
 * :func:`probe_layers`: a logistic-regression probe per readout for any per-token label, with the
@@ -17,6 +19,7 @@ docs/stages/feature_engineering.md).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -51,9 +54,11 @@ __all__ = [
     "LABEL_MAKERS",
     "continues_word",
     "layer_similarity",
+    "lens_with_depth",
     "linear_cka",
     "logit_lens",
     "next_starts_word",
+    "prediction_depth",
     "probe_layers",
     "unbiased_hsic",
 ]
@@ -137,13 +142,37 @@ def logit_lens(
     model = check_model(model)
     source, tokens = tokens, check_tokens(model, tokens, min_len=3)
     check_convention(convention)
-    n_seq, pos = tokens.shape
+    pts = _check_points(points, model.cfg.n_layers + 1)
+    lens_pass = _lens_pass(model, tokens, convention, batch_size, chunk_tokens, progress, pts, precision, depth=False)
+    return _lens_table(model, source, tokens, convention, batch_size, chunk_tokens, pts, precision, lens_pass)
+
+
+@dataclass(frozen=True)
+class _LensPass:
+    """What one streamed lens pass gathered: per readout, metric and sequence the metric's sum over
+    the sequence's scored positions (``[point, metric, sequence]``, float64); and where asked, per
+    sequence the number of tokens whose prediction depth is each readout, for tokens the model
+    gets right and wrong (``[sequence, n_points]`` each, float64).
+    """
+
+    sums: Tensor
+    depth_right: Tensor | None = None
+    depth_wrong: Tensor | None = None
+
+
+def _lens_pass(model: HookedTransformer, tokens: Tensor, convention: str, batch_size: int, chunk_tokens: int,
+               progress: bool, pts: list[int], precision: str, depth: bool) -> _LensPass:
+    """Stream the lens over ``tokens``: the sums behind :func:`logit_lens` and, with ``depth``
+    (every readout in ``pts``, in order), the prediction-depth counts behind :func:`prediction_depth`.
+    """
+    n_seq = tokens.shape[0]
     n_points = model.cfg.n_layers + 1
     final = n_points - 1
-    pts = _check_points(points, n_points)
     columns = list(_LENS_METRICS)
     with torch.inference_mode():
         sums = torch.zeros(len(pts), len(columns), n_seq, dtype=torch.float64)  # on the CPU (MPS has no float64)
+        right = torch.zeros(n_seq, n_points, dtype=torch.float64) if depth else None
+        wrong = torch.zeros(n_seq, n_points, dtype=torch.float64) if depth else None
         chunks = iter_lens(model, tokens, convention, batch_size=batch_size, chunk_tokens=chunk_tokens, progress=progress,
                            precision=precision)
         # Lens logits are linear in the readout (readout @ W_U) unless the model soft-caps its
@@ -166,6 +195,7 @@ def logit_lens(
             else:
                 ref = log_probs(final_logits)
                 ref_top1 = ref.argmax(dim=-1)
+            settled = torch.zeros_like(chunk.targets)  # the readout from which the top-1 stays the final one
             for i, k in enumerate(pts):
                 logits = final_logits if k == final else chunk.logits(k)
                 m = logit_metrics(logits, chunk.targets, ref, ref_top1, resid=chunk.readouts[k].float(),
@@ -173,11 +203,26 @@ def logit_lens(
                 if k == final:  # the final readout against itself, exactly
                     m["kl_nats"] = torch.zeros_like(m["loss"])
                     m["agree"] = torch.ones_like(m["correct"])
+                settled[~m["agree"]] = k + 1
                 for j, col in enumerate(columns):
                     sums[i, j].index_add_(0, chunk.sequences.cpu(), m[_LENS_METRICS[col]].float().cpu().double())
                 del logits, m
+            if depth:
+                hit = (ref_top1 == chunk.targets).cpu()
+                cell = chunk.sequences.cpu() * n_points + settled.cpu()
+                right.view(-1).index_add_(0, cell[hit], torch.ones(int(hit.sum()), dtype=torch.float64))
+                wrong.view(-1).index_add_(0, cell[~hit], torch.ones(int((~hit).sum()), dtype=torch.float64))
             del final_logits, ref
-        per_seq = sums / (pos - 2)
+    return _LensPass(sums, right, wrong)
+
+
+def _lens_table(model: HookedTransformer, source: Any, tokens: Tensor, convention: str, batch_size: int,
+                chunk_tokens: int, pts: list[int], precision: str, lens_pass: _LensPass) -> pd.DataFrame:
+    """The :func:`logit_lens` table of one lens pass (refused if a readout is not finite)."""
+    n_seq, pos = tokens.shape
+    n_points = model.cfg.n_layers + 1
+    columns = list(_LENS_METRICS)
+    per_seq = lens_pass.sums / (pos - 2)
     if first_nonfinite(per_seq) is not None:
         # where the readouts themselves break: the columns that do not compare with the output's
         # readout (those break everywhere once the output does)
@@ -204,6 +249,124 @@ def logit_lens(
     record = provenance(model, source, analysis="logit_lens", convention=convention, batch_size=batch_size,
                         chunk_tokens=chunk_tokens, positions="1..pos-2", points=pts, precision=precision)
     return with_provenance(df, record)
+
+
+def prediction_depth(
+    model: HookedTransformer,
+    tokens: Tokens,
+    convention: str = "paper",
+    batch_size: int = 8,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    progress: bool = True,
+    precision: str = "fp32",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Prediction depth (after Lioubashevski et al. 2024, arXiv:2410.20210): for every scored token,
+    the first logit-lens readout from which the lens's top-1 token equals the final readout's top-1
+    at every later readout ("saturation"); from one lens pass.
+
+    A token's depth ``k`` runs from 0 (the embeddings already predict the final top-1, and every
+    readout after them does too) to ``n_layers`` (only the output does). Tokens the model gets
+    right are those whose final top-1 is the true next token.
+
+    Args:
+        model: a ``HookedTransformer``.
+        tokens: ``[batch, pos]`` token ids, BOS first, at least 3 positions.
+        convention: ``"paper"`` or ``"per_layer_norm"`` (:mod:`stages_of_inference.lens`).
+        batch_size: sequences per forward pass.
+        chunk_tokens: token positions unembedded at once.
+        progress: show a progress bar.
+        precision: the dtype of the model's products and the lens unembedding
+            (:mod:`stages_of_inference.precision`).
+
+    Returns:
+        ``(distribution, summary)``. ``distribution``: one row per readout ``layer`` (``0 ..
+        n_layers``) with ``relative_depth`` (``layer / n_layers``), ``share`` (of all scored tokens
+        whose depth is this readout), ``cumulative_share``, ``share_right`` and ``share_wrong``
+        (the same among tokens the model gets right, and wrong), ``convention``. ``summary``: one
+        row with ``convention``, ``mean_depth``, ``mean_depth_sem`` (over sequences),
+        ``median_depth``, ``mean_depth_right``, ``mean_depth_wrong`` (in readouts),
+        ``mean_relative_depth``, ``n_tokens``, ``n_right``. Provenance in both ``attrs``.
+
+    Example:
+        >>> import torch
+        >>> dist, summary = prediction_depth(_tiny_model(), torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(0)), progress=False)
+        >>> list(dist["layer"]), round(float(dist["share"].sum()), 6), int(summary["n_tokens"].iloc[0])
+        ([0, 1, 2], 1.0, 12)
+    """
+    model = check_model(model)
+    source, tokens = tokens, check_tokens(model, tokens, min_len=3)
+    check_convention(convention)
+    pts = list(range(model.cfg.n_layers + 1))
+    lens_pass = _lens_pass(model, tokens, convention, batch_size, chunk_tokens, progress, pts, precision, depth=True)
+    return _depth_tables(model, source, convention, batch_size, precision, lens_pass)
+
+
+def lens_with_depth(
+    model: HookedTransformer,
+    tokens: Tokens,
+    convention: str = "paper",
+    batch_size: int = 8,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    progress: bool = True,
+    precision: str = "fp32",
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """:func:`logit_lens` and :func:`prediction_depth` (same arguments) from one lens pass:
+    ``(lens, depth distribution, depth summary)``, the same tables as the two calls give.
+
+    Example:
+        >>> import torch
+        >>> lens, dist, summary = lens_with_depth(_tiny_model(), torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(0)), progress=False)
+        >>> len(lens) == len(dist) == 3, len(summary)
+        (True, 1)
+    """
+    model = check_model(model)
+    source, tokens = tokens, check_tokens(model, tokens, min_len=3)
+    check_convention(convention)
+    pts = list(range(model.cfg.n_layers + 1))
+    lens_pass = _lens_pass(model, tokens, convention, batch_size, chunk_tokens, progress, pts, precision, depth=True)
+    lens = _lens_table(model, source, tokens, convention, batch_size, chunk_tokens, pts, precision, lens_pass)
+    return (lens, *_depth_tables(model, source, convention, batch_size, precision, lens_pass))
+
+
+def _depth_tables(model: HookedTransformer, source: Any, convention: str, batch_size: int, precision: str,
+                  lens_pass: _LensPass) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The two :func:`prediction_depth` tables of a lens pass that counted depths."""
+    right, wrong = lens_pass.depth_right, lens_pass.depth_wrong
+    n_points = right.shape[1]
+    both = right + wrong
+    readouts = torch.arange(n_points, dtype=torch.float64)
+    total, n_right, n_wrong = float(both.sum()), float(right.sum()), float(wrong.sum())
+
+    def share(counts: Tensor, n: float) -> list[float]:
+        return (counts.sum(dim=0) / n).tolist() if n > 0 else [float("nan")] * n_points
+
+    dist = pd.DataFrame({
+        "layer": range(n_points),
+        "relative_depth": [relative_depth(k, n_points) for k in range(n_points)],
+        "share": share(both, total),
+        "share_right": share(right, n_right),
+        "share_wrong": share(wrong, n_wrong),
+        "convention": convention,
+    })
+    dist.insert(3, "cumulative_share", dist["share"].cumsum())
+    per_seq = (both * readouts).sum(dim=1) / both.sum(dim=1).clamp_min(1)
+    cdf = torch.cumsum(both.sum(dim=0), 0) / total
+    mean = float((both.sum(dim=0) * readouts).sum() / total)
+    summary = pd.DataFrame([{
+        "convention": convention,
+        "mean_depth": mean,
+        "mean_depth_sem": float(per_seq.std() / len(per_seq) ** 0.5) if len(per_seq) > 1 else 0.0,
+        "median_depth": int((cdf >= 0.5).nonzero()[0, 0]),
+        "mean_depth_right": float((right.sum(dim=0) * readouts).sum() / n_right) if n_right else float("nan"),
+        "mean_depth_wrong": float((wrong.sum(dim=0) * readouts).sum() / n_wrong) if n_wrong else float("nan"),
+        "mean_relative_depth": mean / (n_points - 1),
+        "n_tokens": int(total),
+        "n_right": int(n_right),
+    }])
+    record = provenance(model, source, analysis="prediction_depth", convention=convention, batch_size=batch_size,
+                        positions="1..pos-2", precision=precision,
+                        definition="first lens readout from which the top-1 equals the final readout's at every later one")
+    return with_provenance(dist, record), with_provenance(summary, dict(record))
 
 
 def _check_points(points: Sequence[int] | None, n_points: int) -> list[int]:

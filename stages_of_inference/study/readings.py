@@ -13,7 +13,7 @@ import pandas as pd
 from stages_of_inference.stages.placement import first_peak
 
 __all__ = ["named_tables", "read_attention", "read_lens", "read_neurons", "read_patterns", "read_precision", "read_probes",
-    "read_repetition", "read_robustness", "read_sharpening", "read_similarity", "read_stages", "read_subjoiner"]
+    "read_repetition", "read_robustness", "read_sinks", "read_depth", "read_sharpening", "read_similarity", "read_stages", "read_subjoiner"]
 
 if TYPE_CHECKING:
     from stages_of_inference.study.run import Study
@@ -271,3 +271,60 @@ def read_precision(study: Study) -> str:
                 f"{CRITERIA['kl_abs']} nats or {100 * CRITERIA['kl_rel']:.0f} % of itself, rank correlation of the plans' "
                 f"KL at least {CRITERIA['kl_rank_correlation']}")
     return "".join(parts) + f"<p class='small'>Criteria for standing in for fp32: {criteria}.</p>"
+
+
+MASSIVE_RATIO = 100.0
+"""A residual activation counts as massive when it is this many times the median one (Sun et al.
+report ratios in the thousands; 100 separates them from ordinary heavy tails)."""
+
+
+def read_sinks(study: Study) -> str:
+    """Per model: where attention to the first token and massive activations switch on, and how
+    the residual norm grows.
+    """
+    parts = []
+    for name, df in named_tables(study, "sinks", "profile"):
+        df = df.sort_values("layer")
+        n = len(df)
+        peak = df.loc[df["sink_attention"].idxmax()]
+        sinky = df[df["sink_heads_share"] >= 0.5]
+        big = df.loc[df["massive_ratio"].idxmax()]
+        massive = df[df["massive_ratio"] >= MASSIVE_RATIO]
+        text = (f"<b>{html.escape(name)}</b>: entering block 0, heads give the first token "
+                f"{_fmt(df['sink_attention'].iloc[0])} of their attention on average; the most is "
+                f"{_fmt(peak['sink_attention'])} entering block {int(peak['layer'])} (relative depth "
+                f"{_fmt(peak['relative_depth'])}). ")
+        text += (f"From block {int(sinky['layer'].iloc[0])} on, {len(sinky)} of {n} blocks have at least half of their "
+                 "heads as sink heads (mean attention to the first token above 0.5). " if len(sinky)
+                 else "No block has half of its heads as sink heads. ")
+        text += (f"The largest residual activation, {_fmt(big['max_abs_activation'], 0)} at position "
+                 f"{int(big['max_position'])}, dimension {int(big['max_dimension'])}, enters block {int(big['layer'])}: "
+                 f"{_fmt(big['massive_ratio'], 0)} times the median activation. ")
+        if len(massive):
+            text += (f"Activations over {MASSIVE_RATIO:.0f} times the median enter blocks {int(massive['layer'].min())}–"
+                     f"{int(massive['layer'].max())} (relative depth {_fmt(massive['relative_depth'].min())}–"
+                     f"{_fmt(massive['relative_depth'].max())}). ")
+        else:
+            text += f"No activation reaches {MASSIVE_RATIO:.0f} times the median. "
+        text += (f"The mean residual norm grows from {_fmt(df['resid_norm'].iloc[0])} entering block 0 to "
+                 f"{_fmt(df['resid_norm'].iloc[-1])} entering the last block (first token: "
+                 f"{_fmt(df['bos_resid_norm'].iloc[0])} to {_fmt(df['bos_resid_norm'].iloc[-1])}).")
+        parts.append(text)
+    return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""
+
+
+def read_depth(study: Study) -> str:
+    """Per model and lens convention: the median and mean prediction depth, for right and wrong tokens."""
+    parts = []
+    for name, df in named_tables(study, "logit_lens", "depth_summary"):
+        for row in df.itertuples():
+            n = int(study.results[name]["logit_lens"]["depth"].query("convention == @row.convention")["layer"].max())
+            parts.append(
+                f"<b>{html.escape(name)}</b> ({html.escape(row.convention)} lens): half of the tokens' top-1 "
+                f"prediction has settled by readout {row.median_depth} of {n} (relative depth "
+                f"{_fmt(row.median_depth / n)}); the mean depth is {_fmt(row.mean_depth, 1)} readouts, "
+                f"{_fmt(row.mean_depth_right, 1)} for the {row.n_right} tokens the model gets right and "
+                f"{_fmt(row.mean_depth_wrong, 1)} for the {row.n_tokens - row.n_right} it gets wrong"
+                + (": correct predictions settle earlier." if row.mean_depth_right < row.mean_depth_wrong
+                   else "."))
+    return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""

@@ -225,12 +225,24 @@ def _corpus_texts(corpus: str) -> list[str]:
 def _lens(ctx: Context) -> Tables:
     from stages_of_inference.stages import feature_engineering as fe
 
-    tables = [fe.logit_lens(ctx.model, ctx.heavy, convention=c, batch_size=ctx.config.batch_size, progress=ctx.progress,
-                            precision=ctx.config.precision)
+    # the lens and the prediction depth of every token come from the same pass, per convention
+    passes = [fe.lens_with_depth(ctx.model, ctx.heavy, convention=c, batch_size=ctx.config.batch_size,
+                                 progress=ctx.progress, precision=ctx.config.precision)
               for c in ("paper", "per_layer_norm")]
-    lens = pd.concat(tables, ignore_index=True)
-    lens.attrs["provenance"] = tables[0].attrs["provenance"]
-    return {"lens": lens}
+    out = {}
+    for key, tables in zip(("lens", "depth", "depth_summary"), zip(*passes)):
+        out[key] = pd.concat(tables, ignore_index=True)
+        out[key].attrs["provenance"] = tables[0].attrs["provenance"]
+    return out
+
+
+def _lens_figures(study: Study, style: Style) -> list[Figure]:
+    out = _one("logit_lens", "Stage 2: the logit lens", "logit_lens", "lens", _plot("logit_lens"), rd.read_lens)(study, style)
+    depth = tables_of(study, "logit_lens", "depth")
+    if depth:
+        out.append(Figure("prediction_depth", "Beyond the paper: prediction depth",
+                          lambda: _plot("prediction_depth")(depth, style), lambda: rd.read_depth(study)))
+    return out
 
 
 def _similarity(ctx: Context) -> Tables:
@@ -339,8 +351,9 @@ register(Analysis(
                "n_context_words": 16, "characters_per_document": SUBJOINER_CHARS, "precision": c.precision},
     tokens="none", figures=_subjoiner_figures))
 register(Analysis(
-    "logit_lens", _lens, lambda c: {"conventions": ["paper", "per_layer_norm"], **_heavy(c)}, tokens="heavy",
-    figures=_one("logit_lens", "Stage 2: the logit lens", "logit_lens", "lens", _plot("logit_lens"), rd.read_lens)))
+    "logit_lens", _lens,
+    lambda c: {"conventions": ["paper", "per_layer_norm"], "prediction_depth": True, **_heavy(c)}, tokens="heavy",
+    figures=_lens_figures))
 register(Analysis(
     "layer_similarity", _similarity, lambda c: {"method": "cka", **_batch(c)},
     figures=_one("layer_similarity", "Stage 2: similarity of the blocks", "layer_similarity", "similarity",
@@ -366,6 +379,20 @@ register(Analysis(
 
 PAPER_ANALYSES = tuple(REGISTRY)
 """The analyses of the paper, in the order a study runs them."""
+
+
+# --------------------------------------------------------------------------- beyond the paper
+def _sinks(ctx: Context) -> Tables:
+    from stages_of_inference.stages import sinks
+
+    return {"profile": sinks.sink_profile(ctx.model, ctx.tokens, batch_size=ctx.config.batch_size,
+                                          progress=ctx.progress, precision=ctx.config.precision)}
+
+
+register(Analysis(
+    "sinks", _sinks, _batch,
+    figures=_one("sink_profile", "Beyond the paper: attention sinks, massive activations, residual norms", "sinks",
+                 "profile", _plot("sink_profile"), rd.read_sinks), fast=True))
 
 
 def default_analyses() -> tuple[str, ...]:
