@@ -756,8 +756,10 @@ def sink_profile(results: Results, stages: Stages = None, colors: Mapping[str, s
 
 def prediction_depth(results: Results, stages: Stages = None, colors: Mapping[str, str] | None = None) -> go.Figure:
     """Where tokens' predictions settle: the share of tokens whose prediction depth is each lens
-    readout, one panel per lens convention; solid: all tokens, dashed: those the model gets right,
-    dotted: those it gets wrong.
+    readout; solid: all tokens, dashed: those the model gets right, dotted: those it gets wrong.
+
+    The two lens conventions give the same depths (they differ by a positive factor per token,
+    which leaves every top-1 unchanged), so one is drawn: ``per_layer_norm`` where a table has it.
 
     Args:
         results: prediction-depth distribution table(s)
@@ -774,28 +776,20 @@ def prediction_depth(results: Results, stages: Stages = None, colors: Mapping[st
     """
     items = _as_list(results)
     palette = model_colors(items, colors)
-    conventions: list[str] = []
+    fig = go.Figure()
     for result in items:
         df = _table(result)
         _require(df, ["relative_depth", "share", "share_right", "share_wrong", "convention"], "prediction_depth")
-        conventions += [c for c in df["convention"].unique() if c not in conventions]
-    fig = make_subplots(rows=1, cols=len(conventions), shared_yaxes=True, horizontal_spacing=0.06,
-                        subplot_titles=[f"lens convention: {c}" for c in conventions])
-    for result in items:
-        df = _table(result)
+        convention = "per_layer_norm" if (df["convention"] == "per_layer_norm").any() else df["convention"].iloc[0]
+        part = df[df["convention"] == convention].sort_values("relative_depth")
         name = result_model(result)
-        for col, convention in enumerate(conventions, start=1):
-            part = df[df["convention"] == convention].sort_values("relative_depth")
-            if part.empty:
-                continue
-            first = col == 1
-            _line(fig, part["relative_depth"], part["share"], name, palette[name], row=1, col=col, showlegend=first)
-            _line(fig, part["relative_depth"], part["share_right"], name, palette[name], row=1, col=col, dash="dash",
-                  showlegend=False, hover=" (tokens the model gets right)")
-            _line(fig, part["relative_depth"], part["share_wrong"], name, palette[name], row=1, col=col, dash="dot",
-                  showlegend=False, hover=" (tokens it gets wrong)")
-    fig.update_xaxes(range=list(_X_RANGE), title_text=READOUT_DEPTH)
-    fig.update_yaxes(title_text="share of tokens (fraction)", rangemode="tozero", row=1, col=1)
+        _line(fig, part["relative_depth"], part["share"], name, palette[name])
+        _line(fig, part["relative_depth"], part["share_right"], name, palette[name], dash="dash", showlegend=False,
+              hover=" (tokens the model gets right)")
+        _line(fig, part["relative_depth"], part["share_wrong"], name, palette[name], dash="dot", showlegend=False,
+              hover=" (tokens it gets wrong)")
+    _depth_axes(fig, READOUT_DEPTH)
+    fig.update_yaxes(title_text="share of tokens (fraction)", rangemode="tozero")
     add_stage_bands(fig, stages, palette)
     return _layout(fig, "Beyond the paper · prediction depth: the readout from which the top-1 stays the final one "
-                        "(solid: all tokens; dashed: right; dotted: wrong)", height=440)
+                        "(solid: all tokens; dashed: right; dotted: wrong)", height=460)

@@ -62,14 +62,17 @@ def test_one_pass_gives_the_lens_and_the_depth(tiny_model: HookedTransformer, ti
     assert summary.attrs["provenance"]["settings"]["analysis"] == "prediction_depth"
 
 
-def test_the_figure_has_a_panel_per_convention(tiny_model: HookedTransformer, tiny_tokens: torch.Tensor) -> None:
-    tables = [fe.prediction_depth(tiny_model, tiny_tokens, convention=c, progress=False)[0]
-              for c in ("paper", "per_layer_norm")]
+def test_both_conventions_give_the_same_depths_and_one_is_drawn(tiny_model: HookedTransformer,
+                                                                 tiny_tokens: torch.Tensor) -> None:
+    """The conventions scale each token's readout by different positive factors, which leaves every
+    top-1 and so every depth unchanged; the figure draws one of them (three lines per model)."""
     import pandas as pd
 
-    fig = plots.prediction_depth(pd.concat(tables, ignore_index=True))
-    assert {t.xaxis for t in fig.data} == {"x", "x2"} and len(fig.data) == 6
-    assert fig.layout.xaxis.title.text == plots.READOUT_DEPTH
+    tables = [fe.prediction_depth(tiny_model, tiny_tokens, convention=c, progress=False)[0]
+              for c in ("paper", "per_layer_norm")]
+    np.testing.assert_array_equal(tables[0]["share"], tables[1]["share"])
+    fig = plots.prediction_depth([pd.concat(tables, ignore_index=True), tables[0]])
+    assert len(fig.data) == 6 and fig.layout.xaxis.title.text == plots.READOUT_DEPTH
 
 
 @pytest.mark.real

@@ -294,16 +294,16 @@ def read_sinks(study: Study) -> str:
                 f"{_fmt(df['sink_attention'].iloc[0])} of their attention on average; the most is "
                 f"{_fmt(peak['sink_attention'])} entering block {int(peak['layer'])} (relative depth "
                 f"{_fmt(peak['relative_depth'])}). ")
-        text += (f"From block {int(sinky['layer'].iloc[0])} on, {len(sinky)} of {n} blocks have at least half of their "
-                 "heads as sink heads (mean attention to the first token above 0.5). " if len(sinky)
+        text += (f"{len(sinky)} of {n} blocks, the first of them block {int(sinky['layer'].iloc[0])}, have at least half "
+                 "of their heads as sink heads (mean attention to the first token above 0.5). " if len(sinky)
                  else "No block has half of its heads as sink heads. ")
         text += (f"The largest residual activation, {_fmt(big['max_abs_activation'], 0)} at position "
                  f"{int(big['max_position'])}, dimension {int(big['max_dimension'])}, enters block {int(big['layer'])}: "
                  f"{_fmt(big['massive_ratio'], 0)} times the median activation. ")
         if len(massive):
-            text += (f"Activations over {MASSIVE_RATIO:.0f} times the median enter blocks {int(massive['layer'].min())}–"
-                     f"{int(massive['layer'].max())} (relative depth {_fmt(massive['relative_depth'].min())}–"
-                     f"{_fmt(massive['relative_depth'].max())}). ")
+            text += (f"Activations over {MASSIVE_RATIO:.0f} times the median enter {len(massive)} of the {n} blocks, "
+                     f"from block {int(massive['layer'].min())} (relative depth {_fmt(massive['relative_depth'].min())}) "
+                     f"to block {int(massive['layer'].max())}. ")
         else:
             text += f"No activation reaches {MASSIVE_RATIO:.0f} times the median. "
         text += (f"The mean residual norm grows from {_fmt(df['resid_norm'].iloc[0])} entering block 0 to "
@@ -314,17 +314,19 @@ def read_sinks(study: Study) -> str:
 
 
 def read_depth(study: Study) -> str:
-    """Per model and lens convention: the median and mean prediction depth, for right and wrong tokens."""
+    """Per model: the median and mean prediction depth, for right and wrong tokens (the two lens
+    conventions give the same depths; the per-layer-norm rows are read).
+    """
     parts = []
     for name, df in named_tables(study, "logit_lens", "depth_summary"):
-        for row in df.itertuples():
-            n = int(study.results[name]["logit_lens"]["depth"].query("convention == @row.convention")["layer"].max())
-            parts.append(
-                f"<b>{html.escape(name)}</b> ({html.escape(row.convention)} lens): half of the tokens' top-1 "
-                f"prediction has settled by readout {row.median_depth} of {n} (relative depth "
-                f"{_fmt(row.median_depth / n)}); the mean depth is {_fmt(row.mean_depth, 1)} readouts, "
-                f"{_fmt(row.mean_depth_right, 1)} for the {row.n_right} tokens the model gets right and "
-                f"{_fmt(row.mean_depth_wrong, 1)} for the {row.n_tokens - row.n_right} it gets wrong"
-                + (": correct predictions settle earlier." if row.mean_depth_right < row.mean_depth_wrong
-                   else "."))
+        rows = df[df["convention"] == "per_layer_norm"] if (df["convention"] == "per_layer_norm").any() else df
+        row = rows.iloc[0]
+        n = int(study.results[name]["logit_lens"]["depth"]["layer"].max())
+        parts.append(
+            f"<b>{html.escape(name)}</b>: half of the tokens' top-1 prediction has settled by readout "
+            f"{int(row['median_depth'])} of {n} (relative depth {_fmt(row['median_depth'] / n)}); the mean depth is "
+            f"{_fmt(row['mean_depth'], 1)} readouts, {_fmt(row['mean_depth_right'], 1)} for the {int(row['n_right'])} "
+            f"tokens the model gets right and {_fmt(row['mean_depth_wrong'], 1)} for the "
+            f"{int(row['n_tokens'] - row['n_right'])} it gets wrong"
+            + (": correct predictions settle earlier." if row["mean_depth_right"] < row["mean_depth_wrong"] else "."))
     return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""
