@@ -66,6 +66,7 @@ __all__ = [
     "sink_profile",
     "subjoiner_patterns",
     "subjoiner_scores",
+    "task_damage",
 ]
 
 BLOCK_DEPTH = "relative depth (block i / (n_layers - 1))"
@@ -793,3 +794,46 @@ def prediction_depth(results: Results, stages: Stages = None, colors: Mapping[st
     add_stage_bands(fig, stages, palette)
     return _layout(fig, "Beyond the paper · prediction depth: the readout from which the top-1 stays the final one "
                         "(solid: all tokens; dashed: right; dotted: wrong)", height=460)
+
+
+_TASK_MEASURES = (("token_retained", "solid", "token-level accuracy"), ("cloze_retained", "dash", "cloze accuracy"),
+                  ("generation_retained", "dot", "shared greedy continuation"))
+
+
+def task_damage(results: Results, stages: Stages = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+    """What each deletion (left) and swap (right) keeps, as a share of the unmodified model's:
+    token-level top-1 accuracy (solid), cloze accuracy (dashed) and the greedy continuation it
+    shares (dotted), on the same cloze sequences and prompts.
+
+    Args:
+        results: ``task_damage`` table(s) (:func:`stages_of_inference.stages.task_damage.task_damage`).
+        stages: stage bands (:func:`place_stages`) or ``None``.
+        colors: model name -> colour.
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"kind": ["none", "drop", "drop", "swap"], "relative_depth": [None, 0, 1, 0],
+        ...                    "token_retained": [1, .2, .9, .5], "cloze_retained": [1, 0, .5, .3],
+        ...                    "generation_retained": [1, .1, .6, .4]})
+        >>> len(task_damage(df).data)
+        6
+    """
+    items = _as_list(results)
+    palette = model_colors(items, colors)
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06,
+                        subplot_titles=["deleting block i", "swapping blocks i and i + 1"])
+    for result in items:
+        df = _table(result)
+        _require(df, ["kind", "relative_depth", *(m for m, _, _ in _TASK_MEASURES)], "task_damage")
+        name = result_model(result)
+        for col, kind in ((1, "drop"), (2, "swap")):
+            part = df[df["kind"] == kind].sort_values("relative_depth")
+            for measure, dash, what in _TASK_MEASURES:
+                _line(fig, part["relative_depth"], part[measure], name, palette[name], row=1, col=col, dash=dash,
+                      showlegend=col == 1 and measure == "token_retained", hover=f" ({what} retained)")
+    fig.add_hline(y=1, line={"color": "#888", "width": 1})
+    _depth_axes(fig)
+    fig.update_yaxes(title_text="share of the unmodified model's (fraction)", rangemode="tozero", row=1, col=1)
+    add_stage_bands(fig, stages, palette)
+    return _layout(fig, "Beyond the paper · what a deletion or a swap keeps: token accuracy (solid), cloze accuracy "
+                        "(dashed), shared greedy continuation (dotted)", height=460)

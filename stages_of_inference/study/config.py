@@ -7,6 +7,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from stages_of_inference._checks import PRECISIONS, check_count, check_device, check_precision
@@ -84,6 +85,10 @@ class StudyConfig:
         table_format: ``"parquet"`` or ``"csv"``.
         static_formats: static figure formats written when an exporter works (``"png"``, ``"svg"``).
         device: ``None`` (the best available) or a torch device name.
+        cloze_items: cloze items of the task-damage analysis, drawn from the corpus (``seed``).
+        cloze_file: a JSON-lines file of ``{"context", "answer"}`` items used instead (``None``: from the corpus).
+        generation_prompts: prompts of the task-damage analysis's generation check (the first
+            sequences of the main batch, cut to 16 tokens; at most as many as it has).
         precision: ``"fp32"`` (the paper's setting), ``"bf16"`` or ``"fp16"``: the dtype of the
             models' matrix products and attention in every analysis that runs them
             (:mod:`stages_of_inference.precision`); the sweep then measures its deviation from fp32.
@@ -132,6 +137,15 @@ class StudyConfig:
         const=(), default=None))
     device: str | None = field(default=None, metadata=_cli(
         "--device", "cpu, cuda or mps (default: the best available)"))
+    cloze_items: int = field(default=24, metadata=_cli(
+        "--cloze-items", "cloze items of the task analysis, from the corpus (default: %(default)s, small for time: "
+        "each item costs a 59-plan sweep over ~26 tokens; 256 gives a usable estimate)", type=_positive))
+    cloze_file: str | None = field(default=None, metadata=_cli(
+        "--cloze-file", "a JSON-lines file of {\"context\": ..., \"answer\": ...} items for the task analysis "
+        "(default: items from the corpus)"))
+    generation_prompts: int = field(default=6, metadata=_cli(
+        "--generation-prompts", "prompts of the task analysis's generation check (default: %(default)s)",
+        type=_positive))
     precision: str = field(default="fp32", metadata=_cli(
         "--precision", "dtype of the models' matrix products and attention; metrics stay fp32 (default: %(default)s, "
         "the paper's)", choices=PRECISIONS))
@@ -165,6 +179,7 @@ class StudyConfig:
         object.__setattr__(self, "batch_size", check_count(self.batch_size, "batch_size", "a positive number of sequences"))
         object.__setattr__(self, "device", check_device(self.device))
         check_precision(self.precision)
+        self._check_task()
         if self.subjoiner_prompts < 16:
             raise ValueError(f"subjoiner_prompts must be at least 16, got {self.subjoiner_prompts}")
         if self.table_format not in ("parquet", "csv"):
@@ -174,6 +189,11 @@ class StudyConfig:
             raise ValueError(f"unknown static figure formats {bad}; allowed: 'png', 'svg'")
         if self.probe_label not in ("continues_word", "next_starts_word"):
             raise ValueError(f"probe_label must be 'continues_word' or 'next_starts_word', got {self.probe_label!r}")
+
+    def _check_task(self) -> None:
+        """The task-damage analysis's settings."""
+        if self.cloze_file is not None and not Path(self.cloze_file).is_file():
+            raise ValueError(f"cloze_file {self.cloze_file!r} is not a file (a JSON-lines file of context/answer items)")
 
     @property
     def n_sequences(self) -> int:

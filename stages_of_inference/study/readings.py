@@ -13,7 +13,7 @@ import pandas as pd
 from stages_of_inference.stages.placement import first_peak
 
 __all__ = ["named_tables", "read_attention", "read_lens", "read_neurons", "read_patterns", "read_precision", "read_probes",
-    "read_repetition", "read_robustness", "read_sinks", "read_depth", "read_sharpening", "read_similarity", "read_stages", "read_subjoiner"]
+    "read_repetition", "read_robustness", "read_sinks", "read_depth", "read_task", "read_sharpening", "read_similarity", "read_stages", "read_subjoiner"]
 
 if TYPE_CHECKING:
     from stages_of_inference.study.run import Study
@@ -329,4 +329,39 @@ def read_depth(study: Study) -> str:
             f"tokens the model gets right and {_fmt(row['mean_depth_wrong'], 1)} for the "
             f"{int(row['n_tokens'] - row['n_right'])} it gets wrong"
             + (": correct predictions settle earlier." if row["mean_depth_right"] < row["mean_depth_wrong"] else "."))
+    return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""
+
+
+def read_task(study: Study, sweeps: dict[str, pd.DataFrame]) -> str:
+    """Per model: cloze accuracy and shared continuation retained at the first, middle and last
+    deletion, beside token-level accuracy retained (on the same sequences, and in the main sweep).
+    """
+    parts = []
+    for name, df in named_tables(study, "task", "task"):
+        base = df[df["kind"] == "none"].iloc[0]
+        drops = df[df["kind"] == "drop"].sort_values("layer").reset_index(drop=True)
+        picks = {"first": drops.iloc[0], "middle": drops.iloc[len(drops) // 2], "last": drops.iloc[-1]}
+        sweep = sweeps.get(name)
+        said = []
+        for where, row in picks.items():
+            token_main = ""
+            if sweep is not None:
+                match = sweep[(sweep["kind"] == "drop") & (sweep["layer"] == row["layer"])]
+                if len(match):
+                    token_main = f", {_fmt(100 * float(match['relative_accuracy'].iloc[0]), 0)} % in the main sweep"
+            said.append(f"the {where} block ({int(row['layer'])}): cloze {_fmt(100 * row['cloze_retained'], 0)} %, "
+                        f"continuation {_fmt(100 * row['generation_retained'], 0)} %, token-level "
+                        f"{_fmt(100 * row['token_retained'], 0)} %{token_main}")
+        harder = drops[drops["cloze_retained"] < drops["token_retained"] - 0.1]
+        text = (f"<b>{html.escape(name)}</b>: the unmodified model gets {_fmt(100 * base['cloze_accuracy'], 0)} % of "
+                f"{int(base['n_items'])} cloze items right and continues its {int(base['n_prompts'])} prompts by "
+                f"{_fmt(base['shared_tokens'], 0)} tokens. Deleting " + "; ".join(said) + " retained. ")
+        text += (f"For {len(harder)} of {len(drops)} deletions the cloze task loses over 10 points more than token-level "
+                 "accuracy does: likelihood-level metrics understate their damage." if len(harder)
+                 else "The task-level measures tell the same story as token-level accuracy.")
+        if int(base["n_items"]) < 100:
+            text += (f" With {int(base['n_items'])} items a cloze share moves in steps of "
+                     f"{_fmt(100 / max(1, round(base['cloze_accuracy'] * base['n_items'])), 0)} points of the retained "
+                     "share: read it as a sign, and run --cloze-items 256 (or --cloze-file) for an estimate.")
+        parts.append(text)
     return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""

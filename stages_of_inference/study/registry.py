@@ -389,6 +389,48 @@ def _sinks(ctx: Context) -> Tables:
                                           progress=ctx.progress, precision=ctx.config.precision)}
 
 
+GENERATION_PROMPT_TOKENS = 16
+"""Tokens of each generation-check prompt (BOS included): the start of a main-batch sequence."""
+CLOZE_CONTEXT_TOKENS = 24
+"""Context tokens of each cloze item in the study (its end)."""
+NEW_TOKENS = 16
+"""Tokens of the greedy continuations the generation check compares."""
+
+
+def _task(ctx: Context) -> Tables:
+    from stages_of_inference.stages import task_damage as td
+
+    config = ctx.config
+    if config.cloze_file is not None:
+        items = td.load_cloze_items(config.cloze_file)
+    else:
+        items = td.cloze_items([t[:SUBJOINER_CHARS] for t in _corpus_texts(config.corpus)], n_items=config.cloze_items,
+                               seed=config.seed)
+    prompts = ctx.tokens.tokens[: config.generation_prompts, :GENERATION_PROMPT_TOKENS]
+    return {"task": td.task_damage(ctx.model, items, prompts, context_tokens=CLOZE_CONTEXT_TOKENS, new_tokens=NEW_TOKENS,
+                                   batch_size=config.batch_size, progress=ctx.progress, precision=config.precision)}
+
+
+def _task_settings(c: StudyConfig) -> dict[str, Any]:
+    from stages_of_inference._utils import file_sha256
+
+    source = {"cloze_file_sha256": file_sha256(Path(c.cloze_file))} if c.cloze_file else {
+        "corpus": c.corpus, "cloze_items": c.cloze_items, "seed": c.seed, "characters_per_document": SUBJOINER_CHARS}
+    return {**source, "context_tokens": CLOZE_CONTEXT_TOKENS, "generation_prompts": c.generation_prompts,
+            "prompt_tokens": GENERATION_PROMPT_TOKENS, "new_tokens": NEW_TOKENS, **_batch(c)}
+
+
+def _task_figures(study: Study, style: Style) -> list[Figure]:
+    tables = tables_of(study, "task", "task")
+    if not tables:
+        return []
+    sweeps = {name: done["robustness"]["summary"] for name, done in study.results.items() if "robustness" in done}
+    return [Figure("task_damage", "Beyond the paper: damage at the task level",
+                   lambda: _plot("task_damage")(tables, style), lambda: rd.read_task(study, sweeps))]
+
+
+register(Analysis(
+    "task", _task, _task_settings, figures=_task_figures))
 register(Analysis(
     "sinks", _sinks, _batch,
     figures=_one("sink_profile", "Beyond the paper: attention sinks, massive activations, residual norms", "sinks",
