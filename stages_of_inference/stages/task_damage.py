@@ -65,17 +65,23 @@ def _word_model() -> HookedTransformer:  # for docstring examples: a tiny model 
     return model
 
 
-def cloze_items(texts: str | Sequence[str], n_items: int = 256, seed: int = 0, context_chars: int = 600) -> list[ClozeItem]:
-    """LAMBADA-like items from any text: a lowercase-led alphabetic word of at least 4 letters
-    that ends a sentence is the answer, the ``context_chars`` characters before it (whitespace
-    normalised, starting at a word) the context. ``n_items`` of them, drawn at random (``seed``)
-    from every candidate, in text order.
+def cloze_items(texts: str | Sequence[str], n_items: int = 256, seed: int = 0, context_chars: int = 600,
+                in_context: bool = True) -> list[ClozeItem]:
+    """LAMBADA-like items from any text: an alphabetic word of at least 4 letters that ends a
+    sentence is the answer, the ``context_chars`` characters before it (whitespace normalised,
+    starting at a word) the context. With ``in_context`` only answers that also occur in their
+    context (as a whole word, any case) are candidates: as in LAMBADA, where most target words occur
+    in the passage, the context then bears on the answer, and an unmodified model gets enough items
+    right for the share a plan retains to mean something. ``n_items`` of them, drawn at random
+    (``seed``) from every candidate, in text order.
 
     Example:
         >>> text = "It was late and the house was dark. " * 3 + "She opened the door and saw the garden."
-        >>> items = cloze_items(text, n_items=2, context_chars=40)
+        >>> items = cloze_items(text, n_items=2, context_chars=40, in_context=False)
         >>> [answer for _, answer in items], items[0][0][-9:]
         (['dark', 'garden'], 'house was')
+        >>> [answer for _, answer in cloze_items(text, n_items=5, context_chars=40)]  # "garden" is new to its context
+        ['dark', 'dark']
     """
     docs = [texts] if isinstance(texts, str) else list(texts)
     n_items = check_count(n_items, "n_items", "a positive number of items")
@@ -88,9 +94,13 @@ def cloze_items(texts: str | Sequence[str], n_items: int = 256, seed: int = 0, c
                 continue
             context = flat[max(0, start - 1 - context_chars) : start - 1]
             context = context[context.find(" ") + 1 :] if start - 1 > context_chars else context
-            candidates.append((context, match.group(1)))
+            word = match.group(1)
+            if in_context and not re.search(rf"\b{word}\b", context, flags=re.IGNORECASE):
+                continue
+            candidates.append((context, word))
     if not candidates:
-        raise ValueError("the text holds no sentence-final word to build cloze items from; give more text")
+        raise ValueError("the text holds no sentence-final word to build cloze items from"
+                         + (" that also occurs in its context" if in_context else "") + "; give more text")
     rng = random.Random(seed)
     chosen = sorted(rng.sample(range(len(candidates)), min(n_items, len(candidates))))
     return [candidates[i] for i in chosen]

@@ -391,8 +391,10 @@ def _sinks(ctx: Context) -> Tables:
 
 GENERATION_PROMPT_TOKENS = 16
 """Tokens of each generation-check prompt (BOS included): the start of a main-batch sequence."""
-CLOZE_CONTEXT_TOKENS = 24
-"""Context tokens of each cloze item in the study (its end)."""
+CLOZE_CONTEXT_CHARS = 100
+"""Characters of text before each cloze answer the study draws (then cut to its last tokens)."""
+CLOZE_CONTEXT_TOKENS = 28
+"""Context tokens of each cloze item in the study (its end; about the 100 characters drawn)."""
 NEW_TOKENS = 16
 """Tokens of the greedy continuations the generation check compares."""
 
@@ -405,7 +407,7 @@ def _task(ctx: Context) -> Tables:
         items = td.load_cloze_items(config.cloze_file)
     else:
         items = td.cloze_items([t[:SUBJOINER_CHARS] for t in _corpus_texts(config.corpus)], n_items=config.cloze_items,
-                               seed=config.seed)
+                               seed=config.seed, context_chars=CLOZE_CONTEXT_CHARS)
     prompts = ctx.tokens.tokens[: config.generation_prompts, :GENERATION_PROMPT_TOKENS]
     return {"task": td.task_damage(ctx.model, items, prompts, context_tokens=CLOZE_CONTEXT_TOKENS, new_tokens=NEW_TOKENS,
                                    batch_size=config.batch_size, progress=ctx.progress, precision=config.precision)}
@@ -415,7 +417,8 @@ def _task_settings(c: StudyConfig) -> dict[str, Any]:
     from stages_of_inference._utils import file_sha256
 
     source = {"cloze_file_sha256": file_sha256(Path(c.cloze_file))} if c.cloze_file else {
-        "corpus": c.corpus, "cloze_items": c.cloze_items, "seed": c.seed, "characters_per_document": SUBJOINER_CHARS}
+        "corpus": c.corpus, "cloze_items": c.cloze_items, "seed": c.seed, "characters_per_document": SUBJOINER_CHARS,
+        "context_chars": CLOZE_CONTEXT_CHARS, "answer_in_context": True}
     return {**source, "context_tokens": CLOZE_CONTEXT_TOKENS, "generation_prompts": c.generation_prompts,
             "prompt_tokens": GENERATION_PROMPT_TOKENS, "new_tokens": NEW_TOKENS, **_batch(c)}
 
