@@ -343,7 +343,9 @@ def _check_finite(sums: dict[str, np.ndarray], seam: ModelSeam, batch: Tensor, o
         return
     with autocast(precision, seam.device):
         where = _first_nonfinite_block(seam, batch, order)
-    hint = "check the model's weights" if precision == "fp32" else f"check the model's weights, or run with precision='fp32' (this ran in {precision})"
+    hint = "check the model's weights"
+    if precision != "fp32":
+        hint += f", or run with precision='fp32' (this ran in {precision})"
     raise NonFiniteError(f"the plan {list(order)} gives NaN or infinite metrics: {where}; {hint} "
                          "(no number of this sweep is returned)")
 

@@ -143,7 +143,7 @@ class StudyConfig:
     cloze_file: str | None = field(default=None, metadata=_cli(
         "--cloze-file", "a JSON-lines file of {\"context\": ..., \"answer\": ...} items for the task analysis "
         "(default: items from the corpus)"))
-    generation_prompts: int = field(default=6, metadata=_cli(
+    generation_prompts: int = field(default=4, metadata=_cli(
         "--generation-prompts", "prompts of the task analysis's generation check (default: %(default)s)",
         type=_positive))
     precision: str = field(default="fp32", metadata=_cli(

@@ -357,8 +357,11 @@ def read_task(study: Study, sweeps: dict[str, pd.DataFrame]) -> str:
                 f"{int(base['n_items'])} cloze items right and continues its {int(base['n_prompts'])} prompts by "
                 f"{_fmt(base['shared_tokens'], 0)} tokens. Deleting " + "; ".join(said) + " retained. ")
         text += (f"For {len(harder)} of {len(drops)} deletions the cloze task loses over 10 points more than token-level "
-                 "accuracy does: likelihood-level metrics understate their damage." if len(harder)
-                 else "The task-level measures tell the same story as token-level accuracy.")
+                 "accuracy does. " if len(harder) else "Cloze accuracy tells the same story as token-level accuracy. ")
+        text += (f"On average a deletion keeps {_fmt(100 * drops['generation_retained'].mean(), 0)} % of the greedy "
+                 f"continuation against {_fmt(100 * drops['token_retained'].mean(), 0)} % of token-level accuracy"
+                 + (": generation shows damage that the token-level metric hides."
+                    if drops["generation_retained"].mean() < drops["token_retained"].mean() - 0.1 else "."))
         if int(base["n_items"]) < 100:
             text += (f" With {int(base['n_items'])} items a cloze share moves in steps of "
                      f"{_fmt(100 / max(1, round(base['cloze_accuracy'] * base['n_items'])), 0)} points of the retained "

@@ -393,8 +393,8 @@ GENERATION_PROMPT_TOKENS = 16
 """Tokens of each generation-check prompt (BOS included): the start of a main-batch sequence."""
 CLOZE_CONTEXT_CHARS = 100
 """Characters of text before each cloze answer the study draws (then cut to its last tokens)."""
-CLOZE_CONTEXT_TOKENS = 28
-"""Context tokens of each cloze item in the study (its end; about the 100 characters drawn)."""
+CLOZE_CONTEXT_TOKENS = 24
+"""Context tokens of each cloze item in the study (the end of the 100 characters drawn)."""
 NEW_TOKENS = 16
 """Tokens of the greedy continuations the generation check compares."""
 
