@@ -96,7 +96,8 @@ class PrecisionCheck:
         """One line: whether the numbers can stand for fp32 ones, and the figures behind it."""
         s = self.summary
         verdict = "can stand for the paper's fp32 numbers" if s["stands"] else "cannot stand for the paper's fp32 numbers"
-        return (f"The {s['precision']} numbers {verdict}: re-run in fp32 on {s['n_sequences']} sequences, "
+        sequences = f"{s['n_sequences']} sequence" + ("s" if s["n_sequences"] != 1 else "")
+        return (f"The {s['precision']} numbers {verdict}: re-run in fp32 on {sequences}, "
                 f"{s['n_plans']} plans' KL moved by a median {100 * s['kl_median_rel']:.2f} % and at most "
                 f"{s['kl_max_abs']:.4f} nats (rank correlation {s['kl_rank_correlation']:.3f}); loss by at most "
                 f"{s['loss_max_abs']:.4f} nats, accuracy by at most {s['accuracy_max_abs']:.4f}.")
