@@ -46,6 +46,9 @@ def test_generation_check_equals_greedy_decoding(tiny_model: HookedTransformer, 
     n = tiny_model.cfg.n_layers
     df = td.generation_check(tiny_model, prompts, [_plan(n, k, i) for k, i in CASES], new_tokens=steps, batch_size=2,
                              progress=False)
+    twice = td.generation_check(tiny_model, prompts, [_plan(n, "drop", 2), _plan(n, "drop", 2)], new_tokens=steps,
+                                progress=False)  # a plan given twice is computed once and reported twice
+    assert twice["shared_tokens"].tolist() == [df["shared_tokens"].iloc[2]] * 2
     reference = _greedy(tiny_model, prompts, steps)
     for row, (kind, layer) in zip(df.itertuples(), CASES):
         own = _greedy(_runner(tiny_model, kind, layer), prompts, steps)

@@ -184,11 +184,11 @@ def _plan_correct(model: HookedTransformer, tokens: Tensor, plans: Sequence[Laye
     summary, per_token = evaluate_plans(model, tokens, plans, batch_size=batch_size, per_token=True, progress=progress,
                                         precision=precision)
     n_seq, n_pos = tokens.shape[0], tokens.shape[1] - 2
-    plan_index = {p: k for k, p in enumerate(summary["plan"])}
-    order = per_token["plan"].map(plan_index).to_numpy()
-    correct = np.zeros((len(plans), n_seq, n_pos), dtype=bool)
-    correct[order, per_token["sequence"].to_numpy(), per_token["position"].to_numpy() - 1] = per_token["correct"]
-    return correct, summary
+    distinct = {p: k for k, p in enumerate(dict.fromkeys(summary["plan"]))}  # the per-token table has each order once
+    correct = np.zeros((len(distinct), n_seq, n_pos), dtype=bool)
+    rows = per_token["plan"].map(distinct).to_numpy()
+    correct[rows, per_token["sequence"].to_numpy(), per_token["position"].to_numpy() - 1] = per_token["correct"]
+    return correct[[distinct[p] for p in summary["plan"]]], summary
 
 
 def cloze_scores(
