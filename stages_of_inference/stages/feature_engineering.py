@@ -143,8 +143,23 @@ def logit_lens(
     source, tokens = tokens, check_tokens(model, tokens, min_len=3)
     check_convention(convention)
     pts = _check_points(points, model.cfg.n_layers + 1)
-    lens_pass = _lens_pass(model, tokens, convention, batch_size, chunk_tokens, progress, pts, precision, depth=False)
-    return _lens_table(model, source, tokens, convention, batch_size, chunk_tokens, pts, precision, lens_pass)
+    settings = _LensSettings(convention, batch_size, chunk_tokens, progress, precision)
+    return _lens_table(model, source, tokens, pts, settings, _lens_pass(model, tokens, pts, settings, depth=False))
+
+
+@dataclass(frozen=True)
+class _LensSettings:
+    """How a lens pass runs (checked by the public functions that make it)."""
+
+    convention: str
+    batch_size: int
+    chunk_tokens: int
+    progress: bool
+    precision: str
+
+    def record(self) -> dict[str, Any]:
+        """The settings a result's provenance records."""
+        return {"convention": self.convention, "batch_size": self.batch_size, "precision": self.precision}
 
 
 @dataclass(frozen=True)
@@ -160,8 +175,8 @@ class _LensPass:
     depth_wrong: Tensor | None = None
 
 
-def _lens_pass(model: HookedTransformer, tokens: Tensor, convention: str, batch_size: int, chunk_tokens: int,
-               progress: bool, pts: list[int], precision: str, depth: bool) -> _LensPass:
+def _lens_pass(model: HookedTransformer, tokens: Tensor, pts: list[int], settings: _LensSettings,
+               depth: bool) -> _LensPass:
     """Stream the lens over ``tokens``: the sums behind :func:`logit_lens` and, with ``depth``
     (every readout in ``pts``, in order), the prediction-depth counts behind :func:`prediction_depth`.
     """
@@ -169,12 +184,13 @@ def _lens_pass(model: HookedTransformer, tokens: Tensor, convention: str, batch_
     n_points = model.cfg.n_layers + 1
     final = n_points - 1
     columns = list(_LENS_METRICS)
+    convention, precision = settings.convention, settings.precision
     with torch.inference_mode():
         sums = torch.zeros(len(pts), len(columns), n_seq, dtype=torch.float64)  # on the CPU (MPS has no float64)
         right = torch.zeros(n_seq, n_points, dtype=torch.float64) if depth else None
         wrong = torch.zeros(n_seq, n_points, dtype=torch.float64) if depth else None
-        chunks = iter_lens(model, tokens, convention, batch_size=batch_size, chunk_tokens=chunk_tokens, progress=progress,
-                           precision=precision)
+        chunks = iter_lens(model, tokens, convention, batch_size=settings.batch_size, chunk_tokens=settings.chunk_tokens,
+                           progress=settings.progress, precision=precision)
         # Lens logits are linear in the readout (readout @ W_U) unless the model soft-caps its
         # logits or they are rounded to a low precision; then the KL needs only a float64 summary
         # of the final readout's distribution per row (metrics.LinearReference), and logit_metrics
@@ -216,12 +232,13 @@ def _lens_pass(model: HookedTransformer, tokens: Tensor, convention: str, batch_
     return _LensPass(sums, right, wrong)
 
 
-def _lens_table(model: HookedTransformer, source: Any, tokens: Tensor, convention: str, batch_size: int,
-                chunk_tokens: int, pts: list[int], precision: str, lens_pass: _LensPass) -> pd.DataFrame:
+def _lens_table(model: HookedTransformer, source: Any, tokens: Tensor, pts: list[int], settings: _LensSettings,
+                lens_pass: _LensPass) -> pd.DataFrame:
     """The :func:`logit_lens` table of one lens pass (refused if a readout is not finite)."""
     n_seq, pos = tokens.shape
     n_points = model.cfg.n_layers + 1
     columns = list(_LENS_METRICS)
+    convention = settings.convention
     per_seq = lens_pass.sums / (pos - 2)
     if first_nonfinite(per_seq) is not None:
         # where the readouts themselves break: the columns that do not compare with the output's
@@ -246,8 +263,8 @@ def _lens_table(model: HookedTransformer, source: Any, tokens: Tensor, conventio
         row["n_tokens"] = n_seq * (pos - 2)
         rows.append(row)
     df = pd.DataFrame(rows)
-    record = provenance(model, source, analysis="logit_lens", convention=convention, batch_size=batch_size,
-                        chunk_tokens=chunk_tokens, positions="1..pos-2", points=pts, precision=precision)
+    record = provenance(model, source, analysis="logit_lens", **settings.record(), chunk_tokens=settings.chunk_tokens,
+                        positions="1..pos-2", points=pts)
     return with_provenance(df, record)
 
 
@@ -297,8 +314,8 @@ def prediction_depth(
     source, tokens = tokens, check_tokens(model, tokens, min_len=3)
     check_convention(convention)
     pts = list(range(model.cfg.n_layers + 1))
-    lens_pass = _lens_pass(model, tokens, convention, batch_size, chunk_tokens, progress, pts, precision, depth=True)
-    return _depth_tables(model, source, convention, batch_size, precision, lens_pass)
+    settings = _LensSettings(convention, batch_size, chunk_tokens, progress, precision)
+    return _depth_tables(model, source, settings, _lens_pass(model, tokens, pts, settings, depth=True))
 
 
 def lens_with_depth(
@@ -323,16 +340,17 @@ def lens_with_depth(
     source, tokens = tokens, check_tokens(model, tokens, min_len=3)
     check_convention(convention)
     pts = list(range(model.cfg.n_layers + 1))
-    lens_pass = _lens_pass(model, tokens, convention, batch_size, chunk_tokens, progress, pts, precision, depth=True)
-    lens = _lens_table(model, source, tokens, convention, batch_size, chunk_tokens, pts, precision, lens_pass)
-    return (lens, *_depth_tables(model, source, convention, batch_size, precision, lens_pass))
+    settings = _LensSettings(convention, batch_size, chunk_tokens, progress, precision)
+    lens_pass = _lens_pass(model, tokens, pts, settings, depth=True)
+    return (_lens_table(model, source, tokens, pts, settings, lens_pass), *_depth_tables(model, source, settings, lens_pass))
 
 
-def _depth_tables(model: HookedTransformer, source: Any, convention: str, batch_size: int, precision: str,
+def _depth_tables(model: HookedTransformer, source: Any, settings: _LensSettings,
                   lens_pass: _LensPass) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The two :func:`prediction_depth` tables of a lens pass that counted depths."""
     right, wrong = lens_pass.depth_right, lens_pass.depth_wrong
     n_points = right.shape[1]
+    convention = settings.convention
     both = right + wrong
     readouts = torch.arange(n_points, dtype=torch.float64)
     total, n_right, n_wrong = float(both.sum()), float(right.sum()), float(wrong.sum())
@@ -363,8 +381,7 @@ def _depth_tables(model: HookedTransformer, source: Any, convention: str, batch_
         "n_tokens": int(total),
         "n_right": int(n_right),
     }])
-    record = provenance(model, source, analysis="prediction_depth", convention=convention, batch_size=batch_size,
-                        positions="1..pos-2", precision=precision,
+    record = provenance(model, source, analysis="prediction_depth", **settings.record(), positions="1..pos-2",
                         definition="first lens readout from which the top-1 equals the final readout's at every later one")
     return with_provenance(dist, record), with_provenance(summary, dict(record))
 
