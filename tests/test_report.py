@@ -97,6 +97,7 @@ def test_two_models_study_report_and_data_files(tmp_path: Path, corpus: Path) ->
         assert f"id='{name}'" in page
         assert study.readings[name].strip(), f"no reading for {name}"
     assert "tiny-llama" in page and "tiny-gpt2" in page and "Provenance" in page and "Settings" in page
+    assert "The same boundaries, by the signals beyond the paper" in page and "sink heads take over" in page
     assert "Not drawn" not in page
     # both models overlaid in one figure, one colour each
     names = {t.name for t in study.figures["robustness"].data if t.name and "±" not in t.name}

@@ -88,3 +88,20 @@ def test_the_real_model_has_a_sink_and_massive_activations(real_model: HookedTra
     assert late["sink_attention"].median() > 0.5
     assert df["massive_ratio"].max() > 100
     assert int(df.loc[df["massive_ratio"].idxmax(), "max_position"]) == 0
+
+
+def test_stage_signals_put_each_boundary_beside_the_rule() -> None:
+    import pandas as pd
+
+    from stages_of_inference.stages.placement import AGREEMENT, stage_signals
+
+    stages = pd.DataFrame({"stage": ["detokenization", "feature engineering", "prediction ensembling",
+                                     "residual sharpening"], "first_layer": [0, 3, 10, 19], "n_blocks": [3, 7, 9, 2]})
+    sinks = pd.DataFrame({"layer": range(21), "massive_ratio": [2.0] * 21, "sink_heads_share": [0.0] * 10 + [0.6] * 11})
+    depth = pd.DataFrame({"convention": ["paper", "per_layer_norm"], "median_depth": [5, 21]})
+    out = stage_signals(stages, sinks, depth)
+    assert out["boundary"].tolist() == ["feature engineering", "prediction ensembling", "residual sharpening"]
+    assert out["layer"].tolist() == [-1, 10, 20]  # massive activations never switch on; depth 21 = after block 20
+    assert out["rule_layer"].tolist() == [3, 10, 19]
+    assert out["agrees"].tolist() == [False, True, abs(20 / 20 - 19 / 20) <= AGREEMENT]
+    assert stage_signals(stages, None, depth)["signal"].tolist() == ["half the predictions have settled"]

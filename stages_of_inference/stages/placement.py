@@ -12,7 +12,7 @@ import pandas as pd
 
 from stages_of_inference._tables import _n_layers, _require, _table, result_model
 
-__all__ = ["STAGES", "first_peak", "place_stages"]
+__all__ = ["AGREEMENT", "STAGES", "first_peak", "place_stages", "stage_signals"]
 
 STAGES = ("detokenization", "feature engineering", "prediction ensembling", "residual sharpening")
 """The four stages of inference, in depth order (Lad et al. 2024)."""
@@ -228,3 +228,70 @@ def _ensembling_start(lens: Any, counts: pd.DataFrame | None, entropy_fall: floa
         c = int(np.nonzero(pred >= max(1, 0.1 * pred.max()))[0][0])
         return c, f"first block with at least a tenth of the peak count of prediction neurons ({c})"
     return None, ""
+
+
+AGREEMENT = 0.1
+"""A signal agrees with the rule when the boundaries are at most this far apart in relative depth."""
+
+_MASSIVE = 100.0
+
+
+def stage_signals(stages: pd.DataFrame, sinks: pd.DataFrame | None = None,
+                  depth: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The boundary each signal beyond the paper suggests, beside the rule's (:func:`place_stages`).
+
+    * *massive activations switch on* (the ``sinks`` profile): the first block entering which the
+      largest residual activation is at least 100 times the median; suggests the end of
+      detokenization (the start of feature engineering);
+    * *sink heads take over* (the same profile): the first block where at least half of the heads
+      put more than half of their attention on the first token; suggests the start of prediction
+      ensembling;
+    * *half the predictions have settled* (the ``depth_summary`` of
+      :func:`~stages_of_inference.stages.feature_engineering.prediction_depth`): the block after
+      which the median token's top-1 stays the final one; suggests the start of residual sharpening.
+
+    Args:
+        stages: the stage table of the model (:func:`place_stages`).
+        sinks: its ``sink_profile`` table, or ``None``.
+        depth: its prediction-depth summary (one convention's row is used), or ``None``.
+
+    Returns:
+        One row per signal available: ``signal``, ``boundary`` (the stage it suggests starts
+        there), ``layer``, ``relative_depth``, ``rule_layer``, ``rule_depth`` (the rule's first
+        block of that stage), ``agrees`` (within :data:`AGREEMENT` of relative depth; False where
+        the signal never fires, ``layer`` -1).
+
+    Example:
+        >>> import pandas as pd
+        >>> stages = pd.DataFrame({"stage": ["detokenization", "feature engineering", "prediction ensembling",
+        ...                                  "residual sharpening"], "first_layer": [0, 2, 6, 9]})
+        >>> sinks = pd.DataFrame({"layer": range(10), "massive_ratio": [1, 5, 300] + [900] * 7,
+        ...                       "sink_heads_share": [0] * 3 + [.75] * 7})
+        >>> stage_signals(stages, sinks)[["boundary", "layer", "rule_layer", "agrees"]].values.tolist()
+        [['feature engineering', 2, 2, True], ['prediction ensembling', 3, 6, False]]
+    """
+    first = dict(zip(stages["stage"], stages["first_layer"].astype(int)))
+    n = int(stages["n_blocks"].sum()) if "n_blocks" in stages else None
+    found: list[tuple[str, str, int]] = []
+    if sinks is not None:
+        n = n or len(sinks)
+        ordered = sinks.sort_values("layer")
+        massive = ordered[ordered["massive_ratio"] >= _MASSIVE]
+        found.append(("massive activations switch on", "feature engineering",
+                      int(massive["layer"].iloc[0]) if len(massive) else -1))
+        sinky = ordered[ordered["sink_heads_share"] >= 0.5]
+        found.append(("sink heads take over", "prediction ensembling", int(sinky["layer"].iloc[0]) if len(sinky) else -1))
+    if depth is not None:
+        row = depth[depth["convention"] == "per_layer_norm"].iloc[0] if (depth["convention"] == "per_layer_norm").any() \
+            else depth.iloc[0]
+        found.append(("half the predictions have settled", "residual sharpening", max(int(row["median_depth"]) - 1, 0)))
+    n = n or max([layer for _, _, layer in found] + [1]) + 1
+    rows = []
+    for signal, boundary, layer in found:
+        rule = first.get(boundary, -1)
+        rows.append({"signal": signal, "boundary": boundary, "layer": layer,
+                     "relative_depth": layer / (n - 1) if layer >= 0 and n > 1 else float("nan"),
+                     "rule_layer": rule, "rule_depth": rule / (n - 1) if rule >= 0 and n > 1 else float("nan")})
+    out = pd.DataFrame(rows, columns=["signal", "boundary", "layer", "relative_depth", "rule_layer", "rule_depth"])
+    out["agrees"] = (out["layer"] >= 0) & ((out["relative_depth"] - out["rule_depth"]).abs() <= AGREEMENT)
+    return out

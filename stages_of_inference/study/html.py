@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages_of_inference._utils import atomic_write_text
-from stages_of_inference.study.readings import read_precision, read_stages
+from stages_of_inference.study.readings import read_precision, read_signals, read_stages
 
 __all__ = ["build_report"]
 
@@ -103,6 +103,9 @@ def build_report(study: Study) -> Path:
     config = study.config
     stage_text = read_stages(study)
     precision_text = read_precision(study)
+    signals_text = read_signals(study)
+    signals_section = (f"<h3>The same boundaries, by the signals beyond the paper</h3><div class='reading'>{signals_text}</div>"
+                       if signals_text else "")
     precision_section = (f"<h2>Precision: {html.escape(config.precision)} against fp32</h2><p>The models' matrix products "
                          f"and attention ran in {html.escape(config.precision)}; residual streams and every metric in "
                          "fp32. The sweep re-ran a fixed subset of its plans in fp32 on its first sequences:</p>"
@@ -126,6 +129,7 @@ leading fragile blocks and after the first peak of previous-token attention; pre
 block after which the paper-convention logit-lens entropy has fallen by a quarter of its total fall; residual
 sharpening is the trailing run of blocks that are fragile or hold more suppression than prediction neurons.</p>
 <div class="reading">{stage_text or 'No stage placement: the study ran none of the analyses it needs.'}</div>
+{signals_section}
 {precision_section}
 {''.join(sections)}
 <h2>Provenance</h2>

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from stages_of_inference.stages.placement import first_peak
+from stages_of_inference.stages.placement import AGREEMENT, first_peak, stage_signals
 
 __all__ = ["named_tables", "read_attention", "read_lens", "read_neurons", "read_patterns", "read_precision", "read_probes",
-    "read_repetition", "read_robustness", "read_sinks", "read_depth", "read_task", "read_sharpening", "read_similarity", "read_stages", "read_subjoiner"]
+    "read_repetition", "read_robustness", "read_signals", "read_sinks", "read_depth", "read_task", "read_sharpening", "read_similarity", "read_stages", "read_subjoiner"]
 
 if TYPE_CHECKING:
     from stages_of_inference.study.run import Study
@@ -368,3 +368,29 @@ def read_task(study: Study, sweeps: dict[str, pd.DataFrame]) -> str:
                      "share: read it as a sign, and run --cloze-items 256 (or --cloze-file) for an estimate.")
         parts.append(text)
     return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""
+
+
+def read_signals(study: Study) -> str:
+    """Per model: the boundaries the signals beyond the paper suggest, beside the rule's, as a
+    table and one line saying whether they agree (:func:`~stages_of_inference.stages.placement.stage_signals`).
+    """
+    parts = []
+    for name, table in study.stages.items():
+        done = study.results.get(name, {})
+        sinks = done["sinks"].tables.get("profile") if "sinks" in done else None
+        depth = done["logit_lens"].tables.get("depth_summary") if "logit_lens" in done else None
+        if table is None or table.empty or (sinks is None and depth is None):
+            continue
+        signals = stage_signals(table, sinks, depth)
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+                r.signal, r.boundary, "never" if r.layer < 0 else f"block {r.layer} ({_fmt(r.relative_depth)})",
+                f"block {r.rule_layer} ({_fmt(r.rule_depth)})", "yes" if r.agrees else "no")) + "</tr>"
+            for r in signals.itertuples())
+        head = "".join(f"<th>{h}</th>" for h in ("signal", "suggests the start of", "where", "the rule's", "agree"))
+        agree = int(signals["agrees"].sum())
+        verdict = ("they agree with the rule" if agree == len(signals) else
+                   f"{agree} of {len(signals)} agree with the rule")
+        parts.append(f"<p><b>{html.escape(name)}</b>: {verdict} (within {AGREEMENT} of relative depth).</p>"
+                     f"<table><tr>{head}</tr>{rows}</table>")
+    return "".join(parts)
