@@ -310,12 +310,9 @@ def prediction_depth(
         >>> list(dist["layer"]), round(float(dist["share"].sum()), 6), int(summary["n_tokens"].iloc[0])
         ([0, 1, 2], 1.0, 12)
     """
-    model = check_model(model)
-    source, tokens = tokens, check_tokens(model, tokens, min_len=3)
-    check_convention(convention)
-    pts = list(range(model.cfg.n_layers + 1))
     settings = _LensSettings(convention, batch_size, chunk_tokens, progress, precision)
-    return _depth_tables(model, source, settings, _lens_pass(model, tokens, pts, settings, depth=True))
+    model, source, _, _, lens_pass = _depth_pass(model, tokens, settings)
+    return _depth_tables(model, source, settings, lens_pass)
 
 
 def lens_with_depth(
@@ -336,13 +333,21 @@ def lens_with_depth(
         >>> len(lens) == len(dist) == 3, len(summary)
         (True, 1)
     """
+    settings = _LensSettings(convention, batch_size, chunk_tokens, progress, precision)
+    model, source, tokens, pts, lens_pass = _depth_pass(model, tokens, settings)
+    return (_lens_table(model, source, tokens, pts, settings, lens_pass), *_depth_tables(model, source, settings, lens_pass))
+
+
+def _depth_pass(model: HookedTransformer, tokens: Tokens,
+                settings: _LensSettings) -> tuple[HookedTransformer, Any, Tensor, list[int], _LensPass]:
+    """Check the inputs and run a lens pass over every readout that counts prediction depths:
+    the checked model, the tokens as given (for provenance) and as a tensor, the readouts, the pass.
+    """
     model = check_model(model)
     source, tokens = tokens, check_tokens(model, tokens, min_len=3)
-    check_convention(convention)
+    check_convention(settings.convention)
     pts = list(range(model.cfg.n_layers + 1))
-    settings = _LensSettings(convention, batch_size, chunk_tokens, progress, precision)
-    lens_pass = _lens_pass(model, tokens, pts, settings, depth=True)
-    return (_lens_table(model, source, tokens, pts, settings, lens_pass), *_depth_tables(model, source, settings, lens_pass))
+    return model, source, tokens, pts, _lens_pass(model, tokens, pts, settings, depth=True)
 
 
 def _depth_tables(model: HookedTransformer, source: Any, settings: _LensSettings,
