@@ -295,3 +295,20 @@ def test_the_gpu_check_script_runs_its_measurements_on_a_cpu() -> None:
                           cwd=root, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "bf16 / fp32 sweep speed-up" in done.stdout and "% of the measured bf16 matmul rate" in done.stdout
+
+
+@pytest.mark.parametrize("family", ["gpt2", "parallel", "llama"])
+def test_the_bf16_sweep_equals_the_authors_methods_under_autocast(family: str, tiny_tokens: torch.Tensor) -> None:
+    """The authors' interventions (zeroed block outputs, weights swapped and the model rebuilt) run
+    under torch's autocast to bf16, scored exactly: the bf16 sweep agrees to bf16 rounding."""
+    from tests.test_robustness import authors_metrics
+
+    model = make_tiny_model(family)
+    summary = soi.robustness_sweep(model, tiny_tokens, progress=False, precision="bf16", check_sequences=0).summary
+    with torch.no_grad(), autocast("bf16", "cpu"):
+        base = model(tiny_tokens).float()
+        for kind, layer in [("drop", 0), ("drop", 2), ("swap", 1)]:
+            want = authors_metrics(model, tiny_tokens, kind, layer, base)
+            row = summary[(summary["kind"] == kind) & (summary["layer"] == layer)].iloc[0]
+            assert abs(row["kl_nats"] - want["kl_nats"]) <= 0.03 + 0.05 * want["kl_nats"], (kind, layer)
+            assert abs(row["loss"] - want["loss"]) <= 0.03, (kind, layer)
