@@ -67,6 +67,8 @@ __all__ = [
     "subjoiner_patterns",
     "subjoiner_scores",
     "task_damage",
+    "layer_effects",
+    "sublayer_deletion",
 ]
 
 BLOCK_DEPTH = "relative depth (block i / (n_layers - 1))"
@@ -87,8 +89,9 @@ _METRICS = {  # sweep column -> (axis title, per-token column, how the per-token
     "accuracy": ("top-1 accuracy (fraction)", "correct"),
     "entropy_bits": ("output entropy (bits)", "entropy_bits"),
 }
-_KIND_DASH = {"drop": "solid", "swap": "dash"}
-_KIND_NAME = {"drop": "delete block", "swap": "swap with next"}
+_KIND_DASH = {"drop": "solid", "swap": "dash", "drop_attention": "dot", "drop_mlp": "dashdot"}
+_KIND_NAME = {"drop": "delete block", "swap": "swap with next", "drop_attention": "delete attention only",
+              "drop_mlp": "delete MLP only"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +272,8 @@ def robustness(
     Args:
         results: a sweep result (``robustness_sweep``), its summary, or a list of them.
         metrics: summary columns to draw, one panel each.
-        kinds: ``"drop"``, ``"swap"`` or both.
+        kinds: any of ``"drop"``, ``"swap"``, ``"drop_attention"``, ``"drop_mlp"`` (a kind a
+            table lacks is left out).
         stages: stage bands (:func:`place_stages`) or ``None``.
         colors: model name -> colour.
         log_kl: draw KL on a log axis (its values span several orders of magnitude).
@@ -287,7 +291,7 @@ def robustness(
         raise ValueError(f"unknown metric(s) {unknown or list(metrics)}; allowed: {', '.join(_METRICS)}")
     bad = [k for k in kinds if k not in _KIND_DASH]
     if bad or not kinds:
-        raise ValueError(f"unknown kind(s) {bad or list(kinds)}; allowed: 'drop', 'swap'")
+        raise ValueError(f"unknown kind(s) {bad or list(kinds)}; allowed: {', '.join(map(repr, _KIND_DASH))}")
     palette = model_colors(items, colors)
     n_cols = 2 if len(metrics) > 1 else 1
     n_rows = (len(metrics) + n_cols - 1) // n_cols
@@ -312,8 +316,98 @@ def robustness(
                 fig.update_yaxes(type="log", tickvals=_LOG_TICKS, ticktext=[f"{v:g}" for v in _LOG_TICKS], row=r, col=c)
     _depth_axes(fig)
     add_stage_bands(fig, stages, palette)
-    return _layout(fig, "Robustness: deleting one block or swapping two adjacent blocks",
-                   height=330 * n_rows + 110)
+    title = "Robustness: deleting one block or swapping two adjacent blocks" if set(kinds) <= {"drop", "swap"} else \
+        "Robustness: " + ", ".join(_KIND_NAME[k] for k in kinds)
+    return _layout(fig, title, height=330 * n_rows + 110)
+
+
+def sublayer_deletion(results: Results, stages: Stages = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+    """Deleting a block's attention only (dotted) or its MLP only (dash-dot), beside deleting the
+    whole block (solid) where the table has it: KL and top-1 accuracy retained, ±1 s.e.
+
+    Args:
+        results: sweep summaries with ``kind`` ``drop_attention`` / ``drop_mlp`` (and ``drop``) rows.
+        stages: stage bands (:func:`place_stages`) or ``None``.
+        colors: model name -> colour.
+
+    Example:
+        >>> import pandas as pd
+        >>> s = pd.DataFrame({"kind": ["none", "drop_attention", "drop_mlp"], "layer": pd.array([None, 0, 0], dtype="Int64"),
+        ...                   "relative_depth": [None, 0, 0], "kl_nats": [0, .3, 2], "relative_accuracy": [1, .9, .4]})
+        >>> [t.name for t in sublayer_deletion(s).data]
+        ['model: delete attention only', 'model: delete MLP only', 'model: delete attention only', 'model: delete MLP only']
+    """
+    fig = robustness(results, metrics=("kl_nats", "relative_accuracy"), kinds=("drop", "drop_attention", "drop_mlp"),
+                     stages=stages, colors=colors)
+    return _layout(fig, "Beyond the paper · deleting only a block's attention (dotted) or only its MLP (dash-dot), "
+                        "beside the whole block (solid)", height=480)
+
+
+def layer_effects(results: Results, stages: Stages = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+    """The layer-effect matrix (after Csordás et al. 2025), one heatmap per model: for a deleted
+    block (x) and each later block (y), how much what the later block writes changes (mean over
+    tokens of ``|| c_j(skip i) - c_j || / || c_j ||``, colour on a log scale); below, per block of
+    the unmodified model, its contribution's size relative to the residual it reads and their cosine.
+
+    Args:
+        results: ``layer_effects`` table(s) of a sweep with deletions
+            (:func:`stages_of_inference.robustness.robustness_sweep` with ``layer_effects=True``).
+        stages: stage bands for the line panel (:func:`place_stages`) or ``None``.
+        colors: model name -> colour.
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"kind": ["none", "none", "drop"], "relative_depth": [None, None, 0.0],
+        ...                    "block_relative_depth": [0.0, 1.0, 1.0], "relative_change": [0, 0, .4],
+        ...                    "relative_size": [2, .5, .6], "cosine": [-.1, .2, .1]})
+        >>> [type(t).__name__ for t in layer_effects(df).data]
+        ['Heatmap', 'Scatter', 'Scatter']
+    """
+    items = _as_list(results)
+    palette = model_colors(items, colors)
+    n = len(items)
+    names = [result_model(r) for r in items]
+    wide = [{"colspan": n}] + [None] * (n - 1)
+    fig = make_subplots(rows=3, cols=n, specs=[[{}] * n, wide, wide], row_heights=[0.56, 0.22, 0.22],
+                        vertical_spacing=0.09, horizontal_spacing=0.08,
+                        subplot_titles=[f"{name}: change of what block j writes when block i is deleted"
+                                        for name in names] + ["the unmodified model: |c_j| / |resid_pre_j|",
+                                                              "the unmodified model: cosine(c_j, resid_pre_j)"])
+    ticks = [0.01, 0.03, 0.1, 0.3, 1, 3]
+    for k, (result, name) in enumerate(zip(items, names), start=1):
+        df = _table(result)
+        _require(df, ["kind", "relative_depth", "block_relative_depth", "relative_change", "relative_size", "cosine"],
+                 "layer_effects")
+        drops = df[df["kind"] == "drop"]
+        grid = drops.pivot_table(index="block_relative_depth", columns="relative_depth", values="relative_change")
+        z = np.log10(grid.to_numpy(dtype=float).clip(min=1e-4))
+        fig.add_trace(go.Heatmap(
+            x=grid.columns.to_numpy(dtype=float), y=grid.index.to_numpy(dtype=float), z=z, zmin=-2, zmax=0.5,
+            colorscale="Viridis", showscale=k == 1, customdata=grid.to_numpy(dtype=float),
+            colorbar={"title": "relative change", "tickvals": np.log10(ticks), "ticktext": [f"{t:g}" for t in ticks],
+                      "len": 0.5, "y": 0.76},
+            hovertemplate=f"{name}<br>deleted block at depth %{{x:.2f}}<br>block at depth %{{y:.2f}}"
+                          "<br>relative change %{customdata:.3g}<extra></extra>",
+        ), row=1, col=k)
+        fig.update_xaxes(title_text="deleted block i, relative depth", range=list(_X_RANGE), row=1, col=k)
+        fig.update_yaxes(title_text="later block j, relative depth" if k == 1 else None, range=list(_X_RANGE),
+                         row=1, col=k)
+        base = df[df["kind"] == "none"].sort_values("block_relative_depth")
+        _line(fig, base["block_relative_depth"], base["relative_size"], name, palette[name], row=2, col=1,
+              hover=" (|c| / |resid_pre|)")
+        _line(fig, base["block_relative_depth"], base["cosine"], name, palette[name], row=3, col=1,
+              showlegend=False, hover=" (cosine)")
+    fig.update_xaxes(range=list(_X_RANGE), row=2, col=1)
+    fig.update_xaxes(title_text=BLOCK_DEPTH, range=list(_X_RANGE), row=3, col=1)
+    ratio_ticks = [0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50]
+    fig.update_yaxes(title_text="ratio (log)", type="log", tickvals=ratio_ticks, ticktext=[f"{t:g}" for t in ratio_ticks],
+                     row=2, col=1)
+    fig.update_yaxes(title_text="cosine", row=3, col=1)
+    fig.add_hline(y=0, line={"color": "#888", "width": 1}, row=3, col=1)
+    add_stage_bands(fig, stages, palette)
+    fig = _layout(fig, "Beyond the paper · the layer-effect matrix: which blocks later blocks depend on", height=1000)
+    fig.update_layout(legend={"orientation": "h", "x": 0, "y": -0.07, "yanchor": "top"}, margin={"b": 110})
+    return fig
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,16 +23,28 @@ from stages_of_inference._utils import check_model, check_tokens, relative_depth
 from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.checkpoint import SweepCheckpoint, refuse_mismatch, sweep_fingerprint
 from stages_of_inference.interventions.deviation import check_plan_ids, precision_check
+from stages_of_inference.interventions.effects import aggregate_effects
 from stages_of_inference.interventions.executor import BatchResult, aggregate, iter_plan_batches
 from stages_of_inference.interventions.options import EngineOptions
 from stages_of_inference.interventions.plan import LayerPlan
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS
 from stages_of_inference.results import PROVENANCE_FILE, Result, provenance, weights_hash  # noqa: F401 (public here too)
 
-__all__ = ["PER_TOKEN_COLUMNS", "SUMMARY_COLUMNS", "SWEEP_KINDS", "SweepResult", "robustness_sweep", "weights_hash"]
+__all__ = ["EFFECT_COLUMNS", "PAPER_KINDS", "PER_TOKEN_COLUMNS", "SUMMARY_COLUMNS", "SWEEP_KINDS", "SweepResult",
+           "robustness_sweep", "summary_on", "weights_hash"]
 
-SWEEP_KINDS = ("drop", "swap")
-"""The interventions :func:`robustness_sweep` knows."""
+SWEEP_KINDS = ("drop", "swap", "drop_attention", "drop_mlp")
+"""The interventions :func:`robustness_sweep` knows: delete a block, swap it with the next, delete
+only its attention, delete only its MLP."""
+
+PAPER_KINDS = ("drop", "swap")
+"""The paper's interventions: :func:`robustness_sweep`'s default."""
+
+EFFECT_COLUMNS = (
+    "kind", "layer", "relative_depth", "step", "block", "block_relative_depth", "relative_change",
+    "relative_change_sem", "relative_size", "cosine",
+)
+"""The columns of the sweep's ``layer_effects`` table (:mod:`stages_of_inference.interventions.effects`)."""
 
 SUMMARY_COLUMNS = (
     "kind", "layer", "relative_depth", "kl_nats", "loss", "loss_delta", "accuracy",
@@ -85,15 +97,71 @@ class SweepResult(Result):
 def _plans(n_layers: int, kinds: Sequence[str]) -> tuple[list[LayerPlan], list[tuple[str, int | None]]]:
     plans = [LayerPlan.identity(n_layers)]
     meta: list[tuple[str, int | None]] = [("none", None)]
+    make = {"drop": LayerPlan.drop, "swap": LayerPlan.swap, "drop_attention": LayerPlan.drop_attention,
+            "drop_mlp": LayerPlan.drop_mlp}
     for kind in kinds:
-        if kind == "drop":
-            layers = range(n_layers)
-            plans += [LayerPlan.drop(n_layers, i) for i in layers]
-        else:
-            layers = range(n_layers - 1)
-            plans += [LayerPlan.swap(n_layers, i) for i in layers]
+        layers = range(n_layers - 1) if kind == "swap" else range(n_layers)
+        plans += [make[kind](n_layers, i) for i in layers]
         meta += [(kind, i) for i in layers]
     return plans, meta
+
+
+def _effects(batches: Sequence[BatchResult], meta: Sequence[tuple[str, int | None]], n_layers: int) -> pd.DataFrame:
+    """The pooled layer effects with each plan's kind and layer (:data:`EFFECT_COLUMNS`)."""
+    table = aggregate_effects([b.effects for b in batches if b.effects is not None])
+    pid = table.pop("plan_id").to_numpy()
+    kinds = np.array([m[0] for m in meta], dtype=object)
+    layers = np.array([m[1] for m in meta], dtype=object)
+    table.insert(0, "layer", pd.array(np.where(pid < 0, None, layers[np.maximum(pid, 0)]), dtype="Int64"))
+    table.insert(0, "kind", np.where(pid < 0, "none", kinds[np.maximum(pid, 0)]))
+    table.insert(2, "relative_depth", [np.nan if layer is pd.NA else relative_depth(int(layer), n_layers)
+                                       for layer in table["layer"]])
+    table["block_relative_depth"] = [relative_depth(int(b), n_layers) for b in table["block"]]
+    return table[list(EFFECT_COLUMNS)]
+
+
+def summary_on(per_token: pd.DataFrame, sequences: Sequence[int], n_layers: int) -> pd.DataFrame:
+    """A sweep's summary recomputed from its per-token table on some of its sequences (to compare
+    with another sweep run on those sequences only), pooled the way the sweep pools: means over
+    tokens, standard errors over the sequences' means, accuracy retained against the unmodified
+    model's accuracy on the same tokens.
+
+    Args:
+        per_token: the ``per_token`` table of :func:`robustness_sweep` (:data:`PER_TOKEN_COLUMNS`).
+        sequences: the sequence indices to keep.
+        n_layers: the model's number of blocks.
+
+    Returns:
+        ``kind``, ``layer``, ``relative_depth``, then ``kl_nats``, ``loss_delta``,
+        ``relative_accuracy``, ``top1_agreement`` and their ``_sem``, ``n_tokens``.
+
+    Example:
+        >>> tok = pd.DataFrame({"kind": ["none", "none", "drop", "drop"], "layer": pd.array([None, None, 0, 0], dtype="Int64"),
+        ...                     "sequence": [0, 1, 0, 1], "kl_nats": [0, 0, .5, 1.5], "loss_delta": [0, 0, .1, .3],
+        ...                     "correct": [True, True, True, False], "agree": [True, True, True, False]})
+        >>> summary_on(tok, [0, 1], 2)[["kind", "kl_nats", "kl_nats_sem", "relative_accuracy"]].values.tolist()
+        [['none', 0.0, 0.0, 1.0], ['drop', 1.0, 0.5, 0.5]]
+    """
+    keep = per_token[per_token["sequence"].isin(list(sequences))]
+    if keep.empty:
+        raise ValueError(f"none of the sequences {list(sequences)[:5]} is in the per-token table")
+    keys = ["kind", "layer"]
+    flat = keep.assign(layer=keep["layer"].astype("float64").fillna(-1), correct=keep["correct"].astype(float),
+                       agree=keep["agree"].astype(float))
+    metrics = {"kl_nats": "kl_nats", "loss_delta": "loss_delta", "relative_accuracy": "correct", "top1_agreement": "agree"}
+    pooled = flat.groupby(keys, sort=False)[list(metrics.values())].mean()
+    per_seq = flat.groupby([*keys, "sequence"], sort=False)[list(metrics.values())].mean().groupby(level=keys, sort=False)
+    sem = (per_seq.std(ddof=1) / np.sqrt(per_seq.size().to_numpy()[:, None])).fillna(0.0)
+    base = float(pooled.loc[("none", -1.0), "correct"]) if ("none", -1.0) in pooled.index else float("nan")
+    out = pd.DataFrame({"kind": [k for k, _ in pooled.index],
+                        "layer": pd.array([None if layer < 0 else int(layer) for _, layer in pooled.index], dtype="Int64")})
+    out["relative_depth"] = [np.nan if layer < 0 else relative_depth(int(layer), n_layers) for _, layer in pooled.index]
+    for name, column in metrics.items():
+        scale = base if name == "relative_accuracy" else 1.0
+        out[name] = pooled[column].to_numpy() / scale
+        out[f"{name}_sem"] = sem.reindex(pooled.index)[column].to_numpy() / scale
+    out["n_tokens"] = flat.groupby(keys, sort=False).size().to_numpy()
+    return out
 
 
 def _check_sequences(value: Any, n_sequences: int) -> int:
@@ -118,7 +186,7 @@ def _check_kinds(kinds: Any) -> tuple[str, ...]:
 def robustness_sweep(
     model: HookedTransformer,
     tokens: Tokens,
-    kinds: Sequence[str] = SWEEP_KINDS,
+    kinds: Sequence[str] = PAPER_KINDS,
     *,
     per_token: bool = False,
     progress: bool = True,
@@ -129,6 +197,7 @@ def robustness_sweep(
     stack_tokens: int | None = None,
     precision: str = "fp32",
     check_sequences: int = 1,
+    layer_effects: bool = False,
 ) -> SweepResult:
     """Delete each block, and swap each adjacent pair, and measure the damage (PAPER.md).
 
@@ -141,8 +210,10 @@ def robustness_sweep(
     Args:
         model: a ``HookedTransformer``.
         tokens: ``[batch, pos]`` token ids, BOS first.
-        kinds: any of ``"drop"`` (every block ``0 .. n_layers - 1``) and ``"swap"`` (blocks
-            ``i, i + 1`` for every ``i`` in ``0 .. n_layers - 2``).
+        kinds: any of :data:`SWEEP_KINDS`: ``"drop"`` (every block ``0 .. n_layers - 1``),
+            ``"swap"`` (blocks ``i, i + 1`` for every ``i`` in ``0 .. n_layers - 2``),
+            ``"drop_attention"`` and ``"drop_mlp"`` (one sublayer of every block: the block runs
+            with only its MLP, or only its attention). Default: the paper's two.
         per_token: also keep the per-token table.
         progress: show a progress bar.
         batch_size: sequences per sweep pass (also the checkpoint unit).
@@ -163,6 +234,9 @@ def robustness_sweep(
             subset of plans is re-run in fp32 on this many sequences (the first ones; with one, about
             a tenth of the time of a bf16 sweep of eight sequences) and compared
             (:func:`~stages_of_inference.interventions.deviation.precision_check`); 0 skips it.
+        layer_effects: also measure, inside the same trie, how each intervention changes what every
+            later block writes to the residual stream (:mod:`~stages_of_inference.interventions.effects`):
+            a ``layer_effects`` table (:data:`EFFECT_COLUMNS`).
 
     Returns:
         A :class:`SweepResult`; ``summary`` has :data:`SUMMARY_COLUMNS`, with ``layer`` the block
@@ -170,7 +244,13 @@ def robustness_sweep(
         and one ``kind == "none"`` row for the original model (no layer). With a low precision
         and ``check_sequences > 0`` there is also a ``precision_check`` table (``kind``,
         ``layer``, then each metric in the low precision and in fp32) and its summary in the
-        provenance (``precision_check``).
+        provenance (``precision_check``). With ``layer_effects``, a ``layer_effects`` table: per
+        intervention (``kind``, ``layer``) and block it ran off the unmodified order (``block``,
+        at execution ``step``), the mean over tokens of ``relative_change`` = ``|| c_block(plan) -
+        c_block || / || c_block ||`` (``c``: what the block adds to the residual stream), with its
+        standard error over sequences, and the contribution's ``relative_size`` and ``cosine``
+        against the residual it reads; ``kind == "none"`` rows give every block of the
+        unmodified model (relative change 0).
 
     Example:
         >>> import torch
@@ -184,7 +264,8 @@ def robustness_sweep(
     source, tokens = tokens, check_tokens(model, tokens)
     kinds = _check_kinds(kinds)
     options = EngineOptions(batch_size=batch_size, chunk_tokens=chunk_tokens, stack_tokens=stack_tokens,
-                            fast_path=fast_path, per_token=per_token, progress=progress, precision=precision)
+                            fast_path=fast_path, per_token=per_token, progress=progress, precision=precision,
+                            layer_effects=layer_effects)
     check_sequences = _check_sequences(check_sequences, tokens.shape[0])
     n_layers = model.cfg.n_layers
     plans, meta = _plans(n_layers, kinds)
@@ -194,6 +275,8 @@ def robustness_sweep(
                 "stack_tokens": options.stack_tokens_for(model.cfg.device), "precision": options.precision}
     if options.precision != "fp32":
         settings["check_sequences"] = check_sequences
+    if options.layer_effects:
+        settings["layer_effects"] = True
 
     out = None if out_dir is None else Path(out_dir)
     fingerprint: dict[str, Any] | None = None
@@ -231,6 +314,9 @@ def robustness_sweep(
         tok.insert(0, "layer", pd.array(np.array([m[1] for m in meta], dtype=object)[plan_id], dtype="Int64"))
         tok.insert(0, "kind", np.array([m[0] for m in meta], dtype=object)[plan_id])
         tables["per_token"] = tok[list(PER_TOKEN_COLUMNS)]
+
+    if options.layer_effects:
+        tables["layer_effects"] = _effects(ordered, meta, n_layers)
 
     record = provenance(model, source, analysis="robustness_sweep", **settings,
                         reference=table.attrs["reference"], fingerprint=fingerprint)

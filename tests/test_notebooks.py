@@ -14,7 +14,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 def test_there_is_a_quickstart_one_per_stage_and_an_extension_notebook() -> None:
     names = [p.stem for p in NOTEBOOKS]
     assert names == ["00_quickstart", "01_detokenization", "02_feature_engineering", "03_prediction_ensembling",
-                     "04_residual_sharpening", "05_extending"]
+                     "04_residual_sharpening", "05_extending", "06_beyond_the_paper"]
 
 
 def test_notebooks_are_stored_without_outputs() -> None:

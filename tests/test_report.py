@@ -28,7 +28,7 @@ from stages_of_inference.study import (
 from tests.conftest import make_tiny_model
 
 TINY_ANALYSES = ("robustness", "previous_token_attention", "logit_lens", "layer_similarity", "neurons", "sharpening",
-                 "repetition", "sinks")
+                 "repetition", "sublayers", "sinks")
 
 
 def _tiny(name: str, family: str):  # noqa: ANN202 - a HookedTransformer with a word-level tokenizer
@@ -91,13 +91,21 @@ def test_two_models_study_report_and_data_files(tmp_path: Path, corpus: Path) ->
     page = study.report.read_text()
     assert page.count("<script type=\"text/javascript\">") == 1  # plotly.js embedded once
     assert "<script src" not in page and "<link" not in page  # self-contained: nothing loaded from elsewhere
-    assert page.count("Plotly.newPlot") == len(study.figures) == 9
-    for name in ("robustness", "previous_token_attention", "logit_lens", "prediction_depth", "layer_similarity",
-                 "neuron_counts", "sharpening", "repetition", "sink_profile"):
+    assert page.count("Plotly.newPlot") == len(study.figures) == 11
+    for name in ("robustness", "layer_effects", "previous_token_attention", "logit_lens", "prediction_depth",
+                 "layer_similarity", "neuron_counts", "sharpening", "repetition", "sublayer_deletion", "sink_profile"):
         assert f"id='{name}'" in page
         assert study.readings[name].strip(), f"no reading for {name}"
     assert "tiny-llama" in page and "tiny-gpt2" in page and "Provenance" in page and "Settings" in page
     assert "The same boundaries, by the signals beyond the paper" in page and "sink heads take over" in page
+    assert "MLP damage overtakes attention damage" in page
+    # the sublayer figure draws both models' sublayer deletions and their block deletions on the same sequences
+    names = {t.name for t in study.figures["sublayer_deletion"].data if t.name and "±" not in t.name}
+    assert {f"{m}: {k}" for m in ("tiny-llama", "tiny-gpt2")
+            for k in ("delete attention only", "delete MLP only", "delete block")} <= names
+    heavy = config.heavy_sequences
+    blocks = study.results["tiny-gpt2"]["sublayers"]["blocks"]
+    assert (blocks["n_tokens"] == heavy * (config.seq_len - 2)).all()
     assert "Not drawn" not in page
     # both models overlaid in one figure, one colour each
     names = {t.name for t in study.figures["robustness"].data if t.name and "±" not in t.name}

@@ -69,8 +69,11 @@ class ModelSeam(Protocol):
     def embed(self, tokens: Int[Tensor, "batch pos"]) -> Embedded:
         """Embed a batch (positions included where the architecture adds them to the residual)."""
 
-    def run_block(self, layer: int, residual: Tensor, embedded: Embedded, step: int) -> Tensor:
-        """Block ``layer`` on ``residual``, as execution step ``step`` of a plan; its hooks fire."""
+    def run_block(self, layer: int, residual: Tensor, embedded: Embedded, step: int, part: str = "block") -> Tensor:
+        """Block ``layer`` on ``residual``, as execution step ``step`` of a plan; its hooks fire.
+        ``part`` ``"attn"`` or ``"mlp"``: only that sublayer writes to the residual stream (the
+        other one's output is zero at its ``hook_mlp_out`` / ``hook_attn_out``).
+        """
 
     def final_norm(self, residual: Tensor) -> Tensor:
         """The final norm (the identity for models without one)."""

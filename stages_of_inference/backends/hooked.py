@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -19,10 +19,48 @@ from transformer_lens.utilities import get_device_for_block_index
 from stages_of_inference.backends.base import Embedded, FwdHooks
 from stages_of_inference.interventions.step import set_step
 
-__all__ = ["HookedSeam", "ORIGINAL_BLOCKS"]
+__all__ = ["HookedSeam", "ORIGINAL_BLOCKS", "only_sublayer"]
 
 # model -> its own blocks in their original order, while `reordered` has replaced model.blocks
 ORIGINAL_BLOCKS: weakref.WeakKeyDictionary[HookedTransformer, tuple[nn.Module, ...]] = weakref.WeakKeyDictionary()
+
+
+_SILENCED = {"attn": "hook_mlp_out", "mlp": "hook_attn_out"}
+
+
+def _zeros(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+    return torch.zeros_like(output)
+
+
+@contextlib.contextmanager
+def only_sublayer(block: nn.Module, part: str) -> Iterator[None]:
+    """Inside the ``with``, ``block``'s call writes only its ``part`` (``"attn"`` or ``"mlp"``) to
+    the residual stream: the other sublayer's output is replaced by zeros at its hook point
+    (``hook_mlp_out`` / ``hook_attn_out``) before any hook attached there sees it (so hooks and
+    caches see the zeros the block writes). ``"block"``: the whole block, unchanged.
+
+    Example:
+        >>> import torch
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=8, d_head=4, d_vocab=5, act_fn="relu"))
+        >>> x = torch.randn(1, 3, 8)
+        >>> with only_sublayer(m.blocks[0], "attn"):
+        ...     y = m.blocks[0](x)
+        >>> bool(torch.allclose(y, x + m.blocks[0].attn(m.blocks[0].ln1(x), m.blocks[0].ln1(x), m.blocks[0].ln1(x))))
+        True
+    """
+    if part == "block":
+        yield
+        return
+    if part not in _SILENCED:
+        raise ValueError(f"unknown sublayer {part!r}; allowed: 'block', {', '.join(map(repr, _SILENCED))}")
+    if part == "mlp" and getattr(block, "mlp", None) is None:
+        raise ValueError("this block has no MLP (an attention-only model): a plan cannot run its MLP alone")
+    handle = getattr(block, _SILENCED[part]).register_forward_hook(_zeros, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class HookedSeam:
@@ -71,13 +109,15 @@ class HookedSeam:
         residual, _, shortformer, mask = self._model.input_to_embed(tokens)
         return Embedded(residual, (shortformer, mask), plain=shortformer is None and mask is None)
 
-    def run_block(self, layer: int, residual: Tensor, embedded: Embedded, step: int) -> Tensor:
+    def run_block(self, layer: int, residual: Tensor, embedded: Embedded, step: int, part: str = "block") -> Tensor:
         shortformer, mask = embedded.extras
         device = get_device_for_block_index(layer, self._model.cfg)
         if shortformer is not None:
             shortformer = shortformer.to(device)
         set_step(self._model, (step, layer))
-        return self.blocks()[layer](residual.to(device), shortformer_pos_embed=shortformer, attention_mask=mask)
+        block = self.blocks()[layer]
+        with only_sublayer(block, part):
+            return block(residual.to(device), shortformer_pos_embed=shortformer, attention_mask=mask)
 
     def final_norm(self, residual: Tensor) -> Tensor:
         cfg = self._model.cfg

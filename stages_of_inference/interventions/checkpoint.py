@@ -3,7 +3,7 @@ interrupted sweep resumes where it stopped, with identical numbers.
 
 A checkpoint folder holds ``manifest.json`` (the sweep's fingerprint: model config and weights,
 token digest, settings) and per finished batch ``batch_NNNNN.sums.parquet`` (plus its
-``.per_token.parquet`` when the sweep keeps one) and ``batch_NNNNN.json``, the SHA-256 of those
+``.per_token.parquet`` and ``.effects.parquet`` when the sweep keeps them) and ``batch_NNNNN.json``, the SHA-256 of those
 files, written last: a batch is done when its marker exists and its files still match it (a
 batch altered or truncated since is computed again). A folder written by a different sweep is
 refused, naming what differs.
@@ -111,6 +111,8 @@ class SweepCheckpoint:
         files = {f"{stem}.sums.parquet": batch.sums}
         if batch.per_token is not None:
             files[f"{stem}.per_token.parquet"] = batch.per_token
+        if batch.effects is not None:
+            files[f"{stem}.effects.parquet"] = batch.effects
         for name, table in files.items():
             with atomic_path(self.folder / name) as tmp:
                 table.to_parquet(tmp, index=False)
@@ -134,8 +136,10 @@ class SweepCheckpoint:
                 raise ValueError("a file differs from its digest")
             sums = pd.read_parquet(self.folder / f"{stem}.sums.parquet")
             table = pd.read_parquet(self.folder / f"{stem}.per_token.parquet") if per_token else None
+            effects_file = f"{stem}.effects.parquet"
+            effects = pd.read_parquet(self.folder / effects_file) if effects_file in digests else None
         except (OSError, ValueError) as error:
             warnings.warn(f"checkpoint batch {index} in {self.folder} is damaged ({error}); computing it again",
                           stacklevel=4)
             return None
-        return BatchResult(index, sums, table)
+        return BatchResult(index, sums, table, effects)

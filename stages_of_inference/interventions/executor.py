@@ -32,9 +32,10 @@ from stages_of_inference._utils import progress as _progress
 from stages_of_inference.backends import Embedded, ModelSeam, as_seam
 from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions import trie as trie_
+from stages_of_inference.interventions.effects import EffectMeter, aggregate_effects
 from stages_of_inference.interventions.forward import RETURN_TYPES, FwdHooks, _check_plan, reordered, run_plan
 from stages_of_inference.interventions.options import EngineOptions
-from stages_of_inference.interventions.plan import LayerPlan
+from stages_of_inference.interventions.plan import LayerPlan, Step, step_layer, step_part, step_text
 from stages_of_inference.interventions.step import set_step
 from stages_of_inference.interventions.unembed import Unembedding, make_unembedding
 from stages_of_inference.metrics import (
@@ -97,21 +98,24 @@ class BatchResult:
             and sequence (``sequence``, its index in the whole token batch): ``n_tokens`` and
             float64 sums of each per-token metric over the sequence's scored positions.
         per_token: the per-token table, or ``None``.
+        effects: with ``layer_effects``, the layer-effect sums
+            (:class:`~stages_of_inference.interventions.effects.EffectMeter`), or ``None``.
     """
 
     index: int
     sums: pd.DataFrame
     per_token: pd.DataFrame | None
+    effects: pd.DataFrame | None = None
 
 
-def _unique_orders(seam: ModelSeam, plans: Sequence[LayerPlan]) -> tuple[list[tuple[int, ...]], list[int]]:
+def _unique_orders(seam: ModelSeam, plans: Sequence[LayerPlan]) -> tuple[list[tuple[Step, ...]], list[int]]:
     if isinstance(plans, LayerPlan):
         raise TypeError("plans must be a sequence of LayerPlan; wrap a single plan in a list")
     plans = list(plans)
     if not plans:
         raise ValueError("plans is empty: give at least one LayerPlan")
-    orders: list[tuple[int, ...]] = []
-    index: dict[tuple[int, ...], int] = {}
+    orders: list[tuple[Step, ...]] = []
+    index: dict[tuple[Step, ...], int] = {}
     pids: list[int] = []
     for plan in plans:
         order = _check_plan(seam, plan).order
@@ -161,10 +165,10 @@ def iter_plan_batches(
             batch = tokens[start : start + options.batch_size]
             with torch.inference_mode(), seam.hooks(fwd_hooks):
                 try:
-                    sums, table = _run_batch(seam, batch, start, lay, len(orders), options, bool(fwd_hooks), ticker)
+                    result = _run_batch(seam, batch, start, lay, len(orders), options, bool(fwd_hooks), ticker)
                 finally:
                     set_step(seam.model, None)
-            yield BatchResult(k, sums, table)
+            yield BatchResult(k, *result)
     finally:
         ticker.close()
 
@@ -273,15 +277,17 @@ class _Walk:
     window_size: int
     stack_metrics: bool
     precision: str = "fp32"
+    effects: EffectMeter | None = None
 
-    def block(self, layer: int, x: Tensor, step: int) -> Tensor:
-        """Block ``layer`` on ``x`` at execution ``step``: by the fast path where it may run, else
-        the block itself (under the precision's autocast).
+    def block(self, item: Step, x: Tensor, step: int) -> Tensor:
+        """Plan step ``item`` (a block, or one sublayer of it) on ``x`` at execution ``step``: by the
+        fast path where it may run, else the block itself (under the precision's autocast).
         """
+        layer, part = step_layer(item), step_part(item)
         if self.fast is not None and self.fast.allowed[layer]:
-            return self.fast(layer, x)
+            return self.fast(layer, x, part)
         with autocast(self.precision, x.device):
-            return self.seam.run_block(layer, x, self.emb, step)
+            return self.seam.run_block(layer, x, self.emb, step, part)
 
     def leaves(self, score: _Scorer) -> Iterator[tuple[trie_.Node, TokenMetrics | None]]:
         """Every plan end with its metrics (``None``: the unmodified order, scored as the reference)."""
@@ -295,8 +301,12 @@ class _Walk:
         for window in trie_.schedule(self.lay, self.window_size, self.lanes):
             for depth, runs in itertools.groupby(window.runs, key=lambda r: r.depth):
                 for run in runs:
-                    outputs = self._run(run, [residual(self.lay.parent[n.index]) for n in run.nodes])
+                    inputs = [residual(self.lay.parent[n.index]) for n in run.nodes]
+                    outputs = self._run(run, inputs)
                     kept.update((n.index, out) for n, out in zip(run.nodes, outputs))
+                    if self.effects is not None:
+                        for n, x_in, out in zip(run.nodes, inputs, outputs):
+                            self.effects.record(n.index, run.block, x_in, out)
                 for index in window.free_after.get(depth, ()):
                     del kept[index]
             computed = [leaf for leaf in window.leaves if self.lay.trunk.get(leaf.index) != n_layers]
@@ -310,8 +320,8 @@ class _Walk:
         path (so no hook ever sees a stacked batch), else one call per input.
         """
         n_seq, step = self.emb.residual.shape[0], run.depth - 1
-        if len(inputs) > 1 and self.fast is not None and self.fast.allowed[run.block]:
-            return list(self.fast(run.block, torch.cat(inputs)).split(n_seq))
+        if len(inputs) > 1 and self.fast is not None and self.fast.allowed[step_layer(run.block)]:
+            return list(self.fast(step_layer(run.block), torch.cat(inputs), step_part(run.block)).split(n_seq))
         return [self.block(run.block, x, step) for x in inputs]
 
     def _score(self, score: _Scorer, rows: list[Tensor]) -> list[TokenMetrics]:
@@ -334,7 +344,7 @@ def _sums(pid: int, m: TokenMetrics, n_seq: int, first_sequence: int) -> dict[st
     return out
 
 
-def _check_finite(sums: dict[str, np.ndarray], seam: ModelSeam, batch: Tensor, order: tuple[int, ...],
+def _check_finite(sums: dict[str, np.ndarray], seam: ModelSeam, batch: Tensor, order: tuple[Step, ...],
                   precision: str = "fp32") -> None:
     """Refuse a plan whose metrics are not finite, naming where the model first produced a NaN or
     an infinity (so no sum or mean ever skips one).
@@ -346,28 +356,29 @@ def _check_finite(sums: dict[str, np.ndarray], seam: ModelSeam, batch: Tensor, o
     hint = "check the model's weights"
     if precision != "fp32":
         hint += f", or run with precision='fp32' (this ran in {precision})"
-    raise NonFiniteError(f"the plan {list(order)} gives NaN or infinite metrics: {where}; {hint} "
+    steps = ", ".join(map(step_text, order))
+    raise NonFiniteError(f"the plan [{steps}] gives NaN or infinite metrics: {where}; {hint} "
                          "(no number of this sweep is returned)")
 
 
-def _first_nonfinite_block(seam: ModelSeam, batch: Tensor, order: tuple[int, ...]) -> str:
+def _first_nonfinite_block(seam: ModelSeam, batch: Tensor, order: tuple[Step, ...]) -> str:
     """Run ``order`` again, block by block, and say where the residual first stops being finite."""
     emb = seam.embed(batch)
     x = emb.residual
     if not bool(torch.isfinite(x).all()):
         return "the embeddings are already not finite"
-    for step, layer in enumerate(order):
-        x = seam.run_block(layer, x, emb, step)
+    for step, item in enumerate(order):
+        x = seam.run_block(step_layer(item), x, emb, step, step_part(item))
         if not bool(torch.isfinite(x).all()):
-            return f"block {layer} (step {step} of the plan) first outputs non-finite values"
+            return f"block {step_text(item)} (step {step} of the plan) first outputs non-finite values"
     return "every block's output is finite: the final norm or the unembedding produces them"
 
 
-def _order_of(lay: trie_.Layout, leaf: trie_.Node) -> tuple[int, ...]:
-    """The block order that ends at ``leaf``."""
-    order: list[int] = []
+def _order_of(lay: trie_.Layout, leaf: trie_.Node) -> tuple[Step, ...]:
+    """The order of steps that ends at ``leaf``."""
+    order: list[Step] = []
     node: trie_.Node | None = leaf
-    while node is not None and lay.block[node.index] >= 0:
+    while node is not None and lay.block[node.index] is not None:
         order.append(lay.block[node.index])
         node = lay.parent[node.index]
     return tuple(reversed(order))
@@ -414,6 +425,8 @@ def _prepare(seam: ModelSeam, batch: Tensor, lay: trie_.Layout, options: EngineO
                  options.precision)
     for layer in range(seam.n_layers):  # the trunk: the unmodified model, every residual kept
         walk.trunk.append(walk.block(layer, walk.trunk[-1], layer))
+    if options.layer_effects:
+        walk.effects = EffectMeter(walk.trunk)
     n_rows = targets.shape[0]
     chunk = min(options.chunk_tokens, n_rows * (walk.window_size if walk.stack_metrics else 1))
     scratch = emb.residual.new_empty((min(chunk, ROWS_AT_ONCE), seam.d_vocab), dtype=torch.float32)
@@ -426,8 +439,11 @@ def _prepare(seam: ModelSeam, batch: Tensor, lay: trie_.Layout, options: EngineO
 
 
 def _run_batch(seam: ModelSeam, batch: Tensor, first_sequence: int, lay: trie_.Layout, n_plans: int,
-               options: EngineOptions, hooked: bool, ticker: _Ticker) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Every plan on one batch: float64 sums per plan (and the per-token table, if asked)."""
+               options: EngineOptions, hooked: bool,
+               ticker: _Ticker) -> tuple[pd.DataFrame, pd.DataFrame | None, pd.DataFrame | None]:
+    """Every plan on one batch: float64 sums per plan (and the per-token table and the layer-effect
+    sums, if asked).
+    """
     targets = rearrange(batch[:, 2:], "batch pos -> (batch pos)")
     walk, score = _prepare(seam, batch, lay, options, hooked, targets)
     reference = score.reference.metrics
@@ -435,7 +451,11 @@ def _run_batch(seam: ModelSeam, batch: Tensor, first_sequence: int, lay: trie_.L
     sums_rows: list[dict[str, np.ndarray]] = [_sums(-1, reference, n_seq, first_sequence)] + [{}] * n_plans
     _check_finite(sums_rows[0], seam, batch, tuple(range(seam.n_layers)), options.precision)
     results: list[TokenMetrics] = [reference] * n_plans
+    scored = batch.shape[1] - 2
+    effects = None if walk.effects is None else [walk.effects.reference_rows(first_sequence, scored)]
     for leaf, m in walk.leaves(score):
+        if effects is not None:
+            effects.append(walk.effects.rows(lay, leaf, first_sequence, scored))
         m = reference if m is None else m
         for pid in leaf.ends:
             sums_rows[pid + 1] = _sums(pid, m, n_seq, first_sequence)
@@ -448,10 +468,10 @@ def _run_batch(seam: ModelSeam, batch: Tensor, first_sequence: int, lay: trie_.L
     if options.per_token:
         table = _per_token_table(results, reference, targets, first_sequence, *batch.shape)
     sums = pd.DataFrame({key: np.concatenate([row[key] for row in sums_rows]) for key in sums_rows[0]})
-    return sums, table
+    return sums, table, None if effects is None else pd.concat(effects, ignore_index=True)
 
 
-def aggregate(orders: Sequence[tuple[int, ...]], n_layers: int, batches: Sequence[BatchResult]) -> pd.DataFrame:
+def aggregate(orders: Sequence[tuple[Step, ...]], n_layers: int, batches: Sequence[BatchResult]) -> pd.DataFrame:
     """Means over every scored token of all batches, one row per distinct order (``plan_id``), and
     their standard errors over sequences (``<metric>_sem``: the standard error of the
     per-sequence means; 0 for a single sequence).
@@ -496,6 +516,16 @@ def aggregate(orders: Sequence[tuple[int, ...]], n_layers: int, batches: Sequenc
         "n_tokens": int(total["n_tokens"].loc[-1]),
     }
     return df
+
+
+def _effects_table(orders: Sequence[tuple[Step, ...]], n_layers: int, batches: Sequence[BatchResult]) -> pd.DataFrame:
+    """The pooled layer effects with each plan's JSON and label (``plan`` ``None``: the unmodified model)."""
+    table = aggregate_effects([b.effects for b in batches if b.effects is not None])
+    plans = [LayerPlan(order=o, n_layers=n_layers) for o in orders]
+    pid = table["plan_id"].to_numpy()
+    table.insert(1, "label", [plans[i].label if i >= 0 else "identity (reference)" for i in pid])
+    table.insert(1, "plan", [plans[i].to_json() if i >= 0 else None for i in pid])
+    return table
 
 
 SEM_METRICS = ("kl_nats", "loss", "loss_delta", "accuracy", "relative_accuracy", "top1_agreement", "entropy_bits")
@@ -562,6 +592,9 @@ def evaluate_plans(
             one plan at a time; blocks that take the TransformerLens path are never stacked, so
             hooks always see the batch they were given.
         unembed_block: vocabulary columns unembedded at a time.
+        precision: the dtype of the products (:mod:`stages_of_inference.precision`).
+        layer_effects: also measure how each plan changes what its blocks write
+            (:mod:`~stages_of_inference.interventions.effects`): ``attrs["layer_effects"]``.
         fwd_hooks: TransformerLens hooks active for every plan *and* the reference run (for
             example an ablation whose effect of reordering is to be measured).
         **settings: the fields of ``EngineOptions`` as keywords (the arguments listed above).
@@ -570,7 +603,10 @@ def evaluate_plans(
         One row per plan, in the order given: ``plan`` (:meth:`LayerPlan.to_json`), ``label``,
         ``kind``, ``kl_nats``, ``loss``, ``loss_delta``, ``accuracy``, ``relative_accuracy``,
         ``top1_agreement``, ``entropy_bits``, ``confidence``, ``n_tokens``; the unmodified model's
-        numbers are in ``attrs["reference"]``. With ``per_token=True``, a pair ``(summary,
+        numbers are in ``attrs["reference"]``; with ``layer_effects``, ``attrs["layer_effects"]`` has one
+        row per plan and block it ran off the unmodified order (``plan_id``, ``plan``, ``label``,
+        ``step``, ``block``, ``relative_change``, ``relative_change_sem``, ``relative_size``,
+        ``cosine``; ``plan_id`` -1: the unmodified model's blocks). With ``per_token=True``, a pair ``(summary,
         per_token)``; the per-token table has ``plan``, ``sequence``, ``position`` (the predicting
         position), ``token`` (the true next token), ``top1``, ``top1_original``, ``kl_nats``,
         ``loss``, ``loss_original``, ``loss_delta``, ``entropy_bits``, ``confidence``, ``correct``,
@@ -594,6 +630,8 @@ def evaluate_plans(
     reference = summary.attrs["reference"]
     out = summary.iloc[pids].reset_index(drop=True)
     out.attrs["reference"] = reference
+    if options.layer_effects:
+        out.attrs["layer_effects"] = _effects_table(orders, seam.n_layers, batches)
     if not options.per_token:
         return out
     table = pd.concat([b.per_token for b in batches if b.per_token is not None], ignore_index=True)

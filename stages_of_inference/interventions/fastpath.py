@@ -238,8 +238,11 @@ def _mlp(weights: BlockWeights, act_fn: Any, h: Float[Tensor, "batch pos d_model
 def fast_block(
     model: HookedTransformer, block: nn.Module, resid_pre: Float[Tensor, "batch pos d_model"],
     weights: BlockWeights | None = None, check: bool = True, rotary: tuple[Tensor, Tensor] | None = None,
+    part: str = "block",
 ) -> Float[Tensor, "batch pos d_model"]:
-    """``block(resid_pre)`` (no padding mask, no shortformer positions) by the fast path.
+    """``block(resid_pre)`` (no padding mask, no shortformer positions) by the fast path; with
+    ``part`` ``"attn"`` or ``"mlp"``, only that sublayer's output is added to the residual stream
+    (the other sublayer is not computed).
 
     With ``check=True`` it first asks :func:`fast_path_blocker` and refuses, with its reason, a
     block the fast path does not reproduce (or that carries a hook); :class:`FastBlocks`, which
@@ -279,8 +282,10 @@ def fast_block(
     if weights is None:
         weights = BlockWeights.of(block)
     dtype = weights.W_qkv.dtype
+    if part == "mlp":  # sequential or parallel: the MLP reads the block's input when attention writes nothing
+        return resid_pre + _mlp(weights, block.mlp.act_fn, block.ln2(resid_pre).to(dtype))
     attn_out = _attention(model, block.attn, block.ln1(resid_pre).to(dtype), weights, rotary)
-    if cfg.attn_only:
+    if cfg.attn_only or part == "attn":
         return resid_pre + attn_out
     if cfg.parallel_attn_mlp:
         return resid_pre + attn_out + _mlp(weights, block.mlp.act_fn, block.ln2(resid_pre).to(dtype))
@@ -313,11 +318,14 @@ class FastBlocks:
         self.allowed = tuple(fast_path_blocker(model, b, seq_len) is None for b in self.blocks)
         self._prepared: dict[int, tuple[BlockWeights, tuple[Tensor, Tensor] | None]] = {}
 
-    def __call__(self, layer: int, resid_pre: Tensor) -> Tensor:
-        """Run block ``layer`` by the fast path (only for a ``layer`` in :attr:`allowed`)."""
+    def __call__(self, layer: int, resid_pre: Tensor, part: str = "block") -> Tensor:
+        """Run block ``layer`` (or only its ``part``, :func:`fast_block`) by the fast path (only
+        for a ``layer`` in :attr:`allowed`).
+        """
         prepared = self._prepared.get(layer)
         if prepared is None:
             block = self.blocks[layer]
             prepared = self._prepared[layer] = (BlockWeights.of(block, self.dtype),
                                                 _rotary_tables(self.model, block.attn, self.seq_len, self.dtype))
-        return fast_block(self.model, self.blocks[layer], resid_pre, prepared[0], check=False, rotary=prepared[1])
+        return fast_block(self.model, self.blocks[layer], resid_pre, prepared[0], check=False, rotary=prepared[1],
+                          part=part)

@@ -25,9 +25,9 @@ from transformer_lens.utilities import apply_softcap, get_device_for_block_index
 from stages_of_inference._utils import check_model, check_tokens
 from stages_of_inference.backends import ModelSeam, as_seam
 from stages_of_inference.backends.base import FwdHooks
-from stages_of_inference.backends.hooked import ORIGINAL_BLOCKS, HookedSeam
+from stages_of_inference.backends.hooked import ORIGINAL_BLOCKS, HookedSeam, only_sublayer
 from stages_of_inference.batch import Tokens
-from stages_of_inference.interventions.plan import LayerPlan
+from stages_of_inference.interventions.plan import LayerPlan, Step, step_layer, step_part
 from stages_of_inference.interventions.step import get_step, set_step
 
 __all__ = ["FwdHooks", "RETURN_TYPES", "reordered", "run_plan"]
@@ -43,7 +43,10 @@ def _check_plan(seam: ModelSeam, plan: Any) -> LayerPlan:
             f"expected a LayerPlan, got {type(plan).__name__}; build one with e.g. "
             "LayerPlan.drop(model.cfg.n_layers, i) or LayerPlan(order=(...), n_layers=model.cfg.n_layers)"
         )
-    return plan.check(seam.n_layers)
+    plan = plan.check(seam.n_layers)
+    if getattr(getattr(seam.model, "cfg", None), "attn_only", False) and any(step_part(s) == "mlp" for s in plan.order):
+        raise ValueError(f"{plan!r} runs an MLP alone, but this model is attention-only (its blocks have no MLP)")
+    return plan
 
 
 # --------------------------------------------------------------------------- one plan
@@ -93,8 +96,8 @@ def run_plan(
         try:
             emb = seam.embed(tokens)
             residual = emb.residual
-            for step, layer in enumerate(plan.order):
-                residual = seam.run_block(layer, residual, emb, step)
+            for step, item in enumerate(plan.order):
+                residual = seam.run_block(step_layer(item), residual, emb, step, step_part(item))
         finally:
             set_step(seam.model, None)
         residual = seam.final_norm(residual)
@@ -109,15 +112,16 @@ def run_plan(
 
 # --------------------------------------------------------------------------- the model's own forward
 class _Chain(nn.Module):
-    """Several blocks run one after another in one slot of ``model.blocks`` (plans longer than the
-    model, or models spread over several devices).
+    """Several steps run one after another in one slot of ``model.blocks`` (plans longer than the
+    model, models spread over several devices, or a step that runs one sublayer of a block).
     """
 
-    def __init__(self, model: HookedTransformer, layers: Sequence[int]) -> None:
+    def __init__(self, model: HookedTransformer, steps: Sequence[Step]) -> None:
         super().__init__()
         self._cfg = model.cfg
-        self._layers = tuple(layers)
-        self._run = [HookedSeam(model).blocks()[i] for i in layers]  # a plain list: not registered as submodules
+        self._steps = tuple(steps)
+        self._layers = tuple(step_layer(s) for s in steps)
+        self._run = [HookedSeam(model).blocks()[i] for i in self._layers]  # a plain list: not registered as submodules
 
     def forward(
         self,
@@ -131,19 +135,20 @@ class _Chain(nn.Module):
                 "generation with a key-value cache is not supported under a plan longer than the model"
             )
         residual = resid_pre
-        for layer, block in zip(self._layers, self._run):
+        for step, layer, block in zip(self._steps, self._layers, self._run):
             device = get_device_for_block_index(layer, self._cfg)
             pos = None if shortformer_pos_embed is None else shortformer_pos_embed.to(device)
-            residual = block(
-                residual.to(device),
-                shortformer_pos_embed=pos,
-                past_kv_cache_entry=past_kv_cache_entry,
-                attention_mask=attention_mask,
-            )
+            with only_sublayer(block, step_part(step)):
+                residual = block(
+                    residual.to(device),
+                    shortformer_pos_embed=pos,
+                    past_kv_cache_entry=past_kv_cache_entry,
+                    attention_mask=attention_mask,
+                )
         return residual
 
     def extra_repr(self) -> str:
-        return f"layers={self._layers}"
+        return f"steps={self._steps}"
 
 
 @contextlib.contextmanager
@@ -154,7 +159,8 @@ def reordered(model: HookedTransformer, plan: LayerPlan) -> Iterator[HookedTrans
     order (the same objects, so hook names are unchanged and hooks fire on the block they name);
     on exit, exceptions included, the original list is put back. ``start_at_layer`` /
     ``stop_at_layer`` count steps of the plan. Plans longer than the model run their surplus steps
-    in the last slot. Inside, :func:`stages_of_inference.hooks.current_step` tells hooks the
+    in the last slot. A step that runs one sublayer (``(i, "attn")``) runs block ``i`` with the other
+    sublayer's output zeroed at its hook point (hooks there see the zeros). Inside, :func:`stages_of_inference.hooks.current_step` tells hooks the
     execution step. Nested ``reordered`` blocks use the original block indices. Do not save or move
     the model inside the block. Caches from ``run_with_cache`` hold, for a repeated block, its last
     occurrence, and no entries for deleted blocks.
@@ -191,17 +197,17 @@ def reordered(model: HookedTransformer, plan: LayerPlan) -> Iterator[HookedTrans
     order = plan.order
     slots: list[nn.Module] = []
     for k in range(min(len(order), n)):
-        layers = order[k:] if (k == n - 1 and len(order) > n) else (order[k],)
-        if len(layers) == 1 and not multi_device:
-            slots.append(original[layers[0]])
+        steps = order[k:] if (k == n - 1 and len(order) > n) else (order[k],)
+        if len(steps) == 1 and isinstance(steps[0], int) and not multi_device:
+            slots.append(original[steps[0]])
         else:
-            slots.append(_Chain(model, layers))
+            slots.append(_Chain(model, steps))
 
     def on_embed(module: nn.Module, args: Any) -> None:
         state["step"] = -1
 
     handles = [model.embed.register_forward_pre_hook(on_embed)]
-    for layer in sorted(set(order)):
+    for layer in sorted({step_layer(s) for s in order}):
         def on_block(module: nn.Module, args: Any, layer: int = layer) -> None:
             state["step"] += 1
             set_step(model, (state["step"], layer))

@@ -46,6 +46,8 @@ class EngineOptions:
         precision: ``"fp32"`` (the paper's setting), ``"bf16"`` or ``"fp16"``: the dtype of the
             matrix products and the attention (:mod:`stages_of_inference.precision`); this one
             setting does change the numbers, by what the precision check measures.
+        layer_effects: also measure, for every block a plan runs off the unmodified path, how much
+            what it writes to the residual stream changed (:mod:`~stages_of_inference.interventions.effects`).
 
     Example:
         >>> EngineOptions(batch_size=4).stack_tokens_for("cpu")
@@ -64,6 +66,7 @@ class EngineOptions:
     progress: bool = True
     unembed_block: int = UNEMBED_BLOCK
     precision: str = "fp32"
+    layer_effects: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batch_size", check_count(self.batch_size, "batch_size", "a positive number of sequences"))
@@ -74,7 +77,7 @@ class EngineOptions:
             object.__setattr__(self, "stack_tokens", stack)
         object.__setattr__(self, "unembed_block", check_count(self.unembed_block, "unembed_block", "a positive number of vocabulary columns"))
         check_precision(self.precision)
-        for name in ("fast_path", "per_token", "progress"):
+        for name in ("fast_path", "per_token", "progress", "layer_effects"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -96,7 +99,7 @@ class EngineOptions:
             >>> EngineOptions.from_settings(None, {"batchsize": 2})
             Traceback (most recent call last):
             ...
-            ValueError: unknown engine setting(s) ['batchsize']; known: batch_size, chunk_tokens, stack_tokens, fast_path, per_token, progress, unembed_block, precision
+            ValueError: unknown engine setting(s) ['batchsize']; known: batch_size, chunk_tokens, stack_tokens, fast_path, per_token, progress, unembed_block, precision, layer_effects
         """
         if options is not None and not isinstance(options, EngineOptions):
             raise TypeError(f"options must be an EngineOptions, got {type(options).__name__}")

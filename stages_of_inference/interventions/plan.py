@@ -1,11 +1,14 @@
-"""Layer plans: which transformer blocks run, in which order.
+"""Layer plans: which transformer blocks (or which of their sublayers) run, in which order.
 
-A :class:`LayerPlan` is plain, immutable data: a tuple of block indices of a model with
-``n_layers`` blocks. Every intervention on the order of blocks is one: deleting block 5 of a
-12-block model is ``(0, 1, 2, 3, 4, 6, ..., 11)``, swapping blocks 5 and 6 is
-``(..., 4, 6, 5, 7, ...)``, running blocks 5-6 twice is ``(..., 4, 5, 5, 6, 6, 7, ...)``.
-Plans validate themselves, print as the constructor call that makes them, and round-trip
-through JSON.
+A :class:`LayerPlan` is plain, immutable data: a tuple of steps for a model with ``n_layers``
+blocks. A step is a block index (the whole block) or a pair ``(i, "attn")`` / ``(i, "mlp")``: block
+``i`` with only its attention, or only its MLP, writing to the residual stream (the other
+sublayer's output is zero, as if ``blocks.i.hook_mlp_out`` or ``blocks.i.hook_attn_out`` were
+zeroed). Every intervention on the order of blocks is one: deleting block 5 of a 12-block model is
+``(0, 1, 2, 3, 4, 6, ..., 11)``, swapping blocks 5 and 6 is ``(..., 4, 6, 5, 7, ...)``, running
+blocks 5-6 twice is ``(..., 4, 5, 5, 6, 6, 7, ...)``, deleting block 5's attention is
+``(..., 4, (5, "mlp"), 6, ...)``. Plans validate themselves, print as the constructor call that
+makes them, and round-trip through JSON (a sublayer step is the list ``[5, "mlp"]`` there).
 """
 
 from __future__ import annotations
@@ -16,10 +19,56 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["KINDS", "LayerPlan"]
+__all__ = ["KINDS", "PARTS", "LayerPlan", "Step", "step_layer", "step_part", "step_text"]
 
-KINDS = ("identity", "drop", "swap", "repeat", "permute", "custom")
+KINDS = ("identity", "drop", "swap", "repeat", "permute", "drop_attention", "drop_mlp", "custom")
 """The kinds of plan :attr:`LayerPlan.kind` recognises."""
+
+PARTS = ("attn", "mlp")
+"""The sublayers a step can run alone: ``(i, "attn")`` runs only block ``i``'s attention,
+``(i, "mlp")`` only its MLP."""
+
+Step = int | tuple[int, str]
+"""One step of a plan: a whole block, or one sublayer of it (:data:`PARTS`)."""
+
+
+def step_layer(step: Step) -> int:
+    """The block a step runs (all of it or one sublayer).
+
+    Example:
+        >>> step_layer(3), step_layer((3, "mlp"))
+        (3, 3)
+    """
+    return step if isinstance(step, int) else step[0]
+
+
+def step_part(step: Step) -> str:
+    """``"block"`` for a whole block, else the sublayer (:data:`PARTS`) the step runs.
+
+    Example:
+        >>> step_part(3), step_part((3, "attn"))
+        ('block', 'attn')
+    """
+    return "block" if isinstance(step, int) else step[1]
+
+
+def _as_step(value: Any) -> Step:
+    """A block index, or a ``(block, part)`` pair (a list from JSON too), validated."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or value[1] not in PARTS:
+            raise ValueError(f"a sublayer step is a pair (block, part) with part in {PARTS}, got {value!r}")
+        return (_as_int(value[0], "a sublayer step's block index"), str(value[1]))
+    return _as_int(value, "every block index")
+
+
+def step_text(step: Step) -> str:
+    """A step as plan labels write it.
+
+    Example:
+        >>> step_text(4), step_text((4, "mlp"))
+        ('4', '4.mlp')
+    """
+    return str(step) if isinstance(step, int) else f"{step[0]}.{step[1]}"
 
 
 def _as_int(value: Any, what: str) -> int:
@@ -40,15 +89,16 @@ def _flatten_layers(layers: Iterable[Any]) -> list[int]:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """An order of transformer blocks for a model with ``n_layers`` blocks.
+    """An order of transformer blocks (or of their sublayers) for a model with ``n_layers`` blocks.
 
     Attributes:
-        order: the block indices, in execution order; each in ``0 .. n_layers - 1``. A block may
+        order: the steps, in execution order: block indices in ``0 .. n_layers - 1``, or
+            ``(index, part)`` pairs that run one sublayer (:data:`PARTS`) of the block. A block may
             be left out (deletion) or appear several times (repetition).
         n_layers: the number of blocks of the model the plan is for.
 
     Raises:
-        ValueError: an empty plan, an index out of range, or ``n_layers`` < 1.
+        ValueError: an empty plan, an index out of range, an unknown sublayer, or ``n_layers`` < 1.
         TypeError: indices that are not integers.
 
     Example:
@@ -60,9 +110,11 @@ class LayerPlan:
         ('swap', 'swap 2<->3')
         >>> LayerPlan.from_json(LayerPlan.repeat(4, [1, 2]).to_json()).order
         (0, 1, 1, 2, 2, 3)
+        >>> LayerPlan.drop_mlp(3, 1).order, LayerPlan.drop_attention(3, 1).label
+        ((0, (1, 'attn'), 2), 'drop attn 1')
     """
 
-    order: tuple[int, ...]
+    order: tuple[Step, ...]
     n_layers: int
 
     def __post_init__(self) -> None:
@@ -71,10 +123,10 @@ class LayerPlan:
             raise ValueError(f"n_layers must be at least 1, got {n}")
         if isinstance(self.order, (str, bytes)) or not isinstance(self.order, Iterable):
             raise TypeError(f"order must be a sequence of block indices, got {type(self.order).__name__}")
-        order = tuple(_as_int(i, "every block index") for i in self.order)
+        order = tuple(_as_step(i) for i in self.order)
         if not order:
             raise ValueError(f"a plan must run at least one block; got an empty order (blocks are 0 .. {n - 1})")
-        bad = sorted({i for i in order if not 0 <= i < n})
+        bad = sorted({step_layer(i) for i in order if not 0 <= step_layer(i) < n})
         if bad:
             raise ValueError(
                 f"block index(es) {bad} out of range for a model with {n} blocks: allowed 0 .. {n - 1}"
@@ -135,6 +187,40 @@ class LayerPlan:
         return cls(order=tuple(order), n_layers=n)
 
     @classmethod
+    def drop_attention(cls, n_layers: int, *layers: int | Iterable[int]) -> LayerPlan:
+        """Delete the attention of one or more blocks: each runs only its MLP.
+
+        Example:
+            >>> LayerPlan.drop_attention(3, 0, 2).order
+            ((0, 'mlp'), 1, (2, 'mlp'))
+        """
+        return cls._drop_part(n_layers, layers, keep="mlp", what="drop_attention")
+
+    @classmethod
+    def drop_mlp(cls, n_layers: int, *layers: int | Iterable[int]) -> LayerPlan:
+        """Delete the MLP of one or more blocks: each runs only its attention.
+
+        Example:
+            >>> LayerPlan.drop_mlp(3, 1)
+            LayerPlan.drop_mlp(3, 1)
+        """
+        return cls._drop_part(n_layers, layers, keep="attn", what="drop_mlp")
+
+    @classmethod
+    def _drop_part(cls, n_layers: int, layers: tuple[Any, ...], keep: str, what: str) -> LayerPlan:
+        n = _as_int(n_layers, "n_layers")
+        chosen = _flatten_layers(layers)
+        if not chosen:
+            raise ValueError(f"LayerPlan.{what} needs at least one block index")
+        bad = sorted({i for i in chosen if not 0 <= i < n})
+        if bad:
+            raise ValueError(f"cannot {what.replace('_', ' ')} of block(s) {bad}: a model with {n} blocks has "
+                             f"blocks 0 .. {n - 1}")
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"block(s) listed twice in {what}: {sorted(chosen)}")
+        return cls(order=tuple((i, keep) if i in set(chosen) else i for i in range(n)), n_layers=n)
+
+    @classmethod
     def repeat(cls, n_layers: int, layers: int | Iterable[int], times: int = 2) -> LayerPlan:
         """Run each block in ``layers`` ``times`` times in place (``0, 1, 1, 2, ...``).
 
@@ -189,9 +275,25 @@ class LayerPlan:
 
     @property
     def dropped(self) -> tuple[int, ...]:
-        """Blocks that never run, in increasing order."""
-        present = set(self.order)
+        """Blocks that never run (not even one sublayer), in increasing order."""
+        present = {step_layer(s) for s in self.order}
         return tuple(i for i in range(self.n_layers) if i not in present)
+
+    @property
+    def has_sublayers(self) -> bool:
+        """True when some step runs only one sublayer of a block."""
+        return any(not isinstance(s, int) for s in self.order)
+
+    def _describe_parts(self) -> tuple[str, tuple[Any, ...]] | None:
+        """``("drop_attention" | "drop_mlp", blocks)`` for the plans those constructors make."""
+        n, order = self.n_layers, self.order
+        if len(order) != n or any(step_layer(s) != k for k, s in enumerate(order)):
+            return None
+        parts = {step_part(s) for s in order} - {"block"}
+        if len(parts) != 1:
+            return None
+        kind = "drop_attention" if parts == {"mlp"} else "drop_mlp"
+        return kind, tuple(k for k, s in enumerate(order) if not isinstance(s, int))
 
     def _describe(self) -> tuple[str, tuple[Any, ...]]:
         """(kind, constructor arguments after n_layers)."""
@@ -199,6 +301,8 @@ class LayerPlan:
         ident = tuple(range(n))
         if order == ident:
             return "identity", ()
+        if self.has_sublayers:
+            return self._describe_parts() or ("custom", (order,))
         if len(order) < n and all(a < b for a, b in zip(order, order[1:])):
             return "drop", self.dropped
         if len(order) == n and sorted(order) == list(ident):
@@ -227,7 +331,8 @@ class LayerPlan:
     @property
     def label(self) -> str:
         """A short human-readable name: ``"identity"``, ``"drop 5"``, ``"swap 5<->6"``,
-        ``"repeat 3,4 x2"``, ``"permute 2,0,1"``, ``"custom 0,0,2"``.
+        ``"repeat 3,4 x2"``, ``"permute 2,0,1"``, ``"drop attn 5"``, ``"drop mlp 5"``,
+        ``"custom 0,0,2"`` (a sublayer step reads ``5.attn`` there).
 
         Example:
             >>> LayerPlan.drop(8, 3, 4).label
@@ -242,7 +347,9 @@ class LayerPlan:
             return f"swap {args[0]}<->{args[0] + 1}"
         if kind == "repeat":
             return "repeat " + ",".join(map(str, args[0])) + f" x{args[1]}"
-        return f"{kind} " + ",".join(map(str, self.order))
+        if kind in ("drop_attention", "drop_mlp"):
+            return f"drop {'attn' if kind == 'drop_attention' else 'mlp'} " + ",".join(map(str, args))
+        return f"{kind} " + ",".join(map(step_text, self.order))
 
     def __repr__(self) -> str:
         kind, args = self._describe()
@@ -258,12 +365,14 @@ class LayerPlan:
             return f"LayerPlan.repeat({n}, {list(layers)}, times={times})"
         if kind == "permute":
             return f"LayerPlan.permute({n}, {list(self.order)})"
+        if kind in ("drop_attention", "drop_mlp"):
+            return f"LayerPlan.{kind}({n}, {', '.join(map(str, args))})"
         return f"LayerPlan(order={self.order}, n_layers={n})"
 
     # ----------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
-        """``{"n_layers": n, "order": [...]}``."""
-        return {"n_layers": self.n_layers, "order": list(self.order)}
+        """``{"n_layers": n, "order": [...]}`` (a sublayer step as ``[block, part]``)."""
+        return {"n_layers": self.n_layers, "order": [s if isinstance(s, int) else list(s) for s in self.order]}
 
     def to_json(self) -> str:
         """Compact JSON: ``{"n_layers": 3, "order": [0, 2]}``.
@@ -282,7 +391,7 @@ class LayerPlan:
         order = data["order"]
         if not isinstance(order, list):
             raise ValueError(f"'order' must be a list of block indices, got {order!r}")
-        return cls(order=tuple(order), n_layers=data["n_layers"])
+        return cls(order=tuple(tuple(s) if isinstance(s, list) else s for s in order), n_layers=data["n_layers"])
 
     @classmethod
     def from_json(cls, text: str) -> LayerPlan:

@@ -1,6 +1,8 @@
 """Scheduling many block orders as one trie: pure Python, no torch.
 
-Plans that share their first ``m`` blocks share the residual stream after them. :func:`build_trie`
+Plans that share their first ``m`` steps share the residual stream after them (a step is a block
+index, or a ``(block, part)`` pair that runs one sublayer: :mod:`~stages_of_inference.interventions.plan`;
+the trie only compares steps). :func:`build_trie`
 puts the distinct orders in a trie (one node per prefix); :func:`layout` walks it depth first and
 finds the trunk (the unmodified order ``0, 1, ..., n_layers - 1``, which the executor runs first);
 :func:`schedule` cuts the plan ends into windows and says, for each window, which nodes to
@@ -12,7 +14,7 @@ schedule.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 __all__ = ["Layout", "Node", "Run", "Window", "block_count", "build_trie", "layout", "schedule"]
@@ -23,7 +25,7 @@ class Node:
 
     Attributes:
         index: the node's number (the root is 0), unique within its trie.
-        children: next block -> the node of the longer prefix.
+        children: next step -> the node of the longer prefix.
         ends: the plan ids whose order is exactly this prefix.
     """
 
@@ -31,11 +33,11 @@ class Node:
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.children: dict[int, Node] = {}
+        self.children: dict[Hashable, Node] = {}
         self.ends: list[int] = []
 
 
-def build_trie(orders: Sequence[tuple[int, ...]]) -> Node:
+def build_trie(orders: Sequence[tuple[Hashable, ...]]) -> Node:
     """The trie of ``orders``: plan ``k`` ends at the node of ``orders[k]``.
 
     Example:
@@ -64,14 +66,14 @@ class Layout:
     Attributes:
         parent: node index -> its parent node (``None`` for the root).
         depth: node index -> its depth (the root is 0: the embeddings).
-        block: node index -> the block that leads to it (-1 for the root).
+        block: node index -> the step that leads to it (``None`` for the root).
         ends: the nodes where plans end, in depth-first (pre-)order.
         trunk: node index -> depth, for the nodes of the unmodified order (the root included).
     """
 
     parent: dict[int, Node | None]
     depth: dict[int, int]
-    block: dict[int, int]
+    block: dict[int, Hashable]
     ends: list[Node]
     trunk: dict[int, int]
 
@@ -86,9 +88,9 @@ def layout(root: Node, n_layers: int) -> Layout:
     """
     parent: dict[int, Node | None] = {}
     depth: dict[int, int] = {}
-    block: dict[int, int] = {}
+    block: dict[int, Hashable] = {}
     ends: list[Node] = []
-    stack: list[tuple[Node, Node | None, int, int]] = [(root, None, 0, -1)]
+    stack: list[tuple[Node, Node | None, int, Hashable]] = [(root, None, 0, None)]
     while stack:
         node, up, d, b = stack.pop()
         parent[node.index], depth[node.index], block[node.index] = up, d, b
@@ -112,12 +114,12 @@ class Run:
 
     Attributes:
         depth: the depth of the nodes (the block runs at execution step ``depth - 1``).
-        block: the block they run.
+        block: the step they run (a block index, or a ``(block, part)`` pair).
         nodes: the nodes computed by this call; each one's input is its parent's residual.
     """
 
     depth: int
-    block: int
+    block: Hashable
     nodes: tuple[Node, ...]
 
 
@@ -179,7 +181,7 @@ def schedule(lay: Layout, window_size: int, lanes: int) -> Iterator[Window]:
         runs: list[Run] = []
         free_after: dict[int, tuple[int, ...]] = {}
         for depth in sorted(todo):
-            by_block: dict[int, list[Node]] = {}
+            by_block: dict[Hashable, list[Node]] = {}
             for node in todo[depth]:
                 by_block.setdefault(lay.block[node.index], []).append(node)
             for block, same in by_block.items():
@@ -189,7 +191,7 @@ def schedule(lay: Layout, window_size: int, lanes: int) -> Iterator[Window]:
         carried = carry
 
 
-def block_count(orders: Sequence[tuple[int, ...]], n_layers: int, shared: bool = True) -> int:
+def block_count(orders: Sequence[tuple[Hashable, ...]], n_layers: int, shared: bool = True) -> int:
     """Block executions for ``orders`` and the unmodified order of ``n_layers`` blocks: with prefix
     sharing (the number of distinct non-empty prefixes) or without (the sum of lengths).
 

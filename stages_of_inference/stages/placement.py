@@ -12,7 +12,7 @@ import pandas as pd
 
 from stages_of_inference._tables import _n_layers, _require, _table, result_model
 
-__all__ = ["AGREEMENT", "STAGES", "first_peak", "place_stages", "stage_signals"]
+__all__ = ["AGREEMENT", "STAGES", "first_peak", "mlp_takes_over", "place_stages", "stage_signals"]
 
 STAGES = ("detokenization", "feature engineering", "prediction ensembling", "residual sharpening")
 """The four stages of inference, in depth order (Lad et al. 2024)."""
@@ -236,8 +236,29 @@ AGREEMENT = 0.1
 _MASSIVE = 100.0
 
 
+def mlp_takes_over(sublayers: pd.DataFrame) -> int:
+    """The first block from which deleting the MLP costs more (KL) than deleting the attention, in
+    that block and the next (so one noisy block does not decide); -1 if it never does.
+
+    Example:
+        >>> import pandas as pd
+        >>> t = pd.DataFrame({"kind": ["drop_attention"] * 4 + ["drop_mlp"] * 4, "layer": [0, 1, 2, 3] * 2,
+        ...                   "kl_nats": [.9, .7, .1, .1, .2, .6, .3, .4]})
+        >>> mlp_takes_over(t)
+        2
+    """
+    attn = sublayers[sublayers["kind"] == "drop_attention"].set_index("layer")["kl_nats"]
+    mlp = sublayers[sublayers["kind"] == "drop_mlp"].set_index("layer")["kl_nats"]
+    layers = sorted(set(attn.index) & set(mlp.index))
+    above = [bool(mlp[i] > attn[i]) for i in layers]
+    for k in range(len(layers)):
+        if above[k] and (k + 1 == len(layers) or above[k + 1]):
+            return int(layers[k])
+    return -1
+
+
 def stage_signals(stages: pd.DataFrame, sinks: pd.DataFrame | None = None,
-                  depth: pd.DataFrame | None = None) -> pd.DataFrame:
+                  depth: pd.DataFrame | None = None, sublayers: pd.DataFrame | None = None) -> pd.DataFrame:
     """The boundary each signal beyond the paper suggests, beside the rule's (:func:`place_stages`).
 
     * *massive activations switch on* (the ``sinks`` profile): the first block entering which the
@@ -248,12 +269,16 @@ def stage_signals(stages: pd.DataFrame, sinks: pd.DataFrame | None = None,
       ensembling;
     * *half the predictions have settled* (the ``depth_summary`` of
       :func:`~stages_of_inference.stages.feature_engineering.prediction_depth`): the block after
-      which the median token's top-1 stays the final one; suggests the start of residual sharpening.
+      which the median token's top-1 stays the final one; suggests the start of residual sharpening;
+    * *MLP damage overtakes attention damage* (a sweep with ``drop_attention`` and ``drop_mlp``
+      plans, :func:`mlp_takes_over`): early blocks mix tokens through attention, the feature
+      engineering stage is read as MLP work; suggests the start of feature engineering.
 
     Args:
         stages: the stage table of the model (:func:`place_stages`).
         sinks: its ``sink_profile`` table, or ``None``.
         depth: its prediction-depth summary (one convention's row is used), or ``None``.
+        sublayers: a sweep summary with ``drop_attention`` and ``drop_mlp`` rows, or ``None``.
 
     Returns:
         One row per signal available: ``signal``, ``boundary`` (the stage it suggests starts
@@ -285,6 +310,9 @@ def stage_signals(stages: pd.DataFrame, sinks: pd.DataFrame | None = None,
         row = depth[depth["convention"] == "per_layer_norm"].iloc[0] if (depth["convention"] == "per_layer_norm").any() \
             else depth.iloc[0]
         found.append(("half the predictions have settled", "residual sharpening", max(int(row["median_depth"]) - 1, 0)))
+    if sublayers is not None:
+        n = n or int(sublayers["layer"].max()) + 1
+        found.append(("MLP damage overtakes attention damage", "feature engineering", mlp_takes_over(sublayers)))
     n = n or max([layer for _, _, layer in found] + [1]) + 1
     rows = []
     for signal, boundary, layer in found:

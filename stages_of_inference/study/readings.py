@@ -13,7 +13,7 @@ import pandas as pd
 from stages_of_inference.stages.placement import AGREEMENT, first_peak, stage_signals
 
 __all__ = ["named_tables", "read_attention", "read_lens", "read_neurons", "read_patterns", "read_precision", "read_probes",
-    "read_repetition", "read_robustness", "read_signals", "read_sinks", "read_depth", "read_task", "read_sharpening", "read_similarity", "read_stages", "read_subjoiner"]
+    "read_layer_effects", "read_repetition", "read_robustness", "read_signals", "read_sublayers", "read_sinks", "read_depth", "read_task", "read_sharpening", "read_similarity", "read_stages", "read_subjoiner"]
 
 if TYPE_CHECKING:
     from stages_of_inference.study.run import Study
@@ -370,6 +370,59 @@ def read_task(study: Study, sweeps: dict[str, pd.DataFrame]) -> str:
     return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""
 
 
+def read_layer_effects(study: Study) -> str:
+    """Per model: which deleted block changes what later blocks write most, which blocks' deletion
+    leaves the rest nearly as they were, and how large and aligned the blocks' contributions are.
+    """
+    parts = []
+    for name, df in named_tables(study, "robustness", "layer_effects"):
+        drops = df[df["kind"] == "drop"]
+        if drops.empty:
+            continue
+        n = int(df["block"].max()) + 1
+        per_skip = drops.groupby("layer")["relative_change"].mean()
+        top = int(per_skip.idxmax())
+        quiet = per_skip[per_skip.index < n - 1].nsmallest(3)
+        base = df[df["kind"] == "none"].sort_values("block")
+        big = base.loc[base["relative_size"].idxmax()]
+        text = (f"<b>{html.escape(name)}</b>: deleting block {top} (relative depth {_fmt(top / max(n - 1, 1))}) changes "
+                f"what the later blocks write most: by {_fmt(per_skip[top])} times the norm of their contribution, on "
+                f"average over the blocks after it. Deleting block{'s' if len(quiet) > 1 else ''} "
+                f"{', '.join(str(int(i)) for i in quiet.index)} changes the later blocks least "
+                f"({', '.join(_fmt(v) for v in quiet.to_numpy())}): the blocks after them barely depend on them. ")
+        text += (f"In the unmodified model the largest contribution relative to the residual it reads is block "
+                 f"{int(big['block'])}'s ({_fmt(big['relative_size'])} of the residual's norm); the median block adds "
+                 f"{_fmt(base['relative_size'].median())}, and contributions are nearly orthogonal to the residual "
+                 f"(median cosine {_fmt(base['cosine'].median())}).")
+        parts.append(f"<p>{text}</p>")
+    return "".join(parts)
+
+
+def read_sublayers(study: Study) -> str:
+    """Per model: how much deleting only the attention or only the MLP costs, against the whole
+    block, and where MLP damage overtakes attention damage.
+    """
+    from stages_of_inference.stages.placement import mlp_takes_over
+
+    parts = []
+    for name, df in named_tables(study, "sublayers", "summary"):
+        attn = df[df["kind"] == "drop_attention"].set_index("layer")["kl_nats"]
+        mlp = df[df["kind"] == "drop_mlp"].set_index("layer")["kl_nats"]
+        if attn.empty or mlp.empty:
+            continue
+        inner = [i for i in attn.index if 0 < i < len(attn) - 1]
+        switch = mlp_takes_over(df)
+        text = (f"<b>{html.escape(name)}</b>: over the blocks other than the first and the last, deleting only the "
+                f"attention costs {_fmt(attn[inner].median())} nats of KL (median), only the MLP "
+                f"{_fmt(mlp[inner].median())}; the attention is the cheaper one to lose in "
+                f"{int((attn[inner] < mlp[inner]).sum())} of {len(inner)} of them. Block 0: attention "
+                f"{_fmt(attn.iloc[0])}, MLP {_fmt(mlp.iloc[0])} nats. ")
+        text += (f"From block {switch} on, deleting the MLP costs more than deleting the attention." if switch >= 0
+                 else "Deleting the MLP never costs more than deleting the attention for two blocks running.")
+        parts.append(f"<p>{text}</p>")
+    return "".join(parts)
+
+
 def read_signals(study: Study) -> str:
     """Per model: the boundaries the signals beyond the paper suggest, beside the rule's, as a
     table and one line saying whether they agree (:func:`~stages_of_inference.stages.placement.stage_signals`).
@@ -379,9 +432,10 @@ def read_signals(study: Study) -> str:
         done = study.results.get(name, {})
         sinks = done["sinks"].tables.get("profile") if "sinks" in done else None
         depth = done["logit_lens"].tables.get("depth_summary") if "logit_lens" in done else None
-        if table is None or table.empty or (sinks is None and depth is None):
+        sublayers = done["sublayers"].tables.get("summary") if "sublayers" in done else None
+        if table is None or table.empty or (sinks is None and depth is None and sublayers is None):
             continue
-        signals = stage_signals(table, sinks, depth)
+        signals = stage_signals(table, sinks, depth, sublayers)
         rows = "".join(
             "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
                 r.signal, r.boundary, "never" if r.layer < 0 else f"block {r.layer} ({_fmt(r.relative_depth)})",

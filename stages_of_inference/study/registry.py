@@ -151,7 +151,8 @@ def _robustness(ctx: Context) -> Tables:
 
     def sweep() -> Any:
         return robustness_sweep(ctx.model, ctx.tokens, per_token=True, progress=ctx.progress,
-                                batch_size=ctx.config.batch_size, out_dir=ctx.work_dir, precision=ctx.config.precision)
+                                batch_size=ctx.config.batch_size, out_dir=ctx.work_dir, precision=ctx.config.precision,
+                                layer_effects=True)
     try:
         return dict(sweep().tables)
     except CheckpointMismatchError:  # another sweep's checkpoint: start over
@@ -165,9 +166,14 @@ def _robustness_figures(study: Study, style: Style) -> list[Figure]:
     sweeps = [done["robustness"] for done in study.results.values() if "robustness" in done]
     if not sweeps:
         return []
-    return [Figure("robustness", "Deleting and swapping blocks",
-                   lambda: plots.robustness(sweeps, stages=style.stages, colors=style.colors),
-                   lambda: rd.read_robustness(study))]
+    out = [Figure("robustness", "Deleting and swapping blocks",
+                  lambda: plots.robustness(sweeps, stages=style.stages, colors=style.colors),
+                  lambda: rd.read_robustness(study))]
+    effects = tables_of(study, "robustness", "layer_effects")
+    if effects:
+        out.append(Figure("layer_effects", "Beyond the paper: the layer-effect matrix",
+                          lambda: _plot("layer_effects")(effects, style), lambda: rd.read_layer_effects(study)))
+    return out
 
 
 def _attention(ctx: Context) -> Tables:
@@ -339,7 +345,8 @@ def _heavy(config: StudyConfig) -> dict[str, Any]:
 
 
 register(Analysis(
-    "robustness", _robustness, lambda c: {"kinds": ["drop", "swap"], "per_token": True, **_batch(c)},
+    "robustness", _robustness,
+    lambda c: {"kinds": ["drop", "swap"], "per_token": True, "layer_effects": True, **_batch(c)},
     figures=_robustness_figures, fast=True))
 register(Analysis(
     "previous_token_attention", _attention, lambda c: {"k": c.k, **_batch(c)},
@@ -432,8 +439,51 @@ def _task_figures(study: Study, style: Style) -> list[Figure]:
                    lambda: _plot("task_damage")(tables, style), lambda: rd.read_task(study, sweeps))]
 
 
+SUBLAYER_KINDS = ("drop_attention", "drop_mlp")
+"""The sublayer deletions the study sweeps (on the heavy batch: each costs as much as a block deletion)."""
+
+
+def _sublayers(ctx: Context) -> Tables:
+    """Every block's attention alone and MLP alone deleted, on the heavy batch; beside them the
+    whole-block deletions on the same sequences, read from the robustness sweep's per-token table.
+    """
+    from stages_of_inference.robustness import robustness_sweep, summary_on
+
+    result = robustness_sweep(ctx.model, ctx.heavy, kinds=SUBLAYER_KINDS, progress=ctx.progress,
+                              batch_size=ctx.config.batch_size, precision=ctx.config.precision)
+    tables = dict(result.tables)
+    sweep = ctx.done.get("robustness")
+    if sweep is not None and "per_token" in sweep.tables:
+        blocks = summary_on(sweep["per_token"], range(len(ctx.heavy)), ctx.model.cfg.n_layers)
+        tables["blocks"] = blocks[blocks["kind"] == "drop"].reset_index(drop=True)
+        tables["blocks"].attrs["provenance"] = {**result.provenance, "analysis": "robustness_sweep (per-token subset)",
+                                                "sequences": len(ctx.heavy)}
+    return tables
+
+
+def _sublayer_figures(study: Study, style: Style) -> list[Figure]:
+    tables = [_with_blocks(done["sublayers"]["summary"], done["sublayers"].tables.get("blocks"))
+              for done in study.results.values() if "sublayers" in done]
+    if not tables:
+        return []
+    return [Figure("sublayer_deletion", "Beyond the paper: deleting only the attention or only the MLP",
+                   lambda: _plot("sublayer_deletion")(tables, style), lambda: rd.read_sublayers(study))]
+
+
+def _with_blocks(summary: pd.DataFrame, blocks: pd.DataFrame | None) -> pd.DataFrame:
+    """The sublayer summary with the whole-block deletions on the same sequences appended."""
+    if blocks is None:
+        return summary
+    out = pd.concat([summary, blocks[[c for c in blocks.columns if c in summary.columns]]], ignore_index=True)
+    out.attrs = summary.attrs
+    return out
+
+
 register(Analysis(
     "task", _task, _task_settings, figures=_task_figures))
+register(Analysis(
+    "sublayers", _sublayers, lambda c: {"kinds": list(SUBLAYER_KINDS), **_heavy(c)}, tokens="heavy",
+    figures=_sublayer_figures))
 register(Analysis(
     "sinks", _sinks, _batch,
     figures=_one("sink_profile", "Beyond the paper: attention sinks, massive activations, residual norms", "sinks",
