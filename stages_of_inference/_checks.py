@@ -12,6 +12,9 @@ from typing import Any
 
 __all__ = ["PRECISIONS", "available_devices", "check_count", "check_device", "check_output_path", "check_precision"]
 
+BACKEND_CHOICES = ("auto", "hooked", "bridge")
+"""What a ``backend`` setting may say: ``"auto"`` picks ``"hooked"`` where TransformerLens has it, else ``"bridge"``."""
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 """The computing precisions every analysis that runs a model accepts (:mod:`stages_of_inference.precision`)."""
 

@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from stages_of_inference._checks import check_count  # noqa: F401 (used across the package from here)
+from stages_of_inference._tl import Model
 from stages_of_inference.batch import tensor_of
 
 T = TypeVar("T")
@@ -43,16 +43,31 @@ def relative_depth(index: int, n_points: int) -> float:
     return 0.0 if n_points == 1 else index / (n_points - 1)
 
 
-def check_model(model: Any) -> HookedTransformer:
+BRIDGE_SUPPORTED = ("run_plan", "evaluate_plans", "robustness_sweep", "load_tokens")
+"""What runs on the ``TransformerBridge`` backend today (docs/backends.md)."""
+
+
+def check_model(model: Any, bridge: bool = False) -> Model:
     """The model itself (the adapted model, given a model seam); a ``TypeError`` for anything the
-    library cannot adapt (:func:`stages_of_inference.backends.as_seam` decides).
+    library cannot adapt (:func:`stages_of_inference.backends.as_seam` decides). A function that
+    runs on the ``HookedTransformer`` only (``bridge=False``) refuses a ``TransformerBridge`` in one
+    line naming what does run on it.
     """
-    from stages_of_inference.backends import as_seam
+    import sys
 
-    return as_seam(model).model
+    from stages_of_inference.backends import as_seam, backend_of
+
+    adapted = as_seam(model).model
+    if not bridge and backend_of(adapted) == "bridge":
+        caller = sys._getframe(1).f_code.co_name  # noqa: SLF001 - the public function that was called
+        raise NotImplementedError(
+            f"{caller} runs on TransformerLens' HookedTransformer only so far; on the TransformerBridge backend "
+            f"the library runs {', '.join(BRIDGE_SUPPORTED)} (load with backend='hooked' where TransformerLens 3.9 "
+            "is installed)")
+    return adapted
 
 
-def check_tokens(model: HookedTransformer, tokens: Any, min_len: int = 3) -> Int[Tensor, "batch pos"]:
+def check_tokens(model: Model, tokens: Any, min_len: int = 3) -> Int[Tensor, "batch pos"]:
     """Validate a token batch for ``model`` and move it to the model's device.
 
     Tokens must be a 2-D integer tensor ``[batch, pos]`` (or a

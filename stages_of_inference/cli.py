@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from stages_of_inference._checks import PRECISIONS
+from stages_of_inference._checks import BACKEND_CHOICES, PRECISIONS
 
 __all__ = ["DEFAULT_MODEL", "EXIT_INTERRUPTED", "EXIT_MISMATCH", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE",
     "build_parser", "main"]
@@ -66,7 +66,7 @@ def _load(args: argparse.Namespace, n_tokens: int | None = None):  # noqa: ANN20
     if n_tokens is not None and n_tokens < 2 * args.seq_len:
         raise ValueError(f"--n-tokens must be at least two sequences of --seq-len {args.seq_len} ({2 * args.seq_len})")
     _preflight(args, corpus=args.corpus if n_tokens is not None else None, out=getattr(args, "out", None))
-    model = soi.load_model(args.model, device=args.device)
+    model = soi.load_model(args.model, device=args.device, backend=getattr(args, "backend", "auto"))
     if n_tokens is None:
         return model, None
     tokens = soi.load_tokens(model, args.corpus, n_sequences=n_tokens // args.seq_len, seq_len=args.seq_len,
@@ -193,6 +193,9 @@ def _common(p: argparse.ArgumentParser, model: bool = True, text: bool = True, n
     if model:
         p.add_argument("--model", default=DEFAULT_MODEL,
                        help="model name (see `stages-of-inference models`), folder or .gguf file (default: %(default)s)")
+        p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                       help="TransformerLens backend: hooked, bridge, or auto (hooked where installed; default: "
+                            "%(default)s)")
     if text:
         p.add_argument("--corpus", default="default",
                        help="bundled corpus (default, austen, melville), text file or folder (default: %(default)s)")
@@ -289,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StudyMismatchError as error:
         print(f"stages-of-inference: {error}", file=sys.stderr)
         return EXIT_MISMATCH
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as error:
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, NotImplementedError) as error:
         print(f"stages-of-inference: error: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

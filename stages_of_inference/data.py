@@ -44,8 +44,8 @@ from typing import Any
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_count, check_model
 from stages_of_inference.batch import DIGEST_CHARS, TokenBatch
 from stages_of_inference.models import bos_token_id
@@ -193,7 +193,7 @@ def _rows(stream: Iterable[Any], name: str, text_column: str) -> Iterator[str]:
 
 
 def load_tokens(
-    model: HookedTransformer,
+    model: Model,
     corpus: Any = "default",
     n_sequences: int = 8,
     seq_len: int = 128,
@@ -213,7 +213,7 @@ def load_tokens(
 
 
 def load_token_batch(
-    model: HookedTransformer,
+    model: Model,
     corpus: Any = "default",
     n_sequences: int = 8,
     seq_len: int = 128,
@@ -257,7 +257,7 @@ def load_token_batch(
         >>> batch.corpus, batch.seed
         ('iterable', 0)
     """
-    model = check_model(model)
+    model = check_model(model, bridge=True)
     n_sequences = check_count(n_sequences, "n_sequences")
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer; tokenize the text yourself (BOS first in every row)")

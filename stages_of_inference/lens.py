@@ -47,8 +47,13 @@ from typing import Literal
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
+
+from stages_of_inference._tl import HAS_HOOKED, Model
+
+if HAS_HOOKED:
+    from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
+else:  # TransformerLens 4: no HookedTransformer norms (the lens reads a HookedTransformer)
+    LayerNorm = LayerNormPre = RMSNorm = RMSNormPre = type("Removed", (), {})
 
 from stages_of_inference._utils import check_count, check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
@@ -95,7 +100,7 @@ class _FinalNorm:
     weight: Tensor | None
 
     @classmethod
-    def of(cls, model: HookedTransformer) -> _FinalNorm:
+    def of(cls, model: Model) -> _FinalNorm:
         ln = getattr(model, "ln_final", None)
         if ln is None or isinstance(ln, torch.nn.Identity) or model.cfg.normalization_type is None:
             return cls("none", 0.0, None)
@@ -116,7 +121,7 @@ class _FinalNorm:
 
 
 def apply_lens_norm(
-    model: HookedTransformer,
+    model: Model,
     readouts: Float[Tensor, "*rows d_model"],
     convention: str = "paper",
     final_scale: Float[Tensor, "*rows 1"] | None = None,
@@ -160,7 +165,7 @@ def apply_lens_norm(
 
 
 def unembed(
-    model: HookedTransformer, normalized: Float[Tensor, "*rows d_model"], precision: str = "fp32"
+    model: Model, normalized: Float[Tensor, "*rows d_model"], precision: str = "fp32"
 ) -> Float[Tensor, "*rows d_vocab"]:
     """Lens logits of normalised readouts: ``normalized @ W_U``, no ``b_U`` (soft-capped like the
     output when the model soft-caps its logits), returned in fp32; the product runs in
@@ -182,7 +187,7 @@ def unembed(
 
 
 def _readouts(
-    model: HookedTransformer, batch: Int[Tensor, "batch pos"], positions: slice, points: Sequence[int],
+    model: Model, batch: Int[Tensor, "batch pos"], positions: slice, points: Sequence[int],
     precision: str = "fp32",
 ) -> tuple[Tensor, Tensor | None]:
     """One forward pass; returns the readouts ``[point, batch, kept pos, d_model]`` (fp32) at
@@ -209,7 +214,7 @@ def _readouts(
     return buf, box.get("scale")
 
 
-def _normalize_inplace(model: HookedTransformer, buf: Tensor, convention: str, final_scale: Tensor | None) -> Tensor:
+def _normalize_inplace(model: Model, buf: Tensor, convention: str, final_scale: Tensor | None) -> Tensor:
     """``apply_lens_norm`` on a ``[point, batch, pos, d_model]`` buffer, in place (saves a copy)."""
     norm = _FinalNorm.of(model)
     if norm.kind == "none":
@@ -227,7 +232,7 @@ def _normalize_inplace(model: HookedTransformer, buf: Tensor, convention: str, f
 
 
 def lens_logits(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     convention: str = "paper",
     points: Sequence[int] | None = None,
@@ -269,7 +274,7 @@ def lens_logits(
         return unembed(model, buf, precision)
 
 
-def _check_points(model: HookedTransformer, points: Sequence[int] | None) -> list[int]:
+def _check_points(model: Model, points: Sequence[int] | None) -> list[int]:
     n = model.cfg.n_layers
     if points is None:
         return list(range(n + 1))
@@ -302,7 +307,7 @@ class LensChunk:
     positions: Int[Tensor, " n"]
     targets: Int[Tensor, " n"]
     readouts: Float[Tensor, "layer n d_model"]
-    model: HookedTransformer
+    model: Model
     precision: str = "fp32"
 
     @property
@@ -322,7 +327,7 @@ class LensChunk:
 
 
 def iter_lens(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     convention: str = "paper",
     *,

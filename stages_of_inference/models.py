@@ -2,7 +2,9 @@
 
 Every path ends in the same place: an eval-mode ``HookedTransformer`` whose weights went through
 TransformerLens' default processing (``fold_ln``, ``center_writing_weights``, ``center_unembed``,
-``fold_value_biases``), as the paper's authors loaded theirs.
+``fold_value_biases``), as the paper's authors loaded theirs; or, with ``backend="bridge"`` (the
+default where TransformerLens 4 is installed), a ``TransformerBridge`` on the same checkpoint in
+compatibility mode, which applies the same processing.
 
 Offline story. The model hub is often unreachable (build machines, CI, many clusters), and no
 package index ships GPT-2, Pythia or Phi. Two real models do ship as packages (DATA.md):
@@ -37,9 +39,9 @@ from urllib.parse import urlparse
 
 import pandas as pd
 import torch
-from transformer_lens import HookedTransformer
 
 from stages_of_inference._checks import check_device
+from stages_of_inference._tl import BACKENDS, HookedTransformer, Model
 from stages_of_inference._utils import (
     atomic_path,
     atomic_write_json,
@@ -215,8 +217,10 @@ def load_model(
     name: str | os.PathLike[str] = DEFAULT_MODEL,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
-) -> HookedTransformer:
-    """Load a model as an eval-mode ``HookedTransformer`` with TransformerLens' default processing.
+    backend: str = "auto",
+) -> Model:
+    """Load a model, in eval mode, with TransformerLens' default processing (folded norms,
+    centred writing weights and unembedding): a ``HookedTransformer`` or a ``TransformerBridge``.
 
     Args:
         name: an embedded model (``"smollm2-135m"``, ``"gemma3-270m"``), a TransformerLens model
@@ -224,6 +228,10 @@ def load_model(
             checkpoint (safetensors), or a local ``.gguf`` file.
         device: where to put the model; ``None`` picks CUDA, then MPS, then the CPU.
         dtype: the parameter dtype. Metrics are always computed in fp32 whatever this is.
+        backend: ``"hooked"`` (TransformerLens 3.9's ``HookedTransformer``), ``"bridge"`` (its
+            ``TransformerBridge``, booted in compatibility mode) or ``"auto"``: the
+            ``HookedTransformer`` where the installed TransformerLens has it, else the Bridge
+            (docs/backends.md).
 
     Returns:
         The model, in eval mode, its ``cfg.model_name`` set to ``name`` as given (results record it).
@@ -241,6 +249,7 @@ def load_model(
     """
     if not isinstance(name, (str, os.PathLike)):
         raise TypeError(f"name must be a model name or a path, got {type(name).__name__}")
+    backend = check_backend(backend)
     device = check_device(device)
     if device is None:
         from transformer_lens.utilities import get_device
@@ -248,7 +257,9 @@ def load_model(
         device = get_device()
     key = os.fspath(name)
     path = Path(key).expanduser()
-    if key.lower() in EMBEDDED_MODELS:
+    if backend == "bridge":
+        model = _load_bridge(key, path, device)
+    elif key.lower() in EMBEDDED_MODELS:
         model = _load_embedded(EMBEDDED_MODELS[key.lower()], device)
     elif path.suffix.lower() == ".gguf" and path.is_file():
         model = _load_gguf_file(path, device)
@@ -259,10 +270,82 @@ def load_model(
     else:
         model = _load_from_hub(key, device)
     if dtype != torch.float32:
-        model = model.to(dtype, print_details=False)
+        model = model.to(dtype) if backend == "bridge" else model.to(dtype, print_details=False)
         model.cfg.dtype = dtype
     model.cfg.model_name = key
     return model.eval()
+
+
+def check_backend(backend: Any) -> str:
+    """``backend`` resolved against the installed TransformerLens: ``"hooked"`` or ``"bridge"``.
+
+    Example:
+        >>> check_backend("auto") in ("hooked", "bridge")
+        True
+        >>> check_backend("vllm")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown backend 'vllm'; allowed: 'auto', 'hooked', 'bridge'
+    """
+    from stages_of_inference._tl import TL_VERSION, backends_available
+
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown backend {backend!r}; allowed: 'auto', " + ", ".join(map(repr, BACKENDS)))
+    available = backends_available()
+    if backend == "auto":
+        if not available:
+            raise ModelNotAvailableError(f"TransformerLens {TL_VERSION} has neither HookedTransformer nor TransformerBridge")
+        return available[0]
+    if backend not in available:
+        what = "HookedTransformer" if backend == "hooked" else "TransformerBridge"
+        raise ModelNotAvailableError(f"backend {backend!r} needs {what}, which TransformerLens {TL_VERSION} does not have; "
+                                     f"available here: {', '.join(available) or 'none'}")
+    return backend
+
+
+def _load_bridge(key: str, path: Path, device: str | torch.device) -> Any:
+    """A ``TransformerBridge`` in compatibility mode: embedded models and local checkpoints offline,
+    other names from the hub (or its local cache).
+    """
+    if key.lower() in EMBEDDED_MODELS:
+        entry = EMBEDDED_MODELS[key.lower()]
+        return _boot_bridge(_embedded_folder(entry), entry.key, device, entry.bos_token)
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        stat = path.stat()
+        fingerprint = _fingerprint([str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns)])
+        return _boot_bridge(_converted(f"{path.stem}-{fingerprint}", [path], path.name), path.stem, device, None)
+    if path.is_dir():
+        return _boot_bridge(path, path.name, device, None)
+    if path.suffix.lower() == ".gguf" or key.startswith(("/", "./", "../", "~")):
+        raise ModelNotAvailableError(f"no such model file or folder: {key}")
+    problem = hub_problem()
+    if problem is not None and not _in_local_hub_cache(key):
+        raise ModelNotAvailableError(
+            f"{key!r} is not in the local hub cache and the Hugging Face Hub is not reachable ({problem}); "
+            f"load it once where the hub answers, or {OFFLINE_ADVICE}")
+    from stages_of_inference._tl import TransformerBridge
+
+    with _hub_offline(problem is not None), _bounded_hub_requests():
+        bridge = TransformerBridge.boot_transformers(key, device=device, dtype=torch.float32)
+    bridge.enable_compatibility_mode()
+    return bridge
+
+
+def _boot_bridge(folder: Path, name: str, device: str | torch.device, bos_token: str | None) -> Any:
+    """Boot the Bridge on a local transformers checkpoint, offline, in compatibility mode."""
+    from stages_of_inference._tl import TransformerBridge
+
+    if not any(folder.glob("*.safetensors")):
+        raise ModelNotAvailableError(f"{folder} holds no .safetensors weights; this library never unpickles")
+    with _hub_offline():
+        hf_model, tokenizer = _read_checkpoint(folder)
+        hf_model.config._attn_implementation = "eager"
+        bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device,
+                                                     dtype=torch.float32)
+    bridge.enable_compatibility_mode()
+    if bos_token is not None:
+        bridge.tokenizer.bos_token = bos_token
+    return bridge
 
 
 # --------------------------------------------------------------------------- embedded / GGUF
@@ -590,7 +673,7 @@ def _load_from_hub(name: str, device: str | torch.device) -> HookedTransformer:
         )
 
 
-def bos_token_id(model: HookedTransformer) -> int:
+def bos_token_id(model: Model) -> int:
     """The beginning-of-sequence id this library prepends for ``model``.
 
     Embedded models carry their own policy (SmolLM2 uses id 0, ``<|endoftext|>``); other models

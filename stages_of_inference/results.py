@@ -18,8 +18,8 @@ from typing import Any
 
 import pandas as pd
 import torch
-from transformer_lens import HookedTransformer
 
+from stages_of_inference._tl import Model
 from stages_of_inference._utils import atomic_path, atomic_write_json, file_sha256
 from stages_of_inference.batch import TokenBatch, describe_any
 
@@ -32,7 +32,7 @@ PROVENANCE_FILE = "provenance.json"
 """The provenance record of a saved :class:`Result`, beside its tables."""
 
 
-def config_hash(model: HookedTransformer) -> str:
+def config_hash(model: Model) -> str:
     """A short stable hash of a model's TransformerLens config (which weights-independent shape it
     has; its name, device and device count are left out).
     """
@@ -40,7 +40,7 @@ def config_hash(model: HookedTransformer) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def weights_hash(model: HookedTransformer) -> str:
+def weights_hash(model: Model) -> str:
     """A hash of every parameter and buffer's bytes: which weights a checkpoint was made with.
 
     Example:
@@ -58,13 +58,13 @@ def weights_hash(model: HookedTransformer) -> str:
     return digest.hexdigest()
 
 
-def model_name(model: HookedTransformer) -> str:
+def model_name(model: Model) -> str:
     """The model's name: ``model.cfg.model_name`` (``load_model`` sets it to the name it was given)."""
     return str(model.cfg.model_name)
 
 
 def provenance(
-    model: HookedTransformer | None = None,
+    model: Model | None = None,
     tokens: TokenBatch | torch.Tensor | None = None,
     **settings: Any,
 ) -> dict[str, Any]:

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from transformer_lens import HookedTransformer
 
+from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_model, check_tokens, relative_depth
 from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.checkpoint import SweepCheckpoint, refuse_mismatch, sweep_fingerprint
@@ -184,7 +184,7 @@ def _check_kinds(kinds: Any) -> tuple[str, ...]:
 
 
 def robustness_sweep(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     kinds: Sequence[str] = PAPER_KINDS,
     *,
@@ -208,7 +208,7 @@ def robustness_sweep(
     prefix-sharing sweep per batch of sequences.
 
     Args:
-        model: a ``HookedTransformer``.
+        model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids, BOS first.
         kinds: any of :data:`SWEEP_KINDS`: ``"drop"`` (every block ``0 .. n_layers - 1``),
             ``"swap"`` (blocks ``i, i + 1`` for every ``i`` in ``0 .. n_layers - 2``),
@@ -260,7 +260,7 @@ def robustness_sweep(
         >>> s["kind"].tolist(), s["layer"].tolist()
         (['none', 'drop', 'drop', 'swap'], [<NA>, 0, 1, 0])
     """
-    model = check_model(model)
+    model = check_model(model, bridge=True)
     source, tokens = tokens, check_tokens(model, tokens)
     kinds = _check_kinds(kinds)
     options = EngineOptions(batch_size=batch_size, chunk_tokens=chunk_tokens, stack_tokens=stack_tokens,

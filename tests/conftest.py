@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from stages_of_inference._tl import HookedTransformer, HookedTransformerConfig
 
 FAMILIES = ("gpt2", "parallel", "llama")
 _DEFAULT_THREADS = torch.get_num_threads()

@@ -96,7 +96,7 @@ def test_the_sweep_and_run_plan_work_through_any_seam(family: str, tiny_tokens: 
 
 
 def test_anything_else_is_refused_with_what_is_allowed() -> None:
-    with pytest.raises(TypeError, match="expected a transformer_lens.HookedTransformer, got str"):
+    with pytest.raises(TypeError, match="expected a TransformerLens HookedTransformer or TransformerBridge, got str"):
         as_seam("gpt2")
     with pytest.raises(TypeError, match="got dict"):  # what every analysis' check_model says
         check_model({})

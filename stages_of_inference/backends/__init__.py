@@ -8,11 +8,12 @@ from typing import Any
 
 from stages_of_inference.backends.base import Embedded, ModelSeam
 
-__all__ = ["Embedded", "ModelSeam", "as_seam"]
+__all__ = ["Embedded", "ModelSeam", "as_seam", "backend_of"]
 
 
 def as_seam(model: Any) -> ModelSeam:
-    """The seam of ``model``: a ``HookedTransformer`` is adapted; a seam is returned as it is.
+    """The seam of ``model``: a ``HookedTransformer`` or a ``TransformerBridge`` is adapted; a
+    seam is returned as it is.
 
     Example:
         >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -22,17 +23,36 @@ def as_seam(model: Any) -> ModelSeam:
         >>> as_seam("gpt2")
         Traceback (most recent call last):
         ...
-        TypeError: expected a transformer_lens.HookedTransformer, got str; load one with stages_of_inference.load_model(name) or HookedTransformer.from_pretrained
+        TypeError: expected a TransformerLens HookedTransformer or TransformerBridge, got str; load one with stages_of_inference.load_model(name)
     """
-    from transformer_lens import HookedTransformer
+    from stages_of_inference._tl import HAS_BRIDGE, HAS_HOOKED, HookedTransformer, TransformerBridge
 
-    if isinstance(model, HookedTransformer):
+    if HAS_HOOKED and isinstance(model, HookedTransformer):
         from stages_of_inference.backends.hooked import HookedSeam
 
         return HookedSeam(model)
+    if HAS_BRIDGE and isinstance(model, TransformerBridge):
+        from stages_of_inference.backends.bridge import BridgeSeam
+
+        return BridgeSeam(model)
     if isinstance(model, ModelSeam) and not isinstance(model, type):
         return model
     raise TypeError(
-        f"expected a transformer_lens.HookedTransformer, got {type(model).__name__}; "
-        "load one with stages_of_inference.load_model(name) or HookedTransformer.from_pretrained"
+        f"expected a TransformerLens HookedTransformer or TransformerBridge, got {type(model).__name__}; "
+        "load one with stages_of_inference.load_model(name)"
     )
+
+
+def backend_of(model: Any) -> str:
+    """``"hooked"`` or ``"bridge"``: which backend ``model`` runs on (``"seam"`` for another seam).
+
+    Example:
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> backend_of(HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=5, act_fn="relu")))
+        'hooked'
+    """
+    from stages_of_inference.backends.bridge import BridgeSeam
+    from stages_of_inference.backends.hooked import HookedSeam
+
+    seam = as_seam(model)
+    return "hooked" if isinstance(seam, HookedSeam) else "bridge" if isinstance(seam, BridgeSeam) else "seam"

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from transformer_lens import HookedTransformer
 from transformer_lens.utilities import get_device_for_block_index
 
+from stages_of_inference._tl import HookedTransformer
 from stages_of_inference.backends.base import Embedded, FwdHooks
 from stages_of_inference.interventions.step import set_step
 

@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 from einops import rearrange
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_tokens
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.backends import Embedded, ModelSeam, as_seam
@@ -128,7 +128,7 @@ def _unique_orders(seam: ModelSeam, plans: Sequence[LayerPlan]) -> tuple[list[tu
 
 
 def iter_plan_batches(
-    model: HookedTransformer | ModelSeam,
+    model: Model | ModelSeam,
     tokens: Tokens,
     plans: Sequence[LayerPlan],
     options: EngineOptions | None = None,
@@ -552,7 +552,7 @@ def _sems(per_seq: pd.DataFrame, ref_accuracy: float) -> dict[str, pd.Series]:
 
 
 def evaluate_plans(
-    model: HookedTransformer | ModelSeam,
+    model: Model | ModelSeam,
     tokens: Tokens,
     plans: Sequence[LayerPlan],
     options: EngineOptions | None = None,
@@ -571,7 +571,7 @@ def evaluate_plans(
     logits; it does not grow with the number of plans.
 
     Args:
-        model: a ``HookedTransformer`` (or any model seam, :mod:`stages_of_inference.backends`).
+        model: a ``HookedTransformer`` or ``TransformerBridge`` (or any model seam, :mod:`stages_of_inference.backends`).
         tokens: ``[batch, pos]`` token ids, BOS first, at least 3 positions.
         plans: layer plans for ``model.cfg.n_layers`` blocks (duplicates are computed once).
         options: how the sweep executes (:class:`~stages_of_inference.interventions.options.EngineOptions`);

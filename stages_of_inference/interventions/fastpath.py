@@ -35,11 +35,16 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens import HookedTransformer
-from transformer_lens.components import Attention, GroupedQueryAttention, TransformerBlock
-from transformer_lens.components.mlps.gated_mlp import GatedMLP
-from transformer_lens.components.mlps.mlp import MLP
 from transformer_lens.utilities.activation_functions import softcap_enabled
+
+from stages_of_inference._tl import HAS_HOOKED, HookedTransformer
+
+if HAS_HOOKED:
+    from transformer_lens.components import Attention, GroupedQueryAttention, TransformerBlock
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+    from transformer_lens.components.mlps.mlp import MLP
+else:  # TransformerLens 4 has no HookedTransformer blocks: the fast path never runs
+    Attention = GroupedQueryAttention = TransformerBlock = GatedMLP = MLP = type("Removed", (), {})
 
 __all__ = ["BlockWeights", "FastBlocks", "fast_block", "fast_path_blocker"]
 

@@ -19,9 +19,9 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens import HookedTransformer
 from transformer_lens.utilities import apply_softcap, get_device_for_block_index
 
+from stages_of_inference._tl import HookedTransformer, Model
 from stages_of_inference._utils import check_model, check_tokens
 from stages_of_inference.backends import ModelSeam, as_seam
 from stages_of_inference.backends.base import FwdHooks
@@ -51,7 +51,7 @@ def _check_plan(seam: ModelSeam, plan: Any) -> LayerPlan:
 
 # --------------------------------------------------------------------------- one plan
 def run_plan(
-    model: HookedTransformer | ModelSeam,
+    model: Model | ModelSeam,
     tokens: Tokens,
     plan: LayerPlan,
     fwd_hooks: FwdHooks = (),
@@ -66,7 +66,7 @@ def run_plan(
     ``torch.inference_mode()``; for gradients, use :func:`reordered` with the model's own forward.
 
     Args:
-        model: a ``HookedTransformer`` (or any model seam, :mod:`stages_of_inference.backends`).
+        model: a ``HookedTransformer`` or ``TransformerBridge`` (or any model seam, :mod:`stages_of_inference.backends`).
         tokens: token ids ``[batch, pos]``.
         plan: the block order, for ``model.cfg.n_layers`` blocks.
         fwd_hooks: forward hooks attached for this call only.

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
+from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_count, check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.backends import as_seam
@@ -41,12 +41,12 @@ class Collector:
     def start_batch(self, tokens: Tokens) -> None:
         """Called with each batch's tokens before its forward pass."""
 
-    def fwd_hooks(self, model: HookedTransformer) -> list[FwdHook]:
+    def fwd_hooks(self, model: Model) -> list[FwdHook]:
         """The (hook name, function) pairs that feed this collector."""
         raise NotImplementedError
 
 
-def resid_hook_name(model: HookedTransformer, point: int) -> str:
+def resid_hook_name(model: Model, point: int) -> str:
     """Hook name of residual readout ``point``: the input of block ``point``, or, for
     ``point == n_layers``, the output of the last block (before the final norm).
 
@@ -88,7 +88,7 @@ class ResidualReadout(Collector):
         self.reduce = reduce
         self.points = None if points is None else tuple(points)
 
-    def fwd_hooks(self, model: HookedTransformer) -> list[FwdHook]:
+    def fwd_hooks(self, model: Model) -> list[FwdHook]:
         """The ``(name, function)`` hooks that collect the readouts of ``model``."""
         points = range(model.cfg.n_layers + 1) if self.points is None else self.points
         hooks: list[FwdHook] = []
@@ -120,7 +120,7 @@ class AttentionReadout(Collector):
         self.reduce = reduce
         self.layers = None if layers is None else tuple(layers)
 
-    def fwd_hooks(self, model: HookedTransformer) -> list[FwdHook]:
+    def fwd_hooks(self, model: Model) -> list[FwdHook]:
         """The ``(name, function)`` hooks that collect the attention patterns of ``model``."""
         layers = range(model.cfg.n_layers) if self.layers is None else self.layers
         hooks: list[FwdHook] = []
@@ -153,7 +153,7 @@ class FiniteCheck(Collector):
     def __init__(self) -> None:
         self.flags: Tensor | None = None
 
-    def fwd_hooks(self, model: HookedTransformer) -> list[FwdHook]:
+    def fwd_hooks(self, model: Model) -> list[FwdHook]:
         """Hooks on every residual readout (block inputs, then the last block's output)."""
         n = model.cfg.n_layers
         if self.flags is None:
@@ -175,7 +175,7 @@ class FiniteCheck(Collector):
 
 
 def collect(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     collectors: Sequence[Collector],
     *,
@@ -243,7 +243,7 @@ def _zero_hook(value: Tensor, hook: HookPoint) -> Tensor:
     return torch.zeros_like(value)
 
 
-def drop_layer(model: HookedTransformer, layer: int) -> list[FwdHook]:
+def drop_layer(model: Model, layer: int) -> list[FwdHook]:
     """Forward hooks that delete block ``layer`` the authors' way: zero its attention output and its
     MLP output (``hook_attn_out`` and ``hook_mlp_out``, biases included), so the residual stream
     passes through the block unchanged.
@@ -281,7 +281,7 @@ def drop_layer(model: HookedTransformer, layer: int) -> list[FwdHook]:
     return [(f"blocks.{layer}.hook_attn_out", _zero_hook), (f"blocks.{layer}.hook_mlp_out", _zero_hook)]
 
 
-def drop_layers(model: HookedTransformer, layers: Sequence[int]) -> list[FwdHook]:
+def drop_layers(model: Model, layers: Sequence[int]) -> list[FwdHook]:
     """:func:`drop_layer` for several blocks at once.
 
     Example:
@@ -293,7 +293,7 @@ def drop_layers(model: HookedTransformer, layers: Sequence[int]) -> list[FwdHook
     return [hook for layer in layers for hook in drop_layer(model, layer)]
 
 
-def current_step(model: HookedTransformer) -> tuple[int, int] | None:
+def current_step(model: Model) -> tuple[int, int] | None:
     """``(step, block)`` of the block now running under :func:`stages_of_inference.run_plan`,
     :func:`stages_of_inference.reordered` or the sweep executor, for hooks that need the execution
     step as well as the block (a repeated block fires its hooks once per step). ``None`` outside.

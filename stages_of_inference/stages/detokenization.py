@@ -24,8 +24,8 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from stages_of_inference._tl import HookedTransformer, Model
 from stages_of_inference._utils import check_count, check_model, check_tokens, relative_depth
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.batch import Tokens
@@ -56,7 +56,7 @@ def _tiny_model() -> HookedTransformer:  # for docstring examples
 
 
 def _previous_token_per_sequence(
-    model: HookedTransformer, tokens: Tokens, k: int, batch_size: int, progress: bool, precision: str = "fp32"
+    model: Model, tokens: Tokens, k: int, batch_size: int, progress: bool, precision: str = "fp32"
 ) -> Tensor:
     """``[sequence, layer, head]`` mean of ``A_h[q, q - d]`` over ``d = 1..k`` and ``q = d .. pos - 1``."""
     model = check_model(model)
@@ -86,7 +86,7 @@ def _previous_token_per_sequence(
 
 
 def previous_token_attention(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     k: int = 5,
     batch_size: int = 8,
@@ -136,7 +136,7 @@ def previous_token_attention(
 
 
 def previous_token_attention_heads(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     k: int = 5,
     batch_size: int = 8,
@@ -272,7 +272,7 @@ def _encode_prompts(
 
 
 def _attention_stats(
-    model: HookedTransformer, prompts: list[list[int]], n_pieces: int, window: int, batch_size: int, progress: bool, desc: str,
+    model: Model, prompts: list[list[int]], n_pieces: int, window: int, batch_size: int, progress: bool, desc: str,
     precision: str = "fp32",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-prompt scores ``[prompt, layer, head]`` (attention from the last token to the
@@ -308,7 +308,7 @@ def _attention_stats(
 
 
 def subjoiner_heads(
-    model: HookedTransformer,
+    model: Model,
     texts: str | Sequence[str],
     n_pieces: int = 4,
     n_context_words: int = 16,

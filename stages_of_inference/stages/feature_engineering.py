@@ -26,9 +26,9 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import softcap_enabled
 
+from stages_of_inference._tl import HookedTransformer, Model
 from stages_of_inference._utils import check_count, check_model, check_tokens, relative_depth
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.backends import as_seam
@@ -87,7 +87,7 @@ def _tiny_model(normalization_type: str = "LNPre") -> HookedTransformer:  # for 
 
 
 def logit_lens(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     convention: str = "paper",
     batch_size: int = 8,
@@ -175,7 +175,7 @@ class _LensPass:
     depth_wrong: Tensor | None = None
 
 
-def _lens_pass(model: HookedTransformer, tokens: Tensor, pts: list[int], settings: _LensSettings,
+def _lens_pass(model: Model, tokens: Tensor, pts: list[int], settings: _LensSettings,
                depth: bool) -> _LensPass:
     """Stream the lens over ``tokens``: the sums behind :func:`logit_lens` and, with ``depth``
     (every readout in ``pts``, in order), the prediction-depth counts behind :func:`prediction_depth`.
@@ -232,7 +232,7 @@ def _lens_pass(model: HookedTransformer, tokens: Tensor, pts: list[int], setting
     return _LensPass(sums, right, wrong)
 
 
-def _lens_table(model: HookedTransformer, source: Any, tokens: Tensor, pts: list[int], settings: _LensSettings,
+def _lens_table(model: Model, source: Any, tokens: Tensor, pts: list[int], settings: _LensSettings,
                 lens_pass: _LensPass) -> pd.DataFrame:
     """The :func:`logit_lens` table of one lens pass (refused if a readout is not finite)."""
     n_seq, pos = tokens.shape
@@ -269,7 +269,7 @@ def _lens_table(model: HookedTransformer, source: Any, tokens: Tensor, pts: list
 
 
 def prediction_depth(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     convention: str = "paper",
     batch_size: int = 8,
@@ -316,7 +316,7 @@ def prediction_depth(
 
 
 def lens_with_depth(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     convention: str = "paper",
     batch_size: int = 8,
@@ -338,7 +338,7 @@ def lens_with_depth(
     return (_lens_table(model, source, tokens, pts, settings, lens_pass), *_depth_tables(model, source, settings, lens_pass))
 
 
-def _depth_pass(model: HookedTransformer, tokens: Tokens,
+def _depth_pass(model: Model, tokens: Tokens,
                 settings: _LensSettings) -> tuple[HookedTransformer, Any, Tensor, list[int], _LensPass]:
     """Check the inputs and run a lens pass over every readout that counts prediction depths:
     the checked model, the tokens as given (for provenance) and as a tensor, the readouts, the pass.
@@ -350,7 +350,7 @@ def _depth_pass(model: HookedTransformer, tokens: Tokens,
     return model, source, tokens, pts, _lens_pass(model, tokens, pts, settings, depth=True)
 
 
-def _depth_tables(model: HookedTransformer, source: Any, settings: _LensSettings,
+def _depth_tables(model: Model, source: Any, settings: _LensSettings,
                   lens_pass: _LensPass) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The two :func:`prediction_depth` tables of a lens pass that counted depths."""
     right, wrong = lens_pass.depth_right, lens_pass.depth_wrong
@@ -486,7 +486,7 @@ def _pairwise_unbiased_hsic(grams: Float[Tensor, "layer batch n n"]) -> Float[Te
 
 
 def layer_similarity(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     method: str = "cka",
     batch_size: int = 8,
@@ -615,7 +615,7 @@ def layer_similarity(
 _SPACE_MARKERS = ("Ġ", "▁", "Ċ", "ĉ", " ", "\n", "\t", "\r")
 
 
-def _token_pieces(model: HookedTransformer, tokens: Tensor) -> tuple[list[list[str]], set[int]]:
+def _token_pieces(model: Model, tokens: Tensor) -> tuple[list[list[str]], set[int]]:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError(
@@ -639,7 +639,7 @@ def _ends_wordlike(piece: str) -> bool:
     return bool(piece) and piece[-1].isalnum()
 
 
-def continues_word(model: HookedTransformer, tokens: Tokens) -> Int[Tensor, "batch pos"]:
+def continues_word(model: Model, tokens: Tokens) -> Int[Tensor, "batch pos"]:
     """Label 1 where a token continues a word begun by an earlier token, else 0 (-1 at position 0).
 
     From the tokenizer's token strings (``convert_ids_to_tokens``): a token continues a word when
@@ -673,7 +673,7 @@ def continues_word(model: HookedTransformer, tokens: Tokens) -> Int[Tensor, "bat
     return out.to(tokens.device)
 
 
-def next_starts_word(model: HookedTransformer, tokens: Tokens) -> Int[Tensor, "batch pos"]:
+def next_starts_word(model: Model, tokens: Tokens) -> Int[Tensor, "batch pos"]:
     """Label 1 where the *next* token starts a new word, else 0 (-1 at position 0 and the last position).
 
     A token starts a new word when its string (``convert_ids_to_tokens``) has a leading-space
@@ -716,7 +716,7 @@ LABEL_MAKERS: dict[str, Callable[[HookedTransformer, Tensor], Tensor]] = {
 
 
 def probe_layers(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     labels: Int[Tensor, "batch pos"] | str | Callable[[HookedTransformer, Tensor], Tensor],
     *,

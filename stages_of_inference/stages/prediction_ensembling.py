@@ -29,8 +29,8 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_count, check_model, check_tokens, relative_depth
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.backends import as_seam
@@ -57,7 +57,7 @@ PredicateLike = Predicate | str | Bool[Tensor, " d_vocab"]
 # ----------------------------------------------------------------------------- weights
 
 
-def _mlp_out_weights(model: HookedTransformer, layer: int) -> Float[Tensor, "d_mlp d_model"]:
+def _mlp_out_weights(model: Model, layer: int) -> Float[Tensor, "d_mlp d_model"]:
     """The output weights ``W_out`` of block ``layer``'s MLP (dense or gated), rows = neurons."""
     if model.cfg.attn_only:
         raise ValueError("the model is attention-only (cfg.attn_only): it has no MLP neurons")
@@ -71,7 +71,7 @@ def _mlp_out_weights(model: HookedTransformer, layer: int) -> Float[Tensor, "d_m
     return w_out
 
 
-def _unit_unembedding(model: HookedTransformer) -> tuple[Float[Tensor, "d_model d_vocab"], Float[Tensor, " d_model"]]:
+def _unit_unembedding(model: Model) -> tuple[Float[Tensor, "d_model d_vocab"], Float[Tensor, " d_model"]]:
     """W_U in fp32, mean-centred over the vocabulary, each token's column scaled to unit norm;
     returned as ``(columns - their mean over the vocabulary, that mean)``.
 
@@ -117,7 +117,7 @@ def _kind(skew: np.ndarray, kurt: np.ndarray, threshold: float) -> np.ndarray:
     return np.where(heavy & (skew > 0), "prediction", np.where(heavy & (skew < 0), "suppression", "other"))
 
 
-def _check_layers(model: HookedTransformer, layers: Sequence[int] | None) -> list[int]:
+def _check_layers(model: Model, layers: Sequence[int] | None) -> list[int]:
     n = model.cfg.n_layers
     if layers is None:
         return list(range(n))
@@ -131,7 +131,7 @@ def _check_layers(model: HookedTransformer, layers: Sequence[int] | None) -> lis
 
 
 def neuron_moments(
-    model: HookedTransformer,
+    model: Model,
     kurtosis_threshold: float = 10.0,
     *,
     chunk_neurons: int = 512,
@@ -342,7 +342,7 @@ PREDICATES: dict[str, Predicate] = {
 """Built-in token predicates by name; any ``str -> bool`` function works as well."""
 
 
-def vocabulary(model: HookedTransformer, vocab: Vocab | None = None) -> list[str | None]:
+def vocabulary(model: Model, vocab: Vocab | None = None) -> list[str | None]:
     """The string of every token id ``0 .. d_vocab - 1`` (``None`` where unknown).
 
     Args:
@@ -381,7 +381,7 @@ def vocabulary(model: HookedTransformer, vocab: Vocab | None = None) -> list[str
 
 
 def _property_mask(
-    model: HookedTransformer, predicate: PredicateLike, vocab: Vocab | None
+    model: Model, predicate: PredicateLike, vocab: Vocab | None
 ) -> tuple[Bool[Tensor, " d_vocab"], Bool[Tensor, " d_vocab"]]:
     """(has the property, is a known token) over the vocabulary."""
     d_vocab = as_seam(model).d_vocab
@@ -410,7 +410,7 @@ def _predicate_name(predicate: PredicateLike) -> str:
 
 
 def token_class_neurons(
-    model: HookedTransformer,
+    model: Model,
     predicate: PredicateLike,
     top: int = 20,
     *,
@@ -502,7 +502,7 @@ def token_class_neurons(
 # ----------------------------------------------------------------------------- probes
 
 
-def _neuron_list(model: HookedTransformer, neurons: Any) -> list[tuple[int, int]]:
+def _neuron_list(model: Model, neurons: Any) -> list[tuple[int, int]]:
     if isinstance(neurons, pd.DataFrame):
         if not {"layer", "neuron"} <= set(neurons.columns):
             raise ValueError("a neuron table needs the columns 'layer' and 'neuron'")
@@ -526,7 +526,7 @@ def _neuron_list(model: HookedTransformer, neurons: Any) -> list[tuple[int, int]
 
 
 def neuron_activations(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     neurons: Sequence[tuple[int, int]] | pd.DataFrame,
     *,
@@ -574,7 +574,7 @@ def neuron_activations(
 
 
 def _labels_from(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     label: Any,
     vocab: Vocab | None,
@@ -594,7 +594,7 @@ def _labels_from(
 
 
 def neuron_ensemble_probe(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     neurons: Sequence[tuple[int, int]] | pd.DataFrame,
     label: Any,

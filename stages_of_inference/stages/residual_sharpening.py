@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Bool, Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_model, check_tokens, relative_depth
 from stages_of_inference.batch import Tokens
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS
@@ -79,7 +79,7 @@ def expected_calibration_error(
 # ----------------------------------------------------------------------------- profile
 
 
-def _matching_lens(lens: pd.DataFrame, model: HookedTransformer, tokens: Tokens, convention: str,
+def _matching_lens(lens: pd.DataFrame, model: Model, tokens: Tokens, convention: str,
                    precision: str = "fp32") -> pd.DataFrame:
     """The rows of a given logit-lens table for ``convention``, checked to come from this model,
     these tokens and this precision.
@@ -106,7 +106,7 @@ def _matching_lens(lens: pd.DataFrame, model: HookedTransformer, tokens: Tokens,
 
 
 def sharpening_profile(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     *,
     convention: str = DEFAULT_CONVENTION,
@@ -221,7 +221,7 @@ def sharpening_profile(
 
 
 def _plan_metrics(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tensor,
     plans: list[Any],
     *,
@@ -246,7 +246,7 @@ def _plan_metrics(
 
 
 def final_block_ablation(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     last_k: Sequence[int] = (1, 2, 3),
     *,
@@ -341,7 +341,7 @@ def final_block_ablation(
 
 
 def layer_repetition(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     start: int,
     stop: int,

@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_count, check_model, check_tokens, relative_depth
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.batch import Tokens
@@ -86,7 +86,7 @@ class _Sums:
 
 
 def sink_profile(
-    model: HookedTransformer,
+    model: Model,
     tokens: Tokens,
     *,
     batch_size: int = 8,

@@ -35,8 +35,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from stages_of_inference._tl import HookedTransformer, Model
 from stages_of_inference._utils import check_count, check_model, relative_depth
 from stages_of_inference.interventions.executor import evaluate_plans
 from stages_of_inference.interventions.plan import LayerPlan
@@ -148,7 +148,7 @@ def _check_items(items: Iterable[Any]) -> list[ClozeItem]:
     return [(c, a) for c, a in items]
 
 
-def _encode_items(model: HookedTransformer, items: list[ClozeItem], context_tokens: int) -> list[tuple[list[int], int]]:
+def _encode_items(model: Model, items: list[ClozeItem], context_tokens: int) -> list[tuple[list[int], int]]:
     """Per item: ``[BOS] + the last context_tokens tokens of the context + the answer's tokens``, and
     the number of answer tokens. The answer is tokenised with a leading space, as it follows a word.
     """
@@ -176,7 +176,7 @@ def _by_length(sequences: list[list[int]]) -> dict[int, list[int]]:
     return groups
 
 
-def _plan_correct(model: HookedTransformer, tokens: Tensor, plans: Sequence[LayerPlan], batch_size: int,
+def _plan_correct(model: Model, tokens: Tensor, plans: Sequence[LayerPlan], batch_size: int,
                   progress: bool, precision: str) -> tuple[np.ndarray, pd.DataFrame]:
     """``correct[plan, sequence, position]`` (positions 1 .. T-2 predicting tokens 2 .. T-1) and
     the summary of one engine sweep.
@@ -192,7 +192,7 @@ def _plan_correct(model: HookedTransformer, tokens: Tensor, plans: Sequence[Laye
 
 
 def cloze_scores(
-    model: HookedTransformer,
+    model: Model,
     items: Sequence[ClozeItem],
     plans: Sequence[LayerPlan],
     *,
@@ -251,7 +251,7 @@ def cloze_scores(
 
 
 def generation_check(
-    model: HookedTransformer,
+    model: Model,
     prompts: Tensor,
     plans: Sequence[LayerPlan],
     *,
@@ -311,7 +311,7 @@ def generation_check(
 
 
 def task_damage(
-    model: HookedTransformer,
+    model: Model,
     items: Sequence[ClozeItem],
     prompts: Tensor,
     *,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages_of_inference._checks import PRECISIONS, check_count, check_device, check_precision
+from stages_of_inference._checks import BACKEND_CHOICES, PRECISIONS, check_count, check_device, check_precision
 
 __all__ = ["DEFAULT_OUT_DIR", "StudyConfig", "add_options", "analysis_names", "from_args"]
 
@@ -92,6 +92,9 @@ class StudyConfig:
         precision: ``"fp32"`` (the paper's setting), ``"bf16"`` or ``"fp16"``: the dtype of the
             models' matrix products and attention in every analysis that runs them
             (:mod:`stages_of_inference.precision`); the sweep then measures its deviation from fp32.
+        backend: ``"auto"``, ``"hooked"`` or ``"bridge"``: how models given by name are loaded
+            (:func:`stages_of_inference.models.load_model`). On the Bridge the study runs the
+            analyses marked for it and says which it left out (docs/backends.md).
 
     Example:
         >>> c = StudyConfig(n_tokens=512)
@@ -149,6 +152,9 @@ class StudyConfig:
     precision: str = field(default="fp32", metadata=_cli(
         "--precision", "dtype of the models' matrix products and attention; metrics stay fp32 (default: %(default)s, "
         "the paper's)", choices=PRECISIONS))
+    backend: str = field(default="auto", metadata=_cli(
+        "--backend", "TransformerLens backend: hooked (HookedTransformer), bridge (TransformerBridge) or auto (hooked "
+        "where installed; default: %(default)s)", choices=BACKEND_CHOICES))
 
     def __post_init__(self) -> None:
         for name in ("models", "analyses", "static_formats"):
@@ -179,6 +185,8 @@ class StudyConfig:
         object.__setattr__(self, "batch_size", check_count(self.batch_size, "batch_size", "a positive number of sequences"))
         object.__setattr__(self, "device", check_device(self.device))
         check_precision(self.precision)
+        if self.backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
         self._check_task()
         if self.subjoiner_prompts < 16:
             raise ValueError(f"subjoiner_prompts must be at least 16, got {self.subjoiner_prompts}")

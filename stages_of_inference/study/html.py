@@ -110,6 +110,9 @@ def build_report(study: Study) -> Path:
                          f"and attention ran in {html.escape(config.precision)}; residual streams and every metric in "
                          "fp32. The sweep re-ran a fixed subset of its plans in fp32 on its first sequences:</p>"
                          f"<div class='reading'>{precision_text}</div>") if precision_text else ""
+    left_out = ", ".join(f"{a} ({m})" for m, a in study.left_out)
+    left_section = (f"<p class='note'>Left out, because they run on TransformerLens' HookedTransformer only so far and "
+                    f"these models ran on the TransformerBridge backend: {html.escape(left_out)}.</p>") if left_out else ""
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Stages of inference: {html.escape(models)}</title>
 <style>{_CSS}</style>
@@ -130,6 +133,7 @@ block after which the paper-convention logit-lens entropy has fallen by a quarte
 sharpening is the trailing run of blocks that are fragile or hold more suppression than prediction neurons.</p>
 <div class="reading">{stage_text or 'No stage placement: the study ran none of the analyses it needs.'}</div>
 {signals_section}
+{left_section}
 {precision_section}
 {''.join(sections)}
 <h2>Provenance</h2>

@@ -93,6 +93,8 @@ class Analysis:
         figures: its figures for a study's results (none where the study has no result of it).
         fast: part of the ``fast`` selection (one forward pass or the weights, plus the sweep).
         default: part of a default study (``all``).
+        bridge: runs on the ``TransformerBridge`` backend (the others need a ``HookedTransformer``
+            so far; a study on the Bridge leaves them out and says so).
     """
 
     name: str
@@ -102,6 +104,7 @@ class Analysis:
     figures: Callable[[Study, Style], list[Figure]] = lambda study, style: []
     fast: bool = False
     default: bool = True
+    bridge: bool = False
 
 
 REGISTRY: dict[str, Analysis] = {}
@@ -347,7 +350,7 @@ def _heavy(config: StudyConfig) -> dict[str, Any]:
 register(Analysis(
     "robustness", _robustness,
     lambda c: {"kinds": ["drop", "swap"], "per_token": True, "layer_effects": True, **_batch(c)},
-    figures=_robustness_figures, fast=True))
+    figures=_robustness_figures, fast=True, bridge=True))
 register(Analysis(
     "previous_token_attention", _attention, lambda c: {"k": c.k, **_batch(c)},
     figures=_one("previous_token_attention", "Stage 1: attention to the previous tokens", "previous_token_attention",
@@ -483,7 +486,7 @@ register(Analysis(
     "task", _task, _task_settings, figures=_task_figures))
 register(Analysis(
     "sublayers", _sublayers, lambda c: {"kinds": list(SUBLAYER_KINDS), **_heavy(c)}, tokens="heavy",
-    figures=_sublayer_figures))
+    figures=_sublayer_figures, bridge=True))
 register(Analysis(
     "sinks", _sinks, _batch,
     figures=_one("sink_profile", "Beyond the paper: attention sinks, massive activations, residual norms", "sinks",

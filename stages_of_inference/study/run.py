@@ -38,10 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from transformer_lens import HookedTransformer
 
 from stages_of_inference._checks import check_output_path
+from stages_of_inference._tl import Model
 from stages_of_inference._utils import atomic_write_json, file_lock, remove_stale_temporaries
+from stages_of_inference.backends import backend_of
 from stages_of_inference.batch import TokenBatch, token_digest
 from stages_of_inference.data import load_token_batch
 from stages_of_inference.results import (
@@ -88,6 +89,8 @@ class Study:
         stages: model name -> stage table (:func:`stages_of_inference.stages.placement.place_stages`).
         timings: model name -> analysis -> seconds spent (0 where a finished result was reused).
         reused: ``(model, analysis)`` pairs read back from ``out_dir``.
+        left_out: ``(model, analysis)`` pairs not run: the analysis does not run on the model's
+            backend yet (the TransformerBridge).
         figures: figure name -> plotly figure.
         readings: figure name -> the written reading of it.
     """
@@ -98,6 +101,7 @@ class Study:
     stages: dict[str, pd.DataFrame] = field(default_factory=dict)
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
     reused: list[tuple[str, str]] = field(default_factory=list)
+    left_out: list[tuple[str, str]] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict, repr=False)
     readings: dict[str, str] = field(default_factory=dict, repr=False)
     static_note: str = ""
@@ -155,7 +159,7 @@ def _load_if_matching(folder: Path, fingerprint: dict[str, Any], on_mismatch: st
 
 
 def run_study(
-    models: str | HookedTransformer | Sequence[str | HookedTransformer] = ("smollm2-135m",),
+    models: str | Model | Sequence[str | Model] = ("smollm2-135m",),
     corpus: str = "default",
     n_tokens: int = 1024,
     out_dir: str | Path = DEFAULT_OUT_DIR,
@@ -173,7 +177,7 @@ def run_study(
     Args:
         models: one model or several: names (embedded keys such as ``"smollm2-135m"`` and
             ``"gemma3-270m"``, TransformerLens names where the hub is reachable, folders, ``.gguf``
-            files) or already loaded ``HookedTransformer`` objects (with a tokenizer), which are
+            files) or already loaded ``HookedTransformer`` or ``TransformerBridge`` objects (with a tokenizer), which are
             known in the study by their name (``load_model`` records it).
         corpus: a bundled corpus name (``"default"``, ``"austen"``, ``"melville"``), a text file or a
             folder of ``.txt`` files.
@@ -202,8 +206,8 @@ def run_study(
         >>> study.report.name  # doctest: +SKIP
         'report.html'
     """
-    given = [models] if isinstance(models, (str, HookedTransformer)) else list(models)
-    loaded = {model_name(m): m for m in given if isinstance(m, HookedTransformer)}
+    given = [models] if isinstance(models, str) or not isinstance(models, Sequence) else list(models)
+    loaded = {model_name(m): m for m in given if not isinstance(m, str)}
     if config is None:
         config = StudyConfig(models=tuple(m if isinstance(m, str) else model_name(m) for m in given), corpus=corpus,
                              n_tokens=n_tokens, precision=precision,
@@ -253,7 +257,8 @@ def _run_models(study: Study, loaded: dict[str, Any], on_mismatch: str, progress
     for name in config.models:
         slugs[name] = _unique(slug(name), set(slugs.values()))
         t0 = time.perf_counter()
-        model = loaded[name] if name in loaded else soi.load_model(name, device=config.device)
+        model = loaded[name] if name in loaded else soi.load_model(name, device=config.device, backend=config.backend)
+        on_bridge = backend_of(model) == "bridge"
         tokens = load_token_batch(model, config.corpus, n_sequences=config.n_sequences, seq_len=config.seq_len,
                                   seed=config.seed)
         batches = {"main": tokens, "heavy": tokens[: config.heavy_sequences]}
@@ -263,6 +268,10 @@ def _run_models(study: Study, loaded: dict[str, Any], on_mismatch: str, progress
         study.results[name], study.timings[name] = {}, {}
         subject = _Subject(name, model, out / slugs[name], batches, model_id)
         for analysis in config.analyses:
+            if on_bridge and not REGISTRY[analysis].bridge:
+                study.left_out.append((name, analysis))
+                say(f"  {analysis}: left out (it runs on TransformerLens' HookedTransformer only so far)")
+                continue
             _run_one(study, REGISTRY[analysis], subject, on_mismatch, progress, say)
         study.stages[name] = _stages_for(study.results[name], name, model.cfg.n_layers)
         del model, tokens, batches

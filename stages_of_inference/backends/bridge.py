@@ -1,0 +1,212 @@
+"""The :class:`~stages_of_inference.backends.base.ModelSeam` of a TransformerLens
+``TransformerBridge`` (TransformerLens 3.9 and 4.x): a Hugging Face model whose modules the Bridge
+has wrapped with hook points.
+
+The Bridge cannot run its blocks in another order (its ``start_at_layer`` still runs the earlier
+blocks), so this seam runs them itself. :meth:`BridgeSeam.embed` runs the unmodified model once and
+records, per layer (by its index, not by when it ran), the arguments the Hugging Face forward
+passes to that layer: the rotary tables, the attention mask, the position ids (each layer replaced
+by a recorder for that pass, so it costs the embedding only). Gemma 3 gives its
+sliding-window and global layers different masks and rotary tables; a layer run at another step of
+a plan gets its own. :meth:`BridgeSeam.run_block` then calls ``bridge.blocks[i]`` with them, so
+every hook of the block fires under its own name. Position ids are checked against the ones an
+unpadded batch has (``0 .. T-1``): the engine never pads. No key-value cache is used.
+
+The fast path and plan stacking are TransformerLens 3 ``HookedTransformer`` code; on the Bridge
+every block runs as itself (:meth:`BridgeSeam.fast_blocks` returns ``None``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from stages_of_inference.backends.base import Embedded, FwdHooks
+from stages_of_inference.interventions.step import set_step
+
+__all__ = ["BridgeSeam", "LayerCall", "FAST_PATH_NOTE"]
+
+FAST_PATH_NOTE = "the fast path and plan stacking reproduce HookedTransformer blocks only; Bridge blocks run as themselves"
+"""Why a sweep on the Bridge runs every block call as the block itself."""
+
+_DROPPED_KWARGS = ("past_key_value", "past_key_values", "cache", "use_cache", "output_attentions", "cache_position")
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """What the Hugging Face forward passed to one layer besides the residual.
+
+    Attributes:
+        args: positional arguments after the hidden states.
+        kwargs: keyword arguments (without any cache).
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+class _Recorded(Exception):
+    """Raised once the last layer's arguments are recorded: the rest of the forward is not needed."""
+
+
+def _first_tensor(output: Any) -> Tensor:
+    """A block's output residual (Hugging Face layers return a tensor or a tuple starting with one)."""
+    return output if isinstance(output, Tensor) else output[0]
+
+
+def _zero_output(module: nn.Module, args: Any, output: Any) -> Any:
+    """A sublayer's output with its first tensor (what it adds to the residual) zeroed."""
+    if isinstance(output, Tensor):
+        return torch.zeros_like(output)
+    return (torch.zeros_like(output[0]), *output[1:])
+
+
+class BridgeSeam:
+    """A ``TransformerBridge`` behind the model seam.
+
+    Args:
+        bridge: the Bridge (in compatibility mode for the paper's conventions:
+            :func:`stages_of_inference.models.load_model` boots it so).
+    """
+
+    def __init__(self, bridge: Any) -> None:
+        self._bridge = bridge
+
+    @property
+    def model(self) -> Any:
+        return self._bridge
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self._bridge.cfg, "model_name", "model"))
+
+    @property
+    def n_layers(self) -> int:
+        return int(self._bridge.cfg.n_layers)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self._bridge.cfg.d_vocab)
+
+    @property
+    def device(self) -> str:
+        return str(self._bridge.cfg.device)
+
+    def blocks(self) -> Sequence[nn.Module]:
+        return tuple(self._bridge.blocks)
+
+    # ------------------------------------------------------------------------- running
+    def embed(self, tokens: Int[Tensor, "batch pos"]) -> Embedded:
+        """Run the model's own forward with every layer replaced by a recorder: the residual
+        entering layer 0 and every layer's call arguments are kept, no layer computes anything (so
+        no hook inside a block fires), and the forward stops at the last layer (before the final
+        norm). The embedding runs as itself, its hooks included.
+        """
+        blocks = self.blocks()
+        calls: dict[int, LayerCall] = {}
+        first: list[Tensor] = []
+
+        def recorder(layer: int) -> Any:
+            def record(*args: Any, **kwargs: Any) -> Any:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                kept = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS and k != "hidden_states"}
+                calls[layer] = LayerCall(tuple(args[1:]), kept)
+                if layer == 0:
+                    first.append(hidden)
+                if layer == len(blocks) - 1:
+                    raise _Recorded
+                return hidden  # never read: only the arguments of the later layers are
+            return record
+
+        for i, block in enumerate(blocks):
+            vars(block)["forward"] = recorder(i)  # an instance attribute shadows the class's forward
+        positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+        try:
+            self._bridge.original_model(input_ids=tokens, position_ids=positions, use_cache=False)
+        except _Recorded:
+            pass
+        finally:
+            for block in blocks:
+                vars(block).pop("forward", None)
+        if len(calls) != len(blocks):
+            raise RuntimeError(f"the forward pass called {len(calls)} of the {len(blocks)} layers; cannot record them")
+        for layer, call in calls.items():
+            ids = call.kwargs.get("position_ids")
+            if ids is not None and not torch.equal(ids.expand(tokens.shape[0], -1).cpu(),
+                                                   positions.expand(tokens.shape[0], -1).cpu()):
+                raise ValueError(f"layer {layer} received position ids other than 0 .. T-1; the engine runs unpadded "
+                                 "batches only")
+        return Embedded(first[0], calls, plain=False)
+
+    def run_block(self, layer: int, residual: Tensor, embedded: Embedded, step: int, part: str = "block") -> Tensor:
+        call: LayerCall = embedded.extras[layer]
+        block = self.blocks()[layer]
+        set_step(self._bridge, (step, layer))
+        with self._only(block, part):
+            return _first_tensor(block(residual, *call.args, **call.kwargs))
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _only(block: nn.Module, part: str) -> Iterator[None]:
+        """Only ``part`` of ``block`` writes to the residual (the other sublayer's output is zeroed
+        before any hook on that sublayer's output sees it).
+        """
+        if part == "block":
+            yield
+            return
+        silenced = {"attn": "mlp", "mlp": "attn"}.get(part)
+        if silenced is None:
+            raise ValueError(f"unknown sublayer {part!r}; allowed: 'block', 'attn', 'mlp'")
+        module = getattr(block, silenced, None)
+        if module is None:
+            raise ValueError(f"this block has no {silenced!r} sublayer to silence")
+        handle = module.register_forward_hook(_zero_output, prepend=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def final_norm(self, residual: Tensor) -> Tensor:
+        return self._bridge.ln_final(residual)
+
+    @property
+    def unembed_module(self) -> nn.Module:
+        return self._bridge.unembed
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self._bridge.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        return self._bridge.b_U
+
+    @property
+    def softcap(self) -> float:
+        cap = getattr(self._bridge.cfg, "output_logits_soft_cap", None)
+        return float(cap) if cap is not None and cap > 0 else 0.0
+
+    def W_out(self, layer: int) -> Float[Tensor, "d_mlp d_model"] | None:
+        mlp = getattr(self.blocks()[layer], "mlp", None)
+        return getattr(mlp, "W_out", None) if mlp is not None else None
+
+    def hooks(self, fwd_hooks: FwdHooks) -> contextlib.AbstractContextManager[Any]:
+        return self._bridge.hooks(fwd_hooks=list(fwd_hooks))
+
+    def has_hooks(self, module: nn.Module) -> bool:
+        return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks  # noqa: SLF001
+                   for m in module.modules())
+
+    def fast_blocks(self, embedded: Embedded, enabled: bool, dtype: torch.dtype | None = None) -> Any:
+        return None
+
+    def loss(self, logits: Tensor, tokens: Tensor, embedded: Embedded) -> Tensor:
+        """Mean next-token cross-entropy over every position with a next token (TransformerLens' loss)."""
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))

@@ -1,0 +1,101 @@
+"""The embedded model (SmolLM2-135M) on both backends: against its own Hugging Face forward with the
+layer list reordered, the two backends against each other where both exist, and a study on the
+Bridge. Runs under TransformerLens 3.9 (``.venv``, both backends) and 4.3 (``.venv-tl4``, the
+Bridge only); ``make test`` runs both."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import stages_of_inference as soi
+from stages_of_inference._tl import HAS_BRIDGE, HAS_HOOKED, TL_VERSION
+from stages_of_inference.backends import backend_of
+from stages_of_inference.interventions.executor import evaluate_plans
+from stages_of_inference.models import ModelNotAvailableError, check_backend, checkpoint_folder
+from stages_of_inference.study import StudyConfig, run_study
+
+pytestmark = [pytest.mark.real, pytest.mark.skipif(not HAS_BRIDGE, reason="this TransformerLens has no Bridge")]
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def bridge():  # noqa: ANN201
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return soi.load_model("smollm2-135m", backend="bridge")
+
+
+@pytest.fixture(scope="module")
+def tokens(bridge) -> torch.Tensor:  # noqa: ANN001
+    return soi.load_tokens(bridge, corpus="default", n_sequences=2, seq_len=64, seed=0)
+
+
+def _plans(n: int) -> list[soi.LayerPlan]:
+    return [soi.LayerPlan.identity(n)] + [soi.LayerPlan.drop(n, i) for i in range(n)] + \
+        [soi.LayerPlan.swap(n, i) for i in range(n - 1)]
+
+
+def test_auto_picks_the_hooked_transformer_where_it_exists_else_the_bridge() -> None:
+    assert check_backend("auto") == ("hooked" if HAS_HOOKED else "bridge")
+    if not HAS_HOOKED:
+        with pytest.raises(ModelNotAvailableError, match=f"needs HookedTransformer, which TransformerLens {TL_VERSION}"):
+            check_backend("hooked")
+
+
+def test_the_bridge_equals_the_hf_model_with_its_layers_reordered(bridge, tokens: torch.Tensor) -> None:  # noqa: ANN001
+    """A deletion and a swap at each end and in the middle, against transformers' own forward of
+    the same converted checkpoint with ``model.model.layers`` reordered, scored in float64."""
+    from transformers import AutoModelForCausalLM
+
+    assert backend_of(bridge) == "bridge"
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint_folder("smollm2-135m"), dtype=torch.float32).eval()
+    layers = hf.model.layers
+    n = len(layers)
+    chosen = [soi.LayerPlan.drop(n, i) for i in (0, 15, n - 1)] + [soi.LayerPlan.swap(n, i) for i in (0, 15, n - 2)]
+    out = evaluate_plans(bridge, tokens, [soi.LayerPlan.identity(n), *chosen], progress=False)
+
+    def logits(order: tuple[int, ...]) -> torch.Tensor:
+        hf.model.layers = nn.ModuleList([layers[i] for i in order])
+        hf.config.num_hidden_layers = len(order)
+        try:
+            with torch.no_grad():
+                return hf(tokens, use_cache=False).logits
+        finally:
+            hf.model.layers, hf.config.num_hidden_layers = layers, n
+
+    keep = slice(1, tokens.shape[1] - 1)
+    base = logits(tuple(range(n)))[:, keep].double().log_softmax(-1)
+    for plan, row in zip(chosen, out.iloc[1:].itertuples()):
+        lp = logits(plan.order)[:, keep].double().log_softmax(-1)
+        kl = float((base.exp() * (base - lp)).sum(-1).mean())
+        assert row.kl_nats == pytest.approx(kl, abs=ATOL, rel=1e-4), plan.label
+
+
+@pytest.mark.skipif(not HAS_HOOKED, reason="TransformerLens 4 has no HookedTransformer to compare with")
+def test_both_backends_give_the_same_numbers(bridge, tokens: torch.Tensor) -> None:  # noqa: ANN001
+    hooked = soi.load_model("smollm2-135m", backend="hooked")
+    n = hooked.cfg.n_layers
+    a = evaluate_plans(hooked, tokens, _plans(n), progress=False)
+    b = evaluate_plans(bridge, tokens, _plans(n), progress=False)
+    for column in ("kl_nats", "loss"):
+        np.testing.assert_allclose(b[column].to_numpy(), a[column].to_numpy(), atol=2e-4, err_msg=column)
+    assert float((a["accuracy"] - b["accuracy"]).abs().max()) <= 1 / a["n_tokens"].iloc[0]  # a top-1 tie at most
+
+
+def test_a_study_on_the_bridge_runs_what_it_can_and_says_what_it_left_out(tmp_path, bridge) -> None:  # noqa: ANN001
+    config = StudyConfig(models=("smollm2-135m",), n_tokens=64, seq_len=32, analyses=("robustness", "logit_lens"),
+                         backend="bridge", static_formats=())
+    study = run_study([bridge], config=config, out_dir=tmp_path / "study", progress=False, log=None)
+    assert set(study.results["smollm2-135m"]) == {"robustness"}
+    assert study.left_out == [("smollm2-135m", "logit_lens")]
+    page = study.report.read_text()
+    assert "Left out" in page and "logit_lens (smollm2-135m)" in page and "id='layer_effects'" in page
+    from stages_of_inference.stages.sinks import sink_profile
+
+    with pytest.raises(NotImplementedError, match="sink_profile runs on TransformerLens' HookedTransformer only"):
+        sink_profile(bridge, torch.zeros(1, 8, dtype=torch.long))

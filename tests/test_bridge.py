@@ -1,0 +1,182 @@
+"""The TransformerBridge backend: tiny random Hugging Face models of seven families, built offline
+from transformers' own config classes, run through the Bridge; every deletion and swap of the sweep
+against the Hugging Face model's own forward with its layer list reordered.
+
+These tests run under TransformerLens 3.9 (``.venv``) and 4.3 (``.venv-tl4``; ``make test`` runs
+both)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from stages_of_inference import LayerPlan, robustness_sweep, run_plan
+from stages_of_inference._tl import HAS_BRIDGE, TransformerBridge
+from stages_of_inference.backends import as_seam, backend_of
+from stages_of_inference.backends.bridge import BridgeSeam
+
+pytestmark = pytest.mark.skipif(not HAS_BRIDGE, reason="this TransformerLens has no TransformerBridge")
+
+ATOL = 1e-4
+VOCAB = 101
+
+
+def _tokenizer(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN202 - a PreTrainedTokenizerFast saved and reloaded
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<bos>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 2)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>").save_pretrained(folder)
+    return PreTrainedTokenizerFast.from_pretrained(folder)  # a local name_or_path: the Bridge reloads it offline
+
+
+def _hf_model(family: str) -> nn.Module:
+    """A tiny random model of ``family`` from transformers' own config and model classes."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                  max_position_embeddings=64)
+    if family == "llama":
+        config, cls = tf.LlamaConfig(**common, num_key_value_heads=2), tf.LlamaForCausalLM
+    elif family == "qwen3":
+        config, cls = tf.Qwen3Config(**common, num_key_value_heads=2, head_dim=8), tf.Qwen3ForCausalLM
+    elif family == "gemma3":  # sliding-window and global layers, with their own rotary tables
+        config = tf.Gemma3TextConfig(**common, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                     layer_types=["sliding_attention", "full_attention"] * 2)
+        cls = tf.Gemma3ForCausalLM
+    elif family == "gpt2":
+        config, cls = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64), tf.GPT2LMHeadModel
+    elif family == "neox":  # parallel attention and MLP
+        config = tf.GPTNeoXConfig(**common, use_parallel_residual=True, rotary_pct=0.5)
+        cls = tf.GPTNeoXForCausalLM
+    elif family == "phi3":
+        config, cls = tf.Phi3Config(**common, num_key_value_heads=4, pad_token_id=0), tf.Phi3ForCausalLM
+    elif family == "olmo2":
+        config, cls = tf.Olmo2Config(**common, num_key_value_heads=4), tf.Olmo2ForCausalLM
+    else:
+        raise ValueError(family)
+    config.architectures = [cls.__name__]  # what the Bridge picks its adapter by
+    config._attn_implementation = "eager"  # the Bridge's own choice, so both sides compute alike
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    with torch.no_grad():  # larger weights than the default init, so blocks move the output noticeably
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.mul_(3.0)
+            elif "norm" in name or "ln" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+FAMILIES = ("llama", "qwen3", "gemma3", "gpt2", "neox", "phi3", "olmo2")
+
+
+def _layers(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding the layer list, and the list's attribute name."""
+    for owner in ("model", "transformer", "gpt_neox"):
+        inner = getattr(model, owner, None)
+        for name in ("layers", "h"):
+            if inner is not None and isinstance(getattr(inner, name, None), nn.ModuleList):
+                return inner, name
+    raise AssertionError("no layer list found")
+
+
+def _reordered_logits(model: nn.Module, tokens: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """The reference: the Hugging Face model's own forward with its layer list put in ``order``."""
+    owner, name = _layers(model)
+    original = getattr(owner, name)
+    setattr(owner, name, nn.ModuleList([original[i] for i in order]))
+    n, types = model.config.num_hidden_layers, getattr(model.config, "layer_types", None)
+    try:
+        model.config.num_hidden_layers = len(order)  # forwards that slice the list to the config's count
+        if types is not None:  # Gemma 3 picks each layer's mask and rotary table by position: a moved layer keeps its own
+            model.config.layer_types = [types[i] for i in order]
+        with torch.no_grad():
+            return model(tokens, use_cache=False).logits
+    finally:
+        setattr(owner, name, original)
+        model.config.num_hidden_layers = n
+        if types is not None:
+            model.config.layer_types = types
+
+
+def _scores(logits: torch.Tensor, tokens: torch.Tensor, base: torch.Tensor) -> dict[str, float]:
+    keep = slice(1, tokens.shape[1] - 1)
+    lp, ref = logits[:, keep].double().log_softmax(-1), base[:, keep].double().log_softmax(-1)
+    top1 = logits[:, keep].float().argmax(-1)
+    return {"kl_nats": float((ref.exp() * (ref - lp)).sum(-1).mean()),
+            "accuracy": float((top1 == tokens[:, 2:]).double().mean())}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    return _tokenizer(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    out = torch.randint(2, VOCAB, (3, 12), generator=gen)
+    out[:, 0] = 0
+    return out
+
+
+def _bridge(family: str, tokenizer, compatibility: bool):  # noqa: ANN001, ANN202
+    reference = _hf_model(family)
+    bridge = TransformerBridge.boot_transformers(f"tiny-{family}", hf_model=copy.deepcopy(reference), tokenizer=tokenizer)
+    if compatibility:
+        bridge.enable_compatibility_mode()
+    return bridge, reference
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bridge_sweep_equals_reordering_the_hf_layers(family: str, tokenizer, tokens: torch.Tensor) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    bridge, reference = _bridge(family, tokenizer, compatibility=False)
+    assert backend_of(bridge) == "bridge" and isinstance(as_seam(bridge), BridgeSeam)
+    n = reference.config.num_hidden_layers
+    base = _reordered_logits(reference, tokens, tuple(range(n)))
+    assert torch.allclose(run_plan(bridge, tokens, LayerPlan.identity(n)), base, atol=ATOL)
+    summary = robustness_sweep(bridge, tokens, progress=False, batch_size=2).summary
+    for row in summary[summary["kind"] != "none"].itertuples():
+        plan = LayerPlan.drop(n, int(row.layer)) if row.kind == "drop" else LayerPlan.swap(n, int(row.layer))
+        expected = _scores(_reordered_logits(reference, tokens, plan.order), tokens, base)
+        assert row.kl_nats == pytest.approx(expected["kl_nats"], abs=ATOL), (family, plan.label)
+        assert row.accuracy == pytest.approx(expected["accuracy"], abs=1e-9), (family, plan.label)
+    assert summary["kl_nats"].iloc[1:].max() > 1e-3, "the tiny model's blocks should matter"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "neox"])
+def test_compatibility_mode_keeps_every_plans_numbers(family: str, tokenizer, tokens: torch.Tensor) -> None:
+    """Folded norms and centred weights change the logits by a constant per row: KL and top-1 stay."""
+    raw, _ = _bridge(family, tokenizer, compatibility=False)
+    folded, _ = _bridge(family, tokenizer, compatibility=True)
+    a = robustness_sweep(raw, tokens, progress=False).summary
+    b = robustness_sweep(folded, tokens, progress=False).summary
+    np.testing.assert_allclose(a["kl_nats"], b["kl_nats"], atol=2e-4)
+    np.testing.assert_allclose(a["accuracy"], b["accuracy"], atol=1e-9)
+
+
+def test_sublayer_plans_on_the_bridge_equal_zeroing_the_sublayer(tokenizer, tokens: torch.Tensor) -> None:
+    bridge, _ = _bridge("llama", tokenizer, compatibility=False)
+    for layer in range(4):
+        for plan, hook in ((LayerPlan.drop_attention(4, layer), "hook_attn_out"), (LayerPlan.drop_mlp(4, layer), "hook_mlp_out")):
+            with torch.no_grad():
+                expected = bridge.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.{hook}", lambda a, hook: torch.zeros_like(a))])
+            assert torch.allclose(run_plan(bridge, tokens, plan), expected, atol=ATOL), plan.label
+
+
+def test_hooks_fire_on_the_block_they_name(tokenizer, tokens: torch.Tensor) -> None:
+    bridge, _ = _bridge("gemma3", tokenizer, compatibility=False)
+    seen: list[int] = []
+    hooks = [(f"blocks.{i}.hook_resid_pre", lambda act, hook, i=i: seen.append(i)) for i in range(4)]
+    run_plan(bridge, tokens, LayerPlan(order=(0, 2, 1, 1), n_layers=4), fwd_hooks=hooks)
+    assert seen == [0, 2, 1, 1]
