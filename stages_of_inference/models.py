@@ -214,10 +214,11 @@ def _known_names_message() -> str:
 
 
 def load_model(
-    name: str | os.PathLike[str] = DEFAULT_MODEL,
+    name: str | os.PathLike[str] | Any = DEFAULT_MODEL,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
+    tokenizer: Any = None,
 ) -> Model:
     """Load a model, in eval mode, with TransformerLens' default processing (folded norms,
     centred writing weights and unembedding): a ``HookedTransformer`` or a ``TransformerBridge``.
@@ -232,6 +233,10 @@ def load_model(
             ``TransformerBridge``, booted in compatibility mode) or ``"auto"``: the
             ``HookedTransformer`` where the installed TransformerLens has it, else the Bridge
             (docs/backends.md).
+        tokenizer: with a Hugging Face model object as ``name`` (one you already hold), its
+            tokenizer; the model is wrapped by the Bridge without any hub call (``"auto"`` then
+            means ``"bridge"``; for a ``HookedTransformer``, save it with ``save_pretrained`` and
+            load the folder).
 
     Returns:
         The model, in eval mode, its ``cfg.model_name`` set to ``name`` as given (results record it).
@@ -247,8 +252,10 @@ def load_model(
         ...
         stages_of_inference.models.ModelNotAvailableError: unknown model 'no-such-model'...
     """
+    if isinstance(name, torch.nn.Module):
+        return _wrap_hf_object(name, tokenizer, backend, device)
     if not isinstance(name, (str, os.PathLike)):
-        raise TypeError(f"name must be a model name or a path, got {type(name).__name__}")
+        raise TypeError(f"name must be a model name, a path or a Hugging Face model, got {type(name).__name__}")
     backend = check_backend(backend)
     device = check_device(device)
     if device is None:
@@ -301,6 +308,26 @@ def check_backend(backend: Any) -> str:
         raise ModelNotAvailableError(f"backend {backend!r} needs {what}, which TransformerLens {TL_VERSION} does not have; "
                                      f"available here: {', '.join(available) or 'none'}")
     return backend
+
+
+def _wrap_hf_object(hf_model: Any, tokenizer: Any, backend: str, device: Any) -> Any:
+    """A Hugging Face causal LM the user holds, booted on the Bridge in compatibility mode, offline."""
+    from stages_of_inference._tl import TransformerBridge
+
+    if backend == "hooked":
+        raise ValueError("a Hugging Face model object loads on the 'bridge' backend; for a HookedTransformer save it "
+                         "with save_pretrained(folder, safe_serialization=True) and load_model(folder)")
+    check_backend("bridge")
+    if tokenizer is None:
+        raise ValueError("a Hugging Face model object needs its tokenizer: load_model(model, tokenizer=tokenizer)")
+    device = check_device(device) or str(next(hf_model.parameters()).device)
+    name = str(getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__)
+    with _hub_offline():
+        bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device,
+                                                     dtype=next(hf_model.parameters()).dtype)
+    bridge.enable_compatibility_mode()
+    bridge.cfg.model_name = name
+    return bridge.eval()
 
 
 def _load_bridge(key: str, path: Path, device: str | torch.device) -> Any:

@@ -180,3 +180,16 @@ def test_hooks_fire_on_the_block_they_name(tokenizer, tokens: torch.Tensor) -> N
     hooks = [(f"blocks.{i}.hook_resid_pre", lambda act, hook, i=i: seen.append(i)) for i in range(4)]
     run_plan(bridge, tokens, LayerPlan(order=(0, 2, 1, 1), n_layers=4), fwd_hooks=hooks)
     assert seen == [0, 2, 1, 1]
+
+
+def test_load_model_wraps_a_hf_model_object_offline(tokenizer, tokens: torch.Tensor) -> None:
+    import stages_of_inference as soi
+
+    reference = _hf_model("qwen3")
+    bridge = soi.load_model(copy.deepcopy(reference), tokenizer=tokenizer, backend="bridge" if HAS_BRIDGE else "auto")
+    assert backend_of(bridge) == "bridge"
+    base = _reordered_logits(reference, tokens, (0, 1, 2, 3))
+    got = run_plan(bridge, tokens, LayerPlan.identity(4))
+    assert torch.allclose(got - got.mean(-1, keepdim=True), base - base.mean(-1, keepdim=True), atol=ATOL)  # centred unembedding
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        soi.load_model(reference)
