@@ -158,6 +158,9 @@ def summary_on(per_token: pd.DataFrame, sequences: Sequence[int], n_layers: int)
     out["relative_depth"] = [np.nan if layer < 0 else relative_depth(int(layer), n_layers) for _, layer in pooled.index]
     for name, column in metrics.items():
         scale = base if name == "relative_accuracy" else 1.0
+        if not scale > 0:  # an unmodified model with no token right: nothing to retain
+            out[name] = out[f"{name}_sem"] = np.nan
+            continue
         out[name] = pooled[column].to_numpy() / scale
         out[f"{name}_sem"] = sem.reindex(pooled.index)[column].to_numpy() / scale
     out["n_tokens"] = flat.groupby(keys, sort=False).size().to_numpy()
