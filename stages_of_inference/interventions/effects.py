@@ -59,23 +59,24 @@ class EffectMeter:
 
     trunk: Sequence[Tensor]
     nodes: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)
-    _reference: dict[int, tuple[Tensor, np.ndarray]] = field(default_factory=dict, repr=False)
 
-    def reference(self, layer: int) -> tuple[Tensor, np.ndarray]:
-        """Block ``layer``'s unmodified contribution on the scored positions, and its sums."""
-        if layer not in self._reference:
-            x = self.trunk[layer][:, 1:-1]
-            c = self.trunk[layer + 1][:, 1:-1] - x
-            self._reference[layer] = (c, _per_token(c, x, c).cpu().numpy())
-        return self._reference[layer]
+    def contribution(self, layer: int) -> Tensor:
+        """Block ``layer``'s unmodified contribution on the scored positions (computed when asked:
+        kept for every block it would cost as much memory as the trunk).
+        """
+        return self.trunk[layer + 1][:, 1:-1] - self.trunk[layer][:, 1:-1]
+
+    def reference(self, layer: int) -> np.ndarray:
+        """The unmodified model's ``[3, batch]`` sums for block ``layer`` (relative change 0)."""
+        c = self.contribution(layer)
+        return _per_token(c, self.trunk[layer][:, 1:-1], c).cpu().numpy()
 
     def record(self, index: int, step: Step, x_in: Tensor, x_out: Tensor) -> None:
         """Measure node ``index``, which ran ``step`` on ``x_in`` and gave ``x_out``."""
         if not isinstance(step, int):
             return
-        c_ref, _ = self.reference(step)
         x = x_in[:, 1:-1]
-        self.nodes[index] = (step, _per_token(x_out[:, 1:-1] - x, x, c_ref).cpu().numpy())
+        self.nodes[index] = (step, _per_token(x_out[:, 1:-1] - x, x, self.contribution(step)).cpu().numpy())
 
     def rows(self, lay: trie_.Layout, leaf: trie_.Node, first_sequence: int, n_tokens: int) -> pd.DataFrame:
         """The sums of the plans ending at ``leaf``: every measured node on its path off the
@@ -93,7 +94,7 @@ class EffectMeter:
     def reference_rows(self, first_sequence: int, n_tokens: int) -> pd.DataFrame:
         """The unmodified model's sums, block by block (``plan_id`` -1; its relative change is 0)."""
         n_layers = len(self.trunk) - 1
-        return _frame([(-1, j, j, self.reference(j)[1]) for j in range(n_layers)], first_sequence, n_tokens)
+        return _frame([(-1, j, j, self.reference(j)) for j in range(n_layers)], first_sequence, n_tokens)
 
 
 def _frame(entries: Sequence[tuple[int, int, int, np.ndarray]], first_sequence: int, n_tokens: int) -> pd.DataFrame:
