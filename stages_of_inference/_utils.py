@@ -43,7 +43,8 @@ def relative_depth(index: int, n_points: int) -> float:
     return 0.0 if n_points == 1 else index / (n_points - 1)
 
 
-BRIDGE_SUPPORTED = ("run_plan", "evaluate_plans", "robustness_sweep", "load_tokens")
+BRIDGE_SUPPORTED = ("run_plan", "evaluate_plans", "robustness_sweep", "load_tokens", "previous_token_attention",
+                    "layer_similarity", "sink_profile", "hooks.collect")
 """What runs on the ``TransformerBridge`` backend today (docs/backends.md)."""
 
 

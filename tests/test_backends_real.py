@@ -87,15 +87,34 @@ def test_both_backends_give_the_same_numbers(bridge, tokens: torch.Tensor) -> No
     assert float((a["accuracy"] - b["accuracy"]).abs().max()) <= 1 / a["n_tokens"].iloc[0]  # a top-1 tie at most
 
 
+@pytest.mark.skipif(not HAS_HOOKED, reason="TransformerLens 4 has no HookedTransformer to compare with")
+def test_the_hook_reading_analyses_agree_on_both_backends(bridge, tokens: torch.Tensor) -> None:  # noqa: ANN001
+    """Previous-token attention, layer similarity and the sink profile read the Bridge's hooks by
+    their compatibility names; the numbers equal the HookedTransformer's to fp32 rounding."""
+    from stages_of_inference.stages import detokenization, feature_engineering, sinks
+
+    hooked = soi.load_model("smollm2-135m", backend="hooked")
+    for run in (lambda m: detokenization.previous_token_attention(m, tokens, progress=False),
+                lambda m: feature_engineering.layer_similarity(m, tokens, progress=False),
+                lambda m: sinks.sink_profile(m, tokens, progress=False)):
+        a, b = run(hooked), run(bridge)
+        assert list(a.columns) == list(b.columns)
+        for column in a.columns:
+            if a[column].dtype.kind in "fi" and not column.endswith("_sem"):
+                np.testing.assert_allclose(b[column].to_numpy(float), a[column].to_numpy(float), rtol=1e-4, atol=1e-6,
+                                           err_msg=column)
+
+
 def test_a_study_on_the_bridge_runs_what_it_can_and_says_what_it_left_out(tmp_path, bridge) -> None:  # noqa: ANN001
-    config = StudyConfig(models=("smollm2-135m",), n_tokens=64, seq_len=32, analyses=("robustness", "logit_lens"),
-                         backend="bridge", static_formats=())
+    config = StudyConfig(models=("smollm2-135m",), n_tokens=64, seq_len=32,
+                         analyses=("robustness", "logit_lens", "sinks"), backend="bridge", static_formats=())
     study = run_study([bridge], config=config, out_dir=tmp_path / "study", progress=False, log=None)
-    assert set(study.results["smollm2-135m"]) == {"robustness"}
+    assert set(study.results["smollm2-135m"]) == {"robustness", "sinks"}
     assert study.left_out == [("smollm2-135m", "logit_lens")]
     page = study.report.read_text()
     assert "Left out" in page and "logit_lens (smollm2-135m)" in page and "id='layer_effects'" in page
-    from stages_of_inference.stages.sinks import sink_profile
+    assert "id='sink_profile'" in page
+    from stages_of_inference.stages.residual_sharpening import final_block_ablation
 
-    with pytest.raises(NotImplementedError, match="sink_profile runs on TransformerLens' HookedTransformer only"):
-        sink_profile(bridge, torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(NotImplementedError, match="final_block_ablation runs on TransformerLens' HookedTransformer only"):
+        final_block_ablation(bridge, torch.zeros(1, 8, dtype=torch.long))

@@ -59,7 +59,7 @@ def _previous_token_per_sequence(
     model: Model, tokens: Tokens, k: int, batch_size: int, progress: bool, precision: str = "fp32"
 ) -> Tensor:
     """``[sequence, layer, head]`` mean of ``A_h[q, q - d]`` over ``d = 1..k`` and ``q = d .. pos - 1``."""
-    model = check_model(model)
+    model = check_model(model, bridge=True)
     tokens = check_tokens(model, tokens, min_len=2)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int number of previous tokens, got {type(k).__name__}")

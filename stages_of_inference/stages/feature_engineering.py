@@ -536,7 +536,7 @@ def layer_similarity(
         >>> len(df), round(float(df.query("layer_a == layer_b")["similarity"].min()), 6)
         (4, 1.0)
     """
-    model = check_model(model)
+    model = check_model(model, bridge=True)
     if method not in ("cka", "cosine"):
         raise ValueError(f"unknown similarity method {method!r}; allowed: 'cka', 'cosine'")
     source, tokens = tokens, check_tokens(model, tokens, min_len=5 if method == "cka" else 2)

@@ -354,7 +354,7 @@ register(Analysis(
 register(Analysis(
     "previous_token_attention", _attention, lambda c: {"k": c.k, **_batch(c)},
     figures=_one("previous_token_attention", "Stage 1: attention to the previous tokens", "previous_token_attention",
-                 "attention", _plot("previous_token_attention"), rd.read_attention), fast=True))
+                 "attention", _plot("previous_token_attention"), rd.read_attention), fast=True, bridge=True))
 register(Analysis(
     "subjoiner_heads", _subjoiner,
     lambda c: {"corpus": c.corpus, "max_prompts": c.subjoiner_prompts, "seed": c.seed, "n_pieces": 4,
@@ -367,7 +367,7 @@ register(Analysis(
 register(Analysis(
     "layer_similarity", _similarity, lambda c: {"method": "cka", **_batch(c)},
     figures=_one("layer_similarity", "Stage 2: similarity of the blocks", "layer_similarity", "similarity",
-                 _similarity_plot, rd.read_similarity), fast=True))
+                 _similarity_plot, rd.read_similarity), fast=True, bridge=True))
 register(Analysis(
     "probes", _probes, lambda c: {"label": c.probe_label, "seed": c.seed, **_batch(c)},
     figures=_one("probes", "Stage 2: probes", "probes", "probes", _plot("probe_accuracy"), rd.read_probes)))
@@ -490,7 +490,7 @@ register(Analysis(
 register(Analysis(
     "sinks", _sinks, _batch,
     figures=_one("sink_profile", "Beyond the paper: attention sinks, massive activations, residual norms", "sinks",
-                 "profile", _plot("sink_profile"), rd.read_sinks), fast=True))
+                 "profile", _plot("sink_profile"), rd.read_sinks), fast=True, bridge=True))
 
 
 def default_analyses() -> tuple[str, ...]:
