@@ -37,7 +37,7 @@ def tokens(bridge) -> torch.Tensor:  # noqa: ANN001
 
 def _plans(n: int) -> list[soi.LayerPlan]:
     return [soi.LayerPlan.identity(n)] + [soi.LayerPlan.drop(n, i) for i in range(n)] + \
-        [soi.LayerPlan.swap(n, i) for i in range(n - 1)]
+        [soi.LayerPlan.swap(n, i) for i in range(n - 1)] + [soi.LayerPlan.repeat(n, [i]) for i in (0, 15, n - 1)]
 
 
 def test_auto_picks_the_hooked_transformer_where_it_exists_else_the_bridge() -> None:
@@ -107,9 +107,10 @@ def test_the_hook_reading_analyses_agree_on_both_backends(bridge, tokens: torch.
 
 def test_a_study_on_the_bridge_runs_what_it_can_and_says_what_it_left_out(tmp_path, bridge) -> None:  # noqa: ANN001
     config = StudyConfig(models=("smollm2-135m",), n_tokens=64, seq_len=32,
-                         analyses=("robustness", "logit_lens", "sinks"), backend="bridge", static_formats=())
+                         analyses=("robustness", "logit_lens", "repetition", "sinks"), backend="bridge",
+                         static_formats=())
     study = run_study([bridge], config=config, out_dir=tmp_path / "study", progress=False, log=None)
-    assert set(study.results["smollm2-135m"]) == {"robustness", "sinks"}
+    assert set(study.results["smollm2-135m"]) == {"robustness", "repetition", "sinks"}
     assert study.left_out == [("smollm2-135m", "logit_lens")]
     page = study.report.read_text()
     assert "Left out" in page and "logit_lens (smollm2-135m)" in page and "id='layer_effects'" in page

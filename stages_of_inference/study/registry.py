@@ -385,7 +385,7 @@ register(Analysis(
 register(Analysis(
     "repetition", _repetition, lambda c: {"times": 2, "blocks": "each block alone", **_heavy(c)}, tokens="heavy",
     figures=_one("repetition", "Stage 4: layer repetition", "repetition", "repetition", _plot("layer_repetition"),
-                 rd.read_repetition)))
+                 rd.read_repetition), bridge=True))
 
 PAPER_ANALYSES = tuple(REGISTRY)
 """The analyses of the paper, in the order a study runs them."""
