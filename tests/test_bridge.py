@@ -172,6 +172,10 @@ def test_sublayer_plans_on_the_bridge_equal_zeroing_the_sublayer(tokenizer, toke
             with torch.no_grad():
                 expected = bridge.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.{hook}", lambda a, hook: torch.zeros_like(a))])
             assert torch.allclose(run_plan(bridge, tokens, plan), expected, atol=ATOL), plan.label
+    seen: list[float] = []
+    run_plan(bridge, tokens, LayerPlan.drop_attention(4, 2),
+             fwd_hooks=[("blocks.2.hook_attn_out", lambda act, hook: seen.append(float(act.abs().max())))])
+    assert seen == [0.0]  # hooks on the silenced sublayer see the zeros it writes, as on a HookedTransformer
 
 
 def test_hooks_fire_on_the_block_they_name(tokenizer, tokens: torch.Tensor) -> None:

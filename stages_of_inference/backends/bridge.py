@@ -167,7 +167,10 @@ class BridgeSeam:
         module = getattr(block, silenced, None)
         if module is None:
             raise ValueError(f"this block has no {silenced!r} sublayer to silence")
-        handle = module.register_forward_hook(_zero_output, prepend=True)
+        # its output hook point (blocks.i.hook_attn_out / hook_mlp_out are aliases of it), so that
+        # hooks there see the zeros, as on a HookedTransformer
+        target = getattr(module, "hook_out", module)
+        handle = target.register_forward_hook(_zero_output, prepend=True)
         try:
             yield
         finally:
