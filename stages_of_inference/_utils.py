@@ -74,16 +74,17 @@ def check_model(model: Any, bridge: bool = False) -> Model:
     runs on the ``HookedTransformer`` only (``bridge=False``) refuses a ``TransformerBridge`` in one
     line naming what does run on it.
     """
-    from stages_of_inference.backends import as_seam, backend_of
+    from stages_of_inference.backends import as_seam
+    from stages_of_inference.backends.bridge import BridgeSeam
 
-    adapted = as_seam(model).model
-    if not bridge and backend_of(adapted) == "bridge":
+    seam = as_seam(model)
+    if not bridge and isinstance(seam, BridgeSeam):
         caller = _caller_name()
         raise NotImplementedError(
             f"{caller} runs on TransformerLens' HookedTransformer only so far; on the TransformerBridge backend "
             f"the library runs {', '.join(BRIDGE_SUPPORTED)} (load with backend='hooked' where TransformerLens 3.9 "
             "is installed)")
-    return adapted
+    return seam.model
 
 
 def check_tokens(model: Model, tokens: Any, min_len: int = 3) -> Int[Tensor, "batch pos"]:

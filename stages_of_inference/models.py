@@ -338,9 +338,7 @@ def _load_bridge(key: str, path: Path, device: str | torch.device) -> Any:
         entry = EMBEDDED_MODELS[key.lower()]
         return _boot_bridge(_embedded_folder(entry), entry.key, device, entry.bos_token)
     if path.suffix.lower() == ".gguf" and path.is_file():
-        stat = path.stat()
-        fingerprint = _fingerprint([str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns)])
-        return _boot_bridge(_converted(f"{path.stem}-{fingerprint}", [path], path.name), path.stem, device, None)
+        return _boot_bridge(_gguf_folder(path), path.stem, device, None)
     if path.is_dir():
         return _boot_bridge(path, path.name, device, None)
     if path.suffix.lower() == ".gguf" or key.startswith(("/", "./", "../", "~")):
@@ -427,11 +425,15 @@ def _embedded_folder(entry: EmbeddedModel) -> Path:
     return _converted(f"{entry.key}-{fingerprint}", parts, entry.gguf_name)
 
 
-def _load_gguf_file(path: Path, device: str | torch.device) -> HookedTransformer:
+def _gguf_folder(path: Path) -> Path:
+    """The converted fp32 checkpoint of a local ``.gguf`` file (converted once, keyed by the file)."""
     stat = path.stat()
     fingerprint = _fingerprint([str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns)])
-    folder = _converted(f"{path.stem}-{fingerprint}", [path], path.name)
-    return _load_folder(folder, device, bos_token=None)
+    return _converted(f"{path.stem}-{fingerprint}", [path], path.name)
+
+
+def _load_gguf_file(path: Path, device: str | torch.device) -> HookedTransformer:
+    return _load_folder(_gguf_folder(path), device, bos_token=None)
 
 
 def _fingerprint(items: list[str]) -> str:

@@ -204,8 +204,9 @@ class BridgeSeam:
         return self._bridge.hooks(fwd_hooks=list(fwd_hooks))
 
     def has_hooks(self, module: nn.Module) -> bool:
-        return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks  # noqa: SLF001
-                   for m in module.modules())
+        from stages_of_inference.interventions.fastpath import _has_hooks
+
+        return _has_hooks(module)
 
     def fast_blocks(self, embedded: Embedded, enabled: bool, dtype: torch.dtype | None = None) -> Any:
         return None

@@ -104,7 +104,7 @@ def previous_token_attention(
     no pattern cache is kept.
 
     Args:
-        model: a ``HookedTransformer``.
+        model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids, BOS first.
         k: number of previous tokens, ``1 .. pos - 1`` (the paper: 5).
         batch_size: sequences per forward pass.

@@ -514,7 +514,7 @@ def layer_similarity(
     after that block. The default (``None``) keeps every token but BOS, as the paper's definition.
 
     Args:
-        model: a ``HookedTransformer``.
+        model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids, BOS first; CKA needs at least 5 positions.
         method: ``"cka"`` or ``"cosine"``.
         batch_size: sequences per forward pass.

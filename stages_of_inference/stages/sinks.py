@@ -96,7 +96,7 @@ def sink_profile(
     """Attention to the first token, massive activations and residual norms before every block.
 
     Args:
-        model: a ``HookedTransformer``.
+        model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids, BOS first, at least 2 positions.
         batch_size: sequences per forward pass.
         progress: show a progress bar.
