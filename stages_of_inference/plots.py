@@ -897,7 +897,7 @@ _TASK_MEASURES = (("token_retained", "solid", "token-level accuracy"), ("cloze_r
 def task_damage(results: Results, stages: Stages = None, colors: Mapping[str, str] | None = None) -> go.Figure:
     """What each deletion (left) and swap (right) keeps, as a share of the unmodified model's:
     token-level top-1 accuracy (solid), cloze accuracy (dashed) and the greedy continuation it
-    shares (dotted), on the same cloze sequences and prompts.
+    shares (dotted) (token-level accuracy: the table's, the main sweep's in the study).
 
     Args:
         results: ``task_damage`` table(s) (:func:`stages_of_inference.stages.task_damage.task_damage`).

@@ -211,6 +211,34 @@ def test_sweep_equals_every_plan_run_alone(tiny_model: HookedTransformer, tiny_t
     assert (rows["top1_original"].to_numpy() == base[:, 1:-1].argmax(-1).reshape(-1).numpy()).all()
 
 
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_score_last_scores_only_the_last_positions(tiny_model: HookedTransformer, tiny_tokens: torch.Tensor,
+                                                   fast_path: bool) -> None:
+    """``score_last=k``: the metrics of the predictions of the last k tokens only, computed here
+    from each plan's own logits with torch's log-softmax."""
+    n, k = tiny_model.cfg.n_layers, 3
+    plans = all_plans(n)
+    T = tiny_tokens.shape[1]
+    df, tok = evaluate_plans(tiny_model, tiny_tokens, plans, batch_size=2, per_token=True, progress=False,
+                             score_last=k, fast_path=fast_path, layer_effects=True)
+    assert (df["n_tokens"] == tiny_tokens.shape[0] * k).all()
+    assert sorted(tok["position"].unique()) == list(range(T - 1 - k, T - 1))
+    ref = torch.log_softmax(tiny_model(tiny_tokens)[:, T - 1 - k : T - 1].double(), -1)
+    targets = tiny_tokens[:, T - k :]
+    for row, plan in zip(df.itertuples(), plans):
+        own = torch.log_softmax(run_plan(tiny_model, tiny_tokens, plan)[:, T - 1 - k : T - 1].double(), -1)
+        kl = (ref.exp() * (ref - own)).sum(-1).mean().item()
+        loss = -own.gather(-1, targets[..., None]).mean().item()
+        accuracy = (own.argmax(-1) == targets).double().mean().item()
+        assert abs(row.kl_nats - kl) <= ATOL and abs(row.loss - loss) <= ATOL, plan
+        assert abs(row.accuracy - accuracy) <= ATOL, plan
+    assert (df.attrs["layer_effects"]["relative_change"].notna()).all()
+    with pytest.raises(ValueError, match="score_last=9 but sequences of"):
+        evaluate_plans(tiny_model, tiny_tokens[:, :10], plans, score_last=9, progress=False)
+    with pytest.raises(ValueError, match="score_last must be a positive number"):
+        evaluate_plans(tiny_model, tiny_tokens, plans, score_last=0, progress=False)
+
+
 def test_sweep_shares_prefixes(tiny_model: HookedTransformer, tiny_tokens: torch.Tensor) -> None:
     """The trie runs exactly one block per distinct prefix per batch (the trunk included)."""
     n = tiny_model.cfg.n_layers

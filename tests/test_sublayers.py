@@ -243,3 +243,29 @@ def test_real_model_sublayer_sweep_matches_zeroed_forwards(real_model: HookedTra
         expected = exact_scores(_hooked_logits(real_model, tokens, plan.kind, layer), tokens, base)
         assert row.kl_nats == pytest.approx(expected["kl_nats"], abs=ATOL, rel=1e-4), plan.label
         assert row.accuracy == pytest.approx(expected["accuracy"], abs=1e-9), plan.label
+
+
+def test_the_study_deletes_sublayers_on_a_prefix_beside_the_same_tokens_block_deletions(tmp_path, corpus,
+                                                                                       monkeypatch) -> None:
+    """With sequences longer than ``SUBLAYER_POSITIONS``, the sublayers run on their start, and the
+    whole-block deletions beside them (read from the main sweep's per-token table) equal a sweep
+    run on exactly those tokens."""
+    from stages_of_inference.study import registry, run_study
+    from tests.test_report import _config, _tiny
+
+    monkeypatch.setattr(registry, "SUBLAYER_POSITIONS", 10)
+    model = _tiny("tiny-gpt2", "gpt2")
+    config = _config(corpus, ("tiny-gpt2",), analyses=("robustness", "sublayers"))
+    study = run_study(model, config=config, out_dir=tmp_path, progress=False, log=None, write_report=False)
+    done = study.results["tiny-gpt2"]["sublayers"]
+    from stages_of_inference.data import load_token_batch
+
+    tokens = load_token_batch(model, config.corpus, n_sequences=config.n_sequences, seq_len=config.seq_len,
+                              seed=config.seed).tokens[: config.heavy_sequences, :10]
+    alone = robustness_sweep(model, tokens, progress=False).summary
+    alone = alone[alone["kind"] == "drop"].reset_index(drop=True)
+    blocks = done["blocks"]
+    assert (blocks["n_tokens"] == config.heavy_sequences * 8).all()
+    assert (done["summary"]["n_tokens"] == config.heavy_sequences * 8).all()
+    for column in ("kl_nats", "loss_delta", "relative_accuracy", "kl_nats_sem"):
+        np.testing.assert_allclose(blocks[column].to_numpy(dtype=float), alone[column].to_numpy(dtype=float), atol=1e-5)

@@ -118,6 +118,26 @@ def test_task_damage_table(tiny_tokens: torch.Tensor) -> None:
     assert df.attrs["provenance"]["settings"]["analysis"] == "task_damage"
 
 
+def test_task_damage_with_a_sweeps_token_accuracy(tiny_tokens: torch.Tensor) -> None:
+    """Given a sweep, only the answers are scored: the cloze numbers equal those of the run that
+    scores every position, and the token-level columns are the sweep's accuracy."""
+    from stages_of_inference.robustness import robustness_sweep
+    from tests.test_report import _tiny
+
+    model = _tiny("tiny-gpt2", "gpt2")
+    items = [(" ".join(f"w{i + j}" for j in range(8 + i % 3)), f"w{i + 8}") for i in range(6)]  # three lengths
+    prompts = tiny_tokens[:3, :8]
+    full = td.task_damage(model, items, prompts, new_tokens=4, progress=False)
+    sweep = robustness_sweep(model, tiny_tokens, progress=False).summary
+    cheap = td.task_damage(model, items, prompts, new_tokens=4, progress=False, token_level=sweep)
+    for column in ("cloze_accuracy", "shared_tokens", "all_shared"):
+        np.testing.assert_array_equal(cheap[column], full[column])
+    np.testing.assert_allclose(cheap["token_accuracy"], sweep["accuracy"], rtol=0, atol=0)
+    assert "given sweep" in cheap.attrs["provenance"]["settings"]["token_level"]
+    with pytest.raises(ValueError, match="token_level lacks 3 of the plans"):
+        td.task_damage(model, items, prompts, new_tokens=4, progress=False, token_level=sweep[sweep["kind"] != "swap"])
+
+
 def test_the_study_runs_the_task_analysis_from_a_cloze_file(tmp_path, corpus) -> None:
     from stages_of_inference.study import run_study
     from tests.test_report import _config, _tiny

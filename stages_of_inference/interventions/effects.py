@@ -10,9 +10,10 @@ model its relative size ``|| c_j || / || resid_pre_j ||`` and the cosine between
 ``resid_pre_j``. The sweep computes these contributions anyway: the meter only reads the input and
 output of each block call, so the matrix costs a few element-wise passes, not a forward per pair.
 
-Tokens are the sweep's scored positions ``1 .. T-2`` (the KL of the same plan is averaged over the
-same tokens); the sums are float64 per sequence, so batches and shards add up exactly. A step that
-runs one sublayer is not measured (its contribution is not comparable with the whole block's).
+Tokens are the sweep's scored positions (``1 .. T-2``, or the last ``score_last`` of them; the KL
+of the same plan is averaged over the same tokens); the sums are float64 per sequence, so batches
+and shards add up exactly. A step that runs one sublayer is not measured (its contribution is not
+comparable with the whole block's).
 """
 
 from __future__ import annotations
@@ -54,29 +55,31 @@ class EffectMeter:
 
     Attributes:
         trunk: the unmodified model's residuals, ``trunk[j]`` before block ``j`` (``[batch, pos, d_model]``).
+        scored: the positions measured (the sweep's scored positions).
         nodes: node index -> (block, ``[3, batch]`` sums) for every whole-block node measured.
     """
 
     trunk: Sequence[Tensor]
+    scored: slice = field(default_factory=lambda: slice(1, -1))
     nodes: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)
 
     def contribution(self, layer: int) -> Tensor:
         """Block ``layer``'s unmodified contribution on the scored positions (computed when asked:
         kept for every block it would cost as much memory as the trunk).
         """
-        return self.trunk[layer + 1][:, 1:-1] - self.trunk[layer][:, 1:-1]
+        return self.trunk[layer + 1][:, self.scored] - self.trunk[layer][:, self.scored]
 
     def reference(self, layer: int) -> np.ndarray:
         """The unmodified model's ``[3, batch]`` sums for block ``layer`` (relative change 0)."""
         c = self.contribution(layer)
-        return _per_token(c, self.trunk[layer][:, 1:-1], c).cpu().numpy()
+        return _per_token(c, self.trunk[layer][:, self.scored], c).cpu().numpy()
 
     def record(self, index: int, step: Step, x_in: Tensor, x_out: Tensor) -> None:
         """Measure node ``index``, which ran ``step`` on ``x_in`` and gave ``x_out``."""
         if not isinstance(step, int):
             return
-        x = x_in[:, 1:-1]
-        self.nodes[index] = (step, _per_token(x_out[:, 1:-1] - x, x, self.contribution(step)).cpu().numpy())
+        x = x_in[:, self.scored]
+        self.nodes[index] = (step, _per_token(x_out[:, self.scored] - x, x, self.contribution(step)).cpu().numpy())
 
     def rows(self, lay: trie_.Layout, leaf: trie_.Node, first_sequence: int, n_tokens: int) -> pd.DataFrame:
         """The sums of the plans ending at ``leaf``: every measured node on its path off the

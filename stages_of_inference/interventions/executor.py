@@ -155,6 +155,7 @@ def iter_plan_batches(
     options = options if options is not None else EngineOptions()
     check_model_precision(seam.W_U.dtype, options.precision, seam.device)
     tokens = check_tokens(seam.model, tokens)
+    options.scored(tokens.shape[1])  # refuses a score_last the sequences cannot have, before any work
     orders, _ = _unique_orders(seam, plans)
     starts = list(range(0, tokens.shape[0], options.batch_size))
     todo = [(k, s) for k, s in enumerate(starts) if k not in skip]
@@ -178,10 +179,10 @@ def _own(x: Tensor) -> Tensor:
     return x.clone() if x.untyped_storage().nbytes() > x.numel() * x.element_size() else x
 
 
-def _final_rows(seam: ModelSeam, residual: Tensor) -> Tensor:
-    """The final-norm residual of the scored positions ``1 .. T-2``, one row per position."""
-    normed = seam.final_norm(residual)
-    return rearrange(normed[:, 1:-1], "batch pos d_model -> (batch pos) d_model")
+def _final_rows(seam: ModelSeam, residual: Tensor, scored: slice) -> Tensor:
+    """The final-norm residual of the ``scored`` positions, one row per position."""
+    normed = seam.final_norm(residual[:, scored])
+    return rearrange(normed, "batch pos d_model -> (batch pos) d_model")
 
 
 @dataclass
@@ -276,6 +277,7 @@ class _Walk:
     lanes: int
     window_size: int
     stack_metrics: bool
+    scored: slice
     precision: str = "fp32"
     effects: EffectMeter | None = None
 
@@ -310,7 +312,7 @@ class _Walk:
                 for index in window.free_after.get(depth, ()):
                     del kept[index]
             computed = [leaf for leaf in window.leaves if self.lay.trunk.get(leaf.index) != n_layers]
-            scored = self._score(score, [_final_rows(self.seam, residual(leaf)) for leaf in computed])
+            scored = self._score(score, [_final_rows(self.seam, residual(leaf), self.scored) for leaf in computed])
             scores = {leaf.index: m for leaf, m in zip(computed, scored)}
             yield from ((leaf, scores.get(leaf.index)) for leaf in window.leaves)
             kept = {k: _own(v) for k, v in kept.items() if k in window.carry}
@@ -385,11 +387,12 @@ def _order_of(lay: trie_.Layout, leaf: trie_.Node) -> tuple[Step, ...]:
 
 
 def _per_token_table(results: list[TokenMetrics], reference: TokenMetrics, targets: Tensor, first_sequence: int,
-                     n_seq: int, seq_len: int) -> pd.DataFrame:
+                     n_seq: int, scored: slice) -> pd.DataFrame:
     """The per-token table of one batch: one row per plan and scored position."""
     n_rows = targets.shape[0]
-    seq = np.repeat(np.arange(first_sequence, first_sequence + n_seq), seq_len - 2)
-    pos = np.tile(np.arange(1, seq_len - 1), n_seq)
+    positions = np.arange(scored.start, scored.stop)
+    seq = np.repeat(np.arange(first_sequence, first_sequence + n_seq), len(positions))
+    pos = np.tile(positions, n_seq)
     target_np, ref_loss, ref_top1 = targets.cpu().numpy(), reference["loss"].cpu().numpy(), reference["top1"].cpu().numpy()
     frames = []
     for pid, m in enumerate(results):
@@ -405,7 +408,7 @@ def _per_token_table(results: list[TokenMetrics], reference: TokenMetrics, targe
 
 
 def _prepare(seam: ModelSeam, batch: Tensor, lay: trie_.Layout, options: EngineOptions, hooked: bool,
-             targets: Tensor) -> tuple[_Walk, _Scorer]:
+             targets: Tensor, scored: slice) -> tuple[_Walk, _Scorer]:
     """Embed a batch, run the trunk, score the reference, and size the stacks and buffers."""
     n_seq, seq_len = batch.shape
     emb = seam.embed(batch)
@@ -422,17 +425,17 @@ def _prepare(seam: ModelSeam, batch: Tensor, lay: trie_.Layout, options: EngineO
     # at a step: a deletion's tail runs block d + 1 at step d, a swap's tail block d).
     lanes = max(1, options.stack_tokens_for(seam.device) // (n_seq * seq_len)) if fast is not None else 1
     walk = _Walk(seam, emb, fast, lay, [emb.residual], lanes, 2 * lanes if lanes > 1 else 1, linear and lanes > 1,
-                 options.precision)
+                 scored, options.precision)
     for layer in range(seam.n_layers):  # the trunk: the unmodified model, every residual kept
         walk.trunk.append(walk.block(layer, walk.trunk[-1], layer))
     if options.layer_effects:
-        walk.effects = EffectMeter(walk.trunk)
+        walk.effects = EffectMeter(walk.trunk, scored)
     n_rows = targets.shape[0]
     chunk = min(options.chunk_tokens, n_rows * (walk.window_size if walk.stack_metrics else 1))
     scratch = emb.residual.new_empty((min(chunk, ROWS_AT_ONCE), seam.d_vocab), dtype=torch.float32)
     unembedding = make_unembedding(seam.unembed_module, seam.W_U, seam.b_U, seam.softcap, via_module, chunk,
                                    options.unembed_block, options.precision)
-    reference = _reference(seam, unembedding, _final_rows(seam, walk.trunk[-1]), targets, linear,
+    reference = _reference(seam, unembedding, _final_rows(seam, walk.trunk[-1], scored), targets, linear,
                            options.chunk_tokens, not via_module, scratch)
     tiles = walk.window_size if walk.stack_metrics else 1
     return walk, _Scorer(unembedding, targets, reference, options.chunk_tokens, not via_module, scratch, tiles)
@@ -444,14 +447,15 @@ def _run_batch(seam: ModelSeam, batch: Tensor, first_sequence: int, lay: trie_.L
     """Every plan on one batch: float64 sums per plan (and the per-token table and the layer-effect
     sums, if asked).
     """
-    targets = rearrange(batch[:, 2:], "batch pos -> (batch pos)")
-    walk, score = _prepare(seam, batch, lay, options, hooked, targets)
+    positions = options.scored(batch.shape[1])
+    targets = rearrange(batch[:, positions.start + 1 : positions.stop + 1], "batch pos -> (batch pos)")
+    walk, score = _prepare(seam, batch, lay, options, hooked, targets, positions)
     reference = score.reference.metrics
     n_seq = batch.shape[0]
     sums_rows: list[dict[str, np.ndarray]] = [_sums(-1, reference, n_seq, first_sequence)] + [{}] * n_plans
     _check_finite(sums_rows[0], seam, batch, tuple(range(seam.n_layers)), options.precision)
     results: list[TokenMetrics] = [reference] * n_plans
-    scored = batch.shape[1] - 2
+    scored = positions.stop - positions.start
     effects = None if walk.effects is None else [walk.effects.reference_rows(first_sequence, scored)]
     for leaf, m in walk.leaves(score):
         if effects is not None:
@@ -466,7 +470,7 @@ def _run_batch(seam: ModelSeam, batch: Tensor, first_sequence: int, lay: trie_.L
     del walk, score  # the buffers and residuals, before the table is built
     table = None
     if options.per_token:
-        table = _per_token_table(results, reference, targets, first_sequence, *batch.shape)
+        table = _per_token_table(results, reference, targets, first_sequence, batch.shape[0], positions)
     sums = pd.DataFrame({key: np.concatenate([row[key] for row in sums_rows]) for key in sums_rows[0]})
     return sums, table, None if effects is None else pd.concat(effects, ignore_index=True)
 
@@ -595,6 +599,8 @@ def evaluate_plans(
         precision: the dtype of the products (:mod:`stages_of_inference.precision`).
         layer_effects: also measure how each plan changes what its blocks write
             (:mod:`~stages_of_inference.interventions.effects`): ``attrs["layer_effects"]``.
+        score_last: score only the last this many of the positions ``1 .. T-2`` (an answer, a
+            continuation); the others are never unembedded. ``None``: all of them.
         fwd_hooks: TransformerLens hooks active for every plan *and* the reference run (for
             example an ablation whose effect of reordering is to be measured).
         **settings: the fields of ``EngineOptions`` as keywords (the arguments listed above).

@@ -48,6 +48,10 @@ class EngineOptions:
             setting does change the numbers, by what the precision check measures.
         layer_effects: also measure, for every block a plan runs off the unmodified path, how much
             what it writes to the residual stream changed (:mod:`~stages_of_inference.interventions.effects`).
+        score_last: score only the last this many scored positions of every sequence (the
+            predictions of its last ``score_last`` tokens: the answer of a cloze item, a
+            continuation), so nothing else is unembedded; ``None``: every position ``1 .. T-2``.
+            Like ``precision``, it changes what is measured (the metrics pool fewer tokens).
 
     Example:
         >>> EngineOptions(batch_size=4).stack_tokens_for("cpu")
@@ -67,6 +71,7 @@ class EngineOptions:
     unembed_block: int = UNEMBED_BLOCK
     precision: str = "fp32"
     layer_effects: bool = False
+    score_last: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batch_size", check_count(self.batch_size, "batch_size", "a positive number of sequences"))
@@ -77,6 +82,9 @@ class EngineOptions:
             object.__setattr__(self, "stack_tokens", stack)
         object.__setattr__(self, "unembed_block", check_count(self.unembed_block, "unembed_block", "a positive number of vocabulary columns"))
         check_precision(self.precision)
+        if self.score_last is not None:
+            last = check_count(self.score_last, "score_last", "a positive number of positions (or None for all)")
+            object.__setattr__(self, "score_last", last)
         for name in ("fast_path", "per_token", "progress", "layer_effects"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -89,6 +97,25 @@ class EngineOptions:
             return self.stack_tokens
         return STACK_TOKENS_CPU if torch.device(device).type == "cpu" else STACK_TOKENS_ACCELERATOR
 
+    def scored(self, seq_len: int) -> slice:
+        """The positions scored in sequences of ``seq_len`` tokens: ``1 .. seq_len - 2``, or the
+        last ``score_last`` of them.
+
+        Example:
+            >>> EngineOptions().scored(6), EngineOptions(score_last=2).scored(6)
+            (slice(1, 5, None), slice(3, 5, None))
+            >>> EngineOptions(score_last=5).scored(6)
+            Traceback (most recent call last):
+            ...
+            ValueError: score_last=5 but sequences of 6 tokens have 4 scored positions (1 .. 4)
+        """
+        if self.score_last is None:
+            return slice(1, seq_len - 1)
+        if self.score_last > seq_len - 2:
+            raise ValueError(f"score_last={self.score_last} but sequences of {seq_len} tokens have {seq_len - 2} scored "
+                             f"positions (1 .. {seq_len - 2})")
+        return slice(seq_len - 1 - self.score_last, seq_len - 1)
+
     @classmethod
     def from_settings(cls, options: EngineOptions | None, settings: dict[str, Any]) -> EngineOptions:
         """``options``, or one built from keyword ``settings`` (its fields); never both.
@@ -99,7 +126,7 @@ class EngineOptions:
             >>> EngineOptions.from_settings(None, {"batchsize": 2})
             Traceback (most recent call last):
             ...
-            ValueError: unknown engine setting(s) ['batchsize']; known: batch_size, chunk_tokens, stack_tokens, fast_path, per_token, progress, unembed_block, precision, layer_effects
+            ValueError: unknown engine setting(s) ['batchsize']; known: batch_size, chunk_tokens, stack_tokens, fast_path, per_token, progress, unembed_block, precision, layer_effects, score_last
         """
         if options is not None and not isinstance(options, EngineOptions):
             raise TypeError(f"options must be an EngineOptions, got {type(options).__name__}")

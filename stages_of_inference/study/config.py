@@ -109,7 +109,7 @@ class StudyConfig:
         "--corpus", "bundled corpus (default, austen, melville), text file or folder (default: %(default)s)"))
     n_tokens: int = field(default=1024, metadata=_cli(
         "--n-tokens", "tokens in the main batch; the lens, sharpening and repetition analyses use half "
-        "(default: %(default)s: about four and a half minutes for smollm2-135m on 2 CPU cores)", type=_positive))
+        "(default: %(default)s: about four minutes for smollm2-135m on 2 CPU cores)", type=_positive))
     seq_len: int = field(default=128, metadata=_cli(
         "--seq-len", "tokens per sequence, BOS first (default: %(default)s)", type=_positive))
     seed: int = field(default=0, metadata=_cli(

@@ -334,14 +334,16 @@ def read_depth(study: Study) -> str:
 
 def read_task(study: Study, sweeps: dict[str, pd.DataFrame]) -> str:
     """Per model: cloze accuracy and shared continuation retained at the first, middle and last
-    deletion, beside token-level accuracy retained (on the same sequences, and in the main sweep).
+    deletion, beside token-level accuracy retained (the main sweep's, or on the cloze sequences
+    where the study ran no sweep; then the main sweep's too if one is given).
     """
     parts = []
     for name, df in named_tables(study, "task", "task"):
         base = df[df["kind"] == "none"].iloc[0]
         drops = df[df["kind"] == "drop"].sort_values("layer").reset_index(drop=True)
         picks = {"first": drops.iloc[0], "middle": drops.iloc[len(drops) // 2], "last": drops.iloc[-1]}
-        sweep = sweeps.get(name)
+        from_sweep = "given sweep" in str(df.attrs.get("provenance", {}).get("settings", {}).get("token_level", ""))
+        sweep = None if from_sweep else sweeps.get(name)
         said = []
         for where, row in picks.items():
             token_main = ""

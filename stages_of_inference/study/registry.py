@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -419,8 +419,10 @@ def _task(ctx: Context) -> Tables:
         items = td.cloze_items([t[:SUBJOINER_CHARS] for t in _corpus_texts(config.corpus)], n_items=config.cloze_items,
                                seed=config.seed, context_chars=CLOZE_CONTEXT_CHARS)
     prompts = ctx.tokens.tokens[: config.generation_prompts, :GENERATION_PROMPT_TOKENS]
+    sweep = ctx.done.get("robustness")  # the paper's token-level accuracy, on the main batch: not measured again
     return {"task": td.task_damage(ctx.model, items, prompts, context_tokens=CLOZE_CONTEXT_TOKENS, new_tokens=NEW_TOKENS,
-                                   batch_size=config.batch_size, progress=ctx.progress, precision=config.precision)}
+                                   batch_size=config.batch_size, progress=ctx.progress, precision=config.precision,
+                                   token_level=None if sweep is None else sweep["summary"])}
 
 
 def _task_settings(c: StudyConfig) -> dict[str, Any]:
@@ -430,6 +432,7 @@ def _task_settings(c: StudyConfig) -> dict[str, Any]:
         "corpus": c.corpus, "cloze_items": c.cloze_items, "seed": c.seed, "characters_per_document": SUBJOINER_CHARS,
         "context_chars": CLOZE_CONTEXT_CHARS, "answer_in_context": True}
     return {**source, "context_tokens": CLOZE_CONTEXT_TOKENS, "generation_prompts": c.generation_prompts,
+            "token_level": "robustness sweep" if "robustness" in c.analyses else "cloze sequences",
             "prompt_tokens": GENERATION_PROMPT_TOKENS, "new_tokens": NEW_TOKENS, **_batch(c)}
 
 
@@ -444,23 +447,36 @@ def _task_figures(study: Study, style: Style) -> list[Figure]:
 
 SUBLAYER_KINDS = ("drop_attention", "drop_mlp")
 """The sublayer deletions the study sweeps (on the heavy batch: each costs as much as a block deletion)."""
+SUBLAYER_POSITIONS = 64
+"""The sublayer deletions run on the first this many tokens of each heavy sequence (half of the
+default window: the default study's time budget; attention is causal, so the whole-block deletions
+on the same tokens are read from the main sweep's per-token table)."""
+
+
+def _sublayer_positions(config: StudyConfig) -> int:
+    return min(SUBLAYER_POSITIONS, config.seq_len)
 
 
 def _sublayers(ctx: Context) -> Tables:
-    """Every block's attention alone and MLP alone deleted, on the heavy batch; beside them the
-    whole-block deletions on the same sequences, read from the robustness sweep's per-token table.
+    """Every block's attention alone and MLP alone deleted, on the start of each heavy sequence;
+    beside them the whole-block deletions on the same tokens, read from the robustness sweep's
+    per-token table (a prefix of a sequence gives its positions the same predictions: causal).
     """
     from stages_of_inference.robustness import robustness_sweep, summary_on
 
-    result = robustness_sweep(ctx.model, ctx.heavy, kinds=SUBLAYER_KINDS, progress=ctx.progress,
+    n_pos = _sublayer_positions(ctx.config)
+    tokens = replace(ctx.heavy, tokens=ctx.heavy.tokens[:, :n_pos])
+    result = robustness_sweep(ctx.model, tokens, kinds=SUBLAYER_KINDS, progress=ctx.progress,
                               batch_size=ctx.config.batch_size, precision=ctx.config.precision)
     tables = dict(result.tables)
     sweep = ctx.done.get("robustness")
     if sweep is not None and "per_token" in sweep.tables:
-        blocks = summary_on(sweep["per_token"], range(len(ctx.heavy)), ctx.model.cfg.n_layers)
+        per_token = sweep["per_token"]
+        same = per_token[per_token["position"] <= n_pos - 2]  # the positions scored in the prefix
+        blocks = summary_on(same, range(len(tokens)), ctx.model.cfg.n_layers)
         tables["blocks"] = blocks[blocks["kind"] == "drop"].reset_index(drop=True)
         tables["blocks"].attrs["provenance"] = {**result.provenance, "analysis": "robustness_sweep (per-token subset)",
-                                                "sequences": len(ctx.heavy)}
+                                                "sequences": len(tokens), "positions": f"1 .. {n_pos - 2}"}
     return tables
 
 
@@ -485,12 +501,13 @@ def _with_blocks(summary: pd.DataFrame, blocks: pd.DataFrame | None) -> pd.DataF
 register(Analysis(
     "task", _task, _task_settings, figures=_task_figures))
 register(Analysis(
-    "sublayers", _sublayers, lambda c: {"kinds": list(SUBLAYER_KINDS), **_heavy(c)}, tokens="heavy",
-    figures=_sublayer_figures, bridge=True))
+    "sublayers", _sublayers, lambda c: {"kinds": list(SUBLAYER_KINDS), "positions": _sublayer_positions(c), **_heavy(c)},
+    tokens="heavy",
+    figures=_sublayer_figures))
 register(Analysis(
     "sinks", _sinks, _batch,
     figures=_one("sink_profile", "Beyond the paper: attention sinks, massive activations, residual norms", "sinks",
-                 "profile", _plot("sink_profile"), rd.read_sinks), fast=True, bridge=True))
+                 "profile", _plot("sink_profile"), rd.read_sinks), fast=True))
 
 
 def default_analyses() -> tuple[str, ...]:
