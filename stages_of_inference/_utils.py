@@ -43,48 +43,14 @@ def relative_depth(index: int, n_points: int) -> float:
     return 0.0 if n_points == 1 else index / (n_points - 1)
 
 
-BRIDGE_SUPPORTED = ("run_plan", "evaluate_plans", "robustness_sweep", "load_tokens", "previous_token_attention",
-                    "layer_similarity", "sink_profile", "hooks.collect")
-"""What runs on the ``TransformerBridge`` backend today (docs/backends.md)."""
-
-
-def _caller_name() -> str:
-    """The name of the function that called :func:`check_model` (for messages naming what was called)."""
-    import linecache
-    import re
-    import sys
-
-    frame = sys._getframe(1)  # noqa: SLF001
-    # step over this module and run-time type checkers' wrappers (the test suite's)
-    while frame.f_back is not None and (frame.f_code.co_filename == __file__
-                                        or re.search(r"[/\\](jaxtyping|beartype|typeguard)[/\\]", frame.f_code.co_filename)):
-        frame = frame.f_back
-    name = frame.f_code.co_name
-    if name.startswith("wrapped_fn"):  # a type checker compiled the function's body under another name
-        for lineno in range(frame.f_lineno, 0, -1):
-            found = re.match(r"\s*def (\w+)\(", linecache.getline(frame.f_code.co_filename, lineno))
-            if found:
-                return found.group(1)
-    return name
-
-
-def check_model(model: Any, bridge: bool = False) -> Model:
+def check_model(model: Any) -> Model:
     """The model itself (the adapted model, given a model seam); a ``TypeError`` for anything the
-    library cannot adapt (:func:`stages_of_inference.backends.as_seam` decides). A function that
-    runs on the ``HookedTransformer`` only (``bridge=False``) refuses a ``TransformerBridge`` in one
-    line naming what does run on it.
+    library cannot adapt (:func:`stages_of_inference.backends.as_seam` decides: a
+    ``HookedTransformer``, a ``TransformerBridge`` or a model seam).
     """
     from stages_of_inference.backends import as_seam
-    from stages_of_inference.backends.bridge import BridgeSeam
 
-    seam = as_seam(model)
-    if not bridge and isinstance(seam, BridgeSeam):
-        caller = _caller_name()
-        raise NotImplementedError(
-            f"{caller} runs on TransformerLens' HookedTransformer only so far; on the TransformerBridge backend "
-            f"the library runs {', '.join(BRIDGE_SUPPORTED)} (load with backend='hooked' where TransformerLens 3.9 "
-            "is installed)")
-    return seam.model
+    return as_seam(model).model
 
 
 def check_tokens(model: Model, tokens: Any, min_len: int = 3) -> Int[Tensor, "batch pos"]:

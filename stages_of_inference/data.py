@@ -226,7 +226,7 @@ def load_token_batch(
     records its corpus (and, for files and folders, the digest of their text) and seed.
 
     Args:
-        model: a ``HookedTransformer`` with a tokenizer (its BOS policy: :func:`bos_token_id`).
+        model: a ``HookedTransformer`` or ``TransformerBridge`` with a tokenizer (its BOS policy: :func:`bos_token_id`).
         corpus: a bundled corpus name, a path, an iterable of strings, or a dataset name (module
             docstring).
         n_sequences: number of rows.
@@ -257,7 +257,7 @@ def load_token_batch(
         >>> batch.corpus, batch.seed
         ('iterable', 0)
     """
-    model = check_model(model, bridge=True)
+    model = check_model(model)
     n_sequences = check_count(n_sequences, "n_sequences")
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer; tokenize the text yourself (BOS first in every row)")

@@ -104,6 +104,8 @@ class _FinalNorm:
         ln = getattr(model, "ln_final", None)
         if ln is None or isinstance(ln, torch.nn.Identity) or model.cfg.normalization_type is None:
             return cls("none", 0.0, None)
+        if hasattr(ln, "uses_rms_norm"):  # a TransformerBridge's norm component
+            return cls._of_bridge(ln, model.cfg)
         if isinstance(ln, (LayerNorm, LayerNormPre)):
             kind: Literal["ln", "rms"] = "ln"
         elif isinstance(ln, (RMSNorm, RMSNormPre)):
@@ -114,6 +116,18 @@ class _FinalNorm:
             )
         w = getattr(ln, "w", None)
         return cls(kind, float(ln.eps), None if w is None else w.detach().float())
+
+    @classmethod
+    def _of_bridge(cls, ln: torch.nn.Module, cfg: object) -> _FinalNorm:
+        """A Bridge's final norm: it computes the norm itself from ``cfg.eps`` (its
+        ``hook_scale`` is the same ``sqrt(mean(x^2) + eps)``) and multiplies by its weight, which
+        Gemma's norms store as an offset from 1 (``cfg.rmsnorm_uses_offset``). In compatibility
+        mode the weight is folded into the unembedding and what is left multiplies by 1.
+        """
+        weight = getattr(ln, "weight", None)
+        if weight is not None:
+            weight = weight.detach().float() + (1.0 if getattr(cfg, "rmsnorm_uses_offset", False) else 0.0)
+        return cls("rms" if ln.uses_rms_norm else "ln", float(getattr(cfg, "eps", 1e-5)), weight)
 
     def scale(self, x: Tensor) -> Tensor:
         """The scale this norm computes for (already centred, if LN) ``x``: sqrt(mean(x^2) + eps)."""
@@ -245,7 +259,7 @@ def lens_logits(
     :func:`stages_of_inference.stages.feature_engineering.logit_lens`, which stream.
 
     Args:
-        model: a ``HookedTransformer``.
+        model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids.
         convention: ``"paper"`` or ``"per_layer_norm"`` (module docstring).
         points: readout points (0 = embeddings ... ``n_layers`` = output); all by default.
@@ -344,7 +358,7 @@ def iter_lens(
     numbers per readout exists.
 
     Args:
-        model: a ``HookedTransformer``.
+        model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids, BOS first, at least 3 positions.
         convention: ``"paper"`` or ``"per_layer_norm"``.
         batch_size: sequences per forward pass.

@@ -727,7 +727,7 @@ def bos_token_id(model: Model) -> int:
     return int(bos)
 
 
-def describe(model: HookedTransformer) -> dict[str, Any]:
+def describe(model: Model) -> dict[str, Any]:
     """A short JSON-friendly description of a loaded model."""
     return {
         "name": model.cfg.model_name,

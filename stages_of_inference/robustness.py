@@ -263,7 +263,7 @@ def robustness_sweep(
         >>> s["kind"].tolist(), s["layer"].tolist()
         (['none', 'drop', 'drop', 'swap'], [<NA>, 0, 1, 0])
     """
-    model = check_model(model, bridge=True)
+    model = check_model(model)
     source, tokens = tokens, check_tokens(model, tokens)
     kinds = _check_kinds(kinds)
     options = EngineOptions(batch_size=batch_size, chunk_tokens=chunk_tokens, stack_tokens=stack_tokens,

@@ -105,17 +105,74 @@ def test_the_hook_reading_analyses_agree_on_both_backends(bridge, tokens: torch.
                                            err_msg=column)
 
 
-def test_a_study_on_the_bridge_runs_what_it_can_and_says_what_it_left_out(tmp_path, bridge) -> None:  # noqa: ANN001
+def test_a_study_on_the_bridge_runs_every_analysis_and_leaves_out_one_that_needs_hooked(tmp_path, bridge,
+                                                                                      monkeypatch) -> None:  # noqa: ANN001
+    import pandas as pd
+
+    from stages_of_inference.study import registry
+
+    monkeypatch.setitem(registry.REGISTRY, "hooked_only", registry.Analysis(
+        "hooked_only", lambda ctx: {"n": pd.DataFrame({"n": [1]})}, bridge=False))
     config = StudyConfig(models=("smollm2-135m",), n_tokens=64, seq_len=32,
-                         analyses=("robustness", "logit_lens", "repetition", "sinks"), backend="bridge",
+                         analyses=("robustness", "logit_lens", "probes", "hooked_only"), backend="bridge",
                          static_formats=())
     study = run_study([bridge], config=config, out_dir=tmp_path / "study", progress=False, log=None)
-    assert set(study.results["smollm2-135m"]) == {"robustness", "repetition", "sinks"}
-    assert study.left_out == [("smollm2-135m", "logit_lens")]
+    assert set(study.results["smollm2-135m"]) == {"robustness", "logit_lens", "probes"}
+    assert study.left_out == [("smollm2-135m", "hooked_only")]
     page = study.report.read_text()
-    assert "Left out" in page and "logit_lens (smollm2-135m)" in page and "id='layer_effects'" in page
-    assert "id='sink_profile'" in page
-    from stages_of_inference.stages.residual_sharpening import final_block_ablation
+    assert "Left out" in page and "hooked_only (smollm2-135m)" in page and "id='layer_effects'" in page
+    assert "id='logit_lens'" in page and "id='probes'" in page
 
-    with pytest.raises(NotImplementedError, match="final_block_ablation runs on TransformerLens' HookedTransformer only"):
-        final_block_ablation(bridge, torch.zeros(1, 8, dtype=torch.long))
+
+def _assert_same_tables(a, b, what: str, rtol: float = 1e-4, atol: float = 2e-5) -> None:  # noqa: ANN001
+    frames = a if isinstance(a, tuple) else (a,)
+    others = b if isinstance(b, tuple) else (b,)
+    for x, y in zip(frames, others):
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(y, x, rtol=rtol, atol=atol, msg=what)
+            continue
+        assert list(x.columns) == list(y.columns), what
+        for column in x.columns:
+            if x[column].dtype.kind in "fi":
+                np.testing.assert_allclose(y[column].to_numpy(float), x[column].to_numpy(float), rtol=rtol, atol=atol,
+                                           err_msg=f"{what}: {column}")
+            elif x[column].dtype.kind in "bO" and column not in ("plan",):
+                assert x[column].astype(str).tolist() == y[column].astype(str).tolist(), f"{what}: {column}"
+
+
+def _by_head(result):  # noqa: ANN001, ANN202 - a SubjoinerResult as tables in a fixed order (ties may rank either way)
+    heads = result.heads.drop(columns="rank").sort_values(["layer", "head"]).reset_index(drop=True)
+    return heads, result.patterns, result.control_patterns
+
+
+@pytest.mark.skipif(not HAS_HOOKED, reason="TransformerLens 4 has no HookedTransformer to compare with")
+def test_every_stage_analysis_agrees_on_both_backends(bridge, tokens: torch.Tensor) -> None:  # noqa: ANN001
+    """The lens (both conventions), prediction depth, probes, the neuron analyses, sharpening, the
+    final-block ablation, the subjoiner heads and the task analysis, on SmolLM2 through the Bridge
+    (compatibility mode) and the HookedTransformer: the same tables to fp32 rounding."""
+    from stages_of_inference.stages import detokenization as detok
+    from stages_of_inference.stages import feature_engineering as fe
+    from stages_of_inference.stages import prediction_ensembling as pe
+    from stages_of_inference.stages import residual_sharpening as rs
+    from stages_of_inference.stages import task_damage as td
+    from stages_of_inference.study.registry import _corpus_texts
+
+    hooked = soi.load_model("smollm2-135m", backend="hooked")
+    texts = [t[:20_000] for t in _corpus_texts("default")]
+    items = td.cloze_items(texts, n_items=4, context_chars=100)
+    runs = {
+        "lens paper": lambda m: fe.logit_lens(m, tokens, convention="paper", progress=False),
+        "lens per-layer norm": lambda m: fe.logit_lens(m, tokens, convention="per_layer_norm", progress=False),
+        "prediction depth": lambda m: fe.prediction_depth(m, tokens, progress=False),
+        "probes": lambda m: fe.probe_layers(m, tokens, "continues_word", points=[0, 10, 30], progress=False),
+        "neuron moments": lambda m: pe.neuron_moments(m, layers=[0, 29], progress=False),
+        "token-class neurons": lambda m: pe.token_class_neurons(m, "ends_with_ing", top=5, layers=[0, 29]),
+        "neuron activations": lambda m: pe.neuron_activations(m, tokens, [(3, 5), (20, 100)], progress=False),
+        "sharpening": lambda m: rs.sharpening_profile(m, tokens, moments=False, progress=False),
+        "final blocks": lambda m: rs.final_block_ablation(m, tokens, last_k=(1, 2), progress=False),
+        "subjoiner heads": lambda m: _by_head(detok.subjoiner_heads(m, texts, max_prompts=16, min_prompts=4,
+                                                                    progress=False)),
+        "task": lambda m: td.task_damage(m, items, tokens[:2, :8], new_tokens=4, progress=False),
+    }
+    for what, run in runs.items():
+        _assert_same_tables(run(hooked), run(bridge), what)

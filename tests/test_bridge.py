@@ -197,3 +197,68 @@ def test_load_model_wraps_a_hf_model_object_offline(tokenizer, tokens: torch.Ten
     assert torch.allclose(got - got.mean(-1, keepdim=True), base - base.mean(-1, keepdim=True), atol=ATOL)  # centred unembedding
     with pytest.raises(ValueError, match="needs its tokenizer"):
         soi.load_model(reference)
+
+
+@pytest.mark.parametrize("compatibility", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_lens_output_readout_is_the_bridges_own_output(family: str, compatibility: bool, tokenizer,
+                                                           tokens: torch.Tensor) -> None:
+    """At the output readout both lens conventions give the Bridge's own logits less the
+    unembedding bias and, unfolded, less the final LayerNorm's bias (the lens leaves both out): the
+    lens reads the Bridge's final norm right (its kind, epsilon, weight, Gemma's weight stored as
+    an offset from 1), folded or not."""
+    from stages_of_inference.lens import lens_logits
+
+    bridge, _ = _bridge(family, tokenizer, compatibility=compatibility)
+    with torch.no_grad():
+        expected = bridge(tokens) - bridge.b_U
+        bias = getattr(bridge.ln_final, "bias", None)
+        if bias is not None:
+            expected -= bias @ bridge.W_U
+    for convention in ("paper", "per_layer_norm"):
+        lens = lens_logits(bridge, tokens, convention=convention, points=[0, bridge.cfg.n_layers])
+        torch.testing.assert_close(lens[-1], expected, atol=2e-4, rtol=1e-4, msg=f"{family} {convention}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reordered_makes_the_bridges_own_forward_follow_the_plan(family: str, tokenizer, tokens: torch.Tensor) -> None:
+    """Inside ``reordered`` the Bridge's own forward equals ``run_plan`` (which runs the blocks
+    itself with each layer's recorded arguments) for a swap, a deletion, a plan longer than the
+    model and a sublayer step; hooks see the execution step; everything is put back after, also
+    after an exception."""
+    from stages_of_inference import reordered
+    from stages_of_inference.interventions.hooks import current_step
+
+    bridge, _ = _bridge(family, tokenizer, compatibility=False)
+    n = bridge.cfg.n_layers
+    with torch.no_grad():
+        base = bridge(tokens)
+        for plan in (LayerPlan.swap(n, 0), LayerPlan.drop(n, 1), LayerPlan.repeat(n, [1]),
+                     LayerPlan.drop_attention(n, 1), LayerPlan.drop_mlp(n, n - 1)):
+            with reordered(bridge, plan):
+                own = bridge(tokens)
+            torch.testing.assert_close(own, run_plan(bridge, tokens, plan), atol=ATOL, rtol=1e-4,
+                                       msg=f"{family} {plan.label}")
+        seen = []
+        hook = (f"blocks.{n - 1}.hook_resid_pre", lambda x, hook: seen.append(current_step(bridge)))
+        with reordered(bridge, LayerPlan.repeat(n, [n - 1])), bridge.hooks(fwd_hooks=[hook]):
+            bridge(tokens)
+        assert seen == [(n - 1, n - 1), (n, n - 1)]
+        with pytest.raises(RuntimeError, match="inside"), reordered(bridge, LayerPlan.swap(n, 0)):
+            raise RuntimeError("inside")
+        assert current_step(bridge) is None
+        torch.testing.assert_close(bridge(tokens), base, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "neox", "gpt2"])
+def test_drop_layer_hooks_delete_a_block_on_the_bridge(family: str, tokenizer, tokens: torch.Tensor) -> None:
+    """The authors' deletion (zeroed attention and MLP outputs) through the Bridge's own forward
+    equals the plan that skips the block."""
+    from stages_of_inference.interventions.hooks import drop_layer
+
+    bridge, _ = _bridge(family, tokenizer, compatibility=True)
+    n = bridge.cfg.n_layers
+    with torch.no_grad():
+        for layer in (0, n - 1):
+            zeroed = bridge.run_with_hooks(tokens, fwd_hooks=drop_layer(bridge, layer))
+            torch.testing.assert_close(zeroed, run_plan(bridge, tokens, LayerPlan.drop(n, layer)), atol=ATOL, rtol=1e-4)

@@ -29,14 +29,15 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from stages_of_inference.backends.base import Embedded, FwdHooks
-from stages_of_inference.interventions.step import set_step
+from stages_of_inference.interventions.step import get_step, set_step
 
-__all__ = ["BridgeSeam", "LayerCall", "FAST_PATH_NOTE"]
+__all__ = ["BridgeSeam", "LayerCall", "FAST_PATH_NOTE", "reordered_layers"]
 
 FAST_PATH_NOTE = "the fast path and plan stacking reproduce HookedTransformer blocks only; Bridge blocks run as themselves"
 """Why a sweep on the Bridge runs every block call as the block itself."""
 
-_DROPPED_KWARGS = ("past_key_value", "past_key_values", "cache", "use_cache", "output_attentions", "cache_position")
+_DROPPED_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache", "use_cache", "output_attentions",
+                   "cache_position")
 
 
 @dataclass(frozen=True)
@@ -214,3 +215,79 @@ class BridgeSeam:
     def loss(self, logits: Tensor, tokens: Tensor, embedded: Embedded) -> Tensor:
         """Mean next-token cross-entropy over every position with a next token (TransformerLens' loss)."""
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+
+
+class _OneStep(nn.Module):
+    """A block in one slot of the Hugging Face layer list, run as one plan step: the step counter
+    moves when it runs, and for a sublayer step only that sublayer writes to the residual. Every
+    other attribute is the block's (Hugging Face forwards read some, such as Gemma 3's
+    ``attention_type``, which picks the layer's mask).
+    """
+
+    def __init__(self, bridge: Any, block: nn.Module, layer: int, part: str, counter: list[int]) -> None:
+        super().__init__()
+        self._inner = (bridge, block, layer, part, counter)  # a tuple: not registered as submodules
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        bridge, block, layer, part, counter = self._inner
+        counter[0] += 1
+        set_step(bridge, (counter[0], layer))
+        kept = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}  # no key-value cache
+        with BridgeSeam._only(block, part):
+            return block(*args, **kept)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_inner"][1], name)
+
+
+def _layer_list(bridge: Any) -> tuple[nn.Module, str]:
+    """The module of the Hugging Face model that holds the layer list its forward loops over (the
+    list whose items are the Bridge's blocks), and the attribute's name.
+    """
+    first = bridge.blocks[0]
+    for module in bridge.original_model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) and child[0] is first:
+                return module, name
+    raise NotImplementedError("cannot find the layer list of this Bridge's Hugging Face model; reordered() needs it")
+
+
+@contextlib.contextmanager
+def reordered_layers(bridge: Any, steps: Sequence[Any], layer_of: Any, part_of: Any) -> Iterator[None]:
+    """The Bridge's own forward runs ``steps`` (plan steps; ``layer_of`` / ``part_of`` read them):
+    the Hugging Face layer list is replaced by the blocks in that order (the same modules, so hooks
+    keep their names), with the number of layers the forward loops over set to match; both are put
+    back on exit, exceptions included. The step counter starts again at every embedding.
+    """
+    holder, name = _layer_list(bridge)
+    original = tuple(bridge.blocks)
+    counter = [-1]
+    layers = nn.ModuleList([_OneStep(bridge, original[layer_of(s)], layer_of(s), part_of(s), counter) for s in steps])
+    config = bridge.original_model.config
+    sized = [key for key in ("num_hidden_layers", "n_layer") if isinstance(getattr(config, key, None), int)]
+    before = {key: getattr(config, key) for key in (*sized, "layer_types") if hasattr(config, key)}
+    # the forward picks each slot's mask and rotary tables by config.layer_types[slot]: a moved
+    # layer must get its own (Gemma 3's sliding-window and global layers differ)
+    types = before.get("layer_types")
+    previous, previous_step = getattr(holder, name), get_step(bridge)
+
+    def restart(module: nn.Module, args: Any) -> None:
+        counter[0] = -1
+
+    handle = bridge.embed.register_forward_pre_hook(restart)
+    try:
+        setattr(holder, name, layers)
+        for key in sized:
+            setattr(config, key, len(layers))
+        if isinstance(types, (list, tuple)) and len(types) == len(original):
+            config.layer_types = [types[layer_of(s)] for s in steps]
+        yield
+    finally:
+        setattr(holder, name, previous)
+        for key, value in before.items():
+            setattr(config, key, value)
+        handle.remove()
+        set_step(bridge, previous_step)

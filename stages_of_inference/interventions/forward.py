@@ -23,8 +23,9 @@ from transformer_lens.utilities import apply_softcap, get_device_for_block_index
 
 from stages_of_inference._tl import HookedTransformer, Model
 from stages_of_inference._utils import check_model, check_tokens
-from stages_of_inference.backends import ModelSeam, as_seam
+from stages_of_inference.backends import ModelSeam, as_seam, backend_of
 from stages_of_inference.backends.base import FwdHooks
+from stages_of_inference.backends.bridge import reordered_layers
 from stages_of_inference.backends.hooked import ORIGINAL_BLOCKS, HookedSeam, only_sublayer
 from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.plan import LayerPlan, Step, step_layer, step_part
@@ -152,7 +153,7 @@ class _Chain(nn.Module):
 
 
 @contextlib.contextmanager
-def reordered(model: HookedTransformer, plan: LayerPlan) -> Iterator[HookedTransformer]:
+def reordered(model: Model, plan: LayerPlan) -> Iterator[Model]:
     """Make the model's own ``forward``, ``run_with_hooks`` and ``run_with_cache`` follow ``plan``.
 
     Inside the block, ``model.blocks`` is a list of the model's own block modules in the plan's
@@ -165,8 +166,12 @@ def reordered(model: HookedTransformer, plan: LayerPlan) -> Iterator[HookedTrans
     the model inside the block. Caches from ``run_with_cache`` hold, for a repeated block, its last
     occurrence, and no entries for deleted blocks.
 
+    On a ``TransformerBridge`` the Hugging Face model's layer list is what is reordered (the
+    Bridge's blocks are its items), with its layer count set to the plan's length; the Bridge's
+    ``blocks`` keep their order, and generation with a key-value cache is not supported inside.
+
     Args:
-        model: a ``HookedTransformer``.
+        model: a ``HookedTransformer`` or a ``TransformerBridge``.
         plan: the block order, for ``model.cfg.n_layers`` blocks.
 
     Yields:
@@ -187,6 +192,10 @@ def reordered(model: HookedTransformer, plan: LayerPlan) -> Iterator[HookedTrans
     """
     model = check_model(model)
     plan = _check_plan(as_seam(model), plan)
+    if backend_of(model) == "bridge":
+        with reordered_layers(model, plan.order, step_layer, step_part):
+            yield model
+        return
     n = model.cfg.n_layers
     original = HookedSeam(model).blocks()
     outermost = model not in ORIGINAL_BLOCKS

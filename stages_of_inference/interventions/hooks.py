@@ -197,7 +197,7 @@ def collect(
     """
     from stages_of_inference.metrics import NonFiniteError
 
-    model = check_model(model, bridge=True)
+    model = check_model(model)
     tokens = check_tokens(model, tokens, min_len=1)
     batch_size = check_count(batch_size, "batch_size", "a positive number of sequences")
     precision = check_model_precision(as_seam(model).W_U.dtype, precision, model.cfg.device)

@@ -59,7 +59,7 @@ def _previous_token_per_sequence(
     model: Model, tokens: Tokens, k: int, batch_size: int, progress: bool, precision: str = "fp32"
 ) -> Tensor:
     """``[sequence, layer, head]`` mean of ``A_h[q, q - d]`` over ``d = 1..k`` and ``q = d .. pos - 1``."""
-    model = check_model(model, bridge=True)
+    model = check_model(model)
     tokens = check_tokens(model, tokens, min_len=2)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int number of previous tokens, got {type(k).__name__}")
@@ -333,7 +333,7 @@ def subjoiner_heads(
     the difference.
 
     Args:
-        model: a ``HookedTransformer`` with a tokenizer.
+        model: a ``HookedTransformer`` or a ``TransformerBridge`` with a tokenizer.
         texts: a document or a list of documents (e.g. ``stages_of_inference.data.corpus_texts()``).
         n_pieces: tokens in the final word (the authors: 4), at least 2.
         n_context_words: words before the final word (the authors: 16).

@@ -117,7 +117,7 @@ def logit_lens(
     (lens docstring). Time is dominated by ``(n_layers + 1)`` unembeddings per token.
 
     Args:
-        model: a ``HookedTransformer``.
+        model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids, BOS first, at least 3 positions.
         convention: ``"paper"`` or ``"per_layer_norm"``.
         batch_size: sequences per forward pass.
@@ -286,7 +286,7 @@ def prediction_depth(
     right are those whose final top-1 is the true next token.
 
     Args:
-        model: a ``HookedTransformer``.
+        model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids, BOS first, at least 3 positions.
         convention: ``"paper"`` or ``"per_layer_norm"`` (:mod:`stages_of_inference.lens`).
         batch_size: sequences per forward pass.
@@ -339,7 +339,7 @@ def lens_with_depth(
 
 
 def _depth_pass(model: Model, tokens: Tokens,
-                settings: _LensSettings) -> tuple[HookedTransformer, Any, Tensor, list[int], _LensPass]:
+                settings: _LensSettings) -> tuple[Model, Any, Tensor, list[int], _LensPass]:
     """Check the inputs and run a lens pass over every readout that counts prediction depths:
     the checked model, the tokens as given (for provenance) and as a tensor, the readouts, the pass.
     """
@@ -536,7 +536,7 @@ def layer_similarity(
         >>> len(df), round(float(df.query("layer_a == layer_b")["similarity"].min()), 6)
         (4, 1.0)
     """
-    model = check_model(model, bridge=True)
+    model = check_model(model)
     if method not in ("cka", "cosine"):
         raise ValueError(f"unknown similarity method {method!r}; allowed: 'cka', 'cosine'")
     source, tokens = tokens, check_tokens(model, tokens, min_len=5 if method == "cka" else 2)
@@ -708,7 +708,7 @@ def next_starts_word(model: Model, tokens: Tokens) -> Int[Tensor, "batch pos"]:
     return out.to(tokens.device)
 
 
-LABEL_MAKERS: dict[str, Callable[[HookedTransformer, Tensor], Tensor]] = {
+LABEL_MAKERS: dict[str, Callable[[Model, Tensor], Tensor]] = {
     "continues_word": continues_word,
     "next_starts_word": next_starts_word,
 }
@@ -718,7 +718,7 @@ LABEL_MAKERS: dict[str, Callable[[HookedTransformer, Tensor], Tensor]] = {
 def probe_layers(
     model: Model,
     tokens: Tokens,
-    labels: Int[Tensor, "batch pos"] | str | Callable[[HookedTransformer, Tensor], Tensor],
+    labels: Int[Tensor, "batch pos"] | str | Callable[[Model, Tensor], Tensor],
     *,
     points: Sequence[int] | None = None,
     test_fraction: float = 0.25,
@@ -738,7 +738,7 @@ def probe_layers(
     (``(n_layers + 1) x n_labelled x d_model`` fp32 numbers).
 
     Args:
-        model: a ``HookedTransformer``.
+        model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids.
         labels: an integer tensor ``[batch, pos]`` (negative = not labelled), the name of a
             built-in label maker (:data:`LABEL_MAKERS`: ``"continues_word"``,

@@ -154,7 +154,7 @@ def neuron_moments(
     (SwiGLU) are handled like dense ones: a neuron's output row is ``W_out[neuron]`` either way.
 
     Args:
-        model: a HookedTransformer with MLPs.
+        model: a ``HookedTransformer`` or a ``TransformerBridge`` with MLPs.
         kurtosis_threshold: the kurtosis above which a neuron is a prediction / suppression one.
         chunk_neurons: neurons per chunk.
         layers: blocks to analyse (default: all).
@@ -426,7 +426,7 @@ def token_class_neurons(
     are returned with their kind (:func:`neuron_moments`' rule, computed for these neurons).
 
     Args:
-        model: a HookedTransformer with MLPs.
+        model: a ``HookedTransformer`` or a ``TransformerBridge`` with MLPs.
         predicate: ``str -> bool`` over decoded token strings, a name in :data:`PREDICATES`, or a
             bool mask over the vocabulary.
         top: how many neurons to return.
@@ -615,7 +615,7 @@ def neuron_ensemble_probe(
     ``seed``).
 
     Args:
-        model: a HookedTransformer.
+        model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids, BOS first.
         neurons: ``(layer, neuron)`` pairs, or a table with ``layer`` and ``neuron`` columns (e.g.
             from :func:`token_class_neurons`).

@@ -139,7 +139,7 @@ def sharpening_profile(
     final norm, not only what the block writes (docs/stages/residual_sharpening.md).
 
     Args:
-        model: a HookedTransformer.
+        model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids, BOS first.
         convention: ``"per_layer_norm"`` or ``"paper"``.
         moments: the output of :func:`..prediction_ensembling.neuron_moments` for this model;
@@ -268,7 +268,7 @@ def final_block_ablation(
     mean overconfidence (confidence - accuracy).
 
     Args:
-        model: a HookedTransformer.
+        model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids, BOS first.
         last_k: delete the last ``k`` blocks together, for each ``k``.
         single: also delete block ``n_layers - k`` alone, for each ``k`` > 1.
@@ -360,7 +360,7 @@ def layer_repetition(
     sharing their common prefixes.
 
     Args:
-        model: a HookedTransformer.
+        model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids, BOS first.
         start: the first repeated block, ``0 <= start <= stop``.
         stop: the block after the last repeated one, ``stop <= n_layers`` (exclusive).

@@ -118,7 +118,7 @@ def sink_profile(
         >>> df["layer"].tolist(), bool(((df["sink_attention"] > 0) & (df["sink_attention"] < 1)).all())
         ([0, 1], True)
     """
-    model = check_model(model, bridge=True)
+    model = check_model(model)
     source, tokens = tokens, check_tokens(model, tokens, min_len=2)
     batch_size = check_count(batch_size, "batch_size", "a positive number of sequences")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads

@@ -211,7 +211,7 @@ def cloze_scores(
     every piece of the answer (module docstring: what greedy decoding would give).
 
     Args:
-        model: a ``HookedTransformer`` with a tokenizer.
+        model: a ``HookedTransformer`` or a ``TransformerBridge`` with a tokenizer.
         items: ``(context, answer)`` pairs (:func:`cloze_items`, :func:`load_cloze_items`).
         plans: the plans to score (the same plan twice is scored once).
         context_tokens: at most this many tokens of each context, its end.
@@ -307,7 +307,7 @@ def generation_check(
     """How long each plan's greedy continuation of each prompt stays the unmodified model's.
 
     Args:
-        model: a ``HookedTransformer``.
+        model: a ``HookedTransformer`` or a ``TransformerBridge``.
         prompts: ``[n, pos]`` token ids, BOS first, all of one length.
         plans: the plans to score.
         new_tokens: the length of the unmodified model's greedy continuation (the most a plan can share).
@@ -388,7 +388,7 @@ def task_damage(
     unembedded here).
 
     Args:
-        model: a ``HookedTransformer`` with a tokenizer.
+        model: a ``HookedTransformer`` or a ``TransformerBridge`` with a tokenizer.
         items: cloze items (:func:`cloze_items`, :func:`load_cloze_items`, or your own pairs).
         prompts: ``[n, pos]`` prompts of one length, BOS first, for the generation check.
         context_tokens: at most this many tokens of each cloze context.

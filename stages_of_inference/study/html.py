@@ -111,8 +111,9 @@ def build_report(study: Study) -> Path:
                          "fp32. The sweep re-ran a fixed subset of its plans in fp32 on its first sequences:</p>"
                          f"<div class='reading'>{precision_text}</div>") if precision_text else ""
     left_out = ", ".join(f"{a} ({m})" for m, a in study.left_out)
-    left_section = (f"<p class='note'>Left out, because they run on TransformerLens' HookedTransformer only so far and "
-                    f"these models ran on the TransformerBridge backend: {html.escape(left_out)}.</p>") if left_out else ""
+    left_section = (f"<p class='note'>Left out, because they were registered as needing TransformerLens' "
+                    f"HookedTransformer and these models ran on the TransformerBridge backend: "
+                    f"{html.escape(left_out)}.</p>") if left_out else ""
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Stages of inference: {html.escape(models)}</title>
 <style>{_CSS}</style>

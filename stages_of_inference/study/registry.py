@@ -93,8 +93,9 @@ class Analysis:
         figures: its figures for a study's results (none where the study has no result of it).
         fast: part of the ``fast`` selection (one forward pass or the weights, plus the sweep).
         default: part of a default study (``all``).
-        bridge: runs on the ``TransformerBridge`` backend (the others need a ``HookedTransformer``
-            so far; a study on the Bridge leaves them out and says so).
+        bridge: runs on the ``TransformerBridge`` backend (every built-in analysis does; an
+            analysis registered with ``False`` needs a ``HookedTransformer``, and a study on the
+            Bridge leaves it out and says so).
     """
 
     name: str
@@ -104,7 +105,7 @@ class Analysis:
     figures: Callable[[Study, Style], list[Figure]] = lambda study, style: []
     fast: bool = False
     default: bool = True
-    bridge: bool = False
+    bridge: bool = True
 
 
 REGISTRY: dict[str, Analysis] = {}
@@ -350,11 +351,11 @@ def _heavy(config: StudyConfig) -> dict[str, Any]:
 register(Analysis(
     "robustness", _robustness,
     lambda c: {"kinds": ["drop", "swap"], "per_token": True, "layer_effects": True, **_batch(c)},
-    figures=_robustness_figures, fast=True, bridge=True))
+    figures=_robustness_figures, fast=True))
 register(Analysis(
     "previous_token_attention", _attention, lambda c: {"k": c.k, **_batch(c)},
     figures=_one("previous_token_attention", "Stage 1: attention to the previous tokens", "previous_token_attention",
-                 "attention", _plot("previous_token_attention"), rd.read_attention), fast=True, bridge=True))
+                 "attention", _plot("previous_token_attention"), rd.read_attention), fast=True))
 register(Analysis(
     "subjoiner_heads", _subjoiner,
     lambda c: {"corpus": c.corpus, "max_prompts": c.subjoiner_prompts, "seed": c.seed, "n_pieces": 4,
@@ -367,7 +368,7 @@ register(Analysis(
 register(Analysis(
     "layer_similarity", _similarity, lambda c: {"method": "cka", **_batch(c)},
     figures=_one("layer_similarity", "Stage 2: similarity of the blocks", "layer_similarity", "similarity",
-                 _similarity_plot, rd.read_similarity), fast=True, bridge=True))
+                 _similarity_plot, rd.read_similarity), fast=True))
 register(Analysis(
     "probes", _probes, lambda c: {"label": c.probe_label, "seed": c.seed, **_batch(c)},
     figures=_one("probes", "Stage 2: probes", "probes", "probes", _plot("probe_accuracy"), rd.read_probes)))
@@ -385,7 +386,7 @@ register(Analysis(
 register(Analysis(
     "repetition", _repetition, lambda c: {"times": 2, "blocks": "each block alone", **_heavy(c)}, tokens="heavy",
     figures=_one("repetition", "Stage 4: layer repetition", "repetition", "repetition", _plot("layer_repetition"),
-                 rd.read_repetition), bridge=True))
+                 rd.read_repetition)))
 
 PAPER_ANALYSES = tuple(REGISTRY)
 """The analyses of the paper, in the order a study runs them."""

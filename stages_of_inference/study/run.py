@@ -270,7 +270,7 @@ def _run_models(study: Study, loaded: dict[str, Any], on_mismatch: str, progress
         for analysis in config.analyses:
             if on_bridge and not REGISTRY[analysis].bridge:
                 study.left_out.append((name, analysis))
-                say(f"  {analysis}: left out (it runs on TransformerLens' HookedTransformer only so far)")
+                say(f"  {analysis}: left out (registered as needing TransformerLens' HookedTransformer)")
                 continue
             _run_one(study, REGISTRY[analysis], subject, on_mismatch, progress, say)
         study.stages[name] = _stages_for(study.results[name], name, model.cfg.n_layers)
