@@ -262,3 +262,37 @@ def test_drop_layer_hooks_delete_a_block_on_the_bridge(family: str, tokenizer, t
         for layer in (0, n - 1):
             zeroed = bridge.run_with_hooks(tokens, fwd_hooks=drop_layer(bridge, layer))
             torch.testing.assert_close(zeroed, run_plan(bridge, tokens, LayerPlan.drop(n, layer)), atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("compatibility", [False, True])
+def test_the_bridge_fast_path_runs_llama_layers_and_says_why_not_elsewhere(compatibility: bool, tokenizer,
+                                                                           tokens: torch.Tensor) -> None:
+    """Llama-style layers take the Bridge's fast path (plans stacked): every plan's numbers equal
+    the blocks' own path; other layers, and a block with a hook, run as themselves and say why."""
+    from stages_of_inference.backends.bridge_fast import bridge_fast_path_blocker
+    from stages_of_inference.interventions.executor import evaluate_plans
+
+    bridge, _ = _bridge("llama", tokenizer, compatibility=compatibility)
+    seam = as_seam(bridge)
+    n = bridge.cfg.n_layers
+    fast = seam.fast_blocks(seam.embed(tokens), True)
+    assert fast is not None and all(fast.allowed)
+    plans = [LayerPlan.identity(n)] + [LayerPlan.drop(n, i) for i in range(n)] + \
+        [LayerPlan.swap(n, i) for i in range(n - 1)] + [LayerPlan.drop_attention(n, 1), LayerPlan.drop_mlp(n, 2)]
+    quick = evaluate_plans(bridge, tokens, plans, progress=False, layer_effects=True)
+    plain = evaluate_plans(bridge, tokens, plans, progress=False, fast_path=False, layer_effects=True)
+    for column in ("kl_nats", "loss", "accuracy", "entropy_bits"):
+        np.testing.assert_allclose(quick[column], plain[column], atol=1e-5, err_msg=column)
+    np.testing.assert_allclose(quick.attrs["layer_effects"]["relative_change"],
+                               plain.attrs["layer_effects"]["relative_change"], atol=1e-5)
+    other, _ = _bridge("qwen3", tokenizer, compatibility=compatibility)
+    emb = as_seam(other).embed(tokens)
+    assert as_seam(other).fast_blocks(emb, True) is None
+    assert "Qwen3DecoderLayer" in bridge_fast_path_blocker(other, 0, emb.extras[0], tokens.shape[1])
+    handle = bridge.blocks[1].mlp.hook_out.add_hook(lambda act, hook: act)
+    try:
+        assert bridge_fast_path_blocker(bridge, 1, seam.embed(tokens).extras[1], tokens.shape[1]) == \
+            "a hook is attached to the block"
+    finally:
+        bridge.reset_hooks()
+        del handle

@@ -12,8 +12,9 @@ a plan gets its own. :meth:`BridgeSeam.run_block` then calls ``bridge.blocks[i]`
 every hook of the block fires under its own name. Position ids are checked against the ones an
 unpadded batch has (``0 .. T-1``): the engine never pads. No key-value cache is used.
 
-The fast path and plan stacking are TransformerLens 3 ``HookedTransformer`` code; on the Bridge
-every block runs as itself (:meth:`BridgeSeam.fast_blocks` returns ``None``).
+The fast path and plan stacking run on the Bridge where its layers are ones
+:mod:`~stages_of_inference.backends.bridge_fast` reproduces (Llama-style); elsewhere every block
+runs as itself, one plan at a time.
 """
 
 from __future__ import annotations
@@ -31,10 +32,7 @@ from torch import Tensor, nn
 from stages_of_inference.backends.base import Embedded, FwdHooks
 from stages_of_inference.interventions.step import get_step, set_step
 
-__all__ = ["BridgeSeam", "LayerCall", "FAST_PATH_NOTE", "reordered_layers"]
-
-FAST_PATH_NOTE = "the fast path and plan stacking reproduce HookedTransformer blocks only; Bridge blocks run as themselves"
-"""Why a sweep on the Bridge runs every block call as the block itself."""
+__all__ = ["BridgeSeam", "LayerCall", "reordered_layers"]
 
 _DROPPED_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache", "use_cache", "output_attentions",
                    "cache_position")
@@ -210,7 +208,15 @@ class BridgeSeam:
         return _has_hooks(module)
 
     def fast_blocks(self, embedded: Embedded, enabled: bool, dtype: torch.dtype | None = None) -> Any:
-        return None
+        """The Bridge's fast path for this batch (:mod:`~stages_of_inference.backends.bridge_fast`),
+        or ``None`` where no block may take it.
+        """
+        from stages_of_inference.backends.bridge_fast import BridgeFastBlocks
+
+        if not enabled:
+            return None
+        fast = BridgeFastBlocks(self._bridge, embedded.extras, embedded.residual.shape[1], dtype)
+        return fast if any(fast.allowed) else None
 
     def loss(self, logits: Tensor, tokens: Tensor, embedded: Embedded) -> Tensor:
         """Mean next-token cross-entropy over every position with a next token (TransformerLens' loss)."""

@@ -1,0 +1,182 @@
+"""The fast path on the TransformerBridge: Llama-style layers computed from their weights, so that
+the sweep can stack plans that run the same block at the same step into one block call.
+
+The Bridge's blocks are Hugging Face layers behind hook points; a block call runs the layer's own
+code one plan at a time. Where the layer is one whose computation this module reproduces (a
+``LlamaDecoderLayer``: pre-norm RMSNorm, rotary attention with grouped keys and values, causal
+mask, gated MLP; SmolLM2 and the many checkpoints that reuse Llama's layer), where nothing could
+observe the difference (no hook on the block), and where the layer's recorded call is the plain
+causal one (no sliding window, no padding), :class:`BridgeFastBlocks` computes the block from its
+weights instead, with the products of :mod:`stages_of_inference.interventions.fastpath` (one fused
+query/key/value product, one SDPA call). Its inputs may be any number of sequences (plans
+stacked), because the rotary tables it reads from the recorded call broadcast over the batch and
+the mask is SDPA's causal one.
+
+Everywhere else the block runs as itself; :func:`bridge_fast_path_blocker` says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stages_of_inference.interventions.fastpath import BlockWeights, _has_hooks, _mlp, _rotate, _signed_sin
+
+__all__ = ["BRIDGE_FAST_LAYERS", "BridgeFastBlocks", "bridge_fast_path_blocker"]
+
+BRIDGE_FAST_LAYERS = ("LlamaDecoderLayer",)
+"""Hugging Face layer classes the Bridge fast path reproduces (tested: tests/test_bridge.py)."""
+
+
+@dataclass(frozen=True)
+class _Norm:
+    """A block's RMSNorm as the Bridge computes it: ``x / sqrt(mean(x^2) + eps) * weight``."""
+
+    eps: float
+    weight: Tensor
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x / (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt() * self.weight
+
+
+def _norm_of(module: nn.Module, cfg: Any) -> _Norm:
+    weight = module.weight.detach()
+    if getattr(cfg, "rmsnorm_uses_offset", False):
+        weight = weight + 1.0
+    return _Norm(float(getattr(cfg, "eps", 1e-5)), weight)
+
+
+def _is_causal(mask: Tensor | None, seq_len: int) -> bool:
+    """Whether a recorded attention mask is the plain causal one (``None``: SDPA's own causal mask)."""
+    if mask is None:
+        return True
+    square = mask.reshape(-1, mask.shape[-2], mask.shape[-1])
+    if square.shape[-1] != seq_len or square.shape[-2] != seq_len:
+        return False
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        return bool((square == causal).all())
+    blocked = square <= torch.finfo(square.dtype).min / 2
+    return bool((square[:, causal] == 0).all() and blocked[:, ~causal].all())
+
+
+def bridge_fast_path_blocker(bridge: Any, layer: int, call: Any, seq_len: int) -> str | None:
+    """Why block ``layer`` of ``bridge`` cannot take the fast path for a batch whose recorded call
+    to that layer is ``call`` (:class:`~stages_of_inference.backends.bridge.LayerCall`), or ``None``.
+    """
+    block = bridge.blocks[layer]
+    hf_layer = getattr(block, "original_component", None)
+    name = type(hf_layer).__name__
+    if name not in BRIDGE_FAST_LAYERS:
+        return f"Hugging Face layer {name}: the Bridge fast path reproduces {', '.join(BRIDGE_FAST_LAYERS)}"
+    if _has_hooks(block):
+        return "a hook is attached to the block"
+    attn = hf_layer.self_attn
+    if getattr(attn, "sliding_window", None) or getattr(attn, "attn_logit_softcapping", None):
+        return "sliding-window or soft-capped attention"
+    if call.args or not _is_causal(call.kwargs.get("attention_mask"), seq_len):
+        return "the layer's recorded call is not the plain causal one"
+    if not isinstance(call.kwargs.get("position_embeddings"), tuple):
+        return "no rotary tables in the layer's recorded call"
+    if block.attn.W_Q.dtype not in (torch.float32, torch.float64):
+        return f"dtype {block.attn.W_Q.dtype}"
+    return None
+
+
+def _weights(block: nn.Module, dtype: torch.dtype | None) -> BlockWeights:
+    """A Llama-style Bridge block's weights in the fast path's layout (absent biases as zeros)."""
+    attn, mlp = block.attn, block.mlp
+    n_heads, d_model, d_head = attn.W_Q.shape
+
+    def flat(w: Tensor) -> Tensor:  # [heads, d_model, d_head] -> [d_model, heads * d_head]
+        return w.detach().permute(1, 0, 2).reshape(d_model, -1)
+
+    def bias(b: Tensor | None, size: int) -> Tensor:
+        return attn.W_Q.new_zeros(size) if b is None else b.detach().reshape(-1)
+
+    n_kv = attn.W_K.shape[0]
+    w_qkv = torch.cat([flat(attn.W_Q), flat(attn.W_K), flat(attn.W_V)], dim=1)
+    b_qkv = torch.cat([bias(getattr(attn, "b_Q", None), n_heads * d_head), bias(getattr(attn, "b_K", None), n_kv * d_head),
+                       bias(getattr(attn, "b_V", None), n_kv * d_head)])
+    d_mlp = mlp.W_in.shape[1]
+    fields = {"W_qkv": w_qkv, "b_qkv": b_qkv, "n_kv": n_kv, "W_O": attn.W_O.detach().reshape(n_heads * d_head, d_model),
+              "b_O": bias(getattr(attn, "b_O", None), d_model), "W_in": mlp.W_in.detach(),
+              "b_in": bias(getattr(mlp, "b_in", None), d_mlp), "W_gate": mlp.W_gate.detach(), "W_out": mlp.W_out.detach(),
+              "b_out": bias(getattr(mlp, "b_out", None), d_model)}
+    if dtype is not None:
+        fields = {k: v.to(dtype) if isinstance(v, Tensor) else v for k, v in fields.items()}
+    return BlockWeights(**fields)
+
+
+@dataclass
+class _Prepared:
+    weights: BlockWeights
+    ln1: _Norm
+    ln2: _Norm
+    act: nn.Module
+    scale: float
+    cos: Tensor
+    signed_sin: Tensor
+    n_heads: int
+
+
+class BridgeFastBlocks:
+    """The Bridge's fast path for one batch: ``allowed[layer]``, and ``(layer, x, part)`` calls on
+    any number of sequences of the batch's length (the executor's interface,
+    :class:`~stages_of_inference.interventions.fastpath.FastBlocks`).
+
+    Args:
+        bridge: the Bridge.
+        calls: the batch's recorded layer calls (:meth:`BridgeSeam.embed`), by layer.
+        seq_len: the batch's sequence length.
+        dtype: the products' dtype (``None``: the weights' own); norms and the residual stream keep
+            the residual's dtype.
+    """
+
+    def __init__(self, bridge: Any, calls: dict[int, Any], seq_len: int, dtype: torch.dtype | None = None) -> None:
+        self._bridge, self._calls, self._dtype = bridge, calls, dtype
+        self.reasons = {layer: bridge_fast_path_blocker(bridge, layer, calls[layer], seq_len)
+                        for layer in range(len(bridge.blocks))}
+        self.allowed = tuple(self.reasons[layer] is None for layer in range(len(bridge.blocks)))
+        self._prepared: dict[int, _Prepared] = {}
+
+    def _prepare(self, layer: int) -> _Prepared:
+        block, cfg = self._bridge.blocks[layer], self._bridge.cfg
+        hf_layer = block.original_component
+        cos, sin = self._calls[layer].kwargs["position_embeddings"]
+        dtype = self._dtype or block.attn.W_Q.dtype
+        return _Prepared(_weights(block, self._dtype), _norm_of(block.ln1, cfg), _norm_of(block.ln2, cfg),
+                         hf_layer.mlp.act_fn, float(hf_layer.self_attn.scaling),
+                         cos[:, :, None, :].to(dtype), _signed_sin(sin, adjacent=False)[:, :, None, :].to(dtype),
+                         block.attn.W_Q.shape[0])
+
+    def _attention(self, p: _Prepared, h: Tensor) -> Tensor:
+        batch, pos, d_model = h.shape
+        w = p.weights
+        d_head = p.cos.shape[-1]
+        qkv = torch.addmm(w.b_qkv, h.reshape(batch * pos, d_model), w.W_qkv)
+        qk, v = qkv.split(((p.n_heads + w.n_kv) * d_head, w.n_kv * d_head), dim=1)
+        qk = _rotate(qk.view(batch, pos, p.n_heads + w.n_kv, d_head), p.cos, p.signed_sin, d_head, False)
+        q, k = qk[:, :, : p.n_heads], qk[:, :, p.n_heads :]
+        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.view(batch, pos, w.n_kv, d_head).transpose(1, 2),
+                                           is_causal=True, scale=p.scale, enable_gqa=w.n_kv != p.n_heads)
+        out = torch.addmm(w.b_O, z.transpose(1, 2).reshape(batch * pos, p.n_heads * d_head), w.W_O)
+        return out.view(batch, pos, d_model)
+
+    def __call__(self, layer: int, resid_pre: Tensor, part: str = "block") -> Tensor:
+        """Block ``layer`` (or only its ``part``: ``"attn"`` or ``"mlp"``) on ``resid_pre``."""
+        p = self._prepared.get(layer)
+        if p is None:
+            p = self._prepared[layer] = self._prepare(layer)
+        dtype = p.weights.W_qkv.dtype
+        if part == "mlp":
+            return resid_pre + _mlp(p.weights, p.act, p.ln2(resid_pre).to(dtype))
+        resid_mid = resid_pre + self._attention(p, p.ln1(resid_pre).to(dtype))
+        if part == "attn":
+            return resid_mid
+        return resid_mid + _mlp(p.weights, p.act, p.ln2(resid_mid).to(dtype))
