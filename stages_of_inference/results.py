@@ -102,10 +102,21 @@ def provenance(
             "d_vocab": model.cfg.d_vocab,
             "dtype": str(model.cfg.dtype),
             "device": str(model.cfg.device),
+            **_backend_record(model),
         }
     if tokens is not None:
         record["tokens"] = describe_any(tokens)
     return record
+
+
+def _backend_record(model: Model) -> dict[str, str]:
+    """The backend and how it holds the weights (:func:`~stages_of_inference.backends.weight_mode`)."""
+    from stages_of_inference.backends import backend_of, weight_mode
+
+    try:
+        return {"backend": backend_of(model), "weights": weight_mode(model)}
+    except TypeError:  # a stand-in object without a seam (tests of the record itself)
+        return {}
 
 
 def _distribution_version(name: str) -> str:

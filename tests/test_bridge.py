@@ -296,3 +296,17 @@ def test_the_bridge_fast_path_runs_llama_layers_and_says_why_not_elsewhere(compa
     finally:
         bridge.reset_hooks()
         del handle
+
+
+def test_the_weight_mode_is_recorded_and_the_neuron_analyses_need_processed_weights(tokenizer, tokens) -> None:  # noqa: ANN001
+    from stages_of_inference.results import provenance
+    from stages_of_inference.stages.prediction_ensembling import neuron_moments, token_class_neurons
+
+    raw, _ = _bridge("llama", tokenizer, compatibility=False)
+    folded, _ = _bridge("llama", tokenizer, compatibility=True)
+    assert provenance(raw)["model"]["backend"] == "bridge" and provenance(raw)["model"]["weights"] == "raw"
+    assert provenance(folded)["model"]["weights"] == "processed"
+    for run in (lambda m: neuron_moments(m, progress=False), lambda m: token_class_neurons(m, lambda t: "a" in t, top=2)):
+        with pytest.raises(ValueError, match=r"reads processed weights .*enable_compatibility_mode\(\) first"):
+            run(raw)
+    assert len(neuron_moments(folded, progress=False)) == folded.cfg.n_layers * folded.cfg.d_mlp

@@ -8,7 +8,7 @@ from typing import Any
 
 from stages_of_inference.backends.base import Embedded, ModelSeam
 
-__all__ = ["Embedded", "ModelSeam", "as_seam", "backend_of"]
+__all__ = ["Embedded", "ModelSeam", "as_seam", "backend_of", "require_processed_weights", "weight_mode"]
 
 
 def as_seam(model: Any) -> ModelSeam:
@@ -56,3 +56,24 @@ def backend_of(model: Any) -> str:
 
     seam = as_seam(model)
     return "hooked" if isinstance(seam, HookedSeam) else "bridge" if isinstance(seam, BridgeSeam) else "seam"
+
+
+def weight_mode(model: Any) -> str:
+    """How the model's weights are held: ``"processed"`` (a ``HookedTransformer``, or a Bridge in
+    compatibility mode: final norms folded into the next weights, writing weights and the
+    unembedding centred), ``"raw"`` (a Bridge as Hugging Face stores it), or ``"seam"`` for another
+    seam. Recorded in every result's provenance.
+    """
+    backend = backend_of(model)
+    if backend == "bridge":
+        return "processed" if getattr(as_seam(model).model, "compatibility_mode", False) else "raw"
+    return "processed" if backend == "hooked" else "seam"
+
+
+def require_processed_weights(model: Any, what: str) -> None:
+    """Refuse, in one line, an analysis whose convention reads processed weights (the final norm's
+    weight folded into ``W_U``) on a Bridge that holds raw ones."""
+    if weight_mode(model) == "raw":
+        raise ValueError(f"{what} reads processed weights (the final norm folded into W_U, as the paper's "
+                         "neuron analyses assume), but this TransformerBridge holds raw ones: call "
+                         "bridge.enable_compatibility_mode() first (stages_of_inference.load_model does)")

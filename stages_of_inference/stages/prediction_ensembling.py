@@ -33,7 +33,7 @@ from torch import Tensor
 from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_count, check_model, check_tokens, relative_depth
 from stages_of_inference._utils import progress as _progress
-from stages_of_inference.backends import as_seam
+from stages_of_inference.backends import as_seam, require_processed_weights
 from stages_of_inference.batch import Tokens
 from stages_of_inference.metrics import NonFiniteError, scored_positions
 from stages_of_inference.precision import autocast, check_model_precision
@@ -172,6 +172,7 @@ def neuron_moments(
         ((32, 7), ['vocab_skew', 'vocab_kurt', 'kind'])
     """
     model = check_model(model)
+    require_processed_weights(model, "neuron_moments")
     if chunk_neurons < 1:
         raise ValueError(f"chunk_neurons must be a positive number of neurons, got {chunk_neurons}")
     if not math.isfinite(kurtosis_threshold):
@@ -446,6 +447,7 @@ def token_class_neurons(
         (3, 9)
     """
     model = check_model(model)
+    require_processed_weights(model, "token_class_neurons")
     if top < 1:
         raise ValueError(f"top must be a positive number of neurons, got {top}")
     chosen = _check_layers(model, layers)
