@@ -310,3 +310,22 @@ def test_the_weight_mode_is_recorded_and_the_neuron_analyses_need_processed_weig
         with pytest.raises(ValueError, match=r"reads processed weights .*enable_compatibility_mode\(\) first"):
             run(raw)
     assert len(neuron_moments(folded, progress=False)) == folded.cfg.n_layers * folded.cfg.d_mlp
+
+
+def test_load_model_boots_a_folder_of_a_tiny_qwen3_on_the_bridge_and_sweeps_it(tmp_path, tokenizer,
+                                                                              tokens: torch.Tensor) -> None:  # noqa: ANN001
+    """The issue's own check: ``load_model(folder, backend="bridge")`` then ``robustness_sweep``,
+    offline, against the Hugging Face model's own forward with its layers reordered."""
+    import stages_of_inference as soi
+
+    reference = _hf_model("qwen3")
+    reference.save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    bridge = soi.load_model(tmp_path, backend="bridge")
+    assert backend_of(bridge) == "bridge"
+    summary = robustness_sweep(bridge, tokens, progress=False).summary
+    base = _reordered_logits(reference, tokens, (0, 1, 2, 3))
+    for row in summary[summary["kind"] != "none"].itertuples():
+        plan = LayerPlan.drop(4, int(row.layer)) if row.kind == "drop" else LayerPlan.swap(4, int(row.layer))
+        expected = _scores(_reordered_logits(reference, tokens, plan.order), tokens, base)
+        assert row.kl_nats == pytest.approx(expected["kl_nats"], abs=ATOL), plan.label
