@@ -72,7 +72,8 @@ def weight_mode(model: Any) -> str:
 
 def require_processed_weights(model: Any, what: str) -> None:
     """Refuse, in one line, an analysis whose convention reads processed weights (the final norm's
-    weight folded into ``W_U``) on a Bridge that holds raw ones."""
+    weight folded into ``W_U``) on a Bridge that holds raw ones.
+    """
     if weight_mode(model) == "raw":
         raise ValueError(f"{what} reads processed weights (the final norm folded into W_U, as the paper's "
                          "neuron analyses assume), but this TransformerBridge holds raw ones: call "
