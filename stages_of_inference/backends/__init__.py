@@ -63,6 +63,11 @@ def weight_mode(model: Any) -> str:
     compatibility mode: final norms folded into the next weights, writing weights and the
     unembedding centred), ``"raw"`` (a Bridge as Hugging Face stores it), or ``"seam"`` for another
     seam. Recorded in every result's provenance.
+
+    Example:
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> weight_mode(HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=5, act_fn="relu")))
+        'processed'
     """
     backend = backend_of(model)
     if backend == "bridge":
