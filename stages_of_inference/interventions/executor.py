@@ -180,9 +180,11 @@ def _own(x: Tensor) -> Tensor:
 
 
 def _final_rows(seam: ModelSeam, residual: Tensor, scored: slice) -> Tensor:
-    """The final-norm residual of the ``scored`` positions, one row per position."""
-    normed = seam.final_norm(residual[:, scored])
-    return rearrange(normed, "batch pos d_model -> (batch pos) d_model")
+    """The final-norm residual of the ``scored`` positions, one row per position (the norm runs on
+    every position, so hooks on it see the whole sequence, as in the model's own forward).
+    """
+    normed = seam.final_norm(residual)
+    return rearrange(normed[:, scored], "batch pos d_model -> (batch pos) d_model")
 
 
 @dataclass
