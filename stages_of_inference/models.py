@@ -572,8 +572,8 @@ def _load_folder(folder: Path, device: str | torch.device, bos_token: str | None
         state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf_model)
         del hf_model
         with warnings.catch_warnings():
-            # HookedTransformer is deprecated in TransformerLens 3.x and gone in 4.0, which is
-            # why this library pins transformer-lens<4; the warning says nothing new to a user.
+            # HookedTransformer is deprecated in TransformerLens 3.x and gone in 4.0 (where this
+            # library runs on the Bridge instead); the warning says nothing new to a user.
             warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
             model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
         model.load_and_process_state_dict(

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from stages_of_inference import LayerPlan, robustness_sweep, run_plan
-from stages_of_inference._tl import HAS_BRIDGE, TransformerBridge
+from stages_of_inference._tl import HAS_BRIDGE, HAS_HOOKED, TransformerBridge
 from stages_of_inference.backends import as_seam, backend_of
 from stages_of_inference.backends.bridge import BridgeSeam
 
@@ -329,3 +329,25 @@ def test_load_model_boots_a_folder_of_a_tiny_qwen3_on_the_bridge_and_sweeps_it(t
         plan = LayerPlan.drop(4, int(row.layer)) if row.kind == "drop" else LayerPlan.swap(4, int(row.layer))
         expected = _scores(_reordered_logits(reference, tokens, plan.order), tokens, base)
         assert row.kl_nats == pytest.approx(expected["kl_nats"], abs=ATOL), plan.label
+
+
+BOTH_BACKENDS = ("llama", "qwen3", "neox", "phi3")
+"""Families TransformerLens 3.9 also converts from a local folder (Gemma 3 and OLMo 2 it does not;
+its GPT-2 converter reads ``n_ctx``, which transformers 5's GPT2Config no longer has)."""
+
+
+@pytest.mark.skipif(not HAS_HOOKED, reason="TransformerLens 4 has no HookedTransformer to compare with")
+@pytest.mark.parametrize("family", BOTH_BACKENDS)
+def test_both_backends_give_every_plan_the_same_numbers(family: str, tmp_path, tokenizer, tokens: torch.Tensor) -> None:  # noqa: ANN001
+    import stages_of_inference as soi
+
+    _hf_model(family).save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    hooked = soi.load_model(tmp_path, backend="hooked")
+    bridge = soi.load_model(tmp_path, backend="bridge")
+    a = robustness_sweep(hooked, tokens, progress=False).summary
+    b = robustness_sweep(bridge, tokens, progress=False).summary
+    for column in ("kl_nats", "loss"):
+        np.testing.assert_allclose(b[column], a[column], atol=2e-4, err_msg=f"{family} {column}")
+    np.testing.assert_allclose(b["accuracy"], a["accuracy"], atol=1e-9)
+    assert a["kl_nats"].iloc[1:].max() > 1e-3
