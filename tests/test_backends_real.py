@@ -122,6 +122,9 @@ def test_a_study_on_the_bridge_runs_every_analysis_and_leaves_out_one_that_needs
     page = study.report.read_text()
     assert "Left out" in page and "hooked_only (smollm2-135m)" in page and "id='layer_effects'" in page
     assert "id='logit_lens'" in page and "id='probes'" in page
+    from stages_of_inference.study import load_study
+
+    assert load_study(tmp_path / "study").left_out == [("smollm2-135m", "hooked_only")]  # read back from provenance
 
 
 def _assert_same_tables(a, b, what: str, rtol: float = 1e-4, atol: float = 2e-5) -> None:  # noqa: ANN001

@@ -89,8 +89,9 @@ class Study:
         stages: model name -> stage table (:func:`stages_of_inference.stages.placement.place_stages`).
         timings: model name -> analysis -> seconds spent (0 where a finished result was reused).
         reused: ``(model, analysis)`` pairs read back from ``out_dir``.
-        left_out: ``(model, analysis)`` pairs not run: the analysis does not run on the model's
-            backend yet (the TransformerBridge).
+        left_out: ``(model, analysis)`` pairs not run: the analysis was registered as needing a
+            ``HookedTransformer`` and the model ran on the TransformerBridge (:func:`load_study`
+            reads it back from the results' provenance, which records the backend).
         figures: figure name -> plotly figure.
         readings: figure name -> the written reading of it.
     """
@@ -366,4 +367,7 @@ def load_study(out_dir: str | Path) -> Study:
                          if r.provenance.get("model")), 0)
         if done and n_layers:
             study.stages[name] = _stages_for(done, name, n_layers)
+        on_bridge = any(r.provenance.get("model", {}).get("backend") == "bridge" for r in done.values())
+        study.left_out += [(name, a) for a in config.analyses
+                           if on_bridge and a not in done and a in REGISTRY and not REGISTRY[a].bridge]
     return study
