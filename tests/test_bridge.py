@@ -351,3 +351,16 @@ def test_both_backends_give_every_plan_the_same_numbers(family: str, tmp_path, t
         np.testing.assert_allclose(b[column], a[column], atol=2e-4, err_msg=f"{family} {column}")
     np.testing.assert_allclose(b["accuracy"], a["accuracy"], atol=1e-9)
     assert a["kl_nats"].iloc[1:].max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_nested_reordered_on_the_bridge_uses_original_indices(family: str, tokenizer, tokens: torch.Tensor) -> None:
+    from stages_of_inference import reordered
+
+    bridge, _ = _bridge(family, tokenizer, compatibility=False)
+    n = bridge.cfg.n_layers
+    outer, inner = LayerPlan.repeat(n, [0]), LayerPlan.swap(n, 1)
+    with torch.no_grad(), reordered(bridge, outer):
+        with reordered(bridge, inner):
+            torch.testing.assert_close(bridge(tokens), run_plan(bridge, tokens, inner), atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(bridge(tokens), run_plan(bridge, tokens, outer), atol=ATOL, rtol=1e-4)

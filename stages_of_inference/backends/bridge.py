@@ -251,12 +251,13 @@ class _OneStep(nn.Module):
 
 def _layer_list(bridge: Any) -> tuple[nn.Module, str]:
     """The module of the Hugging Face model that holds the layer list its forward loops over (the
-    list whose items are the Bridge's blocks), and the attribute's name.
+    list whose items are the Bridge's blocks, or an enclosing :func:`reordered_layers`' steps), and
+    the attribute's name.
     """
     first = bridge.blocks[0]
     for module in bridge.original_model.modules():
         for name, child in module.named_children():
-            if isinstance(child, nn.ModuleList) and len(child) and child[0] is first:
+            if isinstance(child, nn.ModuleList) and len(child) and (child[0] is first or isinstance(child[0], _OneStep)):
                 return module, name
     raise NotImplementedError("cannot find the layer list of this Bridge's Hugging Face model; reordered() needs it")
 
@@ -266,7 +267,8 @@ def reordered_layers(bridge: Any, steps: Sequence[Any], layer_of: Any, part_of: 
     """The Bridge's own forward runs ``steps`` (plan steps; ``layer_of`` / ``part_of`` read them):
     the Hugging Face layer list is replaced by the blocks in that order (the same modules, so hooks
     keep their names), with the number of layers the forward loops over set to match; both are put
-    back on exit, exceptions included. The step counter starts again at every embedding.
+    back on exit, exceptions included. The step counter starts again at every embedding. Nested,
+    the inner steps name the original blocks and replace the outer order until the inner exits.
     """
     holder, name = _layer_list(bridge)
     original = tuple(bridge.blocks)
@@ -275,10 +277,12 @@ def reordered_layers(bridge: Any, steps: Sequence[Any], layer_of: Any, part_of: 
     config = bridge.original_model.config
     sized = [key for key in ("num_hidden_layers", "n_layer") if isinstance(getattr(config, key, None), int)]
     before = {key: getattr(config, key) for key in (*sized, "layer_types") if hasattr(config, key)}
-    # the forward picks each slot's mask and rotary tables by config.layer_types[slot]: a moved
-    # layer must get its own (Gemma 3's sliding-window and global layers differ)
-    types = before.get("layer_types")
     previous, previous_step = getattr(holder, name), get_step(bridge)
+    # the forward picks each slot's mask and rotary tables by config.layer_types[slot]: a moved
+    # layer must get its own (Gemma 3's sliding-window and global layers differ); nested, the
+    # original types are the ones the enclosing order kept
+    types = getattr(previous, "original_layer_types", None) or before.get("layer_types")
+    layers.original_layer_types = types
 
     def restart(module: nn.Module, args: Any) -> None:
         counter[0] = -1
