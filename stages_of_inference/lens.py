@@ -105,7 +105,9 @@ class _FinalNorm:
         if ln is None or isinstance(ln, torch.nn.Identity) or model.cfg.normalization_type is None:
             return cls("none", 0.0, None)
         if hasattr(ln, "uses_rms_norm"):  # a TransformerBridge's norm component
-            return cls._of_bridge(ln, model.cfg)
+            from stages_of_inference.backends.bridge import norm_parameters
+
+            return cls(*norm_parameters(ln, model.cfg))
         if isinstance(ln, (LayerNorm, LayerNormPre)):
             kind: Literal["ln", "rms"] = "ln"
         elif isinstance(ln, (RMSNorm, RMSNormPre)):
@@ -116,18 +118,6 @@ class _FinalNorm:
             )
         w = getattr(ln, "w", None)
         return cls(kind, float(ln.eps), None if w is None else w.detach().float())
-
-    @classmethod
-    def _of_bridge(cls, ln: torch.nn.Module, cfg: object) -> _FinalNorm:
-        """A Bridge's final norm: it computes the norm itself from ``cfg.eps`` (its
-        ``hook_scale`` is the same ``sqrt(mean(x^2) + eps)``) and multiplies by its weight, which
-        Gemma's norms store as an offset from 1 (``cfg.rmsnorm_uses_offset``). In compatibility
-        mode the weight is folded into the unembedding and what is left multiplies by 1.
-        """
-        weight = getattr(ln, "weight", None)
-        if weight is not None:
-            weight = weight.detach().float() + (1.0 if getattr(cfg, "rmsnorm_uses_offset", False) else 0.0)
-        return cls("rms" if ln.uses_rms_norm else "ln", float(getattr(cfg, "eps", 1e-5)), weight)
 
     def scale(self, x: Tensor) -> Tensor:
         """The scale this norm computes for (already centred, if LN) ``x``: sqrt(mean(x^2) + eps)."""

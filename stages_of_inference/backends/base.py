@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-__all__ = ["Embedded", "FwdHooks", "ModelSeam"]
+__all__ = ["ConfigFields", "Embedded", "FwdHooks", "ModelSeam"]
 
 FwdHooks = Sequence[tuple[Any, Callable[..., Any]]]
 
@@ -111,3 +111,31 @@ class ModelSeam(Protocol):
 
     def loss(self, logits: Tensor, tokens: Tensor, embedded: Embedded) -> Tensor:
         """The model's own mean next-token loss."""
+
+
+class ConfigFields:
+    """The seam's ``name``, ``n_layers``, ``d_vocab`` and ``device``, read from ``self.model.cfg``
+    (both TransformerLens backends keep them there); an adapter defines ``model``.
+    """
+
+    model: Any
+
+    @property
+    def name(self) -> str:
+        """The model's name, as results record it."""
+        return str(getattr(self.model.cfg, "model_name", "model"))
+
+    @property
+    def n_layers(self) -> int:
+        """Number of blocks."""
+        return int(self.model.cfg.n_layers)
+
+    @property
+    def d_vocab(self) -> int:
+        """Vocabulary size."""
+        return int(self.model.cfg.d_vocab)
+
+    @property
+    def device(self) -> str:
+        """Where the model's weights are."""
+        return str(self.model.cfg.device)

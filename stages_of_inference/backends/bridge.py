@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from stages_of_inference.backends.base import Embedded, FwdHooks
+from stages_of_inference.backends.base import ConfigFields, Embedded, FwdHooks
 from stages_of_inference.interventions.step import get_step, set_step
 
-__all__ = ["BridgeSeam", "LayerCall", "reordered_layers"]
+__all__ = ["BridgeSeam", "LayerCall", "norm_parameters", "reordered_layers"]
 
 _DROPPED_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache", "use_cache", "output_attentions",
                    "cache_position")
@@ -67,7 +67,7 @@ def _zero_output(module: nn.Module, args: Any, output: Any) -> Any:
     return (torch.zeros_like(output[0]), *output[1:])
 
 
-class BridgeSeam:
+class BridgeSeam(ConfigFields):
     """A ``TransformerBridge`` behind the model seam.
 
     Args:
@@ -81,22 +81,6 @@ class BridgeSeam:
     @property
     def model(self) -> Any:
         return self._bridge
-
-    @property
-    def name(self) -> str:
-        return str(getattr(self._bridge.cfg, "model_name", "model"))
-
-    @property
-    def n_layers(self) -> int:
-        return int(self._bridge.cfg.n_layers)
-
-    @property
-    def d_vocab(self) -> int:
-        return int(self._bridge.cfg.d_vocab)
-
-    @property
-    def device(self) -> str:
-        return str(self._bridge.cfg.device)
 
     def blocks(self) -> Sequence[nn.Module]:
         return tuple(self._bridge.blocks)
@@ -221,6 +205,18 @@ class BridgeSeam:
     def loss(self, logits: Tensor, tokens: Tensor, embedded: Embedded) -> Tensor:
         """Mean next-token cross-entropy over every position with a next token (TransformerLens' loss)."""
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+
+
+def norm_parameters(norm: nn.Module, cfg: Any) -> tuple[str, float, Tensor | None]:
+    """What a Bridge norm computes: ``"rms"`` or ``"ln"``, its epsilon (``cfg.eps``: the Bridge
+    computes the norm itself) and the weight it multiplies by (``None`` for none), with Gemma's
+    weights, stored as an offset from 1 (``cfg.rmsnorm_uses_offset``), made whole. In
+    compatibility mode the weight is folded into the next layer and what is left is 1.
+    """
+    weight = getattr(norm, "weight", None)
+    if weight is not None:
+        weight = weight.detach().float() + (1.0 if getattr(cfg, "rmsnorm_uses_offset", False) else 0.0)
+    return ("rms" if norm.uses_rms_norm else "ln"), float(getattr(cfg, "eps", 1e-5)), weight
 
 
 class _OneStep(nn.Module):

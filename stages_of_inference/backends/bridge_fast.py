@@ -21,10 +21,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages_of_inference.interventions.fastpath import BlockWeights, _has_hooks, _mlp, _rotate, _signed_sin
+from stages_of_inference.backends.bridge import norm_parameters
+from stages_of_inference.interventions.fastpath import (
+    BlockWeights,
+    Rotary,
+    _has_hooks,
+    _mlp,
+    _signed_sin,
+    attend,
+    compose_block,
+)
 
 __all__ = ["BRIDGE_FAST_LAYERS", "BridgeFastBlocks", "bridge_fast_path_blocker"]
 
@@ -44,10 +52,8 @@ class _Norm:
 
 
 def _norm_of(module: nn.Module, cfg: Any) -> _Norm:
-    weight = module.weight.detach()
-    if getattr(cfg, "rmsnorm_uses_offset", False):
-        weight = weight + 1.0
-    return _Norm(float(getattr(cfg, "eps", 1e-5)), weight)
+    _, eps, weight = norm_parameters(module, cfg)
+    return _Norm(eps, weight)
 
 
 def _is_causal(mask: Tensor | None, seq_len: int) -> bool:
@@ -119,9 +125,9 @@ class _Prepared:
     ln2: _Norm
     act: nn.Module
     scale: float
-    cos: Tensor
-    signed_sin: Tensor
+    rotary: Rotary
     n_heads: int
+    d_head: int
 
 
 class BridgeFastBlocks:
@@ -151,32 +157,16 @@ class BridgeFastBlocks:
         dtype = self._dtype or block.attn.W_Q.dtype
         return _Prepared(_weights(block, self._dtype), _norm_of(block.ln1, cfg), _norm_of(block.ln2, cfg),
                          hf_layer.mlp.act_fn, float(hf_layer.self_attn.scaling),
-                         cos[:, :, None, :].to(dtype), _signed_sin(sin, adjacent=False)[:, :, None, :].to(dtype),
-                         block.attn.W_Q.shape[0])
-
-    def _attention(self, p: _Prepared, h: Tensor) -> Tensor:
-        batch, pos, d_model = h.shape
-        w = p.weights
-        d_head = p.cos.shape[-1]
-        qkv = torch.addmm(w.b_qkv, h.reshape(batch * pos, d_model), w.W_qkv)
-        qk, v = qkv.split(((p.n_heads + w.n_kv) * d_head, w.n_kv * d_head), dim=1)
-        qk = _rotate(qk.view(batch, pos, p.n_heads + w.n_kv, d_head), p.cos, p.signed_sin, d_head, False)
-        q, k = qk[:, :, : p.n_heads], qk[:, :, p.n_heads :]
-        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                           v.view(batch, pos, w.n_kv, d_head).transpose(1, 2),
-                                           is_causal=True, scale=p.scale, enable_gqa=w.n_kv != p.n_heads)
-        out = torch.addmm(w.b_O, z.transpose(1, 2).reshape(batch * pos, p.n_heads * d_head), w.W_O)
-        return out.view(batch, pos, d_model)
+                         Rotary(cos[:, :, None, :].to(dtype), _signed_sin(sin, adjacent=False)[:, :, None, :].to(dtype),
+                                cos.shape[-1], adjacent=False),
+                         block.attn.W_Q.shape[0], block.attn.W_Q.shape[2])
 
     def __call__(self, layer: int, resid_pre: Tensor, part: str = "block") -> Tensor:
         """Block ``layer`` (or only its ``part``: ``"attn"`` or ``"mlp"``) on ``resid_pre``."""
         p = self._prepared.get(layer)
         if p is None:
             p = self._prepared[layer] = self._prepare(layer)
-        dtype = p.weights.W_qkv.dtype
-        if part == "mlp":
-            return resid_pre + _mlp(p.weights, p.act, p.ln2(resid_pre).to(dtype))
-        resid_mid = resid_pre + self._attention(p, p.ln1(resid_pre).to(dtype))
-        if part == "attn":
-            return resid_mid
-        return resid_mid + _mlp(p.weights, p.act, p.ln2(resid_mid).to(dtype))
+        w = p.weights
+        return compose_block(resid_pre, part, p.ln1, p.ln2,
+                             lambda h: attend(h, w, p.n_heads, p.d_head, p.scale, p.rotary),
+                             lambda h: _mlp(w, p.act, h), w.W_qkv.dtype)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformer_lens.utilities import get_device_for_block_index
 
 from stages_of_inference._tl import HookedTransformer
-from stages_of_inference.backends.base import Embedded, FwdHooks
+from stages_of_inference.backends.base import ConfigFields, Embedded, FwdHooks
 from stages_of_inference.interventions.step import set_step
 
 __all__ = ["HookedSeam", "ORIGINAL_BLOCKS", "only_sublayer"]
@@ -63,7 +63,7 @@ def only_sublayer(block: nn.Module, part: str) -> Iterator[None]:
         handle.remove()
 
 
-class HookedSeam:
+class HookedSeam(ConfigFields):
     """A ``HookedTransformer`` behind the model seam.
 
     Example:
@@ -84,22 +84,6 @@ class HookedSeam:
     @property
     def model(self) -> HookedTransformer:
         return self._model
-
-    @property
-    def name(self) -> str:
-        return str(self._model.cfg.model_name)
-
-    @property
-    def n_layers(self) -> int:
-        return int(self._model.cfg.n_layers)
-
-    @property
-    def d_vocab(self) -> int:
-        return int(self._model.cfg.d_vocab)
-
-    @property
-    def device(self) -> str:
-        return str(self._model.cfg.device)
 
     def blocks(self) -> Sequence[nn.Module]:
         original = ORIGINAL_BLOCKS.get(self._model)

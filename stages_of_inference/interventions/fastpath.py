@@ -204,29 +204,70 @@ def _rotary_tables(model: HookedTransformer, attn: nn.Module, pos: int,
     return (cos, signed) if dtype is None else (cos.to(dtype), signed.to(dtype))
 
 
-def _attention(
-    model: HookedTransformer, attn: nn.Module, h: Float[Tensor, "batch pos d_model"],
-    weights: BlockWeights, rotary: tuple[Tensor, Tensor] | None = None,
-) -> Tensor:
-    cfg = model.cfg
+@dataclass(frozen=True)
+class Rotary:
+    """Rotary tables for :func:`attend`: ``cos`` and the signed sine (:func:`_signed_sin`), shaped
+    to broadcast over ``[batch, pos, head, rotary_dim]``, and how features are paired.
+    """
+
+    cos: Tensor
+    signed_sin: Tensor
+    dim: int
+    adjacent: bool
+
+
+def attend(h: Float[Tensor, "batch pos d_model"], weights: BlockWeights, n_heads: int, d_head: int, scale: float,
+           rotary: Rotary | None) -> Float[Tensor, "batch pos d_model"]:
+    """Causal attention from a block's :class:`BlockWeights`: one fused query/key/value product,
+    queries and keys rotated together (``rotary``, or none), grouped key/value heads, one SDPA call
+    with ``scale``, the output product. Both backends' fast paths run it.
+    """
     batch, pos, d_model = h.shape
-    n_heads, _, d_head = attn.W_Q.shape
     n_kv = weights.n_kv
     qkv = torch.addmm(weights.b_qkv, h.reshape(batch * pos, d_model), weights.W_qkv)
     qk, v = qkv.split(((n_heads + n_kv) * d_head, n_kv * d_head), dim=1)
     qk = qk.view(batch, pos, n_heads + n_kv, d_head)
     v = v.view(batch, pos, n_kv, d_head)
-    if cfg.positional_embedding_type == "rotary":  # queries and keys rotated together
-        cos, signed_sin = rotary if rotary is not None else _rotary_tables(model, attn, pos, qk.dtype)
-        qk = _rotate(qk, cos, signed_sin, cfg.rotary_dim, cfg.rotary_adjacent_pairs)
+    if rotary is not None:
+        qk = _rotate(qk, rotary.cos, rotary.signed_sin, rotary.dim, rotary.adjacent)
     q, k = qk[:, :, :n_heads], qk[:, :, n_heads:]
     z = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        is_causal=True, scale=1.0 / attn.attn_scale, enable_gqa=n_kv != n_heads,
+        is_causal=True, scale=scale, enable_gqa=n_kv != n_heads,
     )  # [batch, head, pos, d_head]
     z = z.transpose(1, 2).reshape(batch * pos, n_heads * d_head)
     out = torch.addmm(weights.b_O, z, weights.W_O)
     return out.view(batch, pos, d_model)
+
+
+def _attention(
+    model: HookedTransformer, attn: nn.Module, h: Float[Tensor, "batch pos d_model"],
+    weights: BlockWeights, rotary: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    cfg = model.cfg
+    n_heads, _, d_head = attn.W_Q.shape
+    tables = None
+    if cfg.positional_embedding_type == "rotary":
+        cos, signed_sin = rotary if rotary is not None else _rotary_tables(model, attn, h.shape[1], weights.W_qkv.dtype)
+        tables = Rotary(cos, signed_sin, cfg.rotary_dim, cfg.rotary_adjacent_pairs)
+    return attend(h, weights, n_heads, d_head, 1.0 / attn.attn_scale, tables)
+
+
+def compose_block(resid_pre: Tensor, part: str, ln1: Any, ln2: Any, attention: Any, mlp: Any, dtype: torch.dtype,
+                  parallel: bool = False, attn_only: bool = False) -> Tensor:
+    """A pre-norm block from its pieces: ``attention`` and ``mlp`` take normed inputs in ``dtype``;
+    ``part`` ``"attn"`` or ``"mlp"`` adds only that sublayer (the MLP then reads the block's input,
+    as it does in a parallel block); the residual stream stays in ``resid_pre``'s dtype.
+    """
+    if part == "mlp":
+        return resid_pre + mlp(ln2(resid_pre).to(dtype))
+    attn_out = attention(ln1(resid_pre).to(dtype))
+    if attn_only or part == "attn":
+        return resid_pre + attn_out
+    if parallel:
+        return resid_pre + attn_out + mlp(ln2(resid_pre).to(dtype))
+    resid_mid = resid_pre + attn_out
+    return resid_mid + mlp(ln2(resid_mid).to(dtype))
 
 
 def _mlp(weights: BlockWeights, act_fn: Any, h: Float[Tensor, "batch pos d_model"]) -> Tensor:
@@ -286,16 +327,10 @@ def fast_block(
     cfg = model.cfg
     if weights is None:
         weights = BlockWeights.of(block)
-    dtype = weights.W_qkv.dtype
-    if part == "mlp":  # sequential or parallel: the MLP reads the block's input when attention writes nothing
-        return resid_pre + _mlp(weights, block.mlp.act_fn, block.ln2(resid_pre).to(dtype))
-    attn_out = _attention(model, block.attn, block.ln1(resid_pre).to(dtype), weights, rotary)
-    if cfg.attn_only or part == "attn":
-        return resid_pre + attn_out
-    if cfg.parallel_attn_mlp:
-        return resid_pre + attn_out + _mlp(weights, block.mlp.act_fn, block.ln2(resid_pre).to(dtype))
-    resid_mid = resid_pre + attn_out
-    return resid_mid + _mlp(weights, block.mlp.act_fn, block.ln2(resid_mid).to(dtype))
+    mlp = None if cfg.attn_only else (lambda h: _mlp(weights, block.mlp.act_fn, h))
+    return compose_block(resid_pre, part, block.ln1, getattr(block, "ln2", None),
+                         lambda h: _attention(model, block.attn, h, weights, rotary), mlp, weights.W_qkv.dtype,
+                         parallel=cfg.parallel_attn_mlp, attn_only=cfg.attn_only)
 
 
 class FastBlocks:
