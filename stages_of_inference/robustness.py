@@ -31,7 +31,7 @@ from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS
 from stages_of_inference.results import PROVENANCE_FILE, Result, provenance, weights_hash  # noqa: F401 (public here too)
 
 __all__ = ["EFFECT_COLUMNS", "PAPER_KINDS", "PER_TOKEN_COLUMNS", "SUMMARY_COLUMNS", "SWEEP_KINDS", "SweepResult",
-           "robustness_sweep", "summary_on", "weights_hash"]
+           "finish_sweep", "robustness_sweep", "summary_on", "sweep_partial", "weights_hash"]
 
 SWEEP_KINDS = ("drop", "swap", "drop_attention", "drop_mlp")
 """The interventions :func:`robustness_sweep` knows: delete a block, swap it with the next, delete
@@ -263,74 +263,181 @@ def robustness_sweep(
         >>> s["kind"].tolist(), s["layer"].tolist()
         (['none', 'drop', 'drop', 'swap'], [<NA>, 0, 1, 0])
     """
-    model = check_model(model)
-    source, tokens = tokens, check_tokens(model, tokens)
-    kinds = _check_kinds(kinds)
-    options = EngineOptions(batch_size=batch_size, chunk_tokens=chunk_tokens, stack_tokens=stack_tokens,
-                            fast_path=fast_path, per_token=per_token, progress=progress, precision=precision,
-                            layer_effects=layer_effects)
-    check_sequences = _check_sequences(check_sequences, tokens.shape[0])
-    n_layers = model.cfg.n_layers
-    plans, meta = _plans(n_layers, kinds)
-    orders = [p.order for p in plans]  # all distinct: plan_id == position in this list
-    settings = {"kinds": list(kinds), "per_token": options.per_token, "batch_size": options.batch_size,
+    out = None if out_dir is None else Path(out_dir)
+    if out is not None and (out / PROVENANCE_FILE).exists():
+        model = check_model(model)
+        settings = _settings(model, kinds, EngineOptions(batch_size=batch_size, chunk_tokens=chunk_tokens,
+                                                         stack_tokens=stack_tokens, fast_path=fast_path,
+                                                         per_token=per_token, precision=precision,
+                                                         layer_effects=layer_effects), tokens, check_sequences)
+        finished = SweepResult.load(out)
+        refuse_mismatch(out, finished.provenance.get("settings", {}).get("fingerprint", {}),
+                        sweep_fingerprint(model, check_tokens(model, tokens), settings))
+        return finished
+    part = sweep_partial(model, tokens, kinds, per_token=per_token, progress=progress, batch_size=batch_size,
+                         chunk_tokens=chunk_tokens, checkpoint_dir=out, fast_path=fast_path, stack_tokens=stack_tokens,
+                         precision=precision, check_sequences=check_sequences, layer_effects=layer_effects)
+    result = finish_sweep([part])
+    if out is not None:
+        result.save(out)
+    return result
+
+
+def _settings(model: Model, kinds: Sequence[str], options: EngineOptions, tokens: Tokens,
+              check_sequences: int) -> dict[str, Any]:
+    """The sweep's settings as its provenance and checkpoint fingerprint record them."""
+    settings = {"kinds": list(_check_kinds(kinds)), "per_token": options.per_token, "batch_size": options.batch_size,
                 "chunk_tokens": options.chunk_tokens, "fast_path": options.fast_path,
                 "stack_tokens": options.stack_tokens_for(model.cfg.device), "precision": options.precision}
     if options.precision != "fp32":
-        settings["check_sequences"] = check_sequences
+        settings["check_sequences"] = _check_sequences(check_sequences, len(tokens))
     if options.layer_effects:
         settings["layer_effects"] = True
+    return settings
 
-    out = None if out_dir is None else Path(out_dir)
+
+PARTIAL_TABLES = ("sums", "per_token", "effects", "precision_check")
+"""The tables of a :func:`sweep_partial` (``per_token``, ``effects`` and ``precision_check`` only
+when asked for)."""
+
+
+def sweep_partial(
+    model: Model,
+    tokens: Tokens,
+    kinds: Sequence[str] = PAPER_KINDS,
+    *,
+    first_sequence: int = 0,
+    per_token: bool = False,
+    progress: bool = True,
+    batch_size: int = 8,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    checkpoint_dir: str | Path | None = None,
+    fast_path: bool = True,
+    stack_tokens: int | None = None,
+    precision: str = "fp32",
+    check_sequences: int = 1,
+    layer_effects: bool = False,
+) -> dict[str, pd.DataFrame]:
+    """The additive part of :func:`robustness_sweep` on some sequences (one shard of a larger
+    batch): :func:`finish_sweep` of the partials of every shard equals the sweep of them all.
+
+    Nothing in a partial is a mean: ``sums`` holds, per plan (``plan_id``; -1 the unmodified
+    model) and sequence, the number of scored tokens and the float64 sums of each per-token
+    metric; ``per_token`` the per-token rows; ``effects`` the layer-effect sums per sequence.
+    Sequences are numbered from ``first_sequence``. A low-precision sweep's own precision check
+    runs in the shard that holds sequence 0 (``precision_check``). The other arguments are
+    :func:`robustness_sweep`'s; ``checkpoint_dir`` keeps each finished batch (resumed on a rerun).
+
+    Example:
+        >>> import torch
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=8, d_head=4, d_vocab=5, act_fn="relu"))
+        >>> t = torch.tensor([[0, 1, 2, 3, 4], [0, 2, 1, 4, 3]])
+        >>> parts = [sweep_partial(m, t[:1], progress=False), sweep_partial(m, t[1:], first_sequence=1, progress=False)]
+        >>> merged, whole = finish_sweep(parts).summary, robustness_sweep(m, t, progress=False).summary
+        >>> bool(((merged["kl_nats"] - whole["kl_nats"]).abs() < 1e-7).all()), merged["n_tokens"].tolist()
+        (True, [6, 6, 6, 6])
+    """
+    model = check_model(model)
+    source, tokens = tokens, check_tokens(model, tokens)
+    if isinstance(first_sequence, bool) or not isinstance(first_sequence, (int, np.integer)) or first_sequence < 0:
+        raise ValueError(f"first_sequence must be a sequence number (0 or more), got {first_sequence!r}")
+    options = EngineOptions(batch_size=batch_size, chunk_tokens=chunk_tokens, stack_tokens=stack_tokens,
+                            fast_path=fast_path, per_token=per_token, progress=progress, precision=precision,
+                            layer_effects=layer_effects)
+    settings = _settings(model, kinds, options, tokens, check_sequences)
+    if first_sequence:
+        settings["first_sequence"] = int(first_sequence)
+    plans, meta = _plans(model.cfg.n_layers, settings["kinds"])
     fingerprint: dict[str, Any] | None = None
     checkpoint: SweepCheckpoint | None = None
     batches: dict[int, BatchResult] = {}
-    if out is not None:
+    if checkpoint_dir is not None:
         fingerprint = sweep_fingerprint(model, tokens, settings)
-        if (out / PROVENANCE_FILE).exists():
-            finished = SweepResult.load(out)
-            refuse_mismatch(out, finished.provenance.get("settings", {}).get("fingerprint", {}), fingerprint)
-            return finished
-        checkpoint = SweepCheckpoint(out)
+        checkpoint = SweepCheckpoint(checkpoint_dir)
         batches = checkpoint.open(fingerprint, options.per_token)
-
-    for batch in iter_plan_batches(model, tokens, plans, options, skip=frozenset(batches)):
+    for batch in iter_plan_batches(model, tokens, plans, options, skip=frozenset(batches),
+                                   first_sequence=int(first_sequence)):
         if checkpoint is not None:
             checkpoint.save(batch)
         batches[batch.index] = batch
-
     ordered = [batches[k] for k in sorted(batches)]
-    table = aggregate(orders, n_layers, ordered)
+    record = provenance(model, source, analysis="robustness_sweep", **settings, fingerprint=fingerprint)
+    tables = {"sums": pd.concat([b.sums for b in ordered], ignore_index=True)}
+    if options.per_token:
+        tables["per_token"] = pd.concat([b.per_token for b in ordered if b.per_token is not None], ignore_index=True)
+    if options.layer_effects:
+        tables["effects"] = pd.concat([b.effects for b in ordered if b.effects is not None], ignore_index=True)
+    n_check = settings.get("check_sequences", 0)
+    if options.precision != "fp32" and n_check > 0 and first_sequence == 0:
+        check = precision_check(model, tokens, plans, check_plan_ids(*zip(*meta)), ordered, options, n_check)
+        tables["precision_check"] = check.table
+        record["precision_check"] = check.summary
+    for table in tables.values():
+        table.attrs["provenance"] = record
+    return tables
+
+
+def finish_sweep(partials: Sequence[dict[str, pd.DataFrame]]) -> SweepResult:
+    """The sweep's tables from the :func:`sweep_partial` of every shard (in any order): the sums
+    are pooled over all sequences (means over tokens, standard errors over the sequences' means),
+    never averaged shard by shard; the per-token rows are ordered by plan (the reference
+    first), sequence and position, whatever the batches and shards were.
+
+    The provenance is the first shard's, with ``shards`` (each shard's first sequence, sequences
+    and token digest) where there are several.
+    """
+    if not partials:
+        raise ValueError("finish_sweep needs at least one partial (sweep_partial's tables)")
+    parts = sorted(partials, key=lambda p: int(p["sums"]["sequence"].min()))
+    first = dict(parts[0]["sums"].attrs.get("provenance", {}))
+    settings = dict(first.get("settings", {}))
+    kinds, n_layers = settings.get("kinds"), first.get("model", {}).get("n_layers")
+    if kinds is None or n_layers is None:
+        raise ValueError("a partial lacks its provenance (settings.kinds, model.n_layers): give sweep_partial's tables")
+    for part in parts[1:]:
+        other = part["sums"].attrs.get("provenance", {})
+        if other.get("settings", {}).get("kinds") != kinds or other.get("model", {}).get("config_hash") != first["model"].get("config_hash"):
+            raise ValueError("partials of different sweeps (kinds or model differ) cannot be finished together")
+    seqs = np.concatenate([p["sums"]["sequence"].unique() for p in parts])
+    if len(np.unique(seqs)) != len(seqs):
+        raise ValueError("two partials hold the same sequence: each shard must hold its own sequences")
+    plans, meta = _plans(int(n_layers), kinds)
+    per_token = "per_token" in parts[0]
+    effects = "effects" in parts[0]
+    merged = BatchResult(0, pd.concat([p["sums"] for p in parts], ignore_index=True),
+                         pd.concat([p["per_token"] for p in parts], ignore_index=True) if per_token else None,
+                         pd.concat([p["effects"] for p in parts], ignore_index=True) if effects else None)
+    table = aggregate([p.order for p in plans], int(n_layers), [merged])
     summary = pd.DataFrame({
         "kind": [kind for kind, _ in meta],
         "layer": pd.array([layer for _, layer in meta], dtype="Int64"),
-        "relative_depth": [np.nan if layer is None else relative_depth(layer, n_layers) for _, layer in meta],
+        "relative_depth": [np.nan if layer is None else relative_depth(layer, int(n_layers)) for _, layer in meta],
     })
     for column in SUMMARY_COLUMNS[3:]:
         summary[column] = table[column].to_numpy()
     summary["n_tokens"] = summary["n_tokens"].astype(np.int64)
-
     tables = {"summary": summary}
-    if per_token:
-        tok = pd.concat([b.per_token for b in ordered if b.per_token is not None], ignore_index=True)
+    if per_token:  # one row order whatever the batches and shards: plan, sequence, position
+        tok = merged.per_token.sort_values(["plan_id", "sequence", "position"], kind="stable", ignore_index=True)
         plan_id = tok.pop("plan_id").to_numpy()
         tok.insert(0, "layer", pd.array(np.array([m[1] for m in meta], dtype=object)[plan_id], dtype="Int64"))
         tok.insert(0, "kind", np.array([m[0] for m in meta], dtype=object)[plan_id])
-        tables["per_token"] = tok[list(PER_TOKEN_COLUMNS)]
-
-    if options.layer_effects:
-        tables["layer_effects"] = _effects(ordered, meta, n_layers)
-
-    record = provenance(model, source, analysis="robustness_sweep", **settings,
-                        reference=table.attrs["reference"], fingerprint=fingerprint)
-    if options.precision != "fp32" and check_sequences > 0:
-        check = precision_check(model, tokens, plans, check_plan_ids(*zip(*meta)), ordered, options, check_sequences)
-        found = check.table.pop("plan_id").to_numpy()
-        check.table.insert(0, "layer", pd.array([meta[i][1] for i in found], dtype="Int64"))
-        check.table.insert(0, "kind", [meta[i][0] for i in found])
-        tables["precision_check"] = check.table.drop(columns="label")
-        record["precision_check"] = check.summary
-    result = SweepResult(tables, record)
-    if out is not None:
-        result.save(out)
-    return result
+        tables["per_token"] = tok[list(PER_TOKEN_COLUMNS)].reset_index(drop=True)
+    if effects:
+        tables["layer_effects"] = _effects([merged], meta, int(n_layers))
+    checks = [p["precision_check"] for p in parts if "precision_check" in p]
+    if checks:
+        check = checks[0].copy()
+        found = check.pop("plan_id").to_numpy()
+        check.insert(0, "layer", pd.array([meta[i][1] for i in found], dtype="Int64"))
+        check.insert(0, "kind", [meta[i][0] for i in found])
+        tables["precision_check"] = check.drop(columns="label")
+    settings["reference"] = table.attrs["reference"]
+    settings.pop("first_sequence", None)
+    record = {**first, "settings": settings}
+    if len(parts) > 1:
+        record["shards"] = [{"first_sequence": int(p["sums"]["sequence"].min()),
+                             "tokens": p["sums"].attrs.get("provenance", {}).get("tokens")} for p in parts]
+        record["settings"].pop("fingerprint", None)
+    return SweepResult(tables, record)

@@ -135,11 +135,13 @@ def iter_plan_batches(
     *,
     fwd_hooks: FwdHooks = (),
     skip: frozenset[int] = frozenset(),
+    first_sequence: int = 0,
 ) -> Iterator[BatchResult]:
     """The sweep one batch of sequences at a time (what :func:`evaluate_plans` aggregates).
 
     Plan ids in the results index the distinct orders of ``plans`` in first-seen order. Batches
-    whose index is in ``skip`` are not computed (used to resume from a checkpoint).
+    whose index is in ``skip`` are not computed (used to resume from a checkpoint). Sequences are
+    numbered from ``first_sequence`` (a shard of a larger batch keeps its sequences' numbers).
 
     Example:
         >>> import torch
@@ -166,7 +168,7 @@ def iter_plan_batches(
             batch = tokens[start : start + options.batch_size]
             with torch.inference_mode(), seam.hooks(fwd_hooks):
                 try:
-                    result = _run_batch(seam, batch, start, lay, len(orders), options, bool(fwd_hooks), ticker)
+                    result = _run_batch(seam, batch, first_sequence + start, lay, len(orders), options, bool(fwd_hooks), ticker)
                 finally:
                     set_step(seam.model, None)
             yield BatchResult(k, *result)
