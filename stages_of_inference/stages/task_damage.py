@@ -47,7 +47,8 @@ from stages_of_inference.interventions.step import set_step
 from stages_of_inference.precision import autocast, check_model_precision, compute_dtype
 from stages_of_inference.results import provenance, with_provenance
 
-__all__ = ["ClozeItem", "cloze_items", "cloze_scores", "generation_check", "load_cloze_items", "task_damage"]
+__all__ = ["ClozeItem", "cloze_items", "cloze_scores", "generation_check", "load_cloze_items", "task_damage",
+           "with_token_level"]
 
 ClozeItem = tuple[str, str]
 """A cloze item: ``(context, answer)``; the answer is the word that follows the context."""
@@ -366,6 +367,42 @@ def _accuracy_of(summary: pd.DataFrame, meta: Sequence[tuple[str, int | None]]) 
     return pd.Series([by_plan[key] for key in meta])
 
 
+def _token_level_note(token_level: pd.DataFrame | None | bool) -> str:
+    """What the token-level columns hold, for the provenance."""
+    if token_level is None:
+        return "every position of the cloze sequences"
+    if token_level is False:
+        return "not measured here (with_token_level fills it from a sweep)"
+    count = f" ({int(token_level['n_tokens'].iloc[0])} tokens per plan)" if "n_tokens" in token_level else ""
+    return "the accuracy of the given sweep" + count
+
+
+def with_token_level(table: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """A :func:`task_damage` table with its token-level columns (``token_accuracy``,
+    ``token_retained``) taken from a sweep's summary, as ``task_damage(..., token_level=summary)``
+    would give them.
+
+    Example:
+        >>> t = pd.DataFrame({"kind": ["none", "drop"], "layer": pd.array([None, 0], dtype="Int64"),
+        ...                   "token_accuracy": [np.nan, np.nan], "token_retained": [np.nan, np.nan]})
+        >>> s = pd.DataFrame({"kind": ["none", "drop"], "layer": pd.array([None, 0], dtype="Int64"), "accuracy": [.5, .25]})
+        >>> with_token_level(t, s)["token_retained"].tolist()
+        [1.0, 0.5]
+    """
+    meta = [(kind, None if pd.isna(layer) else int(layer)) for kind, layer in zip(table["kind"], table["layer"])]
+    tokens = _accuracy_of(summary, meta).to_numpy()
+    out = table.copy()
+    out["token_accuracy"] = tokens
+    out["token_retained"] = tokens / tokens[0] if tokens[0] > 0 else np.full(len(tokens), np.nan)
+    record = dict(table.attrs.get("provenance", {}))
+    if record:
+        settings = dict(record.get("settings", {}))
+        settings["token_level"] = _token_level_note(summary)
+        record["settings"] = settings
+    out.attrs["provenance"] = record
+    return out
+
+
 def task_damage(
     model: Model,
     items: Sequence[ClozeItem],
@@ -376,7 +413,7 @@ def task_damage(
     batch_size: int = 8,
     progress: bool = True,
     precision: str = "fp32",
-    token_level: pd.DataFrame | None = None,
+    token_level: pd.DataFrame | None | bool = None,
 ) -> pd.DataFrame:
     """Every single-block deletion and adjacent swap, scored at the task level (cloze accuracy,
     shared greedy continuation) beside token-level accuracy, each also as the share of the
@@ -397,7 +434,10 @@ def task_damage(
         progress: show progress bars.
         precision: the dtype of the model's products (:mod:`stages_of_inference.precision`).
         token_level: a summary of :func:`~stages_of_inference.robustness.robustness_sweep` (its
-            ``kind``, ``layer`` and ``accuracy`` columns) holding every plan scored here, or ``None``.
+            ``kind``, ``layer`` and ``accuracy`` columns) holding every plan scored here, ``None``
+            (measured on the cloze sequences), or ``False``: not measured, the token columns are
+            left empty for :func:`with_token_level` to fill from a sweep finished later (what a
+            distributed study does).
 
     Returns:
         One row per plan (``kind`` "none", "drop", "swap"; ``layer``; ``relative_depth``):
@@ -416,9 +456,17 @@ def task_damage(
     n = model.cfg.n_layers
     meta = [("none", None)] + [("drop", i) for i in range(n)] + [("swap", i) for i in range(n - 1)]
     plans = [LayerPlan.identity(n)] + [LayerPlan.drop(n, i) for i in range(n)] + [LayerPlan.swap(n, i) for i in range(n - 1)]
+    if token_level is True or not (token_level is None or token_level is False or isinstance(token_level, pd.DataFrame)):
+        raise ValueError("token_level must be a sweep summary (robustness_sweep(...).summary), None (measured on the "
+                         f"cloze sequences) or False (left for with_token_level), got {type(token_level).__name__}")
     cloze = cloze_scores(model, items, plans, context_tokens=context_tokens, batch_size=batch_size, progress=progress,
                          precision=precision, token_accuracy=token_level is None)
-    tokens = cloze["token_accuracy"] if token_level is None else _accuracy_of(token_level, meta)
+    if token_level is None:
+        tokens = cloze["token_accuracy"]
+    elif token_level is False:
+        tokens = pd.Series(np.full(len(meta), np.nan))
+    else:
+        tokens = _accuracy_of(token_level, meta)
     gen = generation_check(model, prompts, plans, new_tokens=new_tokens, batch_size=batch_size, progress=progress,
                            precision=precision)
 
@@ -440,8 +488,6 @@ def task_damage(
     record = provenance(model, None, analysis="task_damage", n_items=len(items), context_tokens=context_tokens,
                         n_prompts=int(prompts.shape[0]), prompt_tokens=int(prompts.shape[1]), new_tokens=new_tokens,
                         precision=precision, cloze="right when the top-1 is the true token at every answer piece",
-                        token_level="every position of the cloze sequences" if token_level is None else
-                        "the accuracy of the given sweep" + (f" ({int(token_level['n_tokens'].iloc[0])} tokens per plan)"
-                                                             if "n_tokens" in token_level else ""),
+                        token_level=_token_level_note(token_level),
                         generation="leading continuation tokens where the plan's top-1 is the unmodified model's greedy token")
     return with_provenance(df, record)

@@ -24,7 +24,7 @@ from stages_of_inference.batch import TokenBatch
 from stages_of_inference.results import Result
 from stages_of_inference.study import readings as rd
 
-__all__ = ["Analysis", "Context", "Figure", "PAPER_ANALYSES", "REGISTRY", "SUBJOINER_CHARS", "Style", "Tables",
+__all__ = ["Analysis", "Context", "Figure", "Finishing", "PAPER_ANALYSES", "REGISTRY", "SUBJOINER_CHARS", "Style", "Tables",
     "default_analyses", "fast_analyses", "register", "tables_of"]
 
 if TYPE_CHECKING:
@@ -49,7 +49,10 @@ class Context:
         progress: show progress bars.
         work_dir: a folder of the analysis' own for intermediate state (checkpoints); removed
             when the analysis' result is saved.
-        done: the results of the analyses already run (or reused) for this model.
+        done: the results of the analyses already run (or reused) for this model; in a
+            distributed study, only those the analysis ``needs``.
+        first_sequence: for a ``split`` analysis run on one shard, the number of its batch's
+            first sequence in the whole batch (``tokens`` or ``heavy`` is then the shard); else 0.
     """
 
     model: Any
@@ -59,6 +62,28 @@ class Context:
     progress: bool
     work_dir: Path
     done: dict[str, Result]
+    first_sequence: int = 0
+
+
+@dataclass(frozen=True)
+class Finishing:
+    """What an analysis' ``finish`` gets (no model: it runs where the study's tables are put
+    together, in the study, in ``merge`` or on a Ray driver).
+
+    Attributes:
+        config: the study's settings.
+        done: the finished results of the analyses before it in the study, for this model.
+    """
+
+    config: StudyConfig
+    done: dict[str, Result]
+
+
+def whole(parts: list[Tables], fin: Finishing) -> Tables:
+    """The ``finish`` of an analysis that runs as one task: its tables as they are."""
+    if len(parts) != 1:
+        raise ValueError(f"an analysis that is not split runs as one task; got {len(parts)} sets of tables")
+    return parts[0]
 
 
 @dataclass(frozen=True)
@@ -96,6 +121,16 @@ class Analysis:
         bridge: runs on the ``TransformerBridge`` backend (every built-in analysis does; an
             analysis registered with ``False`` needs a ``HookedTransformer``, and a study on the
             Bridge leaves it out and says so).
+        split: ``compute`` can run on shards of its token batch (``ctx.tokens`` or ``ctx.heavy``
+            is then one shard, ``ctx.first_sequence`` its first sequence's number) and returns
+            additive tables (sums and counts per sequence, never means); ``finish`` pools the
+            shards' tables. A distributed study splits only these (docs/distributed.md).
+        finish: puts the tables of the analysis' tasks together (one task unless ``split``), and
+            may add what it reads from the finished analyses before it (``Finishing.done``):
+            cheap, and without the model. Default: the one task's tables as they are.
+        needs: analyses whose finished results ``compute`` reads from ``ctx.done`` (when they are
+            part of the study): a distributed study finishes them first, and a ``--shard`` run
+            keeps them in the same shard. They must not be ``split``.
     """
 
     name: str
@@ -106,6 +141,9 @@ class Analysis:
     fast: bool = False
     default: bool = True
     bridge: bool = True
+    split: bool = False
+    finish: Callable[[list[Tables], Finishing], Tables] = whole
+    needs: tuple[str, ...] = ()
 
 
 REGISTRY: dict[str, Analysis] = {}
@@ -129,6 +167,12 @@ def register(analysis: Analysis, *, replace: bool = False) -> Analysis:
         raise ValueError(f"an analysis named {analysis.name!r} is registered already (pass replace=True to replace it)")
     if analysis.tokens not in ("main", "heavy", "none"):
         raise ValueError(f"tokens must be 'main', 'heavy' or 'none', got {analysis.tokens!r}")
+    if analysis.split and analysis.tokens == "none":
+        raise ValueError(f"{analysis.name}: a split analysis reads a token batch (tokens 'main' or 'heavy'), not 'none'")
+    for need in analysis.needs:
+        if need not in REGISTRY or REGISTRY[need].split:
+            raise ValueError(f"{analysis.name} needs {need!r}, which is not an analysis registered before it "
+                             "that runs as one task (needs name earlier analyses that are not split)")
     REGISTRY[analysis.name] = analysis
     return analysis
 
@@ -150,18 +194,25 @@ def _one(name: str, title: str, analysis: str, key: str, draw: Callable[[list[pd
 
 # --------------------------------------------------------------------------- the paper's analyses
 def _robustness(ctx: Context) -> Tables:
+    """The sweep's additive part on ``ctx.tokens`` (the whole batch, or one shard of it)."""
     from stages_of_inference.interventions.checkpoint import CheckpointMismatchError
-    from stages_of_inference.robustness import robustness_sweep
+    from stages_of_inference.robustness import sweep_partial
 
-    def sweep() -> Any:
-        return robustness_sweep(ctx.model, ctx.tokens, per_token=True, progress=ctx.progress,
-                                batch_size=ctx.config.batch_size, out_dir=ctx.work_dir, precision=ctx.config.precision,
-                                layer_effects=True)
+    def sweep() -> Tables:
+        return sweep_partial(ctx.model, ctx.tokens, first_sequence=ctx.first_sequence, per_token=True,
+                             progress=ctx.progress, batch_size=ctx.config.batch_size, checkpoint_dir=ctx.work_dir,
+                             precision=ctx.config.precision, layer_effects=True)
     try:
-        return dict(sweep().tables)
+        return sweep()
     except CheckpointMismatchError:  # another sweep's checkpoint: start over
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
-        return dict(sweep().tables)
+        return sweep()
+
+
+def _robustness_finish(parts: list[Tables], fin: Finishing) -> Tables:
+    from stages_of_inference.robustness import finish_sweep
+
+    return dict(finish_sweep(parts).tables)
 
 
 def _robustness_figures(study: Study, style: Style) -> list[Figure]:
@@ -351,7 +402,7 @@ def _heavy(config: StudyConfig) -> dict[str, Any]:
 register(Analysis(
     "robustness", _robustness,
     lambda c: {"kinds": ["drop", "swap"], "per_token": True, "layer_effects": True, **_batch(c)},
-    figures=_robustness_figures, fast=True))
+    figures=_robustness_figures, fast=True, split=True, finish=_robustness_finish))
 register(Analysis(
     "previous_token_attention", _attention, lambda c: {"k": c.k, **_batch(c)},
     figures=_one("previous_token_attention", "Stage 1: attention to the previous tokens", "previous_token_attention",
@@ -380,7 +431,7 @@ register(Analysis(
     "sharpening", _sharpening,
     lambda c: {"convention": "per_layer_norm", "kurtosis_threshold": c.kurtosis_threshold, "last_k": [1, 2, 3],
                **_heavy(c)},
-    tokens="heavy",
+    tokens="heavy", needs=("neurons", "logit_lens"),
     figures=_one("sharpening", "Stage 4: residual sharpening", "sharpening", "profile", _plot("sharpening_profile"),
                  rd.read_sharpening)))
 register(Analysis(
@@ -420,10 +471,23 @@ def _task(ctx: Context) -> Tables:
         items = td.cloze_items([t[:SUBJOINER_CHARS] for t in _corpus_texts(config.corpus)], n_items=config.cloze_items,
                                seed=config.seed, context_chars=CLOZE_CONTEXT_CHARS)
     prompts = ctx.tokens.tokens[: config.generation_prompts, :GENERATION_PROMPT_TOKENS]
-    sweep = ctx.done.get("robustness")  # the paper's token-level accuracy, on the main batch: not measured again
+    # with the sweep in the study, the paper's token-level accuracy is read from it (finish), not measured again
+    later = "robustness" in config.analyses
     return {"task": td.task_damage(ctx.model, items, prompts, context_tokens=CLOZE_CONTEXT_TOKENS, new_tokens=NEW_TOKENS,
                                    batch_size=config.batch_size, progress=ctx.progress, precision=config.precision,
-                                   token_level=None if sweep is None else sweep["summary"])}
+                                   token_level=False if later else None)}
+
+
+def _task_finish(parts: list[Tables], fin: Finishing) -> Tables:
+    from stages_of_inference.stages import task_damage as td
+
+    tables = whole(parts, fin)
+    if "robustness" not in fin.config.analyses:
+        return tables
+    if "robustness" not in fin.done:
+        raise ValueError("the task analysis reads its token-level accuracy from the robustness sweep, "
+                         "which this model's study has not finished")
+    return {"task": td.with_token_level(tables["task"], fin.done["robustness"]["summary"])}
 
 
 def _task_settings(c: StudyConfig) -> dict[str, Any]:
@@ -463,21 +527,30 @@ def _sublayers(ctx: Context) -> Tables:
     beside them the whole-block deletions on the same tokens, read from the robustness sweep's
     per-token table (a prefix of a sequence gives its positions the same predictions: causal).
     """
-    from stages_of_inference.robustness import robustness_sweep, summary_on
+    from stages_of_inference.robustness import robustness_sweep
 
     n_pos = _sublayer_positions(ctx.config)
     tokens = replace(ctx.heavy, tokens=ctx.heavy.tokens[:, :n_pos])
     result = robustness_sweep(ctx.model, tokens, kinds=SUBLAYER_KINDS, progress=ctx.progress,
                               batch_size=ctx.config.batch_size, precision=ctx.config.precision)
-    tables = dict(result.tables)
-    sweep = ctx.done.get("robustness")
+    return dict(result.tables)
+
+
+def _sublayers_finish(parts: list[Tables], fin: Finishing) -> Tables:
+    """The sublayer sweep, and the robustness sweep's whole-block deletions on the same tokens."""
+    from stages_of_inference.robustness import summary_on
+
+    tables = dict(whole(parts, fin))
+    sweep = fin.done.get("robustness")
     if sweep is not None and "per_token" in sweep.tables:
+        n_pos, n_seq = _sublayer_positions(fin.config), fin.config.heavy_sequences
+        record = tables["summary"].attrs.get("provenance", {})
         per_token = sweep["per_token"]
         same = per_token[per_token["position"] <= n_pos - 2]  # the positions scored in the prefix
-        blocks = summary_on(same, range(len(tokens)), ctx.model.cfg.n_layers)
+        blocks = summary_on(same, range(n_seq), int(record["model"]["n_layers"]))
         tables["blocks"] = blocks[blocks["kind"] == "drop"].reset_index(drop=True)
-        tables["blocks"].attrs["provenance"] = {**result.provenance, "analysis": "robustness_sweep (per-token subset)",
-                                                "sequences": len(tokens), "positions": f"1 .. {n_pos - 2}"}
+        tables["blocks"].attrs["provenance"] = {**record, "analysis": "robustness_sweep (per-token subset)",
+                                                "sequences": n_seq, "positions": f"1 .. {n_pos - 2}"}
     return tables
 
 
@@ -500,10 +573,10 @@ def _with_blocks(summary: pd.DataFrame, blocks: pd.DataFrame | None) -> pd.DataF
 
 
 register(Analysis(
-    "task", _task, _task_settings, figures=_task_figures))
+    "task", _task, _task_settings, figures=_task_figures, finish=_task_finish))
 register(Analysis(
     "sublayers", _sublayers, lambda c: {"kinds": list(SUBLAYER_KINDS), "positions": _sublayer_positions(c), **_heavy(c)},
-    tokens="heavy",
+    tokens="heavy", finish=_sublayers_finish,
     figures=_sublayer_figures))
 register(Analysis(
     "sinks", _sinks, _batch,

@@ -56,9 +56,9 @@ from stages_of_inference.results import (
 from stages_of_inference.stages.placement import place_stages
 from stages_of_inference.study.config import DEFAULT_OUT_DIR, StudyConfig
 from stages_of_inference.study.html import build_report
-from stages_of_inference.study.registry import REGISTRY, Analysis, Context
+from stages_of_inference.study.registry import REGISTRY, Analysis, Context, Finishing, Tables
 
-__all__ = ["STUDY_FILE", "Study", "StudyMismatchError", "fingerprint", "load_study", "run_study", "slug"]
+__all__ = ["STUDY_FILE", "Study", "StudyMismatchError", "batch_identity", "finished_result", "fingerprint", "load_study", "run_study", "slug"]
 
 STUDY_FILE = "study.json"
 """The study's settings, in its folder."""
@@ -118,17 +118,39 @@ class StudyMismatchError(ValueError):
 
 
 
-def fingerprint(analysis: Analysis, config: StudyConfig, model_id: dict[str, Any], batches: dict[str, TokenBatch]) -> dict[str, Any]:
+def batch_identity(batch: TokenBatch) -> dict[str, Any]:
+    """What a fingerprint records of a token batch: its seed, digest and shape."""
+    return {"seed": batch.seed, "tokens_sha256": token_digest(batch.tokens), "tokens_shape": list(batch.shape)}
+
+
+def fingerprint(analysis: Analysis, config: StudyConfig, model_id: dict[str, Any],
+                batches: dict[str, TokenBatch] | dict[str, dict[str, Any]]) -> dict[str, Any]:
     """What a finished analysis' numbers depend on: the model, the corpus, the token batch it
     read (digest and shape) and its registry settings. A result is reused only when it matches.
+    ``batches`` holds the token batches, or their :func:`batch_identity` (what a Ray driver,
+    which loads no model, knows of them).
     """
     data: dict[str, Any] = {"corpus": config.corpus}
     if analysis.tokens != "none":
         batch = batches[analysis.tokens]
-        data["seed"] = batch.seed
-        data["tokens_sha256"] = token_digest(batch.tokens)
-        data["tokens_shape"] = list(batch.shape)
+        data.update(batch if isinstance(batch, dict) else batch_identity(batch))
     return {"analysis": analysis.name, **model_id, **data, "settings": analysis.settings(config)}
+
+
+def finished_result(analysis: Analysis, parts: list[Tables], config: StudyConfig, done: dict[str, Result],
+                    study_fp: dict[str, Any], batch_record: dict[str, Any] | None, seconds: float) -> Result:
+    """An analysis' finished result from the tables of its tasks, with the study's provenance:
+    the model's name, the batch it read (corpus, seed, digest), its fingerprint and the settings.
+    """
+    tables = analysis.finish(parts, Finishing(config, done))
+    record = dict(next(iter(tables.values())).attrs.get("provenance", {}))
+    record["model"] = {**record.get("model", {}), "name": study_fp["model"]}
+    if batch_record is not None:  # the batch it read, with its corpus and seed, stated explicitly
+        record["tokens"] = batch_record
+    record["study_fingerprint"] = study_fp
+    record["study"] = config.to_dict()
+    record["study_seconds"] = round(seconds, 1)
+    return Result({k: v.copy() for k, v in tables.items()}, record)
 
 
 def _load_if_matching(folder: Path, fingerprint: dict[str, Any], on_mismatch: str,
@@ -172,6 +194,9 @@ def run_study(
     log: Callable[[str], None] | None = print,
     write_report: bool = True,
     precision: str = "fp32",
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_options: Any = None,
 ) -> Study:
     """Run every analysis of the four stages on each model and write a self-contained report.
 
@@ -197,6 +222,13 @@ def run_study(
         precision: ``"fp32"`` (the paper's setting), ``"bf16"`` or ``"fp16"``: the dtype of the models'
             matrix products and attention in every analysis (:mod:`stages_of_inference.precision`);
             the report then says how far the sweep's numbers moved from fp32.
+        engine: ``"local"`` (this process, one model at a time) or ``"ray"``: tasks on a Ray
+            cluster (:mod:`stages_of_inference.study.distributed`; needs the ``ray`` extra), the
+            same tables within fp32 rounding (docs/distributed/).
+        ray_address: with ``engine="ray"``: ``None`` starts a local cluster with this machine's
+            cores, ``"auto"`` joins the one running here, ``"host:port"`` joins that head.
+        ray_options: with ``engine="ray"``: a :class:`~stages_of_inference.study.distributed.RayOptions`
+            (workers, CPUs and GPUs per worker, shards, retries); ``ray_address`` overrides its address.
 
     Returns:
         A :class:`Study`; the report is at ``study.report``.
@@ -215,8 +247,12 @@ def run_study(
                              **({} if analyses is None else {"analyses": tuple(analyses)}))
     if on_mismatch not in ("recompute", "error"):
         raise ValueError(f"on_mismatch must be 'recompute' or 'error', got {on_mismatch!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     say = log or (lambda _: None)
     out = check_output_path(out_dir, "out_dir folder")
+    if engine == "ray":
+        return _run_on_ray(config, out, loaded, on_mismatch, write_report, say, ray_address, ray_options)
     study = Study(config=config, out_dir=out)
     started = time.perf_counter()
     with _study_folder(out, say):
@@ -224,6 +260,35 @@ def run_study(
     say(f"all analyses done in {time.perf_counter() - started:.0f} s")
     # written last: a run refused or interrupted part-way leaves the folder's record as it was
     atomic_write_json(out / STUDY_FILE, config.to_dict())
+    if write_report:
+        build_report(study)
+        say(f"report: {study.report}")
+    return study
+
+
+ENGINES = ("local", "ray")
+"""Where a study runs: this process, or a Ray cluster."""
+
+
+def _run_on_ray(config: StudyConfig, out: Path, loaded: dict[str, Any], on_mismatch: str, write_report: bool,
+                say: Callable[[str], None], address: str | None, options: Any) -> Study:
+    from dataclasses import replace
+
+    from stages_of_inference.study.distributed import RayOptions, run_on_ray
+
+    if loaded:
+        raise ValueError("a study on Ray loads its models by name inside the workers; give names (or folders), "
+                         f"not loaded models ({', '.join(loaded)})")
+    if options is None:
+        options = RayOptions()
+    if not isinstance(options, RayOptions):
+        raise TypeError(f"ray_options must be a RayOptions, got {type(options).__name__}")
+    if address is not None:
+        options = replace(options, address=address)
+    started = time.perf_counter()
+    with _study_folder(out, say):
+        study = run_on_ray(config, out, options, on_mismatch=on_mismatch, write_report=False, say=say)
+    say(f"all analyses done in {time.perf_counter() - started:.0f} s")
     if write_report:
         build_report(study)
         say(f"report: {study.report}")
@@ -254,9 +319,8 @@ def _run_models(study: Study, loaded: dict[str, Any], on_mismatch: str, progress
     import stages_of_inference as soi
 
     config, out = study.config, study.out_dir
-    slugs: dict[str, str] = {}
+    slugs = study_slugs(config)
     for name in config.models:
-        slugs[name] = _unique(slug(name), set(slugs.values()))
         t0 = time.perf_counter()
         model = loaded[name] if name in loaded else soi.load_model(name, device=config.device, backend=config.backend)
         on_bridge = backend_of(model) == "bridge"
@@ -282,6 +346,14 @@ def _unique(name: str, taken: set[str]) -> str:
     while name in taken:
         name += "_"
     return name
+
+
+def study_slugs(config: StudyConfig) -> dict[str, str]:
+    """Each model's folder name in the study folder (two names with one slug get ``_`` suffixes)."""
+    slugs: dict[str, str] = {}
+    for name in config.models:
+        slugs[name] = _unique(slug(name), set(slugs.values()))
+    return slugs
 
 
 @dataclass(frozen=True)
@@ -312,15 +384,9 @@ def _run_one(study: Study, analysis: Analysis, subject: _Subject, on_mismatch: s
     t0 = time.perf_counter()
     work = subject.folder / f".{analysis.name}.work"
     ctx = Context(model, batches["main"], batches["heavy"], config, progress, work, done)
-    tables = analysis.compute(ctx)
-    record = dict(next(iter(tables.values())).attrs.get("provenance", {}))
-    record["model"] = {**record.get("model", {}), "name": name}
-    if analysis.tokens != "none":  # the batch it read, with its corpus and seed, stated explicitly
-        record["tokens"] = batches[analysis.tokens].describe()
-    record["study_fingerprint"] = print_fp
-    record["study"] = config.to_dict()
-    record["study_seconds"] = round(time.perf_counter() - t0, 1)
-    result = Result({k: v.copy() for k, v in tables.items()}, record)
+    batch_record = None if analysis.tokens == "none" else batches[analysis.tokens].describe()
+    result = finished_result(analysis, [analysis.compute(ctx)], config, done, print_fp, batch_record,
+                             time.perf_counter() - t0)
     result.save(where, fmt=config.table_format)
     shutil.rmtree(work, ignore_errors=True)
     done[analysis.name] = result
