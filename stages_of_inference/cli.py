@@ -3,15 +3,18 @@
 Commands:
 
 * ``run``: the main job, the whole study (:func:`stages_of_inference.study.run_study`) on one or
-  more models; writes ``report.html`` and the data files into ``--out-dir``;
+  more models; writes ``report.html`` and the data files into ``--out-dir``; with ``--ray`` on a
+  Ray cluster, with ``--shard I/N`` one shard of it (task results only);
+* ``merge``: the task results of ``--shard`` runs, merged into one study and its report;
 * ``sweep``: the deletion / swap robustness sweep alone, printed (and saved with ``--out``);
 * ``neurons``: prediction and suppression neurons per layer (the weights alone, no text);
 * ``lens``: the logit-lens trajectory in one or both conventions;
 * ``models``: the known models, which are installed, how to get the rest.
 
 Exit codes: 0 done; 2 a bad argument or input (one readable line on stderr); 3 a model that
-cannot be had here (not installed, hub unreachable); 4 ``--out-dir`` holds a study made with other
-settings and ``--on-mismatch error`` was given; 130 interrupted (Ctrl-C; ``run`` resumes from
+cannot be had here (not installed, hub unreachable) or a Ray head that does not answer; 4
+``--out-dir`` holds a study made with other settings and ``--on-mismatch error`` was given; 5 a
+task of a distributed study failed (its worker died too often, or it raised); 130 interrupted (Ctrl-C; ``run`` resumes from
 where it stopped when started again with the same ``--out-dir``). Anything else is a bug and
 prints a traceback (exit code 1).
 """
@@ -26,13 +29,15 @@ from pathlib import Path
 
 from stages_of_inference._checks import BACKEND_CHOICES, PRECISIONS
 
-__all__ = ["DEFAULT_MODEL", "EXIT_INTERRUPTED", "EXIT_MISMATCH", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE",
+__all__ = ["DEFAULT_MODEL", "EXIT_INTERRUPTED", "EXIT_MISMATCH", "EXIT_OK", "EXIT_TASK_FAILED", "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
     "build_parser", "main"]
 
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_MISMATCH = 4
+EXIT_TASK_FAILED = 5
 EXIT_INTERRUPTED = 130
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -101,13 +106,50 @@ def _run(args: argparse.Namespace) -> int:
 
     config = from_args(args)
     models = config.models
+    if args.ray is not None and args.shard is not None:
+        raise ValueError("--ray and --shard are two ways to split a study: give one")
+    given = [flag for flag, value, default in (("--workers", args.workers, None), ("--shards", args.shards, None),
+                                               ("--cpus-per-worker", args.cpus_per_worker, 1.0),
+                                               ("--gpus-per-worker", args.gpus_per_worker, None),
+                                               ("--max-retries", args.max_retries, 2)) if value != default]
+    if given and args.ray is None:
+        raise ValueError(f"{', '.join(given)} set how a study runs on Ray: add --ray [ADDRESS]")
     out_dir = Path(args.out_dir) if args.out_dir else Path("reports") / "+".join(
         "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in Path(m).name) for m in models)
     _preflight(args, corpus=config.corpus, out_dir=out_dir)
     started = time.perf_counter()
+    if args.shard is not None:
+        from stages_of_inference.study.sharded import parse_shard, run_shard
+
+        shard, n_shards = parse_shard(args.shard)
+        run_shard(config, shard, n_shards, out_dir, progress=not args.quiet, log=print)
+        print(f"shard done in {time.perf_counter() - started:.0f} s")
+        return EXIT_OK
+    engine = {} if args.ray is None else {"engine": "ray", "ray_address": None if args.ray == LOCAL_RAY else args.ray,
+                                          "ray_options": _ray_options(args)}
     study = run_study(config=config, out_dir=out_dir, on_mismatch=args.on_mismatch, progress=not args.quiet,
-                      log=print)
+                      log=print, **engine)
     print(f"done in {time.perf_counter() - started:.0f} s; open {study.report.resolve()} in a browser")
+    return EXIT_OK
+
+
+LOCAL_RAY = "local"
+"""``--ray`` with no address: a local Ray cluster on this machine's cores."""
+
+
+def _ray_options(args: argparse.Namespace):  # noqa: ANN202 - a RayOptions
+    from stages_of_inference.study.distributed import RayOptions
+
+    return RayOptions(workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                      shards=args.shards, max_retries=args.max_retries)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from stages_of_inference.study.sharded import merge_studies
+
+    _preflight(args, out_dir=args.out_dir)
+    study = merge_studies(args.folders, args.out_dir, log=print)
+    print(f"open {study.report.resolve()} in a browser")
     return EXIT_OK
 
 
@@ -218,6 +260,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _distributed_options(run: argparse.ArgumentParser) -> None:
+    from stages_of_inference.study.config import _positive
+
+    group = run.add_argument_group("distributed", "split the study over processes (docs/distributed/)")
+    group.add_argument("--ray", nargs="?", const=LOCAL_RAY, default=None, metavar="ADDRESS",
+                       help="run on Ray (pip install 'stages-of-inference[ray]'): alone, a local cluster on this "
+                            "machine's cores; 'auto' the cluster running here; host:port that head")
+    group.add_argument("--workers", type=_positive, default=None,
+                       help="with --ray: actors alive at once (default: as many as the cluster's GPUs or CPUs allow)")
+    group.add_argument("--cpus-per-worker", type=float, default=1.0,
+                       help="with --ray: CPUs (and torch threads) per actor (default: %(default)s)")
+    group.add_argument("--gpus-per-worker", type=float, default=None,
+                       help="with --ray: GPUs per actor, a fraction lets small models share one (default: 1 where "
+                            "the cluster has GPUs, else 0)")
+    group.add_argument("--shards", type=_positive, default=None,
+                       help="with --ray: shards of the sweep's batch (default: one per worker)")
+    group.add_argument("--max-retries", type=int, default=2,
+                       help="with --ray: runs of a task again after its worker died (default: %(default)s)")
+    group.add_argument("--shard", default=None, metavar="I/N",
+                       help="run shard I of N (1 <= I <= N) and write its task results only; then `merge` the folders")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``stages-of-inference`` command."""
     from stages_of_inference.study.config import add_options
@@ -242,7 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--on-mismatch", choices=("recompute", "error"), default="recompute",
                      help="what to do with a finished analysis in --out-dir made with other settings (default: %(default)s)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    _distributed_options(run)
     run.set_defaults(func=_run)
+
+    merge = sub.add_parser(
+        "merge", help="merge the task results of --shard runs into one study and its report",
+        description="Read the task results that `run --shard I/N` wrote into each folder, check that every shard "
+                    "of one study is there, pool them and write the study (data files and report.html) into "
+                    "--out-dir, as a one-process run would.")
+    merge.add_argument("folders", nargs="+", metavar="DIR", help="the --out-dir of each --shard run")
+    merge.add_argument("--out-dir", required=True, help="the study's folder")
+    merge.add_argument("--quiet", action="store_true", help="no progress bars")
+    merge.set_defaults(func=_merge)
 
     sweep = sub.add_parser("sweep", help="delete every block and swap every adjacent pair; print the damage",
                            description="The robustness sweep alone: KL, loss, accuracy retained and top-1 agreement "
@@ -282,17 +357,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stages-of-inference`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     from stages_of_inference.models import UnavailableError
+    from stages_of_inference.study.distributed import TaskFailedError
     from stages_of_inference.study.run import StudyMismatchError
 
     try:
         return int(args.func(args))
-    except UnavailableError as error:
+    except (UnavailableError, ConnectionError) as error:
         print(f"stages-of-inference: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except TaskFailedError as error:
+        print(f"stages-of-inference: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_TASK_FAILED
     except StudyMismatchError as error:
         print(f"stages-of-inference: {error}", file=sys.stderr)
         return EXIT_MISMATCH
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, NotImplementedError) as error:
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, NotImplementedError, ImportError) as error:
         print(f"stages-of-inference: error: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -5,6 +5,9 @@
 * :mod:`~stages_of_inference.study.registry`: one :class:`Analysis` entry per analysis (its settings,
   how it runs, its figures, its reading); :func:`register` adds one;
 * :mod:`~stages_of_inference.study.run`: :func:`run_study`, reuse of finished results, :func:`load_study`;
+* :mod:`~stages_of_inference.study.tasks`: the study as tasks (analysis, model, shard), their
+  content-addressed results; :mod:`~stages_of_inference.study.sharded`: ``--shard I/N`` and
+  ``merge``; :mod:`~stages_of_inference.study.distributed`: the Ray engine (docs: distributed/);
 * :mod:`~stages_of_inference.study.readings` and :mod:`~stages_of_inference.study.html`: the report.
 """
 
@@ -19,6 +22,7 @@ _NAMES = {
     "DEFAULT_OUT_DIR": "config", "StudyConfig": "config", "build_report": "html", "REGISTRY": "registry",
     "Analysis": "registry", "Context": "registry", "Figure": "registry", "Style": "registry", "register": "registry",
     "Study": "run", "StudyMismatchError": "run", "load_study": "run", "run_study": "run",
+    "Finishing": "registry", "merge_studies": "sharded", "run_shard": "sharded", "RayOptions": "distributed",
 }
 
 __all__ = sorted(_NAMES)
