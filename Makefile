@@ -30,7 +30,7 @@ define environment
 	touch $(1)/.installed
 endef
 
-# .venv has the Ray extra: the distributed tests start a local Ray cluster (loopback only)
+# .venv has the Ray extra: the distributed tests start a local Ray cluster (this machine only)
 $(STAMP): pyproject.toml Makefile
 	$(call environment,$(VENV),$(TL3_SPEC),dev$(comma)ray)
 

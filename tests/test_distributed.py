@@ -2,7 +2,7 @@
 
 The reference everywhere is the one-process study (``run_study`` with the local engine) on the
 same models, text and settings: the split study must give the same tables within 1e-6 (KL and
-loss in nats, standard errors included). The Ray tests start a local Ray cluster (loopback only)
+loss in nats, standard errors included). The Ray tests start a local Ray cluster (this machine only)
 with two worker processes and stop it at the end of each test, failed or not. Without Ray
 installed they are skipped, unless ``SOI_REQUIRE_RAY=1`` (``make test`` sets it): then they fail.
 """
@@ -295,12 +295,16 @@ def test_ray_two_workers_two_models_equal_the_one_process_study(tmp_path: Path, 
     study = run_study(config=config, out_dir=tmp_path / "ray", log=lines.append, engine="ray",
                       ray_options=RayOptions(workers=2, shards=3))
     assert_same_study(reference, study)
-    assert study.report.exists()
+    assert study.report.exists() and not (tmp_path / "ray" / "tasks").exists(), "finished: the task results are gone"
     pids = {line.split("worker pid ")[1].split()[0] for line in lines if "worker pid" in line}
     assert len(pids) >= 2, "the tasks ran on two worker processes"
     import ray
 
     assert not ray.is_initialized(), "the local cluster the study started is stopped"
+    with pytest.raises(ValueError, match="each worker asks for 1 GPU, and the cluster has 0"):
+        run_study(config=config, out_dir=tmp_path / "gpu", log=None, engine="ray",
+                  ray_options=RayOptions(workers=1, gpus_per_worker=1))
+    assert not ray.is_initialized()
 
 
 def _one_process_sweep(tmp_path: Path, real_model):  # noqa: ANN001, ANN202

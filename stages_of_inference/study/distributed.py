@@ -15,7 +15,8 @@ dies during a task (killed, out of memory, its node lost) is replaced and the ta
 to ``max_retries`` times; then the study stops with an error naming the task. An exception
 raised inside a task (bad input, a bug) is not retried: it stops the study, naming the task.
 When every task is in, the analyses are finished from the stored tables, as ``merge`` does
-(:func:`stages_of_inference.study.sharded.finish_study`).
+(:func:`stages_of_inference.study.sharded.finish_study`), and the task results are removed: the
+study folder then holds what a one-process study writes.
 
 Ray is an optional dependency (``pip install 'stages-of-inference[ray]'``); importing this module
 does not import it.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from collections import Counter
@@ -36,7 +38,15 @@ from typing import Any
 from stages_of_inference.results import Result
 from stages_of_inference.study.config import StudyConfig
 from stages_of_inference.study.registry import REGISTRY
-from stages_of_inference.study.tasks import Task, TaskStore, decode_tables, encode_tables, study_tasks, task_address
+from stages_of_inference.study.tasks import (
+    TASKS_DIR,
+    Task,
+    TaskStore,
+    decode_tables,
+    encode_tables,
+    study_tasks,
+    task_address,
+)
 
 __all__ = ["RayOptions", "TaskFailedError", "run_on_ray"]
 
@@ -206,6 +216,10 @@ class _Driver:
         if gpus is None:
             gpus = 1.0 if resources.get("GPU", 0) > 0 and config.device != "cpu" else 0.0
         self.gpus = float(gpus)
+        for kind, asked in (("CPU", options.cpus_per_worker), ("GPU", self.gpus)):
+            if asked > resources.get(kind, 0):  # such an actor would wait forever for a place
+                raise ValueError(f"each worker asks for {asked:g} {kind}, and the cluster has {resources.get(kind, 0):g}: "
+                                 f"ask for less ({'--cpus-per-worker' if kind == 'CPU' else '--gpus-per-worker'})")
         fit = int(resources.get("GPU", 0) // self.gpus) if self.gpus > 0 else int(resources.get("CPU", 1) // options.cpus_per_worker)
         self.capacity = options.workers or max(1, fit)
         self.n_shards = options.shards_for(self.capacity)
@@ -288,7 +302,13 @@ class _Driver:
         from stages_of_inference.study.run import _load_if_matching, fingerprint, study_slugs
 
         state = self.models[name]
-        if state.identity is not None:
+        if state.identity is not None:  # a second worker of the model: it must hold the same model and text
+            for key in ("model_id", "batches"):
+                if identity[key] != state.identity[key]:
+                    raise TaskFailedError(
+                        f"two workers of {name} disagree on its {'weights' if key == 'model_id' else 'token batch'} "
+                        f"({state.identity['host']} and {identity['host']}): install the same model and versions on "
+                        "every node")
             return
         state.identity = identity
         folder = self.out / study_slugs(self.config)[name]
@@ -326,7 +346,7 @@ class _Driver:
         done = sum(1 for t in self.results if (t.model, t.analysis) not in self.reused)
         running = sum(1 for a in self.actors.values() if a.task is not None)
         self.say(f"  {task.label}: {result.provenance['task']['seconds']:.1f} s on worker pid {actor.pid} "
-                 f"[{done} of {self.total} tasks done, {running} running, {sum(self.retries.values())} retried]")
+                 f"[{done} of {self.total} tasks done, {running} running, {sum(self.retries.values())} failed and run again]")
         self._finish_if_needed(task.model, task.analysis)
 
     def _finish_if_needed(self, name: str, analysis: str) -> None:
@@ -407,4 +427,6 @@ def run_on_ray(config: StudyConfig, out: Path, options: RayOptions, *, on_mismat
         if own:
             ray.shutdown()
     say(f"ray: every task done in {time.perf_counter() - started:.0f} s")
-    return finish_study(config, out, results, left_out, reused=reused, write_report=write_report, say=say)
+    study = finish_study(config, out, results, left_out, reused=reused, write_report=write_report, say=say)
+    shutil.rmtree(out / TASKS_DIR, ignore_errors=True)  # finished: the analyses' folders hold it all
+    return study

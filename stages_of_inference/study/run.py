@@ -12,6 +12,8 @@ profile with final-block deletions, and layer repetition), places the stages
       figures/<name>.png           static figures, only where a static exporter (kaleido) works
       <model>/<analysis>/          one folder per analysis: <table>.parquet (or .csv), its
                                    <table>.parquet.json provenance, and provenance.json
+      tasks/                       while a distributed study runs: its finished task results
+                                   (docs/distributed/), removed when the study is finished
 
 Every write is atomic (a temporary file or folder, then a rename). A study interrupted and started
 again with the same ``out_dir`` reuses each finished analysis whose recorded fingerprint (model
