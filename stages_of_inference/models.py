@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -547,6 +548,30 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
+_NAMED = re.compile("llama|gemma", flags=re.IGNORECASE)
+"""What TransformerLens 3.x reads in a model name as "one of mine" (its convert_hf_model_config)."""
+
+
+@contextlib.contextmanager
+def _neutral_name(folder: Path) -> Iterator[str]:
+    """A path to ``folder`` that TransformerLens 3.x reads by its config alone: it takes a name
+    holding "llama" or "gemma" (``/models/Llama-3.2-1B``) for one of its own hub models and never
+    reads the folder's config. A link named ``checkpoint`` in a fresh temporary folder; the folder
+    itself where links cannot be made.
+    """
+    if not _NAMED.search(str(folder)):
+        yield str(folder)
+        return
+    with tempfile.TemporaryDirectory(prefix="soi-") as tmp:
+        link = Path(tmp) / "checkpoint"
+        try:
+            link.symlink_to(folder.resolve(), target_is_directory=True)
+        except OSError:
+            yield str(folder)
+            return
+        yield str(folder) if _NAMED.search(str(link)) else str(link)
+
+
 def _load_folder(folder: Path, device: str | torch.device, bos_token: str | None) -> HookedTransformer:
     """Build a HookedTransformer from a local transformers checkpoint folder, offline."""
     from transformer_lens import loading_from_pretrained as loading
@@ -558,18 +583,18 @@ def _load_folder(folder: Path, device: str | torch.device, bos_token: str | None
             f"{folder} holds no .safetensors weights; this library never unpickles, so .bin/.pt "
             "checkpoints are refused. Convert them with transformers' save_pretrained(safe_serialization=True)."
         )
-    with _hub_offline():
+    with _hub_offline(), _neutral_name(folder) as name:
         hf_model, tokenizer = _read_checkpoint(folder)
         hf_config = hf_model.config.to_dict()
         try:
             cfg = loading.get_pretrained_model_config(
-                str(folder), hf_cfg=hf_config, fold_ln=True, device=device, dtype=torch.float32
+                name, hf_cfg=hf_config, fold_ln=True, device=device, dtype=torch.float32
             )
         except Exception as error:  # TransformerLens names the architectures it can convert
             raise ModelNotAvailableError(
                 f"TransformerLens cannot convert the architecture {hf_config.get('architectures')} of {folder}: {error}"
             ) from error
-        state_dict = loading.get_pretrained_state_dict(str(folder), cfg, hf_model)
+        state_dict = loading.get_pretrained_state_dict(name, cfg, hf_model)
         del hf_model
         with warnings.catch_warnings():
             # HookedTransformer is deprecated in TransformerLens 3.x and gone in 4.0 (where this

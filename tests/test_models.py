@@ -144,3 +144,14 @@ def test_second_load_reuses_the_cache(real_model) -> None:
     assert (folder / "manifest.json").stat().st_mtime_ns == stamp
     for (name, a), (_, b) in zip(real_model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_a_folder_whose_name_says_llama_loads_from_its_own_config(tmp_path) -> None:  # noqa: ANN001
+    """TransformerLens 3.x takes a name holding "llama" for one of its hub models and never reads
+    the folder's config; load_model hands it a neutral link to the folder instead."""
+    import stages_of_inference as soi
+    from tests.test_distributed import tiny_folder
+
+    for name in ("Llama-3.2-tiny", "my-gemma-like"):
+        model = soi.load_model(tiny_folder(tmp_path / name, 0), backend="hooked")
+        assert model.cfg.n_layers == 4 and model.cfg.d_model == 32 and model.cfg.model_name == str(tmp_path / name)
