@@ -25,7 +25,7 @@ from stages_of_inference.results import Result
 from stages_of_inference.study import readings as rd
 
 __all__ = ["Analysis", "Context", "Figure", "Finishing", "PAPER_ANALYSES", "REGISTRY", "SUBJOINER_CHARS", "Style", "Tables",
-    "default_analyses", "fast_analyses", "register", "tables_of"]
+    "default_analyses", "fast_analyses", "register", "tables_of", "whole"]
 
 if TYPE_CHECKING:
     from stages_of_inference.study.config import StudyConfig
@@ -124,7 +124,7 @@ class Analysis:
         split: ``compute`` can run on shards of its token batch (``ctx.tokens`` or ``ctx.heavy``
             is then one shard, ``ctx.first_sequence`` its first sequence's number) and returns
             additive tables (sums and counts per sequence, never means); ``finish`` pools the
-            shards' tables. A distributed study splits only these (docs/distributed.md).
+            shards' tables. A distributed study splits only these (docs/distributed/).
         finish: puts the tables of the analysis' tasks together (one task unless ``split``), and
             may add what it reads from the finished analyses before it (``Finishing.done``):
             cheap, and without the model. Default: the one task's tables as they are.
