@@ -31,7 +31,7 @@ from stages_of_inference.study.config import StudyConfig
 from stages_of_inference.study.registry import REGISTRY
 from stages_of_inference.study.sharded import MergeError, merge_studies, parse_shard, run_shard
 from stages_of_inference.study.tasks import TaskStore, assign_shards, shard_rows, study_tasks
-from tests.conftest import make_tiny_model
+from tests.test_report import _tiny
 
 try:
     import ray  # noqa: F401
@@ -111,19 +111,6 @@ TINY_ANALYSES = ("robustness", "previous_token_attention", "logit_lens", "layer_
 def _tiny_config(corpus: Path, names: tuple[str, ...], **kw) -> StudyConfig:  # noqa: ANN003
     return StudyConfig(**{"models": names, "corpus": str(corpus), "n_tokens": 96, "seq_len": 16, "batch_size": 2,
                           "analyses": TINY_ANALYSES, "static_formats": (), **kw})
-
-
-def _tiny(name: str, family: str, seed: int = 0):  # noqa: ANN202 - a HookedTransformer with a word tokenizer
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    model = make_tiny_model(family, seed)
-    words = ["<bos>", "<unk>"] + [f"w{i}" for i in range(model.cfg.d_vocab - 2)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    model.tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>")
-    model.cfg.model_name = name
-    return model
 
 
 # --------------------------------------------------------------------------- the split itself

@@ -31,8 +31,8 @@ TINY_ANALYSES = ("robustness", "previous_token_attention", "logit_lens", "layer_
                  "repetition", "sublayers", "sinks")
 
 
-def _tiny(name: str, family: str):  # noqa: ANN202 - a HookedTransformer with a word-level tokenizer
-    model = make_tiny_model(family)
+def _tiny(name: str, family: str, seed: int = 0):  # noqa: ANN202 - a HookedTransformer with a word-level tokenizer
+    model = make_tiny_model(family, seed)
     words = ["<bos>", "<unk>"] + [f"w{i}" for i in range(model.cfg.d_vocab - 2)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

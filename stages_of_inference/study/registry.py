@@ -80,7 +80,14 @@ class Finishing:
 
 
 def whole(parts: list[Tables], fin: Finishing) -> Tables:
-    """The ``finish`` of an analysis that runs as one task: its tables as they are."""
+    """The ``finish`` of an analysis that runs as one task: its tables as they are.
+
+    Example:
+        >>> from stages_of_inference.study.config import StudyConfig
+        >>> t = {"n": pd.DataFrame({"n": [1]})}
+        >>> whole([t], Finishing(StudyConfig(), {})) is t
+        True
+    """
     if len(parts) != 1:
         raise ValueError(f"an analysis that is not split runs as one task; got {len(parts)} sets of tables")
     return parts[0]

@@ -121,7 +121,13 @@ class StudyMismatchError(ValueError):
 
 
 def batch_identity(batch: TokenBatch) -> dict[str, Any]:
-    """What a fingerprint records of a token batch: its seed, digest and shape."""
+    """What a fingerprint records of a token batch: its seed, digest and shape.
+
+    Example:
+        >>> import torch
+        >>> sorted(batch_identity(TokenBatch(torch.tensor([[0, 1, 2]]), corpus="default", seed=3)))
+        ['seed', 'tokens_sha256', 'tokens_shape']
+    """
     return {"seed": batch.seed, "tokens_sha256": token_digest(batch.tokens), "tokens_shape": list(batch.shape)}
 
 
@@ -326,12 +332,11 @@ def _run_models(study: Study, loaded: dict[str, Any], on_mismatch: str, progress
         t0 = time.perf_counter()
         model = loaded[name] if name in loaded else soi.load_model(name, device=config.device, backend=config.backend)
         on_bridge = backend_of(model) == "bridge"
-        tokens = load_token_batch(model, config.corpus, n_sequences=config.n_sequences, seq_len=config.seq_len,
-                                  seed=config.seed)
-        batches = {"main": tokens, "heavy": tokens[: config.heavy_sequences]}
+        batches = study_batches(model, config)
+        tokens = batches["main"]
         say(f"{name}: {model.cfg.n_layers} blocks, {tokens.shape[0]} x {tokens.shape[1]} tokens of {config.corpus!r} "
             f"(loaded in {time.perf_counter() - t0:.0f} s)")
-        model_id = {"model": str(name), "model_config_hash": config_hash(model), "model_weights_hash": weights_hash(model)}
+        model_id = model_identity(name, model)
         study.results[name], study.timings[name] = {}, {}
         subject = _Subject(name, model, out / slugs[name], batches, model_id)
         for analysis in config.analyses:
@@ -344,6 +349,22 @@ def _run_models(study: Study, loaded: dict[str, Any], on_mismatch: str, progress
         del model, tokens, batches
 
 
+def study_batches(model: Any, config: StudyConfig) -> dict[str, TokenBatch]:
+    """A model's token batches in the study: ``"main"`` (``config.n_sequences`` of the corpus,
+    drawn by the seed) and ``"heavy"``, its first ``config.heavy_sequences``.
+    """
+    tokens = load_token_batch(model, config.corpus, n_sequences=config.n_sequences, seq_len=config.seq_len,
+                              seed=config.seed)
+    return {"main": tokens, "heavy": tokens[: config.heavy_sequences]}
+
+
+def model_identity(name: str, model: Any) -> dict[str, Any]:
+    """What a study fingerprint records of a model: the name it has in the study, its config
+    and weights hashes.
+    """
+    return {"model": str(name), "model_config_hash": config_hash(model), "model_weights_hash": weights_hash(model)}
+
+
 def _unique(name: str, taken: set[str]) -> str:
     while name in taken:
         name += "_"
@@ -351,7 +372,12 @@ def _unique(name: str, taken: set[str]) -> str:
 
 
 def study_slugs(config: StudyConfig) -> dict[str, str]:
-    """Each model's folder name in the study folder (two names with one slug get ``_`` suffixes)."""
+    """Each model's folder name in the study folder (two names with one slug get ``_`` suffixes).
+
+    Example:
+        >>> study_slugs(StudyConfig(models=("a/m", "b/m")))
+        {'a/m': 'm', 'b/m': 'm_'}
+    """
     slugs: dict[str, str] = {}
     for name in config.models:
         slugs[name] = _unique(slug(name), set(slugs.values()))

@@ -60,7 +60,12 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def shard_file(shard: int, n_shards: int) -> str:
-    """The record a ``--shard`` run leaves in its folder (``shard`` 0-based)."""
+    """The record a ``--shard`` run leaves in its folder (``shard`` counted from 0).
+
+    Example:
+        >>> shard_file(0, 4)
+        'shard-1-of-4.json'
+    """
     return f"shard-{shard + 1}-of-{n_shards}.json"
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import pandas as pd
 
-from stages_of_inference.results import DamagedResultError, Result, config_hash, weights_hash
+from stages_of_inference.results import PROVENANCE_FILE, DamagedResultError, Result
 from stages_of_inference.study.config import StudyConfig
 from stages_of_inference.study.registry import REGISTRY, Context, Tables
 
@@ -156,9 +156,8 @@ def task_address(study_fingerprint: dict[str, Any], task: Task) -> str:
 
 
 def encode_tables(tables: Tables) -> dict[str, bytes]:
-    """Tables as Parquet bytes, each with its provenance as JSON inside the Parquet metadata's
-    place: ``{name: parquet bytes, name + ".json": provenance}`` (how tables cross between a Ray
-    driver and its workers: data, never pickled objects).
+    """Tables as bytes: ``{name: Parquet, name + ".json": its provenance as JSON}`` (how tables
+    cross between a Ray driver and its workers: data, never pickled objects).
 
     Example:
         >>> t = pd.DataFrame({"a": [1, 2]}); t.attrs["provenance"] = {"seed": 0}
@@ -208,7 +207,7 @@ class TaskStore:
     def load(self, task: Task, address: str) -> Result | None:
         """``task``'s stored result when it is there, intact and made for ``address``; else ``None``."""
         where = self.path(task, address)
-        if not (where / "provenance.json").exists():
+        if not (where / PROVENANCE_FILE).exists():
             return None
         try:
             result = Result.load(where)
@@ -226,7 +225,7 @@ class TaskStore:
 
     def results(self) -> Iterator[Result]:
         """Every intact task result in the folder."""
-        for meta in sorted(self.folder.glob("*/*/*/provenance.json")):
+        for meta in sorted(self.folder.glob(f"*/*/*/{PROVENANCE_FILE}")):
             try:
                 yield Result.load(meta.parent)
             except DamagedResultError:
@@ -262,17 +261,13 @@ class ModelWorker:
                  progress: bool = False) -> None:
         import stages_of_inference as soi
         from stages_of_inference.backends import backend_of
-        from stages_of_inference.data import load_token_batch
-        from stages_of_inference.study.run import batch_identity
+        from stages_of_inference.study.run import batch_identity, model_identity, study_batches
 
         t0 = time.perf_counter()
         self.config, self.name, self.progress = config, name, progress
         self.model = model if model is not None else soi.load_model(name, device=config.device, backend=config.backend)
-        tokens = load_token_batch(self.model, config.corpus, n_sequences=config.n_sequences, seq_len=config.seq_len,
-                                  seed=config.seed)
-        self.batches = {"main": tokens, "heavy": tokens[: config.heavy_sequences]}
-        self.model_id = {"model": str(name), "model_config_hash": config_hash(self.model),
-                         "model_weights_hash": weights_hash(self.model)}
+        self.batches = study_batches(self.model, config)
+        self.model_id = model_identity(name, self.model)
         self.batch_ids = {kind: batch_identity(b) for kind, b in self.batches.items()}
         self.backend = backend_of(self.model)
         self.load_seconds = time.perf_counter() - t0
