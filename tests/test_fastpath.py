@@ -10,9 +10,9 @@ from conftest import FAMILIES, make_tiny_model, tiny_config
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import stages_of_inference as soi
-from stages_of_inference.interventions import fastpath
-from stages_of_inference.interventions.executor import block_count, evaluate_plans
-from stages_of_inference.interventions.fastpath import fast_block, fast_path_blocker
+from stages_of_inference.backends import hooked_fast as fastpath
+from stages_of_inference.backends.hooked_fast import fast_block, fast_path_blocker
+from stages_of_inference.interventions.executor import block_count, evaluate, evaluate_plans
 from stages_of_inference.interventions.options import STACK_TOKENS_CPU, EngineOptions
 from stages_of_inference.interventions.unembed import row_max
 
@@ -196,12 +196,12 @@ def test_unembedding_by_vocabulary_blocks(tiny_tokens: torch.Tensor) -> None:
     model = make_tiny_model("llama")
     plans = _plans(model.cfg.n_layers)
     whole = evaluate_plans(model, tiny_tokens, plans, progress=False, fast_path=False)
-    blocked = evaluate_plans(model, tiny_tokens, plans, progress=False, fast_path=False, unembed_block=16)
-    assert (blocked[METRICS] - whole[METRICS]).abs().to_numpy().max() < 1e-6
+    blocked = evaluate(model, tiny_tokens, plans, progress=False, fast_path=False, unembed_block=16)
+    assert (blocked.summary[METRICS] - whole[METRICS]).abs().to_numpy().max() < 1e-6
     with torch.inference_mode():
         logits = model(tiny_tokens)
     original = soi.metrics.sequence_metrics(logits, tiny_tokens)
-    assert abs(blocked.attrs["reference"]["loss"] - float(original["loss"].double().mean())) < 1e-6
+    assert abs(blocked.reference["loss"] - float(original["loss"].double().mean())) < 1e-6
 
 
 @pytest.mark.parametrize("stack_tokens", [96, 1024])
@@ -260,9 +260,10 @@ def test_a_hook_on_the_unembedding_is_respected(tiny_tokens: torch.Tensor) -> No
     plans = _plans(model.cfg.n_layers)
     handle = model.unembed.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
     try:
-        df = evaluate_plans(model, tiny_tokens, plans, progress=False)
+        result = evaluate(model, tiny_tokens, plans, progress=False)
     finally:
         handle.remove()
-    assert abs(df.attrs["reference"]["loss"] - math.log(model.cfg.d_vocab)) < 1e-5
+    df = result.summary
+    assert abs(result.reference["loss"] - math.log(model.cfg.d_vocab)) < 1e-5
     assert df["kl_nats"].abs().max() < 1e-6
     assert (evaluate_plans(model, tiny_tokens, plans, progress=False)["kl_nats"] > 1e-3).any()

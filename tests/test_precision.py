@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import stages_of_inference as soi
+from stages_of_inference.backends.hooked_fast import block_weights, fast_block
 from stages_of_inference.interventions.deviation import CRITERIA, check_plan_ids, rank_correlation
 from stages_of_inference.interventions.executor import evaluate_plans
-from stages_of_inference.interventions.fastpath import BlockWeights, fast_block
 from stages_of_inference.interventions.hooks import AttentionReadout, ResidualReadout, collect
 from stages_of_inference.metrics import ProbReference, kl_nats, log_probs
 from stages_of_inference.precision import autocast
@@ -90,7 +90,7 @@ def test_a_bf16_fast_block_matches_the_block_under_autocast(family: str) -> None
     block = model.blocks[1]
     x = torch.randn(3, 20, model.cfg.d_model, generator=torch.Generator().manual_seed(0)) * 3
     with torch.inference_mode():
-        ours = fast_block(model, block, x, BlockWeights.of(block, torch.bfloat16))
+        ours = fast_block(model, block, x, block_weights(block, torch.bfloat16))
         with autocast("bf16", "cpu"):
             theirs = block(x)
         exact = block(x)
@@ -104,7 +104,7 @@ def test_a_bf16_fast_block_matches_the_block_under_autocast(family: str) -> None
 def test_block_weights_are_cast_once_and_fp32_ones_are_the_parameters() -> None:
     model = make_tiny_model("llama")
     block = model.blocks[0]
-    low, same = BlockWeights.of(block, torch.bfloat16), BlockWeights.of(block)
+    low, same = block_weights(block, torch.bfloat16), block_weights(block)
     assert {t.dtype for t in (low.W_qkv, low.W_O, low.W_in, low.W_gate, low.W_out)} == {torch.bfloat16}
     assert same.W_in.data_ptr() == block.mlp.W_in.data_ptr()  # fp32: a view, not a copy
     assert same.W_out.data_ptr() == block.mlp.W_out.data_ptr()

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from stages_of_inference._tl import HAS_BRIDGE, HAS_HOOKED, HookedTransformer, TransformerBridge
 from stages_of_inference.backends.base import Embedded, ModelSeam
+from stages_of_inference.backends.bridge import BridgeSeam
+from stages_of_inference.backends.hooked import HookedSeam
 
 __all__ = ["Embedded", "ModelSeam", "as_seam", "backend_of", "require_processed_weights", "weight_mode"]
 
@@ -25,15 +28,9 @@ def as_seam(model: Any) -> ModelSeam:
         ...
         TypeError: expected a TransformerLens HookedTransformer or TransformerBridge, got str; load one with stages_of_inference.load_model(name)
     """
-    from stages_of_inference._tl import HAS_BRIDGE, HAS_HOOKED, HookedTransformer, TransformerBridge
-
     if HAS_HOOKED and isinstance(model, HookedTransformer):
-        from stages_of_inference.backends.hooked import HookedSeam
-
         return HookedSeam(model)
     if HAS_BRIDGE and isinstance(model, TransformerBridge):
-        from stages_of_inference.backends.bridge import BridgeSeam
-
         return BridgeSeam(model)
     if isinstance(model, ModelSeam) and not isinstance(model, type):
         return model
@@ -51,9 +48,6 @@ def backend_of(model: Any) -> str:
         >>> backend_of(HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=5, act_fn="relu")))
         'hooked'
     """
-    from stages_of_inference.backends.bridge import BridgeSeam
-    from stages_of_inference.backends.hooked import HookedSeam
-
     seam = as_seam(model)
     return "hooked" if isinstance(seam, HookedSeam) else "bridge" if isinstance(seam, BridgeSeam) else "seam"
 

@@ -103,6 +103,12 @@ class ModelSeam(Protocol):
     def has_hooks(self, module: nn.Module) -> bool:
         """Whether a hook is attached to ``module`` or any module inside it."""
 
+    def reordered(self, steps: Sequence[tuple[int, str]]) -> contextlib.AbstractContextManager[None]:
+        """Inside the ``with`` block, the model's own forward runs ``steps`` (``(block, part)``
+        pairs naming the original blocks; ``part`` ``"block"``, ``"attn"`` or ``"mlp"``), and
+        puts the original order back on exit (:func:`stages_of_inference.reordered`).
+        """
+
     def fast_blocks(self, embedded: Embedded, enabled: bool, dtype: torch.dtype | None = None) -> Any:
         """The fast path for this batch (an object with ``allowed[layer]`` and ``(layer, x)``
         calls), its products in ``dtype`` (``None``: the weights' own) and its residual stream in the residual's own dtype, or

@@ -30,9 +30,12 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from stages_of_inference.backends.base import ConfigFields, Embedded, FwdHooks
-from stages_of_inference.interventions.step import get_step, set_step
+from stages_of_inference.backends.bridge_fast import BridgeFastBlocks
+from stages_of_inference.backends.kernels import has_hooks
+from stages_of_inference.backends.reorder import outermost
+from stages_of_inference.backends.step import get_step, set_step
 
-__all__ = ["BridgeSeam", "LayerCall", "norm_parameters", "reordered_layers"]
+__all__ = ["BridgeSeam", "LayerCall", "reordered_layers"]
 
 _DROPPED_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache", "use_cache", "output_attentions",
                    "cache_position")
@@ -135,6 +138,9 @@ class BridgeSeam(ConfigFields):
         with self._only(block, part):
             return _first_tensor(block(residual, *call.args, **call.kwargs))
 
+    def reordered(self, steps: Sequence[tuple[int, str]]) -> contextlib.AbstractContextManager[None]:
+        return reordered_layers(self._bridge, steps)
+
     @staticmethod
     @contextlib.contextmanager
     def _only(block: nn.Module, part: str) -> Iterator[None]:
@@ -187,16 +193,12 @@ class BridgeSeam(ConfigFields):
         return self._bridge.hooks(fwd_hooks=list(fwd_hooks))
 
     def has_hooks(self, module: nn.Module) -> bool:
-        from stages_of_inference.interventions.fastpath import _has_hooks
-
-        return _has_hooks(module)
+        return has_hooks(module)
 
     def fast_blocks(self, embedded: Embedded, enabled: bool, dtype: torch.dtype | None = None) -> Any:
         """The Bridge's fast path for this batch (:mod:`~stages_of_inference.backends.bridge_fast`),
         or ``None`` where no block may take it.
         """
-        from stages_of_inference.backends.bridge_fast import BridgeFastBlocks
-
         if not enabled:
             return None
         fast = BridgeFastBlocks(self._bridge, embedded.extras, embedded.residual.shape[1], dtype)
@@ -205,18 +207,6 @@ class BridgeSeam(ConfigFields):
     def loss(self, logits: Tensor, tokens: Tensor, embedded: Embedded) -> Tensor:
         """Mean next-token cross-entropy over every position with a next token (TransformerLens' loss)."""
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
-
-
-def norm_parameters(norm: nn.Module, cfg: Any) -> tuple[str, float, Tensor | None]:
-    """What a Bridge norm computes: ``"rms"`` or ``"ln"``, its epsilon (``cfg.eps``: the Bridge
-    computes the norm itself) and the weight it multiplies by (``None`` for none), with Gemma's
-    weights, stored as an offset from 1 (``cfg.rmsnorm_uses_offset``), made whole. In
-    compatibility mode the weight is folded into the next layer and what is left is 1.
-    """
-    weight = getattr(norm, "weight", None)
-    if weight is not None:
-        weight = weight.detach().float() + (1.0 if getattr(cfg, "rmsnorm_uses_offset", False) else 0.0)
-    return ("rms" if norm.uses_rms_norm else "ln"), float(getattr(cfg, "eps", 1e-5)), weight
 
 
 class _OneStep(nn.Module):
@@ -259,41 +249,37 @@ def _layer_list(bridge: Any) -> tuple[nn.Module, str]:
 
 
 @contextlib.contextmanager
-def reordered_layers(bridge: Any, steps: Sequence[Any], layer_of: Any, part_of: Any) -> Iterator[None]:
-    """The Bridge's own forward runs ``steps`` (plan steps; ``layer_of`` / ``part_of`` read them):
-    the Hugging Face layer list is replaced by the blocks in that order (the same modules, so hooks
-    keep their names), with the number of layers the forward loops over set to match; both are put
-    back on exit, exceptions included. The step counter starts again at every embedding. Nested,
-    the inner steps name the original blocks and replace the outer order until the inner exits.
+def reordered_layers(bridge: Any, steps: Sequence[tuple[int, str]]) -> Iterator[None]:
+    """The Bridge's own forward runs ``steps`` (``(block, part)`` pairs, ``part`` ``"block"``,
+    ``"attn"`` or ``"mlp"``): the Hugging Face layer list is replaced by the blocks in that order
+    (the same modules, so hooks keep their names), with the number of layers the forward loops over
+    set to match; both are put back on exit, exceptions included. The step counter starts again at
+    every embedding. Nested, the inner steps name the original blocks and replace the outer order
+    until the inner exits.
     """
     holder, name = _layer_list(bridge)
     original = tuple(bridge.blocks)
     counter = [-1]
-    layers = nn.ModuleList([_OneStep(bridge, original[layer_of(s)], layer_of(s), part_of(s), counter) for s in steps])
+    layers = nn.ModuleList([_OneStep(bridge, original[layer], layer, part, counter) for layer, part in steps])
     config = bridge.original_model.config
     sized = [key for key in ("num_hidden_layers", "n_layer") if isinstance(getattr(config, key, None), int)]
     before = {key: getattr(config, key) for key in (*sized, "layer_types") if hasattr(config, key)}
     previous, previous_step = getattr(holder, name), get_step(bridge)
+    handle = bridge.embed.register_forward_pre_hook(lambda module, args: counter.__setitem__(0, -1))
     # the forward picks each slot's mask and rotary tables by config.layer_types[slot]: a moved
     # layer must get its own (Gemma 3's sliding-window and global layers differ); nested, the
-    # original types are the ones the enclosing order kept
-    types = getattr(previous, "original_layer_types", None) or before.get("layer_types")
-    layers.original_layer_types = types
-
-    def restart(module: nn.Module, args: Any) -> None:
-        counter[0] = -1
-
-    handle = bridge.embed.register_forward_pre_hook(restart)
-    try:
-        setattr(holder, name, layers)
-        for key in sized:
-            setattr(config, key, len(layers))
-        if isinstance(types, (list, tuple)) and len(types) == len(original):
-            config.layer_types = [types[layer_of(s)] for s in steps]
-        yield
-    finally:
-        setattr(holder, name, previous)
-        for key, value in before.items():
-            setattr(config, key, value)
-        handle.remove()
-        set_step(bridge, previous_step)
+    # original types are the ones the outermost reordering found
+    with outermost(bridge, before.get("layer_types")) as types:
+        try:
+            setattr(holder, name, layers)
+            for key in sized:
+                setattr(config, key, len(layers))
+            if isinstance(types, (list, tuple)) and len(types) == len(original):
+                config.layer_types = [types[layer] for layer, _ in steps]
+            yield
+        finally:
+            setattr(holder, name, previous)
+            for key, value in before.items():
+                setattr(config, key, value)
+            handle.remove()
+            set_step(bridge, previous_step)

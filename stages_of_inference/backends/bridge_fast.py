@@ -7,7 +7,7 @@ code one plan at a time. Where the layer is one whose computation this module re
 mask, gated MLP; SmolLM2 and the many checkpoints that reuse Llama's layer), where nothing could
 observe the difference (no hook on the block), and where the layer's recorded call is the plain
 causal one (no sliding window, no padding), :class:`BridgeFastBlocks` computes the block from its
-weights instead, with the products of :mod:`stages_of_inference.interventions.fastpath` (one fused
+weights instead, with the products of :mod:`stages_of_inference.backends.kernels` (one fused
 query/key/value product, one SDPA call). Its inputs may be any number of sequences (plans
 stacked), because the rotary tables it reads from the recorded call broadcast over the batch and
 the mask is SDPA's causal one.
@@ -23,21 +23,32 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stages_of_inference.backends.bridge import norm_parameters
-from stages_of_inference.interventions.fastpath import (
+from stages_of_inference.backends.kernels import (
     BlockWeights,
     Rotary,
-    _has_hooks,
-    _mlp,
-    _signed_sin,
     attend,
     compose_block,
+    has_hooks,
+    mlp_product,
+    signed_sin,
 )
 
-__all__ = ["BRIDGE_FAST_LAYERS", "BridgeFastBlocks", "bridge_fast_path_blocker"]
+__all__ = ["BRIDGE_FAST_LAYERS", "BridgeFastBlocks", "bridge_fast_path_blocker", "norm_parameters"]
 
 BRIDGE_FAST_LAYERS = ("LlamaDecoderLayer",)
 """Hugging Face layer classes the Bridge fast path reproduces (tested: tests/test_bridge.py)."""
+
+
+def norm_parameters(norm: nn.Module, cfg: Any) -> tuple[str, float, Tensor | None]:
+    """What a Bridge norm computes: ``"rms"`` or ``"ln"``, its epsilon (``cfg.eps``: the Bridge
+    computes the norm itself) and the weight it multiplies by (``None`` for none), with Gemma's
+    weights, stored as an offset from 1 (``cfg.rmsnorm_uses_offset``), made whole. In
+    compatibility mode the weight is folded into the next layer and what is left is 1.
+    """
+    weight = getattr(norm, "weight", None)
+    if weight is not None:
+        weight = weight.detach().float() + (1.0 if getattr(cfg, "rmsnorm_uses_offset", False) else 0.0)
+    return ("rms" if norm.uses_rms_norm else "ln"), float(getattr(cfg, "eps", 1e-5)), weight
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,7 @@ def bridge_fast_path_blocker(bridge: Any, layer: int, call: Any, seq_len: int) -
     name = type(hf_layer).__name__
     if name not in BRIDGE_FAST_LAYERS:
         return f"Hugging Face layer {name}: the Bridge fast path reproduces {', '.join(BRIDGE_FAST_LAYERS)}"
-    if _has_hooks(block):
+    if has_hooks(block):
         return "a hook is attached to the block"
     attn = hf_layer.self_attn
     if getattr(attn, "sliding_window", None) or getattr(attn, "attn_logit_softcapping", None):
@@ -133,7 +144,7 @@ class _Prepared:
 class BridgeFastBlocks:
     """The Bridge's fast path for one batch: ``allowed[layer]``, and ``(layer, x, part)`` calls on
     any number of sequences of the batch's length (the executor's interface,
-    :class:`~stages_of_inference.interventions.fastpath.FastBlocks`).
+    :class:`~stages_of_inference.backends.hooked_fast.FastBlocks`).
 
     Args:
         bridge: the Bridge.
@@ -157,7 +168,7 @@ class BridgeFastBlocks:
         dtype = self._dtype or block.attn.W_Q.dtype
         return _Prepared(_weights(block, self._dtype), _norm_of(block.ln1, cfg), _norm_of(block.ln2, cfg),
                          hf_layer.mlp.act_fn, float(hf_layer.self_attn.scaling),
-                         Rotary(cos[:, :, None, :].to(dtype), _signed_sin(sin, adjacent=False)[:, :, None, :].to(dtype),
+                         Rotary(cos[:, :, None, :].to(dtype), signed_sin(sin, adjacent=False)[:, :, None, :].to(dtype),
                                 cos.shape[-1], adjacent=False),
                          block.attn.W_Q.shape[0], block.attn.W_Q.shape[2])
 
@@ -169,4 +180,4 @@ class BridgeFastBlocks:
         w = p.weights
         return compose_block(resid_pre, part, p.ln1, p.ln2,
                              lambda h: attend(h, w, p.n_heads, p.d_head, p.scale, p.rotary),
-                             lambda h: _mlp(w, p.act, h), w.W_qkv.dtype)
+                             lambda h: mlp_product(w, p.act, h), w.W_qkv.dtype)

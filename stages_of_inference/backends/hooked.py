@@ -6,7 +6,6 @@ attention mask its forward would pass), final norm and unembedding, and its proc
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -17,12 +16,12 @@ from transformer_lens.utilities import get_device_for_block_index
 
 from stages_of_inference._tl import HookedTransformer
 from stages_of_inference.backends.base import ConfigFields, Embedded, FwdHooks
-from stages_of_inference.interventions.step import set_step
+from stages_of_inference.backends.hooked_fast import FastBlocks
+from stages_of_inference.backends.kernels import has_hooks
+from stages_of_inference.backends.reorder import original, outermost
+from stages_of_inference.backends.step import get_step, set_step
 
-__all__ = ["HookedSeam", "ORIGINAL_BLOCKS", "only_sublayer"]
-
-# model -> its own blocks in their original order, while `reordered` has replaced model.blocks
-ORIGINAL_BLOCKS: weakref.WeakKeyDictionary[HookedTransformer, tuple[nn.Module, ...]] = weakref.WeakKeyDictionary()
+__all__ = ["HookedSeam", "only_sublayer", "reordered_blocks"]
 
 
 _SILENCED = {"attn": "hook_mlp_out", "mlp": "hook_attn_out"}
@@ -86,8 +85,7 @@ class HookedSeam(ConfigFields):
         return self._model
 
     def blocks(self) -> Sequence[nn.Module]:
-        original = ORIGINAL_BLOCKS.get(self._model)
-        return original if original is not None else tuple(self._model.blocks)
+        return original(self._model, tuple(self._model.blocks))
 
     def embed(self, tokens: Int[Tensor, "batch pos"]) -> Embedded:
         residual, _, shortformer, mask = self._model.input_to_embed(tokens)
@@ -127,20 +125,99 @@ class HookedSeam(ConfigFields):
     def W_out(self, layer: int) -> Float[Tensor, "d_mlp d_model"] | None:
         return getattr(self.blocks()[layer].mlp, "W_out", None)
 
+    def reordered(self, steps: Sequence[tuple[int, str]]) -> contextlib.AbstractContextManager[None]:
+        return reordered_blocks(self._model, steps)
+
     def hooks(self, fwd_hooks: FwdHooks) -> contextlib.AbstractContextManager[Any]:
         return self._model.hooks(fwd_hooks=list(fwd_hooks))
 
     def has_hooks(self, module: nn.Module) -> bool:
-        from stages_of_inference.interventions.fastpath import _has_hooks
-
-        return _has_hooks(module)
+        return has_hooks(module)
 
     def fast_blocks(self, embedded: Embedded, enabled: bool, dtype: torch.dtype | None = None) -> Any:
-        from stages_of_inference.interventions.fastpath import FastBlocks
-
         if not enabled or not embedded.plain:
             return None
         return FastBlocks(self._model, self.blocks(), embedded.residual.shape[1], dtype)
 
     def loss(self, logits: Tensor, tokens: Tensor, embedded: Embedded) -> Tensor:
         return self._model.loss_fn(logits, tokens, embedded.extras[1])
+
+
+class _Chain(nn.Module):
+    """Several steps run one after another in one slot of ``model.blocks`` (plans longer than the
+    model, models spread over several devices, or a step that runs one sublayer of a block).
+    """
+
+    def __init__(self, model: HookedTransformer, blocks: Sequence[nn.Module], steps: Sequence[tuple[int, str]]) -> None:
+        super().__init__()
+        self._cfg = model.cfg
+        self._steps = tuple(steps)
+        self._run = [blocks[layer] for layer, _ in steps]  # a plain list: not registered as submodules
+
+    def forward(
+        self,
+        resid_pre: Tensor,
+        shortformer_pos_embed: Tensor | None = None,
+        past_kv_cache_entry: Any = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        if past_kv_cache_entry is not None and len(self._steps) > 1:
+            raise NotImplementedError(
+                "generation with a key-value cache is not supported under a plan longer than the model"
+            )
+        residual = resid_pre
+        for (layer, part), block in zip(self._steps, self._run):
+            device = get_device_for_block_index(layer, self._cfg)
+            pos = None if shortformer_pos_embed is None else shortformer_pos_embed.to(device)
+            with only_sublayer(block, part):
+                residual = block(
+                    residual.to(device),
+                    shortformer_pos_embed=pos,
+                    past_kv_cache_entry=past_kv_cache_entry,
+                    attention_mask=attention_mask,
+                )
+        return residual
+
+    def extra_repr(self) -> str:
+        return f"steps={self._steps}"
+
+
+@contextlib.contextmanager
+def reordered_blocks(model: HookedTransformer, steps: Sequence[tuple[int, str]]) -> Iterator[None]:
+    """The model's own forward runs ``steps`` (``(block, part)`` pairs): ``model.blocks`` is a list
+    of the model's own block modules in that order (the same objects, so hook names are unchanged),
+    put back on exit, exceptions included. Steps beyond the model's length run in its last slot; a
+    sublayer step runs its block with the other sublayer's output zeroed. The step counter
+    (:mod:`~stages_of_inference.backends.step`) starts again at every embedding. Nested, the inner
+    steps name the original blocks (:mod:`~stages_of_inference.backends.reorder`).
+    """
+    n = model.cfg.n_layers
+    multi_device = model.cfg.n_devices > 1
+    previous_blocks, previous_step = model.blocks, get_step(model)
+    with outermost(model, tuple(model.blocks)) as blocks:
+        slots: list[nn.Module] = []
+        for k in range(min(len(steps), n)):
+            these = steps[k:] if (k == n - 1 and len(steps) > n) else (steps[k],)
+            if len(these) == 1 and these[0][1] == "block" and not multi_device:
+                slots.append(blocks[these[0][0]])
+            else:
+                slots.append(_Chain(model, blocks, these))
+        state = {"step": -1}
+
+        def on_embed(module: nn.Module, args: Any) -> None:
+            state["step"] = -1
+
+        handles = [model.embed.register_forward_pre_hook(on_embed)]
+        for layer in sorted({layer for layer, _ in steps}):
+            def on_block(module: nn.Module, args: Any, layer: int = layer) -> None:
+                state["step"] += 1
+                set_step(model, (state["step"], layer))
+            handles.append(blocks[layer].register_forward_pre_hook(on_block))
+        try:
+            model.blocks = nn.ModuleList(slots)
+            yield
+        finally:
+            model.blocks = previous_blocks
+            for handle in handles:
+                handle.remove()
+            set_step(model, previous_step)

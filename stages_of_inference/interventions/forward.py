@@ -13,23 +13,21 @@ that block runs. Many plans at once: :mod:`stages_of_inference.interventions.exe
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
-from torch import Tensor, nn
-from transformer_lens.utilities import apply_softcap, get_device_for_block_index
+from torch import Tensor
+from transformer_lens.utilities import apply_softcap
 
-from stages_of_inference._tl import HookedTransformer, Model
+from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_model, check_tokens
-from stages_of_inference.backends import ModelSeam, as_seam, backend_of
+from stages_of_inference.backends import ModelSeam, as_seam
 from stages_of_inference.backends.base import FwdHooks
-from stages_of_inference.backends.bridge import reordered_layers
-from stages_of_inference.backends.hooked import ORIGINAL_BLOCKS, HookedSeam, only_sublayer
+from stages_of_inference.backends.step import set_step
 from stages_of_inference.batch import Tokens
-from stages_of_inference.interventions.plan import LayerPlan, Step, step_layer, step_part
-from stages_of_inference.interventions.step import get_step, set_step
+from stages_of_inference.interventions.plan import LayerPlan, step_layer, step_part
 
 __all__ = ["FwdHooks", "RETURN_TYPES", "reordered", "run_plan"]
 
@@ -38,7 +36,7 @@ RETURN_TYPES = ("logits", "loss", "both", None)
 
 
 # --------------------------------------------------------------------------- low-level pieces
-def _check_plan(seam: ModelSeam, plan: Any) -> LayerPlan:
+def check_plan(seam: ModelSeam, plan: Any) -> LayerPlan:
     if not isinstance(plan, LayerPlan):
         raise TypeError(
             f"expected a LayerPlan, got {type(plan).__name__}; build one with e.g. "
@@ -89,7 +87,7 @@ def run_plan(
         torch.Size([1, 4, 5])
     """
     seam = as_seam(model)
-    plan = _check_plan(seam, plan)
+    plan = check_plan(seam, plan)
     tokens = check_tokens(seam.model, tokens, min_len=1)
     if return_type not in RETURN_TYPES:
         raise ValueError(f"unknown return_type {return_type!r}; allowed: {RETURN_TYPES}")
@@ -109,47 +107,6 @@ def run_plan(
             return logits
         loss = seam.loss(logits, tokens, emb)
         return loss if return_type == "loss" else (logits, loss)
-
-
-# --------------------------------------------------------------------------- the model's own forward
-class _Chain(nn.Module):
-    """Several steps run one after another in one slot of ``model.blocks`` (plans longer than the
-    model, models spread over several devices, or a step that runs one sublayer of a block).
-    """
-
-    def __init__(self, model: HookedTransformer, steps: Sequence[Step]) -> None:
-        super().__init__()
-        self._cfg = model.cfg
-        self._steps = tuple(steps)
-        self._layers = tuple(step_layer(s) for s in steps)
-        self._run = [HookedSeam(model).blocks()[i] for i in self._layers]  # a plain list: not registered as submodules
-
-    def forward(
-        self,
-        resid_pre: Tensor,
-        shortformer_pos_embed: Tensor | None = None,
-        past_kv_cache_entry: Any = None,
-        attention_mask: Tensor | None = None,
-    ) -> Tensor:
-        if past_kv_cache_entry is not None and len(self._layers) > 1:
-            raise NotImplementedError(
-                "generation with a key-value cache is not supported under a plan longer than the model"
-            )
-        residual = resid_pre
-        for step, layer, block in zip(self._steps, self._layers, self._run):
-            device = get_device_for_block_index(layer, self._cfg)
-            pos = None if shortformer_pos_embed is None else shortformer_pos_embed.to(device)
-            with only_sublayer(block, step_part(step)):
-                residual = block(
-                    residual.to(device),
-                    shortformer_pos_embed=pos,
-                    past_kv_cache_entry=past_kv_cache_entry,
-                    attention_mask=attention_mask,
-                )
-        return residual
-
-    def extra_repr(self) -> str:
-        return f"steps={self._steps}"
 
 
 @contextlib.contextmanager
@@ -190,45 +147,7 @@ def reordered(model: Model, plan: LayerPlan) -> Iterator[Model]:
         >>> len(m.blocks)
         3
     """
-    model = check_model(model)
-    plan = _check_plan(as_seam(model), plan)
-    if backend_of(model) == "bridge":
-        with reordered_layers(model, plan.order, step_layer, step_part):
-            yield model
-        return
-    n = model.cfg.n_layers
-    original = HookedSeam(model).blocks()
-    outermost = model not in ORIGINAL_BLOCKS
-    previous_blocks = model.blocks
-    previous_step = get_step(model)
-    state = {"step": -1}
-    multi_device = model.cfg.n_devices > 1
-    order = plan.order
-    slots: list[nn.Module] = []
-    for k in range(min(len(order), n)):
-        steps = order[k:] if (k == n - 1 and len(order) > n) else (order[k],)
-        if len(steps) == 1 and isinstance(steps[0], int) and not multi_device:
-            slots.append(original[steps[0]])
-        else:
-            slots.append(_Chain(model, steps))
-
-    def on_embed(module: nn.Module, args: Any) -> None:
-        state["step"] = -1
-
-    handles = [model.embed.register_forward_pre_hook(on_embed)]
-    for layer in sorted({step_layer(s) for s in order}):
-        def on_block(module: nn.Module, args: Any, layer: int = layer) -> None:
-            state["step"] += 1
-            set_step(model, (state["step"], layer))
-        handles.append(original[layer].register_forward_pre_hook(on_block))
-    try:
-        ORIGINAL_BLOCKS[model] = tuple(original)
-        model.blocks = nn.ModuleList(slots)
-        yield model
-    finally:
-        model.blocks = previous_blocks
-        for handle in handles:
-            handle.remove()
-        set_step(model, previous_step)
-        if outermost:
-            ORIGINAL_BLOCKS.pop(model, None)
+    seam = as_seam(check_model(model))
+    plan = check_plan(seam, plan)
+    with seam.reordered([(step_layer(s), step_part(s)) for s in plan.order]):
+        yield seam.model

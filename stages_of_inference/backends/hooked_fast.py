@@ -1,4 +1,5 @@
-"""A hook-free fast path for TransformerLens blocks, used by the sweep when nothing can observe it.
+"""A hook-free fast path for ``HookedTransformer`` blocks (TransformerLens 3.x), used by the sweep
+when nothing can observe it (the arithmetic: :mod:`~stages_of_inference.backends.kernels`).
 
 ``TransformerBlock.forward`` of TransformerLens 3.x rebuilds its weight matrices on every call:
 the MLP computes ``F.linear(x, W.T.contiguous())`` (a transposed copy of each ``d_model x d_mlp``
@@ -28,16 +29,22 @@ norm). Anything else runs the block itself.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.utilities.activation_functions import softcap_enabled
 
 from stages_of_inference._tl import HAS_HOOKED, HookedTransformer
+from stages_of_inference.backends.kernels import (
+    BlockWeights,
+    Rotary,
+    attend,
+    compose_block,
+    has_hooks,
+    mlp_product,
+    signed_sin,
+)
 
 if HAS_HOOKED:
     from transformer_lens.components import Attention, GroupedQueryAttention, TransformerBlock
@@ -46,7 +53,7 @@ if HAS_HOOKED:
 else:  # TransformerLens 4 has no HookedTransformer blocks: the fast path never runs
     Attention = GroupedQueryAttention = TransformerBlock = GatedMLP = MLP = type("Removed", (), {})
 
-__all__ = ["BlockWeights", "FastBlocks", "fast_block", "fast_path_blocker"]
+__all__ = ["FastBlocks", "block_weights", "fast_block", "fast_path_blocker"]
 
 _ATTENTIONS = (Attention, GroupedQueryAttention)
 _MLPS = (MLP, GatedMLP)
@@ -58,13 +65,6 @@ _UNSUPPORTED_FLAGS = (
     "clip_qkv", "use_logn_attn", "use_normalization_before_and_after", "load_in_4bit",
     "use_attention_sinks", "use_dynamic_ntk_rope", "ungroup_grouped_query_attention",
 )
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks  # noqa: SLF001
-        for m in module.modules()
-    )
 
 
 def _model_blocker(model: HookedTransformer) -> str | None:
@@ -107,88 +107,36 @@ def fast_path_blocker(model: HookedTransformer, block: nn.Module, seq_len: int) 
         return f"MLP class {type(mlp).__name__}"
     if model.cfg.positional_embedding_type == "rotary" and attn.rotary_cos.shape[0] < seq_len:
         return "rotary tables shorter than the sequence"
-    if _has_hooks(block):
+    if has_hooks(block):
         return "a hook is attached to the block"
     if attn.W_Q.dtype not in (torch.float32, torch.float64):
         return f"dtype {attn.W_Q.dtype}"
     return None
 
 
-def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor, rotary_dim: int, adjacent: bool) -> Tensor:
-    """TransformerLens' rotary embedding of the first ``rotary_dim`` features of ``x``
-    ``[batch, pos, head, d_head]``; ``cos`` and ``signed_sin`` are ``[1, pos, 1, rotary_dim]``, the
-    latter with the sign TransformerLens puts on the rotated-in feature moved onto the sine (the
-    products are the same numbers: ``(-a) * s == a * (-s)``).
+def block_weights(block: nn.Module, dtype: torch.dtype | None = None) -> BlockWeights:
+    """A ``TransformerBlock``'s :class:`~stages_of_inference.backends.kernels.BlockWeights`, cast to
+    ``dtype`` (``None``: as they are; in fp32 every field but ``W_qkv``/``b_qkv`` is a view of the
+    block's own parameters).
     """
-    x_rot = x[..., :rotary_dim]
-    if adjacent:  # GPT-J: pairs (0, 1), (2, 3), ...
-        swapped = torch.stack((x_rot[..., 1::2], x_rot[..., 0::2]), dim=-1).flatten(-2)
-    else:  # GPT-NeoX: pairs (i, i + rotary_dim / 2)
-        half = rotary_dim // 2
-        swapped = torch.cat((x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    rotated = x_rot * cos + swapped * signed_sin
-    if rotary_dim == x.shape[-1]:
-        return rotated
-    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
-
-
-def _signed_sin(sin: Tensor, adjacent: bool) -> Tensor:
-    """``sin`` with the sign of the rotated-in feature: TransformerLens' ``rotate_every_two`` maps
-    ``(a, b)`` pairs to ``(-b, a)``, so the first feature of each pair gets ``-sin``.
-    """
-    signed = sin.clone()
-    if adjacent:
-        signed[..., 0::2] = -sin[..., 0::2]
+    attn, mlp = block.attn, getattr(block, "mlp", None)
+    d_model, (n_heads, _, d_head) = attn.W_Q.shape[1], attn.W_Q.shape
+    if isinstance(attn, GroupedQueryAttention):
+        w_k, w_v, b_k, b_v = attn._W_K, attn._W_V, attn._b_K, attn._b_V  # noqa: SLF001 (unexpanded)
     else:
-        half = sin.shape[-1] // 2
-        signed[..., :half] = -sin[..., :half]
-    return signed
+        w_k, w_v, b_k, b_v = attn.W_K, attn.W_V, attn.b_K, attn.b_V
+    w_qkv = torch.cat([w.permute(1, 0, 2).reshape(d_model, -1) for w in (attn.W_Q, w_k, w_v)], dim=1)
+    b_qkv = torch.cat([attn.b_Q.reshape(-1), b_k.reshape(-1), b_v.reshape(-1)])
+    mlp_weights: dict[str, Tensor | None] = {}
+    if isinstance(mlp, _MLPS):
+        mlp_weights = {"W_in": mlp.W_in, "b_in": mlp.b_in, "W_gate": getattr(mlp, "W_gate", None),
+                       "W_out": mlp.W_out, "b_out": mlp.b_out}
 
+    def cast(t: Tensor | None) -> Tensor | None:
+        return t if t is None or dtype is None else t.to(dtype)
 
-@dataclass(frozen=True)
-class BlockWeights:
-    """One block's weights in the layout and dtype the fast path multiplies by.
-
-    ``W_qkv`` is ``W_Q``, ``W_K``, ``W_V`` side by side as one ``[d_model, (heads + 2 kv_heads)
-    d_head]`` matrix (``b_qkv`` their biases), ``n_kv`` the number of key/value heads, ``W_O`` the
-    output projection as ``[heads d_head, d_model]``, and the MLP's matrices as stored (``W_gate``
-    is ``None`` for an ungated MLP; all MLP fields are ``None`` for an attention-only model). In
-    fp32 the fields other than ``W_qkv``/``b_qkv`` are views of the block's own parameters; in a low
-    dtype they are copies.
-    """
-
-    W_qkv: Tensor
-    b_qkv: Tensor
-    n_kv: int
-    W_O: Tensor
-    b_O: Tensor
-    W_in: Tensor | None = None
-    b_in: Tensor | None = None
-    W_gate: Tensor | None = None
-    W_out: Tensor | None = None
-    b_out: Tensor | None = None
-
-    @classmethod
-    def of(cls, block: nn.Module, dtype: torch.dtype | None = None) -> BlockWeights:
-        """The weights of ``block``, cast to ``dtype`` (``None``: as they are)."""
-        attn, mlp = block.attn, getattr(block, "mlp", None)
-        d_model, (n_heads, _, d_head) = attn.W_Q.shape[1], attn.W_Q.shape
-        if isinstance(attn, GroupedQueryAttention):
-            w_k, w_v, b_k, b_v = attn._W_K, attn._W_V, attn._b_K, attn._b_V  # noqa: SLF001 (unexpanded)
-        else:
-            w_k, w_v, b_k, b_v = attn.W_K, attn.W_V, attn.b_K, attn.b_V
-        w_qkv = torch.cat([w.permute(1, 0, 2).reshape(d_model, -1) for w in (attn.W_Q, w_k, w_v)], dim=1)
-        b_qkv = torch.cat([attn.b_Q.reshape(-1), b_k.reshape(-1), b_v.reshape(-1)])
-        mlp_weights: dict[str, Tensor | None] = {}
-        if isinstance(mlp, _MLPS):
-            mlp_weights = {"W_in": mlp.W_in, "b_in": mlp.b_in, "W_gate": getattr(mlp, "W_gate", None),
-                           "W_out": mlp.W_out, "b_out": mlp.b_out}
-
-        def cast(t: Tensor | None) -> Tensor | None:
-            return t if t is None or dtype is None else t.to(dtype)
-
-        return cls(cast(w_qkv), cast(b_qkv), w_k.shape[0], cast(attn.W_O.reshape(n_heads * d_head, d_model)),
-                   cast(attn.b_O), **{k: cast(v) for k, v in mlp_weights.items()})
+    return BlockWeights(cast(w_qkv), cast(b_qkv), w_k.shape[0], cast(attn.W_O.reshape(n_heads * d_head, d_model)),
+               cast(attn.b_O), **{k: cast(v) for k, v in mlp_weights.items()})
 
 
 def _rotary_tables(model: HookedTransformer, attn: nn.Module, pos: int,
@@ -200,44 +148,8 @@ def _rotary_tables(model: HookedTransformer, attn: nn.Module, pos: int,
     if model.cfg.positional_embedding_type != "rotary":
         return None
     cos = attn.rotary_cos[None, :pos, None, :]
-    signed = _signed_sin(attn.rotary_sin[:pos], model.cfg.rotary_adjacent_pairs)[None, :, None, :]
+    signed = signed_sin(attn.rotary_sin[:pos], model.cfg.rotary_adjacent_pairs)[None, :, None, :]
     return (cos, signed) if dtype is None else (cos.to(dtype), signed.to(dtype))
-
-
-@dataclass(frozen=True)
-class Rotary:
-    """Rotary tables for :func:`attend`: ``cos`` and the signed sine (:func:`_signed_sin`), shaped
-    to broadcast over ``[batch, pos, head, rotary_dim]``, and how features are paired.
-    """
-
-    cos: Tensor
-    signed_sin: Tensor
-    dim: int
-    adjacent: bool
-
-
-def attend(h: Float[Tensor, "batch pos d_model"], weights: BlockWeights, n_heads: int, d_head: int, scale: float,
-           rotary: Rotary | None) -> Float[Tensor, "batch pos d_model"]:
-    """Causal attention from a block's :class:`BlockWeights`: one fused query/key/value product,
-    queries and keys rotated together (``rotary``, or none), grouped key/value heads, one SDPA call
-    with ``scale``, the output product. Both backends' fast paths run it.
-    """
-    batch, pos, d_model = h.shape
-    n_kv = weights.n_kv
-    qkv = torch.addmm(weights.b_qkv, h.reshape(batch * pos, d_model), weights.W_qkv)
-    qk, v = qkv.split(((n_heads + n_kv) * d_head, n_kv * d_head), dim=1)
-    qk = qk.view(batch, pos, n_heads + n_kv, d_head)
-    v = v.view(batch, pos, n_kv, d_head)
-    if rotary is not None:
-        qk = _rotate(qk, rotary.cos, rotary.signed_sin, rotary.dim, rotary.adjacent)
-    q, k = qk[:, :, :n_heads], qk[:, :, n_heads:]
-    z = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        is_causal=True, scale=scale, enable_gqa=n_kv != n_heads,
-    )  # [batch, head, pos, d_head]
-    z = z.transpose(1, 2).reshape(batch * pos, n_heads * d_head)
-    out = torch.addmm(weights.b_O, z, weights.W_O)
-    return out.view(batch, pos, d_model)
 
 
 def _attention(
@@ -251,34 +163,6 @@ def _attention(
         cos, signed_sin = rotary if rotary is not None else _rotary_tables(model, attn, h.shape[1], weights.W_qkv.dtype)
         tables = Rotary(cos, signed_sin, cfg.rotary_dim, cfg.rotary_adjacent_pairs)
     return attend(h, weights, n_heads, d_head, 1.0 / attn.attn_scale, tables)
-
-
-def compose_block(resid_pre: Tensor, part: str, ln1: Any, ln2: Any, attention: Any, mlp: Any, dtype: torch.dtype,
-                  parallel: bool = False, attn_only: bool = False) -> Tensor:
-    """A pre-norm block from its pieces: ``attention`` and ``mlp`` take normed inputs in ``dtype``;
-    ``part`` ``"attn"`` or ``"mlp"`` adds only that sublayer (the MLP then reads the block's input,
-    as it does in a parallel block); the residual stream stays in ``resid_pre``'s dtype.
-    """
-    if part == "mlp":
-        return resid_pre + mlp(ln2(resid_pre).to(dtype))
-    attn_out = attention(ln1(resid_pre).to(dtype))
-    if attn_only or part == "attn":
-        return resid_pre + attn_out
-    if parallel:
-        return resid_pre + attn_out + mlp(ln2(resid_pre).to(dtype))
-    resid_mid = resid_pre + attn_out
-    return resid_mid + mlp(ln2(resid_mid).to(dtype))
-
-
-def _mlp(weights: BlockWeights, act_fn: Any, h: Float[Tensor, "batch pos d_model"]) -> Tensor:
-    shape = h.shape
-    x = h.reshape(-1, shape[-1])
-    if weights.W_gate is not None:
-        post = act_fn(x @ weights.W_gate)
-        post.mul_(x @ weights.W_in).add_(weights.b_in)
-    else:
-        post = act_fn(torch.addmm(weights.b_in, x, weights.W_in))
-    return torch.addmm(weights.b_out, post, weights.W_out).view(shape)
 
 
 def fast_block(
@@ -326,8 +210,8 @@ def fast_block(
             raise ValueError(f"this block cannot take the fast path: {reason}; run the block itself")
     cfg = model.cfg
     if weights is None:
-        weights = BlockWeights.of(block)
-    mlp = None if cfg.attn_only else (lambda h: _mlp(weights, block.mlp.act_fn, h))
+        weights = block_weights(block)
+    mlp = None if cfg.attn_only else (lambda h: mlp_product(weights, block.mlp.act_fn, h))
     return compose_block(resid_pre, part, block.ln1, getattr(block, "ln2", None),
                          lambda h: _attention(model, block.attn, h, weights, rotary), mlp, weights.W_qkv.dtype,
                          parallel=cfg.parallel_attn_mlp, attn_only=cfg.attn_only)
@@ -365,7 +249,7 @@ class FastBlocks:
         prepared = self._prepared.get(layer)
         if prepared is None:
             block = self.blocks[layer]
-            prepared = self._prepared[layer] = (BlockWeights.of(block, self.dtype),
+            prepared = self._prepared[layer] = (block_weights(block, self.dtype),
                                                 _rotary_tables(self.model, block.attn, self.seq_len, self.dtype))
         return fast_block(self.model, self.blocks[layer], resid_pre, prepared[0], check=False, rotary=prepared[1],
                           part=part)
