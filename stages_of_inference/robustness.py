@@ -24,13 +24,12 @@ from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.checkpoint import SweepCheckpoint, refuse_mismatch, sweep_fingerprint
 from stages_of_inference.interventions.deviation import check_plan_ids, precision_check
 from stages_of_inference.interventions.effects import aggregate_effects
-from stages_of_inference.interventions.executor import BatchResult, aggregate, iter_plan_batches
+from stages_of_inference.interventions.executor import BatchResult, aggregate, iter_plan_batches, label_plan_ids
 from stages_of_inference.interventions.options import EngineOptions
 from stages_of_inference.interventions.plan import LayerPlan
-from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS
 from stages_of_inference.results import PROVENANCE_FILE, Result, provenance, weights_hash  # noqa: F401 (public here too)
 
-__all__ = ["EFFECT_COLUMNS", "PAPER_KINDS", "PER_TOKEN_COLUMNS", "SUMMARY_COLUMNS", "SWEEP_KINDS", "SweepResult",
+__all__ = ["EFFECT_COLUMNS", "PAPER_KINDS", "PER_TOKEN_COLUMNS", "SUMMARY_COLUMNS", "SWEEP_KINDS", "SweepResult", "check_kinds",
            "finish_sweep", "robustness_sweep", "summary_on", "sweep_partial", "weights_hash"]
 
 SWEEP_KINDS = ("drop", "swap", "drop_attention", "drop_mlp")
@@ -106,14 +105,16 @@ def _plans(n_layers: int, kinds: Sequence[str]) -> tuple[list[LayerPlan], list[t
     return plans, meta
 
 
-def _effects(batches: Sequence[BatchResult], meta: Sequence[tuple[str, int | None]], n_layers: int) -> pd.DataFrame:
+def _labels(meta: Sequence[tuple[str, int | None]]) -> pd.DataFrame:
+    """Each plan's ``kind`` and ``layer``, indexed by plan id (-1: the unmodified model)."""
+    kinds = ["none"] + [kind for kind, _ in meta]
+    layers = pd.array([None] + [layer for _, layer in meta], dtype="Int64")
+    return pd.DataFrame({"kind": kinds, "layer": layers}, index=range(-1, len(meta)))
+
+
+def _effects(batches: Sequence[BatchResult], labels: pd.DataFrame, n_layers: int) -> pd.DataFrame:
     """The pooled layer effects with each plan's kind and layer (:data:`EFFECT_COLUMNS`)."""
-    table = aggregate_effects([b.effects for b in batches if b.effects is not None])
-    pid = table.pop("plan_id").to_numpy()
-    kinds = np.array([m[0] for m in meta], dtype=object)
-    layers = np.array([m[1] for m in meta], dtype=object)
-    table.insert(0, "layer", pd.array(np.where(pid < 0, None, layers[np.maximum(pid, 0)]), dtype="Int64"))
-    table.insert(0, "kind", np.where(pid < 0, "none", kinds[np.maximum(pid, 0)]))
+    table = label_plan_ids(aggregate_effects([b.effects for b in batches if b.effects is not None]), labels)
     table.insert(2, "relative_depth", [np.nan if layer is pd.NA else relative_depth(int(layer), n_layers)
                                        for layer in table["layer"]])
     table["block_relative_depth"] = [relative_depth(int(b), n_layers) for b in table["block"]]
@@ -174,7 +175,13 @@ def _check_sequences(value: Any, n_sequences: int) -> int:
     return min(int(value), n_sequences)
 
 
-def _check_kinds(kinds: Any) -> tuple[str, ...]:
+def check_kinds(kinds: Any) -> tuple[str, ...]:
+    """``kinds`` (one kind or several of :data:`SWEEP_KINDS`) as a tuple, or a one-line error.
+
+    Example:
+        >>> check_kinds("drop"), check_kinds(["drop", "swap"])
+        (('drop',), ('drop', 'swap'))
+    """
     if isinstance(kinds, str):
         kinds = (kinds,)
     kinds = tuple(kinds)
@@ -190,17 +197,11 @@ def robustness_sweep(
     model: Model,
     tokens: Tokens,
     kinds: Sequence[str] = PAPER_KINDS,
+    options: EngineOptions | None = None,
     *,
-    per_token: bool = False,
-    progress: bool = True,
-    batch_size: int = 8,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     out_dir: str | Path | None = None,
-    fast_path: bool = True,
-    stack_tokens: int | None = None,
-    precision: str = "fp32",
     check_sequences: int = 1,
-    layer_effects: bool = False,
+    **settings: Any,
 ) -> SweepResult:
     """Delete each block, and swap each adjacent pair, and measure the damage (PAPER.md).
 
@@ -217,29 +218,24 @@ def robustness_sweep(
             ``"swap"`` (blocks ``i, i + 1`` for every ``i`` in ``0 .. n_layers - 2``),
             ``"drop_attention"`` and ``"drop_mlp"`` (one sublayer of every block: the block runs
             with only its MLP, or only its attention). Default: the paper's two.
-        per_token: also keep the per-token table.
-        progress: show a progress bar.
-        batch_size: sequences per sweep pass (also the checkpoint unit).
-        chunk_tokens: token positions unembedded and reduced at a time.
+        options: how the sweep executes
+            (:class:`~stages_of_inference.interventions.options.EngineOptions`: ``batch_size``,
+            ``chunk_tokens``, ``stack_tokens``, ``fast_path``, ``per_token`` (also keep the
+            per-token table), ``progress``, ``precision`` (``"fp32"``, the paper's setting,
+            ``"bf16"`` or ``"fp16"``: the dtype of the model's matrix products and attention; the
+            residual stream and every metric stay fp32, :mod:`stages_of_inference.precision`),
+            ``layer_effects`` (also measure, inside the same trie, how each intervention changes
+            what every later block writes to the residual stream,
+            :mod:`~stages_of_inference.interventions.effects`: a ``layer_effects`` table,
+            :data:`EFFECT_COLUMNS`), ...); or give its fields as keywords (``settings``), not both.
         out_dir: a folder for checkpoints and the final result. A rerun with the same folder and the
             same model, tokens and settings resumes (or, if finished, loads) the result; a folder
             written by a different sweep is refused.
-        fast_path: run blocks without TransformerLens' per-call weight copies where no hook can
-            observe it (:func:`~stages_of_inference.interventions.executor.evaluate_plans`);
-            ``False`` runs every block module as it is.
-        stack_tokens: token positions per stacked block call of the fast path (``None``: the
-            default for the model's device; see
-            :func:`~stages_of_inference.interventions.executor.evaluate_plans`).
-        precision: ``"fp32"`` (the paper's setting), ``"bf16"`` or ``"fp16"``: the dtype of the
-            model's matrix products and attention; the residual stream and every metric stay fp32
-            (:mod:`stages_of_inference.precision`).
         check_sequences: with a low ``precision``, the sweep measures its own error: a fixed
             subset of plans is re-run in fp32 on this many sequences (the first ones; with one, about
             a tenth of the time of a bf16 sweep of eight sequences) and compared
             (:func:`~stages_of_inference.interventions.deviation.precision_check`); 0 skips it.
-        layer_effects: also measure, inside the same trie, how each intervention changes what every
-            later block writes to the residual stream (:mod:`~stages_of_inference.interventions.effects`):
-            a ``layer_effects`` table (:data:`EFFECT_COLUMNS`).
+        **settings: the fields of ``EngineOptions`` as keywords.
 
     Returns:
         A :class:`SweepResult`; ``summary`` has :data:`SUMMARY_COLUMNS`, with ``layer`` the block
@@ -253,7 +249,8 @@ def robustness_sweep(
         c_block || / || c_block ||`` (``c``: what the block adds to the residual stream), with its
         standard error over sequences, and the contribution's ``relative_size`` and ``cosine``
         against the residual it reads; ``kind == "none"`` rows give every block of the
-        unmodified model (relative change 0).
+        unmodified model (relative change 0). The unmodified model's numbers are also in the
+        provenance (``settings.reference``).
 
     Example:
         >>> import torch
@@ -263,20 +260,16 @@ def robustness_sweep(
         >>> s["kind"].tolist(), s["layer"].tolist()
         (['none', 'drop', 'drop', 'swap'], [<NA>, 0, 1, 0])
     """
+    options = EngineOptions.from_settings(options, settings)
     out = None if out_dir is None else Path(out_dir)
     if out is not None and (out / PROVENANCE_FILE).exists():
         model = check_model(model)
-        settings = _settings(model, kinds, EngineOptions(batch_size=batch_size, chunk_tokens=chunk_tokens,
-                                                         stack_tokens=stack_tokens, fast_path=fast_path,
-                                                         per_token=per_token, precision=precision,
-                                                         layer_effects=layer_effects), tokens, check_sequences)
         finished = SweepResult.load(out)
         refuse_mismatch(out, finished.provenance.get("settings", {}).get("fingerprint", {}),
-                        sweep_fingerprint(model, check_tokens(model, tokens), settings))
+                        sweep_fingerprint(model, check_tokens(model, tokens),
+                                          _settings(model, kinds, options, tokens, check_sequences)))
         return finished
-    part = sweep_partial(model, tokens, kinds, per_token=per_token, progress=progress, batch_size=batch_size,
-                         chunk_tokens=chunk_tokens, checkpoint_dir=out, fast_path=fast_path, stack_tokens=stack_tokens,
-                         precision=precision, check_sequences=check_sequences, layer_effects=layer_effects)
+    part = sweep_partial(model, tokens, kinds, options, checkpoint_dir=out, check_sequences=check_sequences)
     result = finish_sweep([part])
     if out is not None:
         result.save(out)
@@ -286,7 +279,7 @@ def robustness_sweep(
 def _settings(model: Model, kinds: Sequence[str], options: EngineOptions, tokens: Tokens,
               check_sequences: int) -> dict[str, Any]:
     """The sweep's settings as its provenance and checkpoint fingerprint record them."""
-    settings = {"kinds": list(_check_kinds(kinds)), "per_token": options.per_token, "batch_size": options.batch_size,
+    settings = {"kinds": list(check_kinds(kinds)), "per_token": options.per_token, "batch_size": options.batch_size,
                 "chunk_tokens": options.chunk_tokens, "fast_path": options.fast_path,
                 "stack_tokens": options.stack_tokens_for(model.cfg.device), "precision": options.precision}
     if options.precision != "fp32":
@@ -296,27 +289,16 @@ def _settings(model: Model, kinds: Sequence[str], options: EngineOptions, tokens
     return settings
 
 
-PARTIAL_TABLES = ("sums", "per_token", "effects", "precision_check")
-"""The tables of a :func:`sweep_partial` (``per_token``, ``effects`` and ``precision_check`` only
-when asked for)."""
-
-
 def sweep_partial(
     model: Model,
     tokens: Tokens,
     kinds: Sequence[str] = PAPER_KINDS,
+    options: EngineOptions | None = None,
     *,
     first_sequence: int = 0,
-    per_token: bool = False,
-    progress: bool = True,
-    batch_size: int = 8,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     checkpoint_dir: str | Path | None = None,
-    fast_path: bool = True,
-    stack_tokens: int | None = None,
-    precision: str = "fp32",
     check_sequences: int = 1,
-    layer_effects: bool = False,
+    **settings: Any,
 ) -> dict[str, pd.DataFrame]:
     """The additive part of :func:`robustness_sweep` on some sequences (one shard of a larger
     batch): :func:`finish_sweep` of the partials of every shard equals the sweep of them all.
@@ -338,13 +320,11 @@ def sweep_partial(
         >>> bool(((merged["kl_nats"] - whole["kl_nats"]).abs() < 1e-7).all()), merged["n_tokens"].tolist()
         (True, [6, 6, 6, 6])
     """
+    options = EngineOptions.from_settings(options, settings)
     model = check_model(model)
     source, tokens = tokens, check_tokens(model, tokens)
     if isinstance(first_sequence, bool) or not isinstance(first_sequence, (int, np.integer)) or first_sequence < 0:
         raise ValueError(f"first_sequence must be a sequence number (0 or more), got {first_sequence!r}")
-    options = EngineOptions(batch_size=batch_size, chunk_tokens=chunk_tokens, stack_tokens=stack_tokens,
-                            fast_path=fast_path, per_token=per_token, progress=progress, precision=precision,
-                            layer_effects=layer_effects)
     settings = _settings(model, kinds, options, tokens, check_sequences)
     if first_sequence:
         settings["first_sequence"] = int(first_sequence)
@@ -408,7 +388,8 @@ def finish_sweep(partials: Sequence[dict[str, pd.DataFrame]]) -> SweepResult:
     merged = BatchResult(0, pd.concat([p["sums"] for p in parts], ignore_index=True),
                          pd.concat([p["per_token"] for p in parts], ignore_index=True) if per_token else None,
                          pd.concat([p["effects"] for p in parts], ignore_index=True) if effects else None)
-    table = aggregate([p.order for p in plans], int(n_layers), [merged])
+    pooled = aggregate([p.order for p in plans], int(n_layers), [merged])
+    table, labels = pooled.summary, _labels(meta)
     summary = pd.DataFrame({
         "kind": [kind for kind, _ in meta],
         "layer": pd.array([layer for _, layer in meta], dtype="Int64"),
@@ -420,20 +401,13 @@ def finish_sweep(partials: Sequence[dict[str, pd.DataFrame]]) -> SweepResult:
     tables = {"summary": summary}
     if per_token:  # one row order whatever the batches and shards: plan, sequence, position
         tok = merged.per_token.sort_values(["plan_id", "sequence", "position"], kind="stable", ignore_index=True)
-        plan_id = tok.pop("plan_id").to_numpy()
-        tok.insert(0, "layer", pd.array(np.array([m[1] for m in meta], dtype=object)[plan_id], dtype="Int64"))
-        tok.insert(0, "kind", np.array([m[0] for m in meta], dtype=object)[plan_id])
-        tables["per_token"] = tok[list(PER_TOKEN_COLUMNS)].reset_index(drop=True)
+        tables["per_token"] = label_plan_ids(tok, labels)[list(PER_TOKEN_COLUMNS)]
     if effects:
-        tables["layer_effects"] = _effects([merged], meta, int(n_layers))
+        tables["layer_effects"] = _effects([merged], labels, int(n_layers))
     checks = [p["precision_check"] for p in parts if "precision_check" in p]
     if checks:
-        check = checks[0].copy()
-        found = check.pop("plan_id").to_numpy()
-        check.insert(0, "layer", pd.array([meta[i][1] for i in found], dtype="Int64"))
-        check.insert(0, "kind", [meta[i][0] for i in found])
-        tables["precision_check"] = check.drop(columns="label")
-    settings["reference"] = table.attrs["reference"]
+        tables["precision_check"] = label_plan_ids(checks[0], labels).drop(columns="label")
+    settings["reference"] = pooled.reference
     settings.pop("first_sequence", None)
     record = {**first, "settings": settings}
     if len(parts) > 1:

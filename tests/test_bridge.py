@@ -270,7 +270,7 @@ def test_the_bridge_fast_path_runs_llama_layers_and_says_why_not_elsewhere(compa
     """Llama-style layers take the Bridge's fast path (plans stacked): every plan's numbers equal
     the blocks' own path; other layers, and a block with a hook, run as themselves and say why."""
     from stages_of_inference.backends.bridge_fast import bridge_fast_path_blocker
-    from stages_of_inference.interventions.executor import evaluate_plans
+    from stages_of_inference.interventions.executor import evaluate
 
     bridge, _ = _bridge("llama", tokenizer, compatibility=compatibility)
     seam = as_seam(bridge)
@@ -279,12 +279,11 @@ def test_the_bridge_fast_path_runs_llama_layers_and_says_why_not_elsewhere(compa
     assert fast is not None and all(fast.allowed)
     plans = [LayerPlan.identity(n)] + [LayerPlan.drop(n, i) for i in range(n)] + \
         [LayerPlan.swap(n, i) for i in range(n - 1)] + [LayerPlan.drop_attention(n, 1), LayerPlan.drop_mlp(n, 2)]
-    quick = evaluate_plans(bridge, tokens, plans, progress=False, layer_effects=True)
-    plain = evaluate_plans(bridge, tokens, plans, progress=False, fast_path=False, layer_effects=True)
+    quick = evaluate(bridge, tokens, plans, progress=False, layer_effects=True)
+    plain = evaluate(bridge, tokens, plans, progress=False, fast_path=False, layer_effects=True)
     for column in ("kl_nats", "loss", "accuracy", "entropy_bits"):
-        np.testing.assert_allclose(quick[column], plain[column], atol=1e-5, err_msg=column)
-    np.testing.assert_allclose(quick.attrs["layer_effects"]["relative_change"],
-                               plain.attrs["layer_effects"]["relative_change"], atol=1e-5)
+        np.testing.assert_allclose(quick.summary[column], plain.summary[column], atol=1e-5, err_msg=column)
+    np.testing.assert_allclose(quick.layer_effects["relative_change"], plain.layer_effects["relative_change"], atol=1e-5)
     other, _ = _bridge("qwen3", tokenizer, compatibility=compatibility)
     emb = as_seam(other).embed(tokens)
     assert as_seam(other).fast_blocks(emb, True) is None

@@ -9,8 +9,8 @@ import torch
 from transformer_lens import HookedTransformer
 
 from stages_of_inference import LayerPlan, reordered, run_plan
-from stages_of_inference.backends.hooked import ORIGINAL_BLOCKS as _ORIGINAL_BLOCKS
-from stages_of_inference.interventions.executor import block_count, evaluate_plans
+from stages_of_inference.backends.reorder import original
+from stages_of_inference.interventions.executor import block_count, evaluate, evaluate_plans
 from stages_of_inference.interventions.hooks import drop_layer
 from stages_of_inference.metrics import sequence_metrics
 from tests.authors import authors_entropy_bits, weight_swapped
@@ -125,7 +125,7 @@ def test_reordered_restores_the_model_after_an_exception(tiny_model: HookedTrans
                 raise RuntimeError("boom")
             tiny_model.run_with_hooks(tiny_tokens, fwd_hooks=[("blocks.2.hook_resid_pre", boom)])
     assert tiny_model.blocks is blocks and list(tiny_model.blocks) == order
-    assert tiny_model not in _ORIGINAL_BLOCKS
+    assert original(tiny_model, None) is None  # no reordering of it is remembered
     assert not tiny_model.embed._forward_pre_hooks and not any(b._forward_pre_hooks for b in tiny_model.blocks)
     assert all(not hp.fwd_hooks for hp in tiny_model.hook_points())
     assert torch.equal(tiny_model(tiny_tokens), expected)
@@ -186,11 +186,13 @@ def test_sweep_equals_every_plan_run_alone(tiny_model: HookedTransformer, tiny_t
     plans = all_plans(n)
     base = tiny_model(tiny_tokens)
     # batches of 2 (5 sequences: a short last batch) and chunks of 7 rows (not dividing 22 x 2)
-    df, tok = evaluate_plans(tiny_model, tiny_tokens, plans, batch_size=2, chunk_tokens=7, per_token=True, progress=False)
+    result = evaluate(tiny_model, tiny_tokens, plans, batch_size=2, chunk_tokens=7, per_token=True, progress=False)
+    df, tok = result.summary, result.per_token
+    assert not df.attrs, "tables carry provenance only; the reference's numbers are the result's own field"
     assert list(df["plan"]) == [p.to_json() for p in plans]
     assert (df["n_tokens"] == tiny_tokens.shape[0] * (tiny_tokens.shape[1] - 2)).all()
     ref = direct_metrics(base, base, tiny_tokens)
-    assert abs(df.attrs["reference"]["loss"] - ref["loss"]) <= ATOL
+    assert abs(result.reference["loss"] - ref["loss"]) <= ATOL
     for row, plan in zip(df.itertuples(), plans):
         expected = direct_metrics(run_plan(tiny_model, tiny_tokens, plan), base, tiny_tokens)
         for key, value in expected.items():
@@ -219,8 +221,9 @@ def test_score_last_scores_only_the_last_positions(tiny_model: HookedTransformer
     n, k = tiny_model.cfg.n_layers, 3
     plans = all_plans(n)
     T = tiny_tokens.shape[1]
-    df, tok = evaluate_plans(tiny_model, tiny_tokens, plans, batch_size=2, per_token=True, progress=False,
-                             score_last=k, fast_path=fast_path, layer_effects=True)
+    result = evaluate(tiny_model, tiny_tokens, plans, batch_size=2, per_token=True, progress=False,
+                      score_last=k, fast_path=fast_path, layer_effects=True)
+    df, tok = result.summary, result.per_token
     assert (df["n_tokens"] == tiny_tokens.shape[0] * k).all()
     assert sorted(tok["position"].unique()) == list(range(T - 1 - k, T - 1))
     ref = torch.log_softmax(tiny_model(tiny_tokens)[:, T - 1 - k : T - 1].double(), -1)
@@ -232,7 +235,7 @@ def test_score_last_scores_only_the_last_positions(tiny_model: HookedTransformer
         accuracy = (own.argmax(-1) == targets).double().mean().item()
         assert abs(row.kl_nats - kl) <= ATOL and abs(row.loss - loss) <= ATOL, plan
         assert abs(row.accuracy - accuracy) <= ATOL, plan
-    assert (df.attrs["layer_effects"]["relative_change"].notna()).all()
+    assert (result.layer_effects["relative_change"].notna()).all()
     with pytest.raises(ValueError, match="score_last=9 but sequences of"):
         evaluate_plans(tiny_model, tiny_tokens[:, :10], plans, score_last=9, progress=False)
     with pytest.raises(ValueError, match="score_last must be a positive number"):

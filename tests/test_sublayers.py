@@ -12,7 +12,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from stages_of_inference import LayerPlan, reordered, run_plan
 from stages_of_inference.interventions import executor
-from stages_of_inference.interventions.executor import block_count, evaluate_plans
+from stages_of_inference.interventions.executor import block_count, evaluate, evaluate_plans
 from stages_of_inference.interventions.hooks import drop_layer
 from stages_of_inference.robustness import EFFECT_COLUMNS, robustness_sweep, summary_on
 from stages_of_inference.stages.placement import mlp_takes_over, stage_signals
@@ -196,15 +196,14 @@ def test_layer_effects_survive_a_resume(tiny_models: dict[str, HookedTransformer
     pd.testing.assert_frame_equal(resumed["layer_effects"], full["layer_effects"], check_exact=True)
 
 
-def test_evaluate_plans_reports_effects_in_attrs(tiny_models: dict[str, HookedTransformer], tiny_tokens: torch.Tensor) -> None:
+def test_evaluate_reports_layer_effects(tiny_models: dict[str, HookedTransformer], tiny_tokens: torch.Tensor) -> None:
     model = tiny_models["llama"]
     plans = [LayerPlan.drop(4, 1), LayerPlan.drop_mlp(4, 1)]
-    out = evaluate_plans(model, tiny_tokens, plans, progress=False, layer_effects=True)
-    effects = out.attrs["layer_effects"]
+    effects = evaluate(model, tiny_tokens, plans, progress=False, layer_effects=True).layer_effects
     assert set(effects["label"]) == {"identity (reference)", "drop 1", "drop mlp 1"}
     assert set(effects[effects["label"] == "drop 1"]["block"]) == {2, 3}
     assert set(effects[effects["label"] == "drop mlp 1"]["block"]) == {2, 3}  # its sublayer step is not measured
-    assert "layer_effects" not in evaluate_plans(model, tiny_tokens, plans, progress=False).attrs
+    assert evaluate(model, tiny_tokens, plans, progress=False).layer_effects is None
 
 
 # ----------------------------------------------------------------------------------------- study pieces
@@ -250,10 +249,10 @@ def test_the_study_deletes_sublayers_on_a_prefix_beside_the_same_tokens_block_de
     """With sequences longer than ``SUBLAYER_POSITIONS``, the sublayers run on their start, and the
     whole-block deletions beside them (read from the main sweep's per-token table) equal a sweep
     run on exactly those tokens."""
-    from stages_of_inference.study import registry, run_study
+    from stages_of_inference.study import analyses, run_study
     from tests.test_report import _config, _tiny
 
-    monkeypatch.setattr(registry, "SUBLAYER_POSITIONS", 10)
+    monkeypatch.setattr(analyses, "SUBLAYER_POSITIONS", 10)
     model = _tiny("tiny-gpt2", "gpt2")
     config = _config(corpus, ("tiny-gpt2",), analyses=("robustness", "sublayers"))
     study = run_study(model, config=config, out_dir=tmp_path, progress=False, log=None, write_report=False)

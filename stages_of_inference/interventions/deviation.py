@@ -133,8 +133,8 @@ def precision_check(
     chosen = [plans[i] for i in plan_ids]
     orders, n_layers = [p.order for p in chosen], chosen[0].n_layers
     fp32 = dataclasses.replace(options, precision="fp32", progress=False, per_token=False)
-    exact = aggregate(orders, n_layers, list(iter_plan_batches(model, tokens[:n_sequences], chosen, fp32)))
-    low = aggregate(orders, n_layers, _subset(batches, n_sequences, plan_ids))
+    exact = aggregate(orders, n_layers, list(iter_plan_batches(model, tokens[:n_sequences], chosen, fp32))).summary
+    low = aggregate(orders, n_layers, _subset(batches, n_sequences, plan_ids)).summary
     table = pd.DataFrame({"plan_id": list(plan_ids), "label": low["label"]})
     for col in ("kl_nats", "loss", "accuracy"):
         table[col], table[f"{col}_fp32"] = low[col].to_numpy(), exact[col].to_numpy()

@@ -30,13 +30,13 @@ from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_tokens
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.backends import Embedded, ModelSeam, as_seam
+from stages_of_inference.backends.step import set_step
 from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions import trie as trie_
 from stages_of_inference.interventions.effects import EffectMeter, aggregate_effects
-from stages_of_inference.interventions.forward import RETURN_TYPES, FwdHooks, _check_plan, reordered, run_plan
+from stages_of_inference.interventions.forward import RETURN_TYPES, FwdHooks, check_plan, reordered, run_plan
 from stages_of_inference.interventions.options import EngineOptions
 from stages_of_inference.interventions.plan import LayerPlan, Step, step_layer, step_part, step_text
-from stages_of_inference.interventions.step import set_step
 from stages_of_inference.interventions.unembed import Unembedding, make_unembedding
 from stages_of_inference.metrics import (
     ROWS_AT_ONCE,
@@ -48,8 +48,8 @@ from stages_of_inference.metrics import (
 )
 from stages_of_inference.precision import autocast, check_model_precision, compute_dtype
 
-__all__ = ["RETURN_TYPES", "SEM_METRICS", "BatchResult", "aggregate", "block_count", "evaluate_plans", "iter_plan_batches",
-           "reordered", "run_plan"]
+__all__ = ["RETURN_TYPES", "SEM_METRICS", "BatchResult", "Evaluation", "Pooled", "aggregate", "block_count", "evaluate",
+           "evaluate_plans", "iter_plan_batches", "label_plan_ids", "order_labels", "reordered", "run_plan"]
 
 SUM_KEYS = ("kl_nats", "loss", "correct", "agree", "entropy_bits", "confidence")
 """The per-token metrics summed per plan (``correct`` and ``agree`` are booleans)."""
@@ -118,7 +118,7 @@ def _unique_orders(seam: ModelSeam, plans: Sequence[LayerPlan]) -> tuple[list[tu
     index: dict[tuple[Step, ...], int] = {}
     pids: list[int] = []
     for plan in plans:
-        order = _check_plan(seam, plan).order
+        order = check_plan(seam, plan).order
         if order not in index:
             index[order] = len(orders)
             orders.append(order)
@@ -479,14 +479,28 @@ def _run_batch(seam: ModelSeam, batch: Tensor, first_sequence: int, lay: trie_.L
     return sums, table, None if effects is None else pd.concat(effects, ignore_index=True)
 
 
-def aggregate(orders: Sequence[tuple[Step, ...]], n_layers: int, batches: Sequence[BatchResult]) -> pd.DataFrame:
+@dataclass(frozen=True)
+class Pooled:
+    """Per-plan means pooled over every scored token of all batches.
+
+    Attributes:
+        summary: one row per distinct order (``plan_id`` order): its JSON, label, kind and the
+            metrics with their standard errors over sequences (:func:`aggregate`).
+        reference: the unmodified model's numbers on the same tokens: ``loss``, ``accuracy``,
+            ``entropy_bits``, ``confidence``, ``n_tokens``.
+    """
+
+    summary: pd.DataFrame
+    reference: dict[str, float]
+
+
+def aggregate(orders: Sequence[tuple[Step, ...]], n_layers: int, batches: Sequence[BatchResult]) -> Pooled:
     """Means over every scored token of all batches, one row per distinct order (``plan_id``), and
     their standard errors over sequences (``<metric>_sem``: the standard error of the
-    per-sequence means; 0 for a single sequence).
+    per-sequence means; 0 for a single sequence), with the unmodified model's numbers.
 
     Deterministic: the same batch results always give bit-identical numbers, whether they were just
-    computed or read back from a checkpoint. The reference (unmodified model) is in
-    ``attrs["reference"]``.
+    computed or read back from a checkpoint.
     """
     if not batches:
         raise ValueError("no batch results to aggregate")
@@ -515,25 +529,36 @@ def aggregate(orders: Sequence[tuple[Step, ...]], n_layers: int, batches: Sequen
             "n_tokens": int(total["n_tokens"].loc[pid]),
             **{f"{metric}_sem": float(sems[metric].loc[pid]) for metric in SEM_METRICS},
         })
-    df = pd.DataFrame(rows)
-    df.attrs["reference"] = {
-        "loss": ref["loss"],
-        "accuracy": ref["correct"],
-        "entropy_bits": ref["entropy_bits"],
-        "confidence": ref["confidence"],
-        "n_tokens": int(total["n_tokens"].loc[-1]),
-    }
-    return df
+    reference = {"loss": ref["loss"], "accuracy": ref["correct"], "entropy_bits": ref["entropy_bits"],
+                 "confidence": ref["confidence"], "n_tokens": int(total["n_tokens"].loc[-1])}
+    return Pooled(pd.DataFrame(rows), reference)
 
 
-def _effects_table(orders: Sequence[tuple[Step, ...]], n_layers: int, batches: Sequence[BatchResult]) -> pd.DataFrame:
-    """The pooled layer effects with each plan's JSON and label (``plan`` ``None``: the unmodified model)."""
-    table = aggregate_effects([b.effects for b in batches if b.effects is not None])
-    plans = [LayerPlan(order=o, n_layers=n_layers) for o in orders]
+def label_plan_ids(table: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with its ``plan_id`` column replaced by the columns of ``labels`` (one row per
+    plan id, indexed by it; -1 is the unmodified model), put in front: the one place plan ids
+    become what a reader sees.
+
+    Example:
+        >>> labels = pd.DataFrame({"kind": ["none", "drop"]}, index=[-1, 0])
+        >>> label_plan_ids(pd.DataFrame({"plan_id": [0, -1, 0], "x": [1, 2, 3]}), labels).values.tolist()
+        [['drop', 1], ['none', 2], ['drop', 3]]
+    """
     pid = table["plan_id"].to_numpy()
-    table.insert(1, "label", [plans[i].label if i >= 0 else "identity (reference)" for i in pid])
-    table.insert(1, "plan", [plans[i].to_json() if i >= 0 else None for i in pid])
-    return table
+    unknown = sorted(set(np.unique(pid).tolist()) - set(labels.index.tolist()))
+    if unknown:
+        raise ValueError(f"plan ids {unknown[:5]} have no label")
+    front = labels.loc[pid].reset_index(drop=True)
+    return pd.concat([front, table.drop(columns="plan_id").reset_index(drop=True)], axis=1)
+
+
+def order_labels(orders: Sequence[tuple[Step, ...]], n_layers: int) -> pd.DataFrame:
+    """Each distinct order's ``plan`` (JSON) and ``label``, indexed by plan id; -1 the unmodified
+    model (``plan`` ``None``).
+    """
+    plans = [LayerPlan(order=o, n_layers=n_layers) for o in orders]
+    return pd.DataFrame({"plan": [None] + [p.to_json() for p in plans],
+                         "label": ["identity (reference)"] + [p.label for p in plans]}, index=range(-1, len(plans)))
 
 
 SEM_METRICS = ("kl_nats", "loss", "loss_delta", "accuracy", "relative_accuracy", "top1_agreement", "entropy_bits")
@@ -559,7 +584,34 @@ def _sems(per_seq: pd.DataFrame, ref_accuracy: float) -> dict[str, pd.Series]:
             "relative_accuracy": relative, "top1_agreement": sem["agree"], "entropy_bits": sem["entropy_bits"]}
 
 
-def evaluate_plans(
+@dataclass(frozen=True)
+class Evaluation:
+    """What :func:`evaluate` measured.
+
+    Attributes:
+        summary: one row per plan, in the order given: ``plan`` (:meth:`LayerPlan.to_json`),
+            ``label``, ``kind``, ``kl_nats``, ``loss``, ``loss_delta``, ``accuracy``,
+            ``relative_accuracy``, ``top1_agreement``, ``entropy_bits``, ``confidence``,
+            ``n_tokens`` and the standard errors over sequences (``<metric>_sem``).
+        reference: the unmodified model's ``loss``, ``accuracy``, ``entropy_bits``,
+            ``confidence`` and ``n_tokens`` on the same tokens.
+        per_token: with ``per_token``: ``plan``, ``sequence``, ``position`` (the predicting
+            position), ``token`` (the true next token), ``top1``, ``top1_original``, ``kl_nats``,
+            ``loss``, ``loss_original``, ``loss_delta``, ``entropy_bits``, ``confidence``,
+            ``correct``, ``agree``; else ``None``.
+        layer_effects: with ``layer_effects``: one row per plan and block it ran off the
+            unmodified order (``plan``, ``label``, ``step``, ``block``, ``relative_change``,
+            ``relative_change_sem``, ``relative_size``, ``cosine``; ``plan`` ``None``: the
+            unmodified model's blocks); else ``None``.
+    """
+
+    summary: pd.DataFrame
+    reference: dict[str, float]
+    per_token: pd.DataFrame | None = None
+    layer_effects: pd.DataFrame | None = None
+
+
+def evaluate(
     model: Model | ModelSeam,
     tokens: Tokens,
     plans: Sequence[LayerPlan],
@@ -567,7 +619,7 @@ def evaluate_plans(
     *,
     fwd_hooks: FwdHooks = (),
     **settings: Any,
-) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+) -> Evaluation:
     """Evaluate many layer plans against the unmodified model, sharing every common prefix.
 
     Metrics (:mod:`stages_of_inference.metrics`, fp32) are taken on the scored positions
@@ -588,10 +640,10 @@ def evaluate_plans(
         chunk_tokens: token positions unembedded and reduced at a time.
         per_token: also return the per-token table.
         progress: show a progress bar.
-        fast_path: run blocks by :func:`~stages_of_inference.interventions.fastpath.fast_block`
-            (the block's function without TransformerLens' per-call weight copies; equal to fp32
-            rounding) wherever nothing could observe the difference: no ``fwd_hooks``, no hook on
-            the block, a block configuration it reproduces. ``False`` always runs the blocks.
+        fast_path: run blocks by the backend's fast path (the block's function without
+            TransformerLens' per-call weight copies; equal to fp32 rounding) wherever nothing
+            could observe the difference: no ``fwd_hooks``, no hook on the block, a block
+            configuration it reproduces. ``False`` always runs the blocks.
         stack_tokens: with the fast path, plans that run the same block at the same step are
             stacked along the batch axis into one block call of at most this many token
             positions (``batch x pos`` each), and their logits are reduced together: larger matrix
@@ -602,7 +654,7 @@ def evaluate_plans(
         unembed_block: vocabulary columns unembedded at a time.
         precision: the dtype of the products (:mod:`stages_of_inference.precision`).
         layer_effects: also measure how each plan changes what its blocks write
-            (:mod:`~stages_of_inference.interventions.effects`): ``attrs["layer_effects"]``.
+            (:mod:`~stages_of_inference.interventions.effects`).
         score_last: score only the last this many of the positions ``1 .. T-2`` (an answer, a
             continuation); the others are never unembedded. ``None``: all of them.
         fwd_hooks: TransformerLens hooks active for every plan *and* the reference run (for
@@ -610,17 +662,7 @@ def evaluate_plans(
         **settings: the fields of ``EngineOptions`` as keywords (the arguments listed above).
 
     Returns:
-        One row per plan, in the order given: ``plan`` (:meth:`LayerPlan.to_json`), ``label``,
-        ``kind``, ``kl_nats``, ``loss``, ``loss_delta``, ``accuracy``, ``relative_accuracy``,
-        ``top1_agreement``, ``entropy_bits``, ``confidence``, ``n_tokens``; the unmodified model's
-        numbers are in ``attrs["reference"]``; with ``layer_effects``, ``attrs["layer_effects"]`` has one
-        row per plan and block it ran off the unmodified order (``plan_id``, ``plan``, ``label``,
-        ``step``, ``block``, ``relative_change``, ``relative_change_sem``, ``relative_size``,
-        ``cosine``; ``plan_id`` -1: the unmodified model's blocks). With ``per_token=True``, a pair ``(summary,
-        per_token)``; the per-token table has ``plan``, ``sequence``, ``position`` (the predicting
-        position), ``token`` (the true next token), ``top1``, ``top1_original``, ``kl_nats``,
-        ``loss``, ``loss_original``, ``loss_delta``, ``entropy_bits``, ``confidence``, ``correct``,
-        ``agree``.
+        An :class:`Evaluation`.
 
     Example:
         >>> import torch
@@ -628,23 +670,47 @@ def evaluate_plans(
         >>> from stages_of_inference import LayerPlan
         >>> m = HookedTransformer(HookedTransformerConfig(n_layers=3, d_model=8, n_ctx=8, d_head=4, d_vocab=5, act_fn="relu"))
         >>> plans = [LayerPlan.identity(3), LayerPlan.drop(3, 1), LayerPlan.swap(3, 0)]
-        >>> df = evaluate_plans(m, torch.tensor([[0, 1, 2, 3, 4]]), plans, progress=False)
-        >>> df["label"].tolist(), float(df["kl_nats"].iloc[0]), int(df["n_tokens"].iloc[0])
+        >>> ev = evaluate(m, torch.tensor([[0, 1, 2, 3, 4]]), plans, progress=False)
+        >>> ev.summary["label"].tolist(), float(ev.summary["kl_nats"].iloc[0]), ev.reference["n_tokens"]
         (['identity', 'drop 1', 'swap 0<->1'], 0.0, 3)
     """
     seam = as_seam(model)
     options = EngineOptions.from_settings(options, settings)
     orders, pids = _unique_orders(seam, plans)
     batches = list(iter_plan_batches(seam, tokens, plans, options, fwd_hooks=fwd_hooks))
-    summary = aggregate(orders, seam.n_layers, batches)
-    reference = summary.attrs["reference"]
-    out = summary.iloc[pids].reset_index(drop=True)
-    out.attrs["reference"] = reference
+    pooled = aggregate(orders, seam.n_layers, batches)
+    summary = pooled.summary.iloc[pids].reset_index(drop=True)
+    labels = order_labels(orders, seam.n_layers)
+    effects = None
     if options.layer_effects:
-        out.attrs["layer_effects"] = _effects_table(orders, seam.n_layers, batches)
-    if not options.per_token:
-        return out
-    table = pd.concat([b.per_token for b in batches if b.per_token is not None], ignore_index=True)
-    plan_json = np.array([LayerPlan(order=o, n_layers=seam.n_layers).to_json() for o in orders], dtype=object)
-    table.insert(0, "plan", plan_json[table.pop("plan_id").to_numpy()])
-    return out, table
+        effects = label_plan_ids(aggregate_effects([b.effects for b in batches if b.effects is not None]), labels)
+    per_token = None
+    if options.per_token:
+        table = pd.concat([b.per_token for b in batches if b.per_token is not None], ignore_index=True)
+        per_token = label_plan_ids(table, labels[["plan"]])
+    return Evaluation(summary, pooled.reference, per_token, effects)
+
+
+def evaluate_plans(
+    model: Model | ModelSeam,
+    tokens: Tokens,
+    plans: Sequence[LayerPlan],
+    options: EngineOptions | None = None,
+    *,
+    fwd_hooks: FwdHooks = (),
+    **settings: Any,
+) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`evaluate`'s summary table (with ``per_token=True``, the pair ``(summary,
+    per_token)``): the short form when the reference's numbers and layer effects are not needed.
+
+    Example:
+        >>> import torch
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> from stages_of_inference import LayerPlan
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=3, d_model=8, n_ctx=8, d_head=4, d_vocab=5, act_fn="relu"))
+        >>> df = evaluate_plans(m, torch.tensor([[0, 1, 2, 3, 4]]), [LayerPlan.drop(3, 1)], progress=False)
+        >>> df["label"].tolist()
+        ['drop 1']
+    """
+    result = evaluate(model, tokens, plans, options, fwd_hooks=fwd_hooks, **settings)
+    return (result.summary, result.per_token) if result.per_token is not None else result.summary

@@ -6,7 +6,8 @@ blocks do to the output distribution.
 * :func:`final_block_ablation`: what deleting the last block, the last ``k`` blocks, or one of the
   last blocks alone does to entropy, confidence, loss and calibration
   (:func:`expected_calibration_error`);
-* :func:`layer_repetition`: the v3 experiment, every block of a range run twice in place.
+* :func:`layer_repetition`: the v3 experiment, every block of a range run twice in place;
+  :func:`block_repetition`: every block run twice in place, one block at a time.
 
 The name promises sharpening; the data decide. On SmolLM2-135M the last block *raises* the output
 entropy and lowers the top-1 confidence (it calibrates), while the block before it sharpens
@@ -15,6 +16,7 @@ entropy and lowers the top-1 confidence (it calibrates), while the block before 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,11 +28,16 @@ from torch import Tensor
 from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_model, check_tokens, relative_depth
 from stages_of_inference.batch import Tokens
+from stages_of_inference.interventions.executor import evaluate
+from stages_of_inference.interventions.options import EngineOptions
+from stages_of_inference.interventions.plan import LayerPlan
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS
 from stages_of_inference.results import provenance, with_provenance
+from stages_of_inference.stages.feature_engineering import logit_lens
+from stages_of_inference.stages.prediction_ensembling import neuron_counts, neuron_moments
 
-__all__ = ["DEFAULT_BINS", "DEFAULT_CONVENTION", "expected_calibration_error", "final_block_ablation",
-    "layer_repetition", "sharpening_profile"]
+__all__ = ["DEFAULT_BINS", "DEFAULT_CONVENTION", "block_repetition", "expected_calibration_error", "final_block_ablation",
+    "layer_repetition", "plan_table", "sharpening_profile"]
 
 DEFAULT_CONVENTION = "per_layer_norm"
 """The logit-lens convention :func:`sharpening_profile` reads blocks through by default: each
@@ -171,9 +178,6 @@ def sharpening_profile(
         >>> df[["layer", "is_final"]].values.tolist(), "share_suppression" in df
         ([[0, False], [1, True]], True)
     """
-    from stages_of_inference.stages.feature_engineering import logit_lens
-    from stages_of_inference.stages.prediction_ensembling import neuron_counts, neuron_moments
-
     model = check_model(model)
     source, tokens = tokens, check_tokens(model, tokens)
     n = model.cfg.n_layers
@@ -220,29 +224,47 @@ def sharpening_profile(
 # ----------------------------------------------------------------------------- interventions
 
 
-def _plan_metrics(
-    model: Model,
-    tokens: Tensor,
-    plans: list[Any],
-    *,
-    n_bins: int,
-    batch_size: int,
-    chunk_tokens: int,
-    progress: bool,
-    precision: str,
-) -> pd.DataFrame:
-    """evaluate_plans' summary with ECE and the reference's ECE; first plan must be the identity."""
-    from stages_of_inference.interventions.executor import evaluate_plans
+_CHANGES = {  # derived column -> how it is computed from a plan's row and the reference's (the identity plan)
+    "entropy_change_bits": lambda row, ref: row["entropy_bits"] - ref["entropy_bits"],
+    "confidence_change": lambda row, ref: row["confidence"] - ref["confidence"],
+    "ece_change": lambda row, ref: row["ece"] - ref["ece"],
+    "overconfidence": lambda row, ref: row["confidence"] - row["accuracy"],
+}
 
-    summary, per_token = evaluate_plans(model, tokens, plans, batch_size=batch_size, chunk_tokens=chunk_tokens,
-                                        per_token=True, progress=progress, precision=precision)
-    ece = {
-        plan: expected_calibration_error(group["confidence"].to_numpy(), group["correct"].to_numpy(), n_bins)
-        for plan, group in per_token.groupby("plan", sort=False)
-    }
-    summary = summary.copy()
+
+def plan_table(model: Model, tokens: Tensor, plans: Sequence[LayerPlan], labels: dict[str, Any],
+               columns: Sequence[str], options: EngineOptions, n_bins: int = DEFAULT_BINS) -> pd.DataFrame:
+    """One engine sweep of ``plans`` (the first must be the identity: the reference of every
+    change), as a table with one row per plan: the ``labels`` columns (one value per plan), then
+    ``columns``, each an engine metric (``entropy_bits``, ``confidence``, ``loss``,
+    ``loss_delta``, ``accuracy``, ``relative_accuracy``, ``kl_nats``, ``top1_agreement``,
+    ``n_tokens``, ``plan``), the plan's expected calibration error ``ece``
+    (:func:`expected_calibration_error`), or a change against the unmodified model
+    (``entropy_change_bits``, ``confidence_change``, ``ece_change``; ``overconfidence`` is
+    confidence minus accuracy).
+
+    Example:
+        >>> import torch
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=8, d_head=4, d_vocab=20, act_fn="relu"))
+        >>> t = plan_table(m, torch.randint(0, 20, (2, 6)), [LayerPlan.identity(2), LayerPlan.drop(2, 1)],
+        ...                {"removed": ["", "1"]}, ["kl_nats", "entropy_change_bits"], EngineOptions(progress=False))
+        >>> t.columns.tolist(), float(t["entropy_change_bits"].iloc[0])
+        (['removed', 'kl_nats', 'entropy_change_bits'], 0.0)
+    """
+    if not plans or plans[0].order != LayerPlan.identity(plans[0].n_layers).order:
+        raise ValueError("the first plan must be the identity (the reference of every change)")
+    evaluation = evaluate(model, tokens, plans, dataclasses.replace(options, per_token=True))
+    summary = evaluation.summary.copy()
+    ece = {plan: expected_calibration_error(group["confidence"].to_numpy(), group["correct"].to_numpy(), n_bins)
+           for plan, group in evaluation.per_token.groupby("plan", sort=False)}
     summary["ece"] = summary["plan"].map(ece)
-    return summary
+    reference = summary.iloc[0]
+    out = pd.DataFrame(dict(labels))
+    for column in columns:
+        values = _CHANGES[column](summary, reference) if column in _CHANGES else summary[column]
+        out[column] = values.to_numpy()
+    return out
 
 
 def final_block_ablation(
@@ -296,8 +318,6 @@ def final_block_ablation(
         >>> df[["kind", "removed"]].values.tolist()
         [['none', ''], ['last_k', '2'], ['last_k', '1,2'], ['single', '1']]
     """
-    from stages_of_inference.interventions.plan import LayerPlan
-
     model = check_model(model)
     source, tokens = tokens, check_tokens(model, tokens)
     n = model.cfg.n_layers
@@ -311,29 +331,12 @@ def final_block_ablation(
     if single:
         rows += [("single", k, (n - k,)) for k in ks if k > 1]
     plans = [LayerPlan.identity(n)] + [LayerPlan.drop(n, list(removed)) for _, _, removed in rows[1:]]
-    summary = _plan_metrics(model, tokens, plans, n_bins=n_bins, batch_size=batch_size,
-                            chunk_tokens=chunk_tokens, progress=progress, precision=precision)
-    base = summary.iloc[0]
-    df = pd.DataFrame({
-        "kind": [r[0] for r in rows],
-        "k": np.array([r[1] for r in rows], dtype=np.int64),
-        "removed": [",".join(map(str, r[2])) for r in rows],
-        "entropy_bits": summary["entropy_bits"].to_numpy(),
-        "entropy_change_bits": (summary["entropy_bits"] - base["entropy_bits"]).to_numpy(),
-        "confidence": summary["confidence"].to_numpy(),
-        "confidence_change": (summary["confidence"] - base["confidence"]).to_numpy(),
-        "loss": summary["loss"].to_numpy(),
-        "loss_delta": summary["loss_delta"].to_numpy(),
-        "accuracy": summary["accuracy"].to_numpy(),
-        "relative_accuracy": summary["relative_accuracy"].to_numpy(),
-        "kl_nats": summary["kl_nats"].to_numpy(),
-        "top1_agreement": summary["top1_agreement"].to_numpy(),
-        "ece": summary["ece"].to_numpy(),
-        "ece_change": (summary["ece"] - base["ece"]).to_numpy(),
-        "overconfidence": (summary["confidence"] - summary["accuracy"]).to_numpy(),
-        "n_tokens": summary["n_tokens"].to_numpy(),
-        "plan": summary["plan"].to_numpy(),
-    })
+    labels = {"kind": [r[0] for r in rows], "k": np.array([r[1] for r in rows], dtype=np.int64),
+              "removed": [",".join(map(str, r[2])) for r in rows]}
+    df = plan_table(model, tokens, plans, labels, (
+        "entropy_bits", "entropy_change_bits", "confidence", "confidence_change", "loss", "loss_delta", "accuracy",
+        "relative_accuracy", "kl_nats", "top1_agreement", "ece", "ece_change", "overconfidence", "n_tokens", "plan"),
+        EngineOptions(batch_size=batch_size, chunk_tokens=chunk_tokens, progress=progress, precision=precision), n_bins)
     return with_provenance(df, provenance(
         model, source, analysis="final_block_ablation", last_k=ks, single=single, n_bins=n_bins,
         ablation="deletion (block outputs skipped; zero-ablation)", precision=precision,
@@ -386,8 +389,6 @@ def layer_repetition(
         >>> df[["end", "repeated"]].values.tolist(), float(df["kl_nats"].iloc[0])
         ([[1, ''], [2, '1'], [3, '1,2']], 0.0)
     """
-    from stages_of_inference.interventions.plan import LayerPlan
-
     model = check_model(model)
     source, tokens = tokens, check_tokens(model, tokens)
     n = model.cfg.n_layers
@@ -401,28 +402,65 @@ def layer_repetition(
     ends = list(range(start, stop + 1))
     plans = [LayerPlan.identity(n) if end == start else LayerPlan.repeat(n, range(start, end), times=times)
              for end in ends]
-    summary = _plan_metrics(model, tokens, plans, n_bins=DEFAULT_BINS, batch_size=batch_size,
-                            chunk_tokens=chunk_tokens, progress=progress, precision=precision)
-    ref = summary.attrs["reference"]
-    df = pd.DataFrame({
-        "start": np.full(len(ends), start, dtype=np.int64),
-        "end": np.array(ends, dtype=np.int64),
-        "n_repeated": np.array([end - start for end in ends], dtype=np.int64),
-        "repeated": [",".join(map(str, range(start, end))) for end in ends],
-        "relative_depth_end": [relative_depth(end - 1, n) if end > start else float("nan") for end in ends],
-        "entropy_bits": summary["entropy_bits"].to_numpy(),
-        "entropy_change_bits": (summary["entropy_bits"] - ref["entropy_bits"]).to_numpy(),
-        "confidence": summary["confidence"].to_numpy(),
-        "confidence_change": (summary["confidence"] - ref["confidence"]).to_numpy(),
-        "loss": summary["loss"].to_numpy(),
-        "loss_delta": summary["loss_delta"].to_numpy(),
-        "kl_nats": summary["kl_nats"].to_numpy(),
-        "accuracy": summary["accuracy"].to_numpy(),
-        "top1_agreement": summary["top1_agreement"].to_numpy(),
-        "ece": summary["ece"].to_numpy(),
-        "n_tokens": summary["n_tokens"].to_numpy(),
-        "plan": summary["plan"].to_numpy(),
-    })
+    labels = {"start": np.full(len(ends), start, dtype=np.int64), "end": np.array(ends, dtype=np.int64),
+              "n_repeated": np.array([end - start for end in ends], dtype=np.int64),
+              "repeated": [",".join(map(str, range(start, end))) for end in ends],
+              "relative_depth_end": [relative_depth(end - 1, n) if end > start else float("nan") for end in ends]}
+    df = plan_table(model, tokens, plans, labels, (
+        "entropy_bits", "entropy_change_bits", "confidence", "confidence_change", "loss", "loss_delta", "kl_nats",
+        "accuracy", "top1_agreement", "ece", "n_tokens", "plan"),
+        EngineOptions(batch_size=batch_size, chunk_tokens=chunk_tokens, progress=progress, precision=precision))
     return with_provenance(df, provenance(
         model, source, analysis="layer_repetition", start=start, stop=stop, times=times, precision=precision,
     ))
+
+
+def block_repetition(
+    model: Model,
+    tokens: Tokens,
+    *,
+    times: int = 2,
+    batch_size: int = 8,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    progress: bool = True,
+    precision: str = "fp32",
+) -> pd.DataFrame:
+    """Every block run ``times`` times in place, one block at a time (``LayerPlan.repeat(n, [i])``
+    for each block ``i``), as one prefix-sharing engine sweep: which blocks a model can run again
+    without harm (the study's repetition analysis; :func:`layer_repetition` repeats a range).
+
+    Args:
+        model: a ``HookedTransformer`` or a ``TransformerBridge``.
+        tokens: ``[batch, pos]`` token ids, BOS first.
+        times: how often the repeated block runs (2 = twice).
+        batch_size: sequences per sweep pass.
+        chunk_tokens: token positions reduced at a time.
+        progress: show a progress bar.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the dtype of the model's products.
+
+    Returns:
+        One row per block: ``layer``, ``relative_depth``, ``entropy_bits``,
+        ``entropy_change_bits`` (against the unmodified model), ``kl_nats``, ``loss_delta``,
+        ``relative_accuracy``, ``plan``.
+
+    Example:
+        >>> import torch
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=3, d_model=8, n_ctx=8, d_head=4, d_vocab=20, act_fn="relu"))
+        >>> block_repetition(m, torch.randint(0, 20, (2, 6)), progress=False)["layer"].tolist()
+        [0, 1, 2]
+    """
+    model = check_model(model)
+    source, tokens = tokens, check_tokens(model, tokens)
+    if isinstance(times, bool) or not isinstance(times, (int, np.integer)) or times < 1:
+        raise ValueError(f"times must be a whole number of runs, at least 1, got {times!r}")
+    n = model.cfg.n_layers
+    plans = [LayerPlan.identity(n)] + [LayerPlan.repeat(n, [i], times=times) for i in range(n)]
+    labels = {"layer": np.arange(-1, n, dtype=np.int64),
+              "relative_depth": [float("nan")] + [relative_depth(i, n) for i in range(n)]}
+    table = plan_table(model, tokens, plans, labels, (
+        "entropy_bits", "entropy_change_bits", "kl_nats", "loss_delta", "relative_accuracy", "plan"),
+        EngineOptions(batch_size=batch_size, chunk_tokens=chunk_tokens, progress=progress, precision=precision))
+    df = table.iloc[1:].reset_index(drop=True)
+    return with_provenance(df, provenance(model, source, analysis="block_repetition", times=times,
+                                          blocks="each block alone", precision=precision))
