@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from stages_of_inference._checks import check_count  # noqa: F401 (used across the package from here)
 from stages_of_inference._tl import Model
+from stages_of_inference.backends import as_seam
 from stages_of_inference.batch import tensor_of
 
 T = TypeVar("T")
@@ -48,8 +50,6 @@ def check_model(model: Any) -> Model:
     library cannot adapt (:func:`stages_of_inference.backends.as_seam` decides: a
     ``HookedTransformer``, a ``TransformerBridge`` or a model seam).
     """
-    from stages_of_inference.backends import as_seam
-
     return as_seam(model).model
 
 
@@ -92,15 +92,17 @@ def progress(iterable: Iterable[T], enabled: bool = True, **kwargs: Any) -> Iter
     return tqdm(iterable, **kwargs)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, tmp_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename.
 
-    The file gets the permissions a plain ``open(path, "w")`` would give (``0o666`` less the umask),
-    not the owner-only ones of the temporary file.
+    The temporary file lies in ``tmp_dir`` (a folder on the same filesystem, e.g. a study
+    folder's private one, where a killed writer's leftovers are cleared) or, by default, beside
+    ``path`` as ``.<name>.<random>.tmp``. The file gets the permissions a plain ``open(path,
+    "w")`` would give (``0o666`` less the umask), not the owner-only ones of the temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir or path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -122,31 +124,34 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike[str], text: str, tmp_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically (:func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"), tmp_dir)
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, tmp_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically (:func:`atomic_write_bytes`)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", tmp_dir)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+def atomic_path(path: str | os.PathLike[str], tmp_dir: str | os.PathLike[str] | None = None) -> Iterator[Path]:
+    """Yield a temporary path; rename it onto ``path`` only if the block succeeds.
 
     Works for files and folders: whatever the block writes at the temporary path replaces
-    ``path`` in one rename, so a crash leaves either the old ``path`` or none, never half of one.
+    ``path`` in one rename (a folder already at ``path`` is first moved aside into the same
+    temporary folder, then removed), so a crash leaves the old ``path``, the new one or none,
+    never half of one. The temporary folder is made in ``tmp_dir`` (same filesystem) or beside
+    ``path`` (``.<name>.<random>.tmp``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir or path.parent))
     target = tmp / path.name
     try:
         yield target
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            os.replace(path, tmp / ".replaced")
         os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -156,21 +161,48 @@ class LockedError(ValueError):
     """Another process holds the lock (and the caller would not wait, or waited long enough)."""
 
 
+def _open_lock(path: Path) -> int:
+    """The lock file's descriptor: created if missing, never through a symlink, only a regular file."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as error:
+        kind = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else "not usable"
+        raise LockedError(f"the lock file {path} is {kind} ({error.strerror or error}); it must be a regular file "
+                          "this library created: remove it if no run is using the folder") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LockedError(f"the lock file {path} is not a regular file; remove it if no run is using the folder")
+    return fd
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike[str], wait_s: float = 0.0, what: str = "") -> Iterator[Path]:
-    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block.
+    """Hold an exclusive lock on ``path`` for the ``with`` block; the file is created for it and
+    removed when the block ends.
 
     Another process holding it makes this wait up to ``wait_s`` seconds, then raise
     :class:`LockedError` naming ``what`` and the process that holds it. The lock is the operating
-    system's (``fcntl.flock``): a killed holder releases it. Where there is no ``fcntl``
-    (Windows), no lock is taken.
+    system's (``fcntl.flock``): a killed holder releases it. The file is never opened through a
+    symbolic link and must be a regular file (anything else: :class:`LockedError`, one line).
+    Where there is no ``fcntl`` (Windows), no lock is taken.
 
     Example:
         >>> import tempfile, pathlib
         >>> lock = pathlib.Path(tempfile.mkdtemp()) / ".lock"
         >>> with file_lock(lock, what="the demo folder"):
-        ...     print("held")
-        held
+        ...     print("held", lock.exists())
+        held True
+        >>> lock.exists()
+        False
     """
     try:
         import fcntl
@@ -179,32 +211,36 @@ def file_lock(path: str | os.PathLike[str], wait_s: float = 0.0, what: str = "")
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    handle.seek(0)
-                    holder = handle.read().strip() or "another process"
-                    raise LockedError(f"{what or path} is in use by {holder} (lock {path})") from None
-                time.sleep(0.5)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"process {os.getpid()}")
-        handle.flush()
+    deadline = time.monotonic() + wait_s
+    while True:
+        fd = _open_lock(path)
         try:
-            yield path
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise LockedError(f"{what or path} is in use by {holder} (lock {path})") from None
+            time.sleep(0.5)
+            continue
+        if _same_file(fd, path):  # not a file its last holder removed while this process waited on it
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()}".encode(), 0)
+        yield path
+    finally:
+        if _same_file(fd, path):
+            path.unlink()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike[str], name: str = "") -> list[Path]:
-    """Remove the temporaries :func:`atomic_path` leaves when its process is killed (``.{name}.*.tmp``
-    in ``folder``; every one when ``name`` is empty). Call it only while holding the lock that
-    keeps other writers of ``folder`` out. Returns what was removed.
+def remove_stale_temporaries(folder: str | os.PathLike[str], name: str) -> list[Path]:
+    """Remove the temporaries :func:`atomic_path` leaves beside ``folder / name`` when its
+    process is killed (``.{name}.*.tmp``). Call it only while holding the lock that keeps other
+    writers of ``folder`` out. Returns what was removed.
 
     Example:
         >>> import tempfile, pathlib
@@ -212,9 +248,11 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], name: str = "") -> 
         >>> [p.name for p in remove_stale_temporaries(d, "entry")], sorted(p.name for p in d.iterdir())
         (['.entry.x1.tmp'], ['entry'])
     """
+    if not name:
+        raise ValueError("name the entry whose temporaries are removed")
     removed = []
-    for tmp in Path(folder).glob(f".{name}.*.tmp" if name else ".*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    for tmp in Path(folder).glob(f".{name}.*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed
 

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stages_of_inference._checks import BACKEND_CHOICES, PRECISIONS
+from stages_of_inference.study.options import add_options, positive
 
 __all__ = ["DEFAULT_MODEL", "EXIT_INTERRUPTED", "EXIT_MISMATCH", "EXIT_OK", "EXIT_TASK_FAILED", "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
@@ -122,13 +123,13 @@ def _run(args: argparse.Namespace) -> int:
         from stages_of_inference.study.sharded import parse_shard, run_shard
 
         shard, n_shards = parse_shard(args.shard)
-        run_shard(config, shard, n_shards, out_dir, progress=not args.quiet, log=print)
+        run_shard(config, shard, n_shards, out_dir, progress=not args.quiet, log=print, adopt_folder=args.adopt_folder)
         print(f"shard done in {time.perf_counter() - started:.0f} s")
         return EXIT_OK
     engine = {} if args.ray is None else {"engine": "ray", "ray_address": None if args.ray == LOCAL_RAY else args.ray,
                                           "ray_options": _ray_options(args)}
     study = run_study(config=config, out_dir=out_dir, on_mismatch=args.on_mismatch, progress=not args.quiet,
-                      log=print, **engine)
+                      log=print, adopt_folder=args.adopt_folder, **engine)
     print(f"done in {time.perf_counter() - started:.0f} s; open {study.report.resolve()} in a browser")
     return EXIT_OK
 
@@ -148,7 +149,7 @@ def _merge(args: argparse.Namespace) -> int:
     from stages_of_inference.study.sharded import merge_studies
 
     _preflight(args, out_dir=args.out_dir)
-    study = merge_studies(args.folders, args.out_dir, log=print)
+    study = merge_studies(args.folders, args.out_dir, log=print, adopt_folder=args.adopt_folder)
     print(f"open {study.report.resolve()} in a browser")
     return EXIT_OK
 
@@ -156,9 +157,9 @@ def _merge(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     import stages_of_inference as soi
     from stages_of_inference.interventions.deviation import PrecisionCheck
-    from stages_of_inference.robustness import _check_kinds
+    from stages_of_inference.robustness import check_kinds
 
-    kinds = _check_kinds(tuple(k.strip() for k in args.kinds.split(",") if k.strip()))
+    kinds = check_kinds(tuple(k.strip() for k in args.kinds.split(",") if k.strip()))
     model, tokens = _load(args, args.n_tokens)
     result = soi.robustness_sweep(model, tokens, kinds=kinds, progress=not args.quiet, batch_size=args.batch_size,
                                   precision=args.precision)
@@ -230,8 +231,6 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser, model: bool = True, text: bool = True, n_tokens: int = 512) -> None:
-    from stages_of_inference.study.config import _positive
-
     if model:
         p.add_argument("--model", default=DEFAULT_MODEL,
                        help="model name (see `stages-of-inference models`), folder or .gguf file (default: %(default)s)")
@@ -241,11 +240,11 @@ def _common(p: argparse.ArgumentParser, model: bool = True, text: bool = True, n
     if text:
         p.add_argument("--corpus", default="default",
                        help="bundled corpus (default, austen, melville), text file or folder (default: %(default)s)")
-        p.add_argument("--n-tokens", type=_positive, default=n_tokens,
+        p.add_argument("--n-tokens", type=positive, default=n_tokens,
                        help="tokens of text, in sequences of --seq-len (default: %(default)s)")
-        p.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence, BOS first (default: %(default)s)")
+        p.add_argument("--seq-len", type=positive, default=128, help="tokens per sequence, BOS first (default: %(default)s)")
         p.add_argument("--seed", type=int, default=0, help="which text windows are drawn (default: %(default)s)")
-        p.add_argument("--batch-size", type=_positive, default=8, help="sequences per forward pass (default: %(default)s)")
+        p.add_argument("--batch-size", type=positive, default=8, help="sequences per forward pass (default: %(default)s)")
         p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                        help="dtype of the model's matrix products and attention; metrics stay fp32 "
                             "(default: %(default)s, the paper's)")
@@ -260,21 +259,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _distributed_options(run: argparse.ArgumentParser) -> None:
-    from stages_of_inference.study.config import _positive
+def _adopt_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adopt-folder", action="store_true",
+                   help="use --out-dir although it holds other files and is not a study folder (the study writes "
+                        "beside them and never touches them)")
 
+
+def _distributed_options(run: argparse.ArgumentParser) -> None:
     group = run.add_argument_group("distributed", "split the study over processes (docs/distributed/)")
     group.add_argument("--ray", nargs="?", const=LOCAL_RAY, default=None, metavar="ADDRESS",
                        help="run on Ray (pip install 'stages-of-inference[ray]'): alone, a local cluster on this "
                             "machine's cores; 'auto' the cluster running here; host:port that head")
-    group.add_argument("--workers", type=_positive, default=None,
+    group.add_argument("--workers", type=positive, default=None,
                        help="with --ray: actors alive at once (default: as many as the cluster's GPUs or CPUs allow)")
     group.add_argument("--cpus-per-worker", type=float, default=1.0,
                        help="with --ray: CPUs (and torch threads) per actor (default: %(default)s)")
     group.add_argument("--gpus-per-worker", type=float, default=None,
                        help="with --ray: GPUs per actor, a fraction lets small models share one (default: 1 where "
                             "the cluster has GPUs, else 0)")
-    group.add_argument("--shards", type=_positive, default=None,
+    group.add_argument("--shards", type=positive, default=None,
                        help="with --ray: shards of the sweep's batch (default: one per worker)")
     group.add_argument("--max-retries", type=int, default=2,
                        help="with --ray: runs of a task again after its worker died (default: %(default)s)")
@@ -284,14 +287,15 @@ def _distributed_options(run: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``stages-of-inference`` command."""
-    from stages_of_inference.study.config import add_options
-
     parser = _Parser(
         prog="stages-of-inference",
         description="Layer deletion, layer swaps and the four stages of inference in language models "
                     "(Lad, Lee, Gurnee & Tegmark, arXiv:2406.19384), on TransformerLens models.",
-        epilog="Exit codes: 0 done, 2 bad argument or input, 3 model not available here, "
-               "4 --out-dir holds a study with other settings (with --on-mismatch error), 130 interrupted.",
+        epilog="Exit codes: 0 done; 2 bad argument or input (one line on stderr: a bad option, a folder that is not "
+               "the study's to use, shards that do not merge); 3 model not available here, or a Ray head that does not "
+               "answer; 4 --out-dir holds a study with other settings (with --on-mismatch error); 5 a task of a "
+               "distributed study failed; 130 interrupted (run again to resume). Anything else is a bug (exit 1, "
+               "with a traceback).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
@@ -306,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--on-mismatch", choices=("recompute", "error"), default="recompute",
                      help="what to do with a finished analysis in --out-dir made with other settings (default: %(default)s)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    _adopt_option(run)
     _distributed_options(run)
     run.set_defaults(func=_run)
 
@@ -317,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("folders", nargs="+", metavar="DIR", help="the --out-dir of each --shard run")
     merge.add_argument("--out-dir", required=True, help="the study's folder")
     merge.add_argument("--quiet", action="store_true", help="no progress bars")
+    _adopt_option(merge)
     merge.set_defaults(func=_merge)
 
     sweep = sub.add_parser("sweep", help="delete every block and swap every adjacent pair; print the damage",
@@ -358,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from stages_of_inference.models import UnavailableError
     from stages_of_inference.study.distributed import TaskFailedError
-    from stages_of_inference.study.run import StudyMismatchError
+    from stages_of_inference.study.folder import StudyMismatchError
 
     try:
         return int(args.func(args))

@@ -48,9 +48,9 @@ from torch import Tensor
 from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_count, check_model
 from stages_of_inference.batch import DIGEST_CHARS, TokenBatch
-from stages_of_inference.models import bos_token_id
+from stages_of_inference.models import CorpusNotAvailableError, bos_token_id, bounded_hub_requests, hub_problem
 
-__all__ = ["BUNDLED", "POOL_FACTOR", "check_corpus", "corpus_names", "corpus_texts", "load_token_batch", "load_tokens"]
+__all__ = ["BUNDLED", "POOL_FACTOR", "check_corpus", "corpus_documents", "corpus_names", "corpus_texts", "load_token_batch", "load_tokens"]
 
 BUNDLED = {
     "austen": (
@@ -123,8 +123,6 @@ def check_corpus(corpus: Any) -> None:
 
 def _require_hub(name: str) -> None:
     """A dataset name is readable only where the hub answers: asked now, in bounded time."""
-    from stages_of_inference.models import CorpusNotAvailableError, hub_problem
-
     problem = hub_problem()
     if problem is not None:
         raise CorpusNotAvailableError(
@@ -159,6 +157,20 @@ def _documents(corpus: Any, text_column: str, split: str) -> tuple[Iterable[Any]
     )
 
 
+def corpus_documents(corpus: str | os.PathLike[str]) -> list[str]:
+    """Every document of a finite corpus, in full: a bundled corpus, a text file, or a folder of
+    ``.txt`` files (what a study's corpus may be; a Hugging Face dataset streams and is refused).
+
+    Example:
+        >>> len(corpus_documents("austen"))
+        6
+    """
+    documents, finite, _ = _documents(corpus, "text", "train")
+    if not finite:
+        raise ValueError(f"corpus {os.fspath(corpus)!r} is a dataset stream; give a bundled corpus, a text file or a folder")
+    return list(documents)
+
+
 def _read_text(path: Path) -> str:
     """A corpus file's text, or one line naming the file when it is not UTF-8 text."""
     try:
@@ -171,8 +183,6 @@ def _read_text(path: Path) -> str:
 
 
 def _hf_dataset(name: str, text_column: str, split: str) -> Iterator[str]:
-    from stages_of_inference.models import _bounded_hub_requests
-
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets comes with transformer-lens
@@ -180,7 +190,7 @@ def _hf_dataset(name: str, text_column: str, split: str) -> Iterator[str]:
             f"{name!r} is not a bundled corpus or a path, and the 'datasets' package needed to read "
             f"it as a Hugging Face dataset is not installed. Bundled corpora: {', '.join(corpus_names())}"
         ) from None
-    with _bounded_hub_requests():
+    with bounded_hub_requests():
         stream = datasets.load_dataset(name, split=split, streaming=True)
         yield from _rows(stream, name, text_column)
 

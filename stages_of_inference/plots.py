@@ -33,7 +33,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from stages_of_inference._tables import _require, _table, result_model
+from stages_of_inference._tables import require_columns, result_model, table_of
 from stages_of_inference.results import Result
 from stages_of_inference.stages.detokenization import SubjoinerResult, pattern_table
 from stages_of_inference.stages.placement import STAGES, place_stages
@@ -54,6 +54,7 @@ __all__ = [
     "layer_similarity",
     "logit_lens",
     "model_colors",
+    "palette",
     "neuron_counts",
     "place_stages",
     "prediction_depth",
@@ -109,6 +110,16 @@ def _as_list(results: Any) -> list[Any]:
     if not items:
         raise ValueError("no result to plot: the list of results is empty")
     return items
+
+
+def palette(names: Sequence[str]) -> dict[str, str]:
+    """One colour per name, in order (the colours :func:`model_colors` hands out).
+
+    Example:
+        >>> palette(["a", "b"])
+        {'a': '#1f77b4', 'b': '#d62728'}
+    """
+    return {name: _PALETTE[i % len(_PALETTE)] for i, name in enumerate(names)}
 
 
 def model_colors(results: Any, colors: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -210,7 +221,7 @@ def add_stage_bands(
     table = pd.concat(list(stages), ignore_index=True) if isinstance(stages, (list, tuple)) else stages
     if table is None or table.empty:
         return fig
-    _require(table, ["stage", "start", "end"], "add_stage_bands")
+    require_columns(table, ["stage", "start", "end"], "add_stage_bands")
     table = table[table.get("n_blocks", pd.Series(1, index=table.index)) > 0]
     models = list(dict.fromkeys(table["model"])) if "model" in table else ["model"]
     where = {"row": "all", "col": "all"}  # every panel (plotly ignores them on a figure without subplots)
@@ -252,7 +263,7 @@ def robustness_table(sweep: pd.DataFrame | Result) -> pd.DataFrame:
         >>> list(robustness_table(s).columns)
         ['kind', 'layer', 'kl_nats']
     """
-    return _table(sweep, "summary")
+    return table_of(sweep, "summary")
 
 
 def robustness(
@@ -299,7 +310,7 @@ def robustness(
                         horizontal_spacing=0.1, vertical_spacing=0.16)
     for result in items:
         table = robustness_table(result)
-        _require(table, ["kind", "layer", "relative_depth", *metrics], "robustness")
+        require_columns(table, ["kind", "layer", "relative_depth", *metrics], "robustness")
         name = result_model(result)
         for i, metric in enumerate(metrics):
             r, c = i // n_cols + 1, i % n_cols + 1
@@ -375,8 +386,8 @@ def layer_effects(results: Results, stages: Stages = None, colors: Mapping[str, 
                                                               "the unmodified model: cosine(c_j, resid_pre_j)"])
     ticks = [0.01, 0.03, 0.1, 0.3, 1, 3]
     for k, (result, name) in enumerate(zip(items, names), start=1):
-        df = _table(result)
-        _require(df, ["kind", "relative_depth", "block_relative_depth", "relative_change", "relative_size", "cosine"],
+        df = table_of(result)
+        require_columns(df, ["kind", "relative_depth", "block_relative_depth", "relative_change", "relative_size", "cosine"],
                  "layer_effects")
         drops = df[df["kind"] == "drop"]
         grid = drops.pivot_table(index="block_relative_depth", columns="relative_depth", values="relative_change")
@@ -433,8 +444,8 @@ def previous_token_attention(results: Results, stages: Stages = None, colors: Ma
     fig = go.Figure()
     ks = set()
     for result in items:
-        df = _table(result)
-        _require(df, ["relative_depth", "mean_attention"], "previous_token_attention")
+        df = table_of(result)
+        require_columns(df, ["relative_depth", "mean_attention"], "previous_token_attention")
         df = df.sort_values("relative_depth")
         if "k" in df:
             ks.update(int(k) for k in df["k"].unique())
@@ -469,8 +480,8 @@ def subjoiner_scores(results: Results | SubjoinerResult | Sequence[SubjoinerResu
     palette = model_colors(items, colors)
     fig = go.Figure()
     for result in items:
-        df = _table(result, "heads")
-        _require(df, ["layer", "head", "relative_depth", "difference"], "subjoiner_scores")
+        df = table_of(result, "heads")
+        require_columns(df, ["layer", "head", "relative_depth", "difference"], "subjoiner_scores")
         name = result_model(result)
         ranked = df.sort_values("difference", ascending=False).reset_index(drop=True)
         labels = [f"L{int(l)}H{int(h)}" if i < top else "" for i, (l, h) in enumerate(zip(ranked["layer"], ranked["head"]))]
@@ -510,7 +521,7 @@ def subjoiner_patterns(result: Any, heads: Sequence[tuple[int, int]] | None = No
     """
     long = _pattern_table(result)
     if ranked is None and not isinstance(result, pd.DataFrame):
-        ranked = _table(result, "heads")
+        ranked = table_of(result, "heads")
     if heads is None:
         if ranked is None or len(ranked) == 0:
             raise ValueError("no heads table to rank heads by: pass heads=[(layer, head), ...]")
@@ -544,7 +555,7 @@ def subjoiner_patterns(result: Any, heads: Sequence[tuple[int, int]] | None = No
 
 def _pattern_table(result: Any) -> pd.DataFrame:
     if isinstance(result, pd.DataFrame):
-        _require(result, ["layer", "head", "prompts", "query", "key", "attention"], "subjoiner_patterns")
+        require_columns(result, ["layer", "head", "prompts", "query", "key", "attention"], "subjoiner_patterns")
         return result
     return pattern_table(result)
 
@@ -579,8 +590,8 @@ def logit_lens(results: Results, stages: Stages = None, colors: Mapping[str, str
     fig = make_subplots(rows=2, cols=2, subplot_titles=titles, horizontal_spacing=0.1, vertical_spacing=0.16)
     seen = set()
     for result in items:
-        df = _table(result)
-        _require(df, ["relative_depth", "entropy_bits", "kl_to_final_nats"], "logit_lens")
+        df = table_of(result)
+        require_columns(df, ["relative_depth", "entropy_bits", "kl_to_final_nats"], "logit_lens")
         name = result_model(result)
         conventions = df["convention"].unique() if "convention" in df else ["paper"]
         for convention in conventions:
@@ -618,8 +629,8 @@ def layer_similarity(results: Results) -> go.Figure:
     fig = make_subplots(rows=1, cols=len(items), subplot_titles=names, horizontal_spacing=0.08)
     method = "cka"
     for i, result in enumerate(items):
-        df = _table(result)
-        _require(df, ["relative_depth_a", "relative_depth_b", "similarity"], "layer_similarity")
+        df = table_of(result)
+        require_columns(df, ["relative_depth_a", "relative_depth_b", "similarity"], "layer_similarity")
         method = str(df["method"].iloc[0]) if "method" in df and len(df) else method
         grid = df.pivot(index="relative_depth_a", columns="relative_depth_b", values="similarity").sort_index().sort_index(axis=1)
         fig.add_trace(go.Heatmap(
@@ -652,8 +663,8 @@ def probe_accuracy(results: Results, stages: Stages = None, colors: Mapping[str,
     palette = model_colors(items, colors)
     fig = go.Figure()
     for result in items:
-        df = _table(result)
-        _require(df, ["relative_depth", "accuracy", "baseline"], "probe_accuracy")
+        df = table_of(result)
+        require_columns(df, ["relative_depth", "accuracy", "baseline"], "probe_accuracy")
         df = df.sort_values("relative_depth")
         name = result_model(result)
         label = str(df["label"].iloc[0]) if "label" in df and len(df) else "probe"
@@ -706,8 +717,8 @@ def neuron_counts(
 
 
 def _counts(result: Any) -> pd.DataFrame:
-    df = _table(result, "counts")
-    _require(df, ["relative_depth", "n_prediction", "n_suppression", "share_prediction", "share_suppression"],
+    df = table_of(result, "counts")
+    require_columns(df, ["relative_depth", "n_prediction", "n_suppression", "share_prediction", "share_suppression"],
              "neuron_counts (the table of stages.prediction_ensembling.neuron_counts)")
     return df.sort_values("relative_depth")
 
@@ -733,15 +744,15 @@ def sharpening_profile(results: Results, stages: Stages = None, colors: Mapping[
     """
     items = _as_list(results)
     palette = model_colors(items, colors)
-    has_share = all("share_suppression" in _table(r) for r in items)
+    has_share = all("share_suppression" in table_of(r) for r in items)
     panels = ["entropy change caused by the block (bits)", "top-1 confidence change (probability)"]
     if has_share:
         panels.append("suppression neurons (% of the block's neurons)")
     fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, subplot_titles=panels, vertical_spacing=0.09)
     conventions = set()
     for result in items:
-        df = _table(result)
-        _require(df, ["relative_depth", "entropy_change_bits", "confidence_change"], "sharpening_profile")
+        df = table_of(result)
+        require_columns(df, ["relative_depth", "entropy_change_bits", "confidence_change"], "sharpening_profile")
         df = df.sort_values("relative_depth")
         if "convention" in df:
             conventions.update(df["convention"].unique())
@@ -788,9 +799,9 @@ def layer_repetition(results: Results, stages: Stages = None, colors: Mapping[st
     fig = make_subplots(rows=1, cols=2, subplot_titles=["output entropy change (bits)", "KL(original || repeated) (nats)"],
                         horizontal_spacing=0.1)
     for result in items:
-        df = _table(result)
+        df = table_of(result)
         depth = "relative_depth" if "relative_depth" in df else "relative_depth_end"
-        _require(df, [depth, "entropy_change_bits", "kl_nats"], "layer_repetition")
+        require_columns(df, [depth, "entropy_change_bits", "kl_nats"], "layer_repetition")
         df = df.dropna(subset=[depth]).sort_values(depth)
         name = result_model(result)
         _line(fig, df[depth], df["entropy_change_bits"], name, palette[name], df.get("entropy_change_bits_sem"),
@@ -828,8 +839,8 @@ def sink_profile(results: Results, stages: Stages = None, colors: Mapping[str, s
               "mean residual norm entering the block (positions after the first)"]
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, subplot_titles=panels, vertical_spacing=0.09)
     for result in items:
-        df = _table(result)
-        _require(df, ["relative_depth", "sink_attention", "sink_heads_share", "massive_ratio", "resid_norm"],
+        df = table_of(result)
+        require_columns(df, ["relative_depth", "sink_attention", "sink_heads_share", "massive_ratio", "resid_norm"],
                  "sink_profile")
         df = df.sort_values("relative_depth")
         name = result_model(result)
@@ -873,8 +884,8 @@ def prediction_depth(results: Results, stages: Stages = None, colors: Mapping[st
     palette = model_colors(items, colors)
     fig = go.Figure()
     for result in items:
-        df = _table(result)
-        _require(df, ["relative_depth", "share", "share_right", "share_wrong", "convention"], "prediction_depth")
+        df = table_of(result)
+        require_columns(df, ["relative_depth", "share", "share_right", "share_wrong", "convention"], "prediction_depth")
         convention = "per_layer_norm" if (df["convention"] == "per_layer_norm").any() else df["convention"].iloc[0]
         part = df[df["convention"] == convention].sort_values("relative_depth")
         name = result_model(result)
@@ -917,8 +928,8 @@ def task_damage(results: Results, stages: Stages = None, colors: Mapping[str, st
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06,
                         subplot_titles=["deleting block i", "swapping blocks i and i + 1"])
     for result in items:
-        df = _table(result)
-        _require(df, ["kind", "relative_depth", *(m for m, _, _ in _TASK_MEASURES)], "task_damage")
+        df = table_of(result)
+        require_columns(df, ["kind", "relative_depth", *(m for m, _, _ in _TASK_MEASURES)], "task_damage")
         name = result_model(result)
         for col, kind in ((1, "drop"), (2, "swap")):
             part = df[df["kind"] == kind].sort_values("relative_depth")

@@ -18,9 +18,12 @@ from typing import Any
 
 import pandas as pd
 import torch
+import transformer_lens
 
+from stages_of_inference import __version__
 from stages_of_inference._tl import Model
 from stages_of_inference._utils import atomic_path, atomic_write_json, file_sha256
+from stages_of_inference.backends import backend_of, weight_mode
 from stages_of_inference.batch import TokenBatch, describe_any
 
 __all__ = ["FILES_KEY", "FORMATS", "PROVENANCE_FILE", "DamagedResultError", "Result", "config_hash", "file_sha256",
@@ -78,10 +81,6 @@ def provenance(
         >>> p["settings"]["analysis"], "stages_of_inference" in p["versions"]
         ('demo', True)
     """
-    import transformer_lens
-
-    from stages_of_inference import __version__
-
     record: dict[str, Any] = {
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {
@@ -111,8 +110,6 @@ def provenance(
 
 def _backend_record(model: Model) -> dict[str, str]:
     """The backend and how it holds the weights (:func:`~stages_of_inference.backends.weight_mode`)."""
-    from stages_of_inference.backends import backend_of, weight_mode
-
     try:
         return {"backend": backend_of(model), "weights": weight_mode(model)}
     except TypeError:  # a stand-in object without a seam (tests of the record itself)
@@ -212,15 +209,16 @@ class Result:
         except KeyError:
             raise KeyError(f"no table {name!r}; this result has: {', '.join(self.tables)}") from None
 
-    def save(self, out_dir: str | Path, fmt: str = "parquet") -> Path:
+    def save(self, out_dir: str | Path, fmt: str = "parquet", tmp_dir: str | Path | None = None) -> Path:
         """Write every table and ``provenance.json`` into ``out_dir`` (replaced as a whole,
-        atomically). ``provenance.json`` also records the SHA-256 of every file beside it
-        (``files``), which :meth:`load` checks.
+        atomically, through a temporary folder in ``tmp_dir`` or beside ``out_dir``).
+        ``provenance.json`` also records the SHA-256 of every file beside it (``files``), which
+        :meth:`load` checks.
         """
         if fmt not in FORMATS:
             raise ValueError(f"unknown table format {fmt!r}; allowed: {', '.join(FORMATS)}")
         out_dir = Path(out_dir)
-        with atomic_path(out_dir) as tmp:
+        with atomic_path(out_dir, tmp_dir) as tmp:
             tmp.mkdir()
             for name, df in self.tables.items():
                 save_table(df, tmp / name, fmt)

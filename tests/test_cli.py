@@ -31,7 +31,6 @@ def test_help(command: str | None, capsys: pytest.CaptureFixture[str]) -> None:
     (["bogus"], "invalid choice"),
     (["run", "--n-tokens", "0"], "positive"),
     (["run", "--n-tokens", "many"], "whole number"),
-    (["run", "--analyses", "robustness,nope"], "unknown analyses"),
     (["lens", "--convention", "sideways"], "invalid choice"),
 ])
 def test_bad_arguments_are_one_line_with_exit_code_2(argv: list[str], needle: str,

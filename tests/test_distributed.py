@@ -1,8 +1,9 @@
 """A study split into tasks: shards of the sweep pooled exactly, ``--shard`` + ``merge``, and Ray.
 
 The reference everywhere is the one-process study (``run_study`` with the local engine) on the
-same models, text and settings: the split study must give the same tables within 1e-6 (KL and
-loss in nats, standard errors included). The Ray tests start a local Ray cluster (this machine only)
+same models, text and settings: the split study must give the same tables bit for bit (a shard
+is a run of whole batches, computed as one process computes it; the pooled sweep functions take
+per-sequence sums in one order). The Ray tests start a local Ray cluster (this machine only)
 with two worker processes and stop it at the end of each test, failed or not. Without Ray
 installed they are skipped, unless ``SOI_REQUIRE_RAY=1`` (``make test`` sets it): then they fail.
 """
@@ -28,7 +29,8 @@ from stages_of_inference.results import Result
 from stages_of_inference.robustness import finish_sweep, sweep_partial
 from stages_of_inference.study import run_study
 from stages_of_inference.study.config import StudyConfig
-from stages_of_inference.study.registry import REGISTRY
+from stages_of_inference.study.folder import StudyFolder, load_study
+from stages_of_inference.study.registry import REGISTRY, default_analyses
 from stages_of_inference.study.sharded import MergeError, merge_studies, parse_shard, run_shard
 from stages_of_inference.study.tasks import TaskStore, assign_shards, shard_rows, study_tasks
 from tests.test_report import _tiny
@@ -47,9 +49,9 @@ WORDS = 101
 
 
 # --------------------------------------------------------------------------- helpers
-def assert_same_tables(a: Result, b: Result, where: str) -> None:
-    """Every table of ``a`` in ``b``: same columns, same non-float values, floats within 1e-6
-    (relative to max(|value|, 1) for large numbers such as activation norms)."""
+def assert_same_tables(a: Result, b: Result, where: str, tol: float = 0.0) -> None:
+    """Every table of ``a`` in ``b``: same columns, same non-float values, floats within ``tol``
+    (relative to max(|value|, 1) for large numbers such as activation norms; 0: bit for bit)."""
     assert sorted(a.tables) == sorted(b.tables), where
     for name, x in a.tables.items():
         y = b.tables[name]
@@ -60,7 +62,7 @@ def assert_same_tables(a: Result, b: Result, where: str) -> None:
                 uu, vv = u.to_numpy(float), v.to_numpy(float)
                 assert (np.isnan(uu) == np.isnan(vv)).all(), f"{where} {name}.{column}: NaN differs"
                 gap = np.abs(uu - vv) / np.maximum(1.0, np.abs(uu))
-                assert np.nanmax(gap, initial=0.0) <= TOL, f"{where} {name}.{column}: {np.nanmax(gap)}"
+                assert np.nanmax(gap, initial=0.0) <= tol, f"{where} {name}.{column}: {np.nanmax(gap)}"
             else:
                 assert u.astype(str).equals(v.astype(str)), f"{where} {name}.{column}"
 
@@ -129,10 +131,16 @@ def test_shards_are_fixed_contiguous_slices_and_cover_the_batch() -> None:
 
 
 def test_only_split_analyses_are_sharded_and_needs_stay_together() -> None:
-    config = StudyConfig(models=("a", "b"), n_tokens=512)  # 4 sequences; the heavy batch has 2
+    config = StudyConfig(models=("a", "b"), n_tokens=512, batch_size=1)  # 4 sequences; the heavy batch has 2
     tasks = study_tasks(config, 8)
     sweep = [t for t in tasks if t.model == "a" and t.analysis == "robustness"]
-    assert [t.shard for t in sweep] == [0, 1, 2, 3]  # at most one shard per sequence
+    assert [t.shard for t in sweep] == [0, 1, 2, 3]  # at most one shard per batch
+    # a shard is a run of whole batches: with batches of 3 sequences, 8 sequences make at most 3 shards
+    assert [shard_rows(8, i, 3, batch_size=3) for i in range(3)] == [slice(0, 3), slice(3, 6), slice(6, 8)]
+    assert [t.n_shards for t in study_tasks(StudyConfig(n_tokens=1024, batch_size=3), 8)
+            if t.analysis == "robustness"] == [3, 3, 3]
+    with pytest.raises(ValueError, match="at most 1 shards of 4 sequences in batches of 8"):
+        shard_rows(4, 0, 2, batch_size=8)
     assert all(t.n_shards == 1 for t in tasks if not REGISTRY[t.analysis].split)
     for n in (2, 3):
         where = assign_shards(study_tasks(config, n), n)
@@ -156,7 +164,7 @@ def test_the_sweep_of_shards_pooled_equals_the_sweep_of_all(tiny_models, tiny_to
              for s in (shard_rows(len(tiny_tokens), i, 3) for i in range(3))]
     for order in (parts, parts[::-1]):  # the order the shards come back in does not matter
         merged = finish_sweep(order)
-        assert_same_tables(whole, merged, f"sweep {precision}")
+        assert_same_tables(whole, merged, f"sweep {precision}", tol=TOL)
     assert "shards" in finish_sweep(parts).provenance and len(finish_sweep(parts).provenance["shards"]) == 3
     # the standard errors are over all the sequences, not means of the shards' standard errors
     assert (merged.summary["kl_nats_sem"].iloc[1:] > 0).all()
@@ -203,34 +211,50 @@ def test_shard_runs_merged_equal_the_one_process_study(tmp_path: Path, corpus: P
     # a rerun of a shard reuses its stored tasks; a damaged task result is named and refused by merge
     lines: list[str] = []
     run_shard(config, 0, n, tmp_path / "shard0", loaded=models, log=lines.append)
-    assert any("reused the stored result" in line for line in lines)
-    stored = next(TaskStore(tmp_path / "shard1").folder.glob("*/*/*/*.parquet"))
+    assert any("stored tasks reused" in line for line in lines)
+    stored = next(TaskStore(StudyFolder(tmp_path / "shard1").tasks).folder.glob("*/*/*/*.parquet"))
     stored.write_bytes(stored.read_bytes()[:-20])
-    with pytest.raises(MergeError, match="not in .* \\(or damaged\\); run its shard again"):
+    with pytest.raises(MergeError, match="no result in the shard folders \\(or a damaged one\\).*run its shard again"):
         merge_studies([tmp_path / f"shard{i}" for i in range(n)], tmp_path / "merged2", log=None)
     # shards of different studies are refused
     other = dict(config.to_dict(), seed=1)
     run_shard(StudyConfig(**other), 2, n, tmp_path / "other", loaded=models, log=None)
-    with pytest.raises(MergeError, match="different study settings"):
+    with pytest.raises(MergeError, match="different study settings \\(seed: 0 against 1"):
         merge_studies([tmp_path / "shard0", tmp_path / "shard1", tmp_path / "other"], tmp_path / "merged3", log=None)
 
 
+@needs_ray
 @pytest.mark.real
-def test_cli_shard_and_merge_equal_the_one_process_study(tmp_path: Path, real_model) -> None:  # noqa: ANN001
+def test_the_default_study_is_bit_identical_in_one_process_in_shards_and_on_ray(tmp_path: Path, real_model,
+                                                                                 ray_stopped) -> None:  # noqa: ANN001
+    """Every default analysis of the embedded model, on a small budget, run three ways: in this
+    process, as two ``--shard`` processes' worth of tasks merged (from the command line), and on a
+    local Ray cluster (one worker of two CPUs: the same torch thread count as this process). The
+    tables are equal bit for bit, fingerprints included, and every finished result carries the
+    record of the one finishing step."""
     from stages_of_inference.cli import main
+    from stages_of_inference.study.distributed import RayOptions
 
-    flags = ["--model", "smollm2-135m", "--analyses", "robustness,task", "--n-tokens", "256", "--cloze-items", "4",
-             "--generation-prompts", "2", "--no-static", "--quiet"]
-    config = StudyConfig(models=("smollm2-135m",), analyses=("robustness", "task"), n_tokens=256, cloze_items=4,
-                         generation_prompts=2, static_formats=())
+    flags = ["--model", "smollm2-135m", "--n-tokens", "256", "--seq-len", "64", "--batch-size", "2", "--cloze-items", "4",
+             "--generation-prompts", "2", "--subjoiner-prompts", "16", "--no-static", "--quiet"]
+    config = StudyConfig(models=("smollm2-135m",), n_tokens=256, seq_len=64, batch_size=2, cloze_items=4,
+                         generation_prompts=2, subjoiner_prompts=16, static_formats=())
+    assert config.analyses == default_analyses()
+    assert torch.get_num_threads() == 2, "the comparison with a worker of two CPUs needs two threads here"
     reference = run_study(real_model, config=config, out_dir=tmp_path / "one", progress=False, log=None,
                           write_report=False)
     for i in (1, 2):
         assert main(["run", *flags, "--shard", f"{i}/2", "--out-dir", str(tmp_path / f"s{i}")]) == 0
     assert main(["merge", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out-dir", str(tmp_path / "merged")]) == 0
-    from stages_of_inference.study.run import load_study
-
-    assert_same_study(reference, load_study(tmp_path / "merged"))
+    merged = load_study(tmp_path / "merged")
+    assert_same_study(reference, merged)
+    assert [t.n_shards for t in study_tasks(config, 2) if t.analysis == "robustness"] == [2, 2]
+    ray = run_study(config=config, out_dir=tmp_path / "ray", log=None, engine="ray", write_report=False,
+                    ray_options=RayOptions(workers=1, cpus_per_worker=2, shards=2))
+    assert_same_study(reference, ray)
+    for study in (reference, merged, ray):
+        for result in study.results["smollm2-135m"].values():
+            assert set(result.provenance) >= {"study_fingerprint", "study", "study_seconds", "model"}
     assert main(["run", *flags, "--shard", "1/2", "--workers", "2", "--out-dir", str(tmp_path / "x")]) == 2
     assert main(["merge", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "m")]) == 2
 
@@ -282,7 +306,7 @@ def test_ray_two_workers_two_models_equal_the_one_process_study(tmp_path: Path, 
     study = run_study(config=config, out_dir=tmp_path / "ray", log=lines.append, engine="ray",
                       ray_options=RayOptions(workers=2, shards=3))
     assert_same_study(reference, study)
-    assert study.report.exists() and not (tmp_path / "ray" / "tasks").exists(), "finished: the task results are gone"
+    assert study.report.exists() and not StudyFolder(tmp_path / "ray").tasks.exists(), "finished: the task results are gone"
     pids = {line.split("worker pid ")[1].split()[0] for line in lines if "worker pid" in line}
     assert len(pids) >= 2, "the tasks ran on two worker processes"
     import ray
@@ -295,9 +319,16 @@ def test_ray_two_workers_two_models_equal_the_one_process_study(tmp_path: Path, 
 
 
 def _one_process_sweep(tmp_path: Path, real_model):  # noqa: ANN001, ANN202
-    config = StudyConfig(models=("smollm2-135m",), analyses=("robustness",), n_tokens=512, static_formats=())
-    return config, run_study(real_model, config=config, out_dir=tmp_path / "one", progress=False, log=None,
-                             write_report=False)
+    """The one-process study with the Ray workers' one torch thread: a BLAS may sum a product in
+    another order with another number of threads, so bit-for-bit equality needs the same count."""
+    config = StudyConfig(models=("smollm2-135m",), analyses=("robustness",), n_tokens=512, batch_size=1, static_formats=())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return config, run_study(real_model, config=config, out_dir=tmp_path / "one", progress=False, log=None,
+                                 write_report=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_ray
@@ -335,13 +366,14 @@ def test_ray_driver_interrupted_resumes_from_the_stored_tasks(tmp_path: Path, re
     config, reference = _one_process_sweep(tmp_path, real_model)
     out = tmp_path / "ray"
     command = [sys.executable, "-m", "stages_of_inference.cli", "run", "--ray", "--workers", "2", "--shards", "4",
-               "--model", "smollm2-135m", "--analyses", "robustness", "--n-tokens", "512", "--no-static", "--quiet",
+               "--model", "smollm2-135m", "--analyses", "robustness", "--n-tokens", "512", "--batch-size", "1",
+               "--no-static", "--quiet",
                "--out-dir", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     driver = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
-        while not list(TaskStore(out).folder.glob("*/*/*/provenance.json")):
+        while not list(TaskStore(StudyFolder(out).tasks).folder.glob("*/*/*/provenance.json")):
             assert driver.poll() is None and time.monotonic() < deadline, "no task finished"
             time.sleep(0.5)
         driver.send_signal(signal.SIGINT)
@@ -350,7 +382,7 @@ def test_ray_driver_interrupted_resumes_from_the_stored_tasks(tmp_path: Path, re
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
-    stored = list(TaskStore(out).folder.glob("*/*/*/provenance.json"))
+    stored = list(TaskStore(StudyFolder(out).tasks).folder.glob("*/*/*/provenance.json"))
     assert 1 <= len(stored) < 4 and not (out / "study.json").exists()
     assert not [p for p in out.rglob("*.tmp")], "nothing half-written"
     lines: list[str] = []

@@ -25,6 +25,7 @@ from stages_of_inference.study import (
     load_study,
     run_study,
 )
+from stages_of_inference.study.folder import StudyFolder
 from tests.conftest import make_tiny_model
 
 TINY_ANALYSES = ("robustness", "previous_token_attention", "logit_lens", "layer_similarity", "neurons", "sharpening",
@@ -239,7 +240,7 @@ def test_a_damaged_study_folder_is_named_and_recomputed(damage: str, tmp_path: P
               "altered table": folder / "robustness" / "summary.parquet",
               "deleted table": folder / "robustness" / "summary.parquet",
               "broken provenance": folder / "logit_lens" / "provenance.json",
-              "stale temporary": folder / ".robustness.abc123.tmp"}[damage]
+              "stale temporary": StudyFolder(out).tmp / ".robustness.abc123.tmp"}[damage]
     if damage == "broken sidecar" or damage == "broken provenance":
         target.write_text('{"model": {name: broken')
     elif damage == "truncated table":
@@ -250,14 +251,18 @@ def test_a_damaged_study_folder_is_named_and_recomputed(damage: str, tmp_path: P
         table.to_parquet(target, index=False)
     elif damage == "deleted table":
         target.unlink()
-    else:
-        target.mkdir()
+    else:  # what a run killed while saving the robustness result leaves behind
+        target.mkdir(parents=True)
         (target / "half-written.parquet").write_bytes(b"PAR1")
+        beside = folder / ".robustness.abc123.tmp"  # the same name outside the study's private folder: a user's
+        beside.mkdir()
     lines: list[str] = []
     again = run_study(model, config=config, out_dir=out, progress=False, log=lines.append, write_report=False)
     said = "\n".join(lines)
     assert str(target) in said, said
     assert not target.exists() if damage == "stale temporary" else target.exists()
+    if damage == "stale temporary":
+        assert (folder / ".robustness.abc123.tmp").is_dir(), "a file the study did not write is never removed"
     damaged_analysis = target.parent.name if damage != "stale temporary" else None
     assert [a for _, a in again.reused] == [a for a in ("robustness", "logit_lens") if a != damaged_analysis]
     for key, table in _study_numbers(clean).items():
@@ -273,7 +278,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path: Path, corpus: Pa
     out.mkdir()
     held = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from stages_of_inference._utils import file_lock\n"
-        f"with file_lock({str(out / '.lock')!r}):\n    print('held', flush=True); time.sleep(30)")],
+        f"with file_lock({str(StudyFolder(out).lock)!r}):\n    print('held', flush=True); time.sleep(30)")],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
     try:
         assert held.stdout.readline().strip() == "held"
@@ -283,7 +288,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path: Path, corpus: Pa
     finally:
         held.kill()
         held.wait(timeout=10)
-    with file_lock(out / ".lock"):  # released when its holder died
+    with file_lock(StudyFolder(out).lock):  # released when its holder died
         pass
     assert run_study(model, config=config, out_dir=out, progress=False, log=None, write_report=False).results
 
@@ -293,8 +298,8 @@ def test_a_refused_run_changes_nothing_on_disk(tmp_path: Path, corpus: Path) -> 
     out = tmp_path / "study"
     run_study(model, config=_config(corpus, ("tiny-gpt2",), analyses=("robustness",)), out_dir=out, progress=False,
               log=None, write_report=False)
-    def files() -> dict[Path, bytes]:  # the lock file only names the last run that held the folder
-        return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    def files() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     before = files()
     with pytest.raises(StudyMismatchError):

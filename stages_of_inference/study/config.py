@@ -1,80 +1,90 @@
-"""The settings of a study (:class:`StudyConfig`), which also declare the command line's options."""
+"""The settings of a study (:class:`StudyConfig`), validated against the registry of analyses."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages_of_inference._checks import BACKEND_CHOICES, PRECISIONS, check_count, check_device, check_precision
+from stages_of_inference._checks import BACKEND_CHOICES, check_count, check_device, check_precision
+from stages_of_inference.study import analyses as _builtin  # noqa: F401 - registers the built-in analyses
+from stages_of_inference.study.options import OPTIONS
+from stages_of_inference.study.registry import REGISTRY, default_analyses, fast_analyses
 
-__all__ = ["DEFAULT_OUT_DIR", "StudyConfig", "add_options", "analysis_names", "from_args"]
+__all__ = ["DEFAULT_OUT_DIR", "SELECTIONS", "StudyConfig", "from_args", "select_analyses"]
 
 DEFAULT_OUT_DIR = "reports"
 
-
-def _cli(flag: str, help: str, **kwargs: Any) -> dict[str, Any]:  # noqa: A002 - argparse's name
-    """Field metadata: the field's ``stages-of-inference run`` option."""
-    return {"cli": {"flag": flag, "help": help, **kwargs}}
+SELECTIONS = {"all": default_analyses, "fast": fast_analyses}
+"""Names that stand for a selection of analyses: ``all`` (every default one) and ``fast``."""
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+def select_analyses(names: Any) -> tuple[str, ...]:
+    """The analyses ``names`` stands for: one name or a sequence of names of
+    :data:`~stages_of_inference.study.registry.REGISTRY`, where ``"all"`` and ``"fast"`` stand for
+    their selections (:data:`SELECTIONS`); duplicates are dropped (the first kept). A name that
+    is not registered is refused in one line.
+
+    Example:
+        >>> select_analyses("neurons"), select_analyses(["neurons", "robustness", "neurons"])
+        (('neurons',), ('neurons', 'robustness'))
+    """
+    if isinstance(names, str):
+        names = (names,)
+    if not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"analyses must be a name or a sequence of names of analyses, got {names!r}")
+    chosen: list[str] = []
+    for name in names:
+        chosen += SELECTIONS[name]() if name in SELECTIONS else [name]
+    unknown = [a for a in chosen if a not in REGISTRY]
+    if unknown or not chosen:
+        raise ValueError(f"unknown analyses {unknown or '(none given)'}; give 'all', 'fast' or names of: "
+                         f"{', '.join(REGISTRY)}")
+    return tuple(dict.fromkeys(chosen))
 
 
-def analysis_names() -> tuple[str, ...]:
-    """The registered analyses, in the order a study runs them."""
-    from stages_of_inference.study.registry import REGISTRY
-
-    return tuple(REGISTRY)
-
-
-def _all_analyses() -> tuple[str, ...]:
-    from stages_of_inference.study.registry import default_analyses
-
-    return default_analyses()
+def _whole(value: Any, name: str, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a whole number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
+    return int(value)
 
 
-def _analyses_arg(text: str) -> tuple[str, ...]:
-    from stages_of_inference.study.registry import default_analyses, fast_analyses
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
-    if text == "all":
-        return default_analyses()
-    if text == "fast":
-        return fast_analyses()
-    names = tuple(a.strip() for a in text.split(",") if a.strip())
-    known = analysis_names()
-    unknown = [a for a in names if a not in known]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown analyses {unknown or '(none)'}; give 'all', 'fast' or a comma list of: {', '.join(known)}")
-    return names
+
+def _names(value: Any, name: str) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, Sequence) or not all(isinstance(v, str) and v for v in items):
+        raise TypeError(f"{name} must be a name or a sequence of non-empty names (strings), got {value!r}")
+    return tuple(items)
 
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """The settings of a study: saved as ``study.json`` and beside every result, and what the
-    ``stages-of-inference run`` options fill in: each field's metadata declares its command-line
-    option (:func:`add_options`, :func:`from_args`), so options are declared once.
+    """The settings of a study: saved as ``study.json`` and beside every result. Each field is
+    also a ``stages-of-inference run`` option (:data:`~stages_of_inference.study.options.OPTIONS`).
 
     Attributes:
         models: model names (embedded keys, TransformerLens names, folders or ``.gguf`` files);
-            any sequence of names, kept as a tuple (as are ``analyses`` and ``static_formats``).
+            one name or any sequence of names, kept as a tuple (as are ``analyses`` and
+            ``static_formats``).
         corpus: a bundled corpus name, a text file or a folder.
         n_tokens: tokens in the main batch (``n_tokens // seq_len`` sequences, BOS included).
         seq_len: tokens per sequence, BOS first.
         seed: which text windows are drawn, and the prompts of the subjoiner analysis.
-        analyses: the analyses to run (names in :data:`stages_of_inference.study.registry.REGISTRY`).
+        analyses: the analyses to run: names in :data:`~stages_of_inference.study.registry.REGISTRY`,
+            or ``"all"`` / ``"fast"`` for those selections (:func:`select_analyses`: one name is
+            taken as one analysis, never as letters; duplicates are dropped).
         heavy_fraction: the share of the sequences used by the lens, sharpening and repetition
             analyses (each unembeds every layer or runs one plan per block).
         k: previous tokens of the attention analysis (the paper: 5).
@@ -102,82 +112,53 @@ class StudyConfig:
         (4, 2, True)
     """
 
-    models: Sequence[str] = field(default=("smollm2-135m",), metadata=_cli(
-        "--model", "a model to study; repeat for several, overlaid on relative depth (default: smollm2-135m)",
-        action="append", default=None))
-    corpus: str = field(default="default", metadata=_cli(
-        "--corpus", "bundled corpus (default, austen, melville), text file or folder (default: %(default)s)"))
-    n_tokens: int = field(default=1024, metadata=_cli(
-        "--n-tokens", "tokens in the main batch; the lens, sharpening and repetition analyses use half "
-        "(default: %(default)s: about four minutes for smollm2-135m on 2 CPU cores)", type=_positive))
-    seq_len: int = field(default=128, metadata=_cli(
-        "--seq-len", "tokens per sequence, BOS first (default: %(default)s)", type=_positive))
-    seed: int = field(default=0, metadata=_cli(
-        "--seed", "which text windows and prompts are drawn (default: %(default)s)", type=int))
-    analyses: Sequence[str] = field(default_factory=_all_analyses, metadata=_cli(
-        "--analyses", "'all' (default), 'fast', or a comma list of the registered analyses", type=_analyses_arg,
-        default=None))
-    heavy_fraction: float = field(default=0.5, metadata=_cli(
-        "--heavy-fraction", "share of the sequences the lens, sharpening and repetition analyses use "
-        "(default: %(default)s)", type=float))
-    k: int = field(default=5, metadata=_cli(
-        "--k", "previous tokens of the attention analysis (default: %(default)s, the paper's)", type=_positive))
-    probe_label: str = field(default="continues_word", metadata=_cli(
-        "--probe-label", "the probes' per-token label (default: %(default)s)",
-        choices=("continues_word", "next_starts_word")))
-    subjoiner_prompts: int = field(default=64, metadata=_cli(
-        "--subjoiner-prompts", "most prompts of each kind in the subjoiner analysis (default: %(default)s)",
-        type=_positive))
-    kurtosis_threshold: float = field(default=10.0, metadata=_cli(
-        "--kurtosis-threshold", "prediction / suppression neuron threshold (default: %(default)s, the paper's)",
-        type=float))
-    batch_size: int = field(default=8, metadata=_cli(
-        "--batch-size", "sequences per forward pass (default: %(default)s)", type=_positive))
-    table_format: str = field(default="parquet", metadata=_cli(
-        "--format", "data file format (default: %(default)s)", choices=("parquet", "csv")))
-    static_formats: Sequence[str] = field(default=("png",), metadata=_cli(
-        "--no-static", "no PNG copies of the figures even if kaleido is installed", action="store_const",
-        const=(), default=None))
-    device: str | None = field(default=None, metadata=_cli(
-        "--device", "cpu, cuda or mps (default: the best available)"))
-    cloze_items: int = field(default=24, metadata=_cli(
-        "--cloze-items", "cloze items of the task analysis, from the corpus (default: %(default)s, small for time: "
-        "each item costs a 59-plan sweep over ~26 tokens; 256 gives a usable estimate)", type=_positive))
-    cloze_file: str | None = field(default=None, metadata=_cli(
-        "--cloze-file", "a JSON-lines file of {\"context\": ..., \"answer\": ...} items for the task analysis "
-        "(default: items from the corpus)"))
-    generation_prompts: int = field(default=4, metadata=_cli(
-        "--generation-prompts", "prompts of the task analysis's generation check (default: %(default)s)",
-        type=_positive))
-    precision: str = field(default="fp32", metadata=_cli(
-        "--precision", "dtype of the models' matrix products and attention; metrics stay fp32 (default: %(default)s, "
-        "the paper's)", choices=PRECISIONS))
-    backend: str = field(default="auto", metadata=_cli(
-        "--backend", "TransformerLens backend: hooked (HookedTransformer), bridge (TransformerBridge) or auto (hooked "
-        "where installed; default: %(default)s)", choices=BACKEND_CHOICES))
+    models: Sequence[str] = ("smollm2-135m",)
+    corpus: str = "default"
+    n_tokens: int = 1024
+    seq_len: int = 128
+    seed: int = 0
+    analyses: Sequence[str] = field(default_factory=default_analyses)
+    heavy_fraction: float = 0.5
+    k: int = 5
+    probe_label: str = "continues_word"
+    subjoiner_prompts: int = 64
+    kurtosis_threshold: float = 10.0
+    batch_size: int = 8
+    table_format: str = "parquet"
+    static_formats: Sequence[str] = ("png",)
+    device: str | None = None
+    cloze_items: int = 24
+    cloze_file: str | None = None
+    generation_prompts: int = 4
+    precision: str = "fp32"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("models", "analyses", "static_formats"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                object.__setattr__(self, name, (value,))
-            else:
-                object.__setattr__(self, name, tuple(value))
-        if not self.models:
+        models = _names(self.models, "models")
+        if not models:
             raise ValueError("models is empty: name at least one model (e.g. 'smollm2-135m')")
-        if len(set(self.models)) != len(self.models):
-            raise ValueError(f"a model is listed twice: {list(self.models)}")
-        known = analysis_names()
-        unknown = [a for a in self.analyses if a not in known]
-        if unknown or not self.analyses:
-            raise ValueError(f"unknown analyses {unknown or '(none given)'}; known: {', '.join(known)}")
-        if not isinstance(self.seq_len, int) or self.seq_len < 8:
+        if len(set(models)) != len(models):
+            raise ValueError(f"a model is listed twice: {list(models)}")
+        object.__setattr__(self, "models", models)
+        object.__setattr__(self, "analyses", select_analyses(self.analyses))
+        object.__setattr__(self, "static_formats", _names(self.static_formats, "static_formats") if self.static_formats
+                           else ())
+        if not isinstance(self.corpus, str) or not self.corpus:
+            raise TypeError(f"corpus must be a bundled corpus name, a text file or a folder (a string), got {self.corpus!r}")
+        for name in ("seq_len", "n_tokens", "seed", "k", "subjoiner_prompts", "cloze_items", "generation_prompts"):
+            object.__setattr__(self, name, _whole(getattr(self, name), name))
+        for name in ("heavy_fraction", "kurtosis_threshold"):
+            object.__setattr__(self, name, _number(getattr(self, name), name))
+        self._check_values()
+
+    def _check_values(self) -> None:
+        if self.seq_len < 8:
             raise ValueError(f"seq_len must be an integer of at least 8 tokens, got {self.seq_len!r}")
-        if not isinstance(self.n_tokens, int) or self.n_tokens < 2 * self.seq_len:
-            raise ValueError(
-                f"n_tokens must be at least two sequences of seq_len {self.seq_len} ({2 * self.seq_len} tokens), "
-                f"got {self.n_tokens!r}"
-            )
+        if self.n_tokens < 2 * self.seq_len:
+            raise ValueError(f"n_tokens must be at least two sequences of seq_len {self.seq_len} ({2 * self.seq_len} "
+                             f"tokens), got {self.n_tokens!r}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be a whole number in 0 .. 2**63 - 1, got {self.seed!r}")
         if not 0 < self.heavy_fraction <= 1:
             raise ValueError(f"heavy_fraction must lie in (0, 1], got {self.heavy_fraction}")
         if self.k < 1:
@@ -187,7 +168,10 @@ class StudyConfig:
         check_precision(self.precision)
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
-        self._check_task()
+        if self.cloze_file is not None and not (isinstance(self.cloze_file, str) and Path(self.cloze_file).is_file()):
+            raise ValueError(f"cloze_file {self.cloze_file!r} is not a file (a JSON-lines file of context/answer items)")
+        if self.cloze_items < 1 or self.generation_prompts < 1:
+            raise ValueError("cloze_items and generation_prompts must be positive numbers")
         if self.subjoiner_prompts < 16:
             raise ValueError(f"subjoiner_prompts must be at least 16, got {self.subjoiner_prompts}")
         if self.table_format not in ("parquet", "csv"):
@@ -197,11 +181,6 @@ class StudyConfig:
             raise ValueError(f"unknown static figure formats {bad}; allowed: 'png', 'svg'")
         if self.probe_label not in ("continues_word", "next_starts_word"):
             raise ValueError(f"probe_label must be 'continues_word' or 'next_starts_word', got {self.probe_label!r}")
-
-    def _check_task(self) -> None:
-        """The task-damage analysis's settings."""
-        if self.cloze_file is not None and not Path(self.cloze_file).is_file():
-            raise ValueError(f"cloze_file {self.cloze_file!r} is not a file (a JSON-lines file of context/answer items)")
 
     @property
     def n_sequences(self) -> int:
@@ -222,38 +201,43 @@ class StudyConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> StudyConfig:
-        """Read settings written by :meth:`to_json` (unknown keys are refused)."""
-        data = json.loads(text)
+    def from_dict(cls, data: Any) -> StudyConfig:
+        """Settings from :meth:`to_dict` (unknown keys are refused; every value is checked).
+
+        Example:
+            >>> StudyConfig.from_dict({"n_tokens": 512}).n_sequences
+            4
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"study settings are a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown study settings {unknown}; known: {sorted(names)}")
         return cls(**data)
 
+    @classmethod
+    def from_json(cls, text: str) -> StudyConfig:
+        """Read settings written by :meth:`to_json` (unknown keys are refused)."""
+        return cls.from_dict(json.loads(text))
 
 
-
-def add_options(parser: argparse.ArgumentParser) -> None:
-    """Add one option per :class:`StudyConfig` field, as its metadata declares it."""
-    for f in dataclasses.fields(StudyConfig):
-        spec = dict(f.metadata["cli"])
-        flag = spec.pop("flag")
-        spec.setdefault("default", f.default if f.default is not dataclasses.MISSING else None)
-        if spec.get("action") not in ("store_const", "store_true"):
-            spec.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
-        parser.add_argument(flag, dest=f"config_{f.name}", **spec)
+_missing = sorted({f.name for f in dataclasses.fields(StudyConfig)} ^ set(OPTIONS))
+if _missing:  # every setting is a `run` option, and every option a setting
+    raise RuntimeError(f"StudyConfig fields and study.options.OPTIONS differ: {_missing}")
 
 
 def from_args(args: argparse.Namespace, **overrides: Any) -> StudyConfig:
-    """The :class:`StudyConfig` of parsed options (a field whose option was not given keeps its default).
+    """The :class:`StudyConfig` of options parsed with :func:`~stages_of_inference.study.options.add_options`
+    (a setting whose option was not given keeps its default).
 
     Example:
+        >>> from stages_of_inference.study.options import add_options
         >>> parser = argparse.ArgumentParser(); add_options(parser)
         >>> c = from_args(parser.parse_args(["--n-tokens", "512", "--model", "gemma3-270m"]))
         >>> c.models, c.n_tokens, c.seq_len
         (('gemma3-270m',), 512, 128)
     """
-    values = {f.name: getattr(args, f"config_{f.name}") for f in dataclasses.fields(StudyConfig)}
+    values = {name: getattr(args, f"config_{name}") for name in OPTIONS}
     given = {k: v for k, v in values.items() if v is not None}
     return StudyConfig(**{**given, **overrides})

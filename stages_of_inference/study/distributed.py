@@ -1,22 +1,22 @@
 """The study on a Ray cluster: ``run_study(..., engine="ray")`` and ``stages-of-inference run --ray``.
 
-The driver (this process) loads no model. It splits the study into tasks
-(:mod:`stages_of_inference.study.tasks`), starts actors, each one model on one device (it loads
-the model and draws its token batch once, then runs every task it is given for that model),
-and keeps at most ``workers`` actors alive: a model's actors start when it has work and a free
-slot, and stop when it has none left, so several models share a cluster and several small models
-share a GPU (``gpus_per_worker`` below 1). A task whose analysis ``needs`` another waits for it.
+The driver (this process) loads no model. The study's plan (:mod:`stages_of_inference.study.tasks`)
+runs on actors, each one model on one device (it loads the model and draws its token batch once,
+then runs every task it is given for that model with the task function every runner uses); at
+most ``workers`` actors live at once: a model's actors start when it has work and a free slot,
+and stop when it has none left, so several models share a cluster and several small models share
+a GPU (``gpus_per_worker`` below 1). The books (what is left out, reused, stored, ready, finished)
+are the engine's :class:`~stages_of_inference.study.engine.Driver`, as in a one-process study.
 
 Every finished task's tables come back to the driver as Parquet bytes (data, never pickled
 objects; Ray itself moves the actors' code between processes with cloudpickle, within the
-cluster you run) and are stored atomically in ``out_dir/tasks`` under their content address
-before anything else happens, so a driver started again skips every stored task. A worker that
-dies during a task (killed, out of memory, its node lost) is replaced and the task run again, up
-to ``max_retries`` times; then the study stops with an error naming the task. An exception
-raised inside a task (bad input, a bug) is not retried: it stops the study, naming the task.
-When every task is in, the analyses are finished from the stored tables, as ``merge`` does
-(:func:`stages_of_inference.study.sharded.finish_study`), and the task results are removed: the
-study folder then holds what a one-process study writes.
+cluster you run) and are stored atomically in the study folder's private task store under their
+content address before anything else happens, so a driver started again skips every stored task.
+A worker that dies during a task (killed, out of memory, its node lost) is replaced and the task
+run again, up to ``max_retries`` times; then the study stops with an error naming the task. An
+exception raised inside a task (bad input, a bug) is not retried: it stops the study, naming the
+task. Each analysis is finished and saved as soon as its tasks are in; at the end the task
+results are removed: the study folder then holds what a one-process study writes.
 
 Ray is an optional dependency (``pip install 'stages-of-inference[ray]'``); importing this module
 does not import it.
@@ -24,29 +24,23 @@ does not import it.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import socket
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from stages_of_inference.results import Result
 from stages_of_inference.study.config import StudyConfig
-from stages_of_inference.study.registry import REGISTRY
-from stages_of_inference.study.tasks import (
-    TASKS_DIR,
-    Task,
-    TaskStore,
-    decode_tables,
-    encode_tables,
-    study_tasks,
-    task_address,
-)
+from stages_of_inference.study.engine import Driver
+from stages_of_inference.study.folder import StudyFolder
+from stages_of_inference.study.identity import ModelIdentity
+from stages_of_inference.study.registry import Study
+from stages_of_inference.study.tasks import ModelWorker, Task, decode_result, encode_result, study_tasks
 
 __all__ = ["RayOptions", "TaskFailedError", "run_on_ray"]
 
@@ -154,40 +148,24 @@ def _connect(ray: Any, options: RayOptions, say: Callable[[str], None]) -> bool:
     return True
 
 
-def _encode_result(result: Result) -> dict[str, bytes]:
-    """A result as bytes: its tables as Parquet, its provenance as JSON."""
-    return {**encode_tables(result.tables), PROVENANCE_KEY: json.dumps(result.provenance, default=str).encode()}
-
-
-def _decode_result(blob: dict[str, bytes]) -> Result:
-    return Result(decode_tables({k: v for k, v in blob.items() if k != PROVENANCE_KEY}), json.loads(blob[PROVENANCE_KEY]))
-
-
-PROVENANCE_KEY = "__provenance__"
-
-
 class _Worker:
     """The actor: one model of the study on one device (:class:`~stages_of_inference.study.tasks.ModelWorker`)."""
 
-    def __init__(self, config_json: str, name: str, threads: int) -> None:
-        import torch
-
-        from stages_of_inference.study.tasks import ModelWorker
-
+    def __init__(self, config_json: str, name: str, threads: int, work_root: str | None = None) -> None:
         torch.set_num_threads(max(1, threads))
-        self.worker = ModelWorker(StudyConfig.from_json(config_json), name)
+        self.worker = ModelWorker(StudyConfig.from_json(config_json), name, work_root=work_root)
 
     def identity(self) -> dict[str, Any]:
-        return self.worker.identity()
+        return {"identity": self.worker.identity.to_dict(), **self.worker.where()}
 
     def run(self, task: dict[str, Any], needs: dict[str, dict[str, bytes]]) -> dict[str, bytes]:
-        done = {name: _decode_result(blob) for name, blob in needs.items()}
-        return _encode_result(self.worker.run(Task(**task), done))
+        done = {name: decode_result(blob) for name, blob in needs.items()}
+        return encode_result(self.worker.run(Task.from_dict(task), done))
 
 
 @dataclass
 class _Actor:
-    """A live actor of the driver: its model, its handle, its process once known, its task."""
+    """A live actor of the runner: its model, its handle, its process once known, its task."""
 
     model: str
     handle: Any
@@ -195,22 +173,14 @@ class _Actor:
     task: Task | None = None
 
 
-@dataclass
-class _Model:
-    """What the driver knows of one model of the study."""
+class _RayRunner:
+    """Runs a study's tasks on Ray actors, the books kept by the engine's
+    :class:`~stages_of_inference.study.engine.Driver` (one per run).
+    """
 
-    tasks: list[Task]
-    identity: dict[str, Any] | None = None
-    pending: list[Task] = field(default_factory=list)
-    finished: dict[str, Result] = field(default_factory=dict)  # analyses finished early, for the ones that need them
-
-
-class _Driver:
-    """The scheduling loop of a study on Ray (one per run)."""
-
-    def __init__(self, ray: Any, config: StudyConfig, out: Path, options: RayOptions, on_mismatch: str,
+    def __init__(self, ray: Any, config: StudyConfig, folder: StudyFolder, options: RayOptions, on_mismatch: str,
                  say: Callable[[str], None]) -> None:
-        self.ray, self.config, self.out, self.options, self.on_mismatch, self.say = ray, config, out, options, on_mismatch, say
+        self.ray, self.config, self.folder, self.options, self.say = ray, config, folder, options, say
         resources = ray.cluster_resources()
         gpus = options.gpus_per_worker
         if gpus is None:
@@ -224,22 +194,20 @@ class _Driver:
         self.capacity = options.workers or max(1, fit)
         self.n_shards = options.shards_for(self.capacity)
         tasks = study_tasks(config, self.n_shards)
-        self.models = {m: _Model([t for t in tasks if t.model == m]) for m in config.models}
-        self.store = TaskStore(out)
-        self.results: dict[Task, Result] = {}
-        self.reused: dict[tuple[str, str], Result] = {}
-        self.left_out: list[tuple[str, str]] = []
+        self.driver = Driver(config, folder, tasks, on_mismatch=on_mismatch, say=say)
+        self.identities: dict[str, dict[str, Any]] = {}
         self.actors: dict[Any, _Actor] = {}  # ObjectRef in flight -> its actor
         self.idle: list[_Actor] = []
         self.retries: Counter[Task | str] = Counter()
-        self.total = len(tasks)
+        self.to_run = 0
+        self.returned = 0
         self.cls = ray.remote(_Worker)
-        say(f"ray: {self.total} tasks ({self.n_shards} shards of each split analysis) on up to {self.capacity} "
-            f"workers of {options.cpus_per_worker:g} CPU{'s' if options.cpus_per_worker != 1 else ''}"
+        say(f"ray: {len(tasks)} tasks ({max(t.n_shards for t in tasks)} shards of each split analysis) on up to "
+            f"{self.capacity} workers of {options.cpus_per_worker:g} CPU{'s' if options.cpus_per_worker != 1 else ''}"
             + (f" and {self.gpus:g} GPU" if self.gpus else ""))
 
     # ------------------------------------------------------------------ the loop
-    def run(self) -> tuple[dict[Task, Result], dict[tuple[str, str], Result], list[tuple[str, str]]]:
+    def run(self) -> Study:
         while True:
             self._dispatch()
             if not self.actors:
@@ -248,13 +216,15 @@ class _Driver:
             ref = ready[0]
             actor = self.actors.pop(ref)
             self._collect(ref, actor)
-        waiting = [t.label for m in self.models.values() for t in m.pending]
+        waiting = self.driver.unfinished()
         if waiting:  # cannot happen unless a needed analysis never finished
             raise TaskFailedError(f"{len(waiting)} task(s) could not start, e.g. {waiting[0]}")
-        return self.results, self.reused, self.left_out
+        for actor in self.idle:
+            self._kill(actor)
+        return self.driver.study()
 
     def _collect(self, ref: Any, actor: _Actor) -> None:
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import RayActorError, RayTaskError  # Ray stays an optional dependency
 
         task = actor.task
         try:
@@ -272,7 +242,7 @@ class _Driver:
             actor.pid = int(value["pid"])
             self._identified(actor.model, value)
         else:
-            self._stored(task, _decode_result(value), actor)
+            self._returned(task, decode_result(value), actor)
         self.idle.append(actor)
 
     def _died(self, actor: _Actor, task: Task | None, error: Exception) -> None:
@@ -288,7 +258,7 @@ class _Driver:
                  f"(retry {self.retries[key]} of {self.options.max_retries})")
         self._kill(actor)
         if task is not None:
-            self.models[task.model].pending.insert(0, task)
+            self.driver.requeue(task)
 
     def _kill(self, actor: _Actor) -> None:
         try:
@@ -297,84 +267,43 @@ class _Driver:
             pass
 
     # ------------------------------------------------------------------ bookkeeping
-    def _identified(self, name: str, identity: dict[str, Any]) -> None:
-        """A model's first actor reported its identity: address its tasks, reuse what is stored."""
-        from stages_of_inference.study.run import _load_if_matching, fingerprint, study_slugs
-
-        state = self.models[name]
-        if state.identity is not None:  # a second worker of the model: it must hold the same model and text
-            for key in ("model_id", "batches"):
-                if identity[key] != state.identity[key]:
-                    raise TaskFailedError(
-                        f"two workers of {name} disagree on its {'weights' if key == 'model_id' else 'token batch'} "
-                        f"({state.identity['host']} and {identity['host']}): install the same model and versions on "
-                        "every node")
+    def _identified(self, name: str, info: dict[str, Any]) -> None:
+        """A model's actor reported what it loaded: the first one's identity addresses the
+        model's tasks; every later one must hold the same model and text.
+        """
+        identity = ModelIdentity.from_dict(info["identity"])
+        known = self.identities.get(name)
+        if known is not None:
+            difference = ModelIdentity.from_dict(known["identity"]).differs(identity)
+            if difference is not None:
+                raise TaskFailedError(f"two workers of {name} disagree on its model or text ({difference}; on "
+                                      f"{known['host']} and {info['host']}): install the same model and versions on "
+                                      "every node")
             return
-        state.identity = identity
-        folder = self.out / study_slugs(self.config)[name]
-        reused_here = 0
-        for analysis in self.config.analyses:
-            tasks = [t for t in state.tasks if t.analysis == analysis]
-            if identity["backend"] == "bridge" and not REGISTRY[analysis].bridge:
-                self.left_out.append((name, analysis))
-                self.say(f"  {name} {analysis}: left out (registered as needing TransformerLens' HookedTransformer)")
-                self.total -= len(tasks)
-                continue
-            fp = fingerprint(REGISTRY[analysis], self.config, identity["model_id"], identity["batches"])
-            found = _load_if_matching(folder / analysis, fp, self.on_mismatch, self.say)
-            if found is not None:
-                self.reused[(name, analysis)] = found
-                state.finished[analysis] = found
-                self.say(f"  {name} {analysis}: reused the finished result in {folder / analysis}")
-                self.total -= len(tasks)
-                continue
-            for task in tasks:
-                stored = self.store.load(task, task_address(fp, task))
-                if stored is not None:
-                    self.results[task] = stored
-                    reused_here += 1
-                else:
-                    state.pending.append(task)
-            self._finish_if_needed(name, analysis)
-        self.say(f"{name}: {identity['n_layers']} blocks, loaded in {identity['load_seconds']:.0f} s on "
-                 f"{identity['host']} (pid {identity['pid']}); {len(state.pending)} tasks to run"
-                 + (f", {reused_here} stored tasks reused" if reused_here else ""))
+        self.identities[name] = info
+        self.say(f"{name}: {identity.n_layers} blocks, loaded in {info['load_seconds']:.0f} s on {info['host']} "
+                 f"(pid {info['pid']})")
+        pending = self.driver.identified(name, identity)
+        self.to_run += len(pending)
+        self.say(f"{name}: {len(pending)} tasks to run")
 
-    def _stored(self, task: Task, result: Result, actor: _Actor) -> None:
-        self.store.save(result)  # first: a driver stopped after this line loses nothing
-        self.results[task] = result
-        done = sum(1 for t in self.results if (t.model, t.analysis) not in self.reused)
+    def _returned(self, task: Task, result: Result, actor: _Actor) -> None:
+        self.driver.returned(task, result)  # stored first: a driver stopped after this line loses nothing
+        self.returned += 1
         running = sum(1 for a in self.actors.values() if a.task is not None)
         self.say(f"  {task.label}: {result.provenance['task']['seconds']:.1f} s on worker pid {actor.pid} "
-                 f"[{done} of {self.total} tasks done, {running} running, {sum(self.retries.values())} failed and run again]")
-        self._finish_if_needed(task.model, task.analysis)
-
-    def _finish_if_needed(self, name: str, analysis: str) -> None:
-        """An analysis another one needs is finished as soon as all its tasks are in."""
-        from stages_of_inference.study.sharded import _finished
-
-        if not any(analysis in REGISTRY[a].needs for a in self.config.analyses):
-            return
-        state = self.models[name]
-        parts = [self.results[t] for t in state.tasks if t.analysis == analysis and t in self.results]
-        if analysis not in state.finished and parts and len(parts) == sum(t.analysis == analysis for t in state.tasks):
-            state.finished[analysis] = _finished(analysis, parts, self.config, dict(state.finished))
-
-    def _ready(self, task: Task) -> bool:
-        state = self.models[task.model]
-        return all(need in state.finished or need not in self.config.analyses
-                   or (task.model, need) in self.left_out for need in REGISTRY[task.analysis].needs)
+                 f"[{self.returned} of {self.to_run} tasks done, {running} running, "
+                 f"{sum(self.retries.values())} failed and run again]")
 
     # ------------------------------------------------------------------ placing work
     def _dispatch(self) -> None:
         """Give idle actors ready tasks of their model, stop the ones with nothing left, start new ones."""
         for actor in list(self.idle):
-            state = self.models[actor.model]
-            task = next((t for t in state.pending if self._ready(t)), None)
-            if task is not None:
+            ready = self.driver.ready(actor.model)
+            if ready:
                 self.idle.remove(actor)
-                self._submit(actor, task)
-            elif not state.pending:
+                self._submit(actor, ready[0])
+            elif not self.driver.models[actor.model].pending:
                 self.idle.remove(actor)
                 self._kill(actor)
         while self._live() < self.capacity:
@@ -382,51 +311,46 @@ class _Driver:
             if name is None:
                 break
             handle = self.cls.options(num_cpus=self.options.cpus_per_worker, num_gpus=self.gpus).remote(
-                self.config.to_json(), name, int(self.options.cpus_per_worker))
-            actor = _Actor(name, handle)
-            self.actors[handle.identity.remote()] = actor
+                self.config.to_json(), name, int(self.options.cpus_per_worker), str(self.folder.work))
+            self.actors[handle.identity.remote()] = _Actor(name, handle)
 
     def _live(self) -> int:
         return len(self.actors) + len(self.idle)
 
     def _wanting(self) -> str | None:
         """The first model (in the study's order) that could use one more actor."""
-        for name, state in self.models.items():
+        for name, state in self.driver.models.items():
+            if not state.tasks:
+                continue
             mine = [a for a in (*self.actors.values(), *self.idle) if a.model == name]
-            if state.identity is None:
+            if name not in self.identities:
                 if not mine:
                     return name
                 continue
-            ready = sum(1 for t in state.pending if self._ready(t))
-            if ready > sum(1 for a in mine if a.task is None):
+            if len(self.driver.ready(name)) > sum(1 for a in mine if a.task is None):
                 return name
         return None
 
     def _submit(self, actor: _Actor, task: Task) -> None:
-        state = self.models[task.model]
-        state.pending.remove(task)
-        needs = {n: _encode_result(state.finished[n]) for n in REGISTRY[task.analysis].needs if n in state.finished}
+        self.driver.started_task(task)
+        needs = {n: encode_result(r) for n, r in self.driver.needs_of(task).items()}
         actor.task = task
         self.actors[actor.handle.run.remote(task.to_dict(), needs)] = actor
         self.say(f"  {task.label}: started on worker pid {actor.pid}")
 
 
-def run_on_ray(config: StudyConfig, out: Path, options: RayOptions, *, on_mismatch: str = "recompute",
-               write_report: bool = True, say: Callable[[str], None] = print) -> Any:
-    """Run the study ``config`` on Ray into ``out`` (held by the caller) and finish it there.
-    Returns the :class:`~stages_of_inference.study.run.Study`.
+def run_on_ray(config: StudyConfig, folder: StudyFolder, options: RayOptions, *, on_mismatch: str = "recompute",
+               say: Callable[[str], None] = print) -> Study:
+    """Run the study ``config`` on Ray into ``folder`` (held by the caller) and finish it there
+    (the caller writes ``study.json`` and the report). Returns the finished study.
     """
-    from stages_of_inference.study.sharded import finish_study
-
     ray = _import_ray()
     started = time.perf_counter()
     own = _connect(ray, options, say)
     try:
-        results, reused, left_out = _Driver(ray, config, out, options, on_mismatch, say).run()
+        study = _RayRunner(ray, config, folder, options, on_mismatch, say).run()
     finally:
         if own:
             ray.shutdown()
     say(f"ray: every task done in {time.perf_counter() - started:.0f} s")
-    study = finish_study(config, out, results, left_out, reused=reused, write_report=write_report, say=say)
-    shutil.rmtree(out / TASKS_DIR, ignore_errors=True)  # finished: the analyses' folders hold it all
     return study

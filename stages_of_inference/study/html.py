@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 import html
+import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from stages_of_inference._utils import atomic_write_text
+import plotly
+from plotly.offline import get_plotlyjs
+
+from stages_of_inference import __version__, plots
+from stages_of_inference._utils import atomic_path, atomic_write_text
+from stages_of_inference.study.folder import FIGURES_DIR, REPORT_GENERATOR
 from stages_of_inference.study.readings import read_precision, read_signals, read_stages
+from stages_of_inference.study.registry import REGISTRY, Study, Style
 
 __all__ = ["build_report"]
-
-if TYPE_CHECKING:
-    from stages_of_inference.study.run import Study
 
 
 def _figures(study: Study) -> list[tuple[str, str, Any, str]]:
     """(name, title, figure, reading) for every figure the study's results allow, in registry order.
     A figure that cannot be drawn from the results says why instead.
     """
-    from stages_of_inference import plots
-    from stages_of_inference.study.registry import REGISTRY, Style
-
     tables = [t for t in study.stages.values() if t is not None and not t.empty]
-    style = Style(tables or None, {name: plots._PALETTE[i % len(plots._PALETTE)] for i, name in enumerate(study.results)})
+    style = Style(tables or None, plots.palette(list(study.results)))
     out: list[tuple[str, str, Any, str]] = []
     for analysis in REGISTRY.values():
         for figure in analysis.figures(study, style):
@@ -74,21 +75,18 @@ def _time_text(study: Study, name: str, analysis: str, record: dict[str, Any]) -
     return f"{text} (reused)" if (name, analysis) in study.reused else text
 
 
-def build_report(study: Study) -> Path:
+def build_report(study: Study, tmp_dir: str | os.PathLike[str] | None = None) -> Path:
     """Write ``report.html`` (and static figures where an exporter works) for a study's results.
 
     The HTML is self-contained: plotly.js is embedded once in the page head, each figure is a
-    ``<div>`` drawn by it, no file or network is needed to read it.
+    ``<div>`` drawn by it, no file or network is needed to read it. Files are written atomically,
+    through temporaries in ``tmp_dir`` (a study folder's private one while a run holds it) or
+    beside them.
 
     Example:
         >>> build_report(load_study("reports/smollm2-135m"))  # doctest: +SKIP
         PosixPath('reports/smollm2-135m/report.html')
     """
-    import plotly
-    from plotly.offline import get_plotlyjs
-
-    from stages_of_inference import __version__
-
     figures = _figures(study)
     study.figures = {name: fig for name, _, fig, _ in figures if fig is not None}
     study.readings = {name: reading for name, _, _, reading in figures}
@@ -98,7 +96,7 @@ def build_report(study: Study) -> Path:
                            config={"displaylogo": False, "responsive": True}) if fig is not None else ""
         sections.append(f"<section class='figure' id='{html.escape(name)}'><h2>{html.escape(title)}</h2>{body}"
                         f"<div class='reading'>{reading}</div></section>")
-    study.static_note = _write_static(study)
+    study.static_note = _write_static(study, tmp_dir)
     models = ", ".join(study.results)
     config = study.config
     stage_text = read_stages(study)
@@ -115,7 +113,7 @@ def build_report(study: Study) -> Path:
                     f"HookedTransformer and these models ran on the TransformerBridge backend: "
                     f"{html.escape(left_out)}.</p>") if left_out else ""
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Stages of inference: {html.escape(models)}</title>
+<html lang="en"><head><meta charset="utf-8">{REPORT_GENERATOR}<title>Stages of inference: {html.escape(models)}</title>
 <style>{_CSS}</style>
 <script type="text/javascript">{get_plotlyjs()}</script></head>
 <body>
@@ -148,11 +146,11 @@ sharpening is the trailing run of blocks that are fragile or hold more suppressi
 Stages of Inference? arXiv:2406.19384; and this library (CITATION.cff).</p>
 </body></html>
 """
-    atomic_write_text(study.report, page)
+    atomic_write_text(study.report, page, tmp_dir)
     return study.report
 
 
-def _write_static(study: Study) -> str:
+def _write_static(study: Study, tmp_dir: str | os.PathLike[str] | None) -> str:
     """Static copies of the figures when kaleido (and a browser for it) works here; else a note."""
     if not study.config.static_formats:
         return "Static figures: not asked for."
@@ -160,14 +158,12 @@ def _write_static(study: Study) -> str:
         import kaleido  # noqa: F401
     except ImportError:
         return "Static figures: not written (install kaleido for PNG/SVG copies)."
-    from stages_of_inference._utils import atomic_path
-
-    folder = study.out_dir / "figures"
+    folder = study.out_dir / FIGURES_DIR
     written = 0
     for name, fig in study.figures.items():
         for fmt in study.config.static_formats:
             try:
-                with atomic_path(folder / f"{name}.{fmt}") as tmp:
+                with atomic_path(folder / f"{name}.{fmt}", tmp_dir) as tmp:
                     fig.write_image(str(tmp), format=fmt, width=1200, height=int(fig.layout.height or 500), scale=1)
                 written += 1
             except Exception as error:  # kaleido without a usable browser, and the like

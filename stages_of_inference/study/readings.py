@@ -5,18 +5,16 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from stages_of_inference.stages.placement import AGREEMENT, first_peak, stage_signals
+from stages_of_inference.interventions.deviation import CRITERIA, PrecisionCheck
+from stages_of_inference.stages.placement import AGREEMENT, first_peak, mlp_takes_over, stage_signals
+from stages_of_inference.study.registry import Study
 
 __all__ = ["named_tables", "read_attention", "read_lens", "read_neurons", "read_patterns", "read_precision", "read_probes",
     "read_layer_effects", "read_repetition", "read_robustness", "read_signals", "read_sublayers", "read_sinks", "read_depth", "read_task", "read_sharpening", "read_similarity", "read_stages", "read_subjoiner"]
-
-if TYPE_CHECKING:
-    from stages_of_inference.study.run import Study
 
 
 def named_tables(study: Study, analysis: str, key: str) -> Iterator[tuple[str, pd.DataFrame]]:
@@ -246,7 +244,6 @@ def read_precision(study: Study) -> str:
     """
     if study.config.precision == "fp32":
         return ""
-    from stages_of_inference.interventions.deviation import CRITERIA, PrecisionCheck
 
     parts = []
     for name, done in study.results.items():
@@ -404,8 +401,6 @@ def read_sublayers(study: Study) -> str:
     """Per model: how much deleting only the attention or only the MLP costs, against the whole
     block, and where MLP damage overtakes attention damage.
     """
-    from stages_of_inference.stages.placement import mlp_takes_over
-
     parts = []
     for name, df in named_tables(study, "sublayers", "summary"):
         attn = df[df["kind"] == "drop_attention"].set_index("layer")["kl_nats"]

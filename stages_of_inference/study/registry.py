@@ -1,38 +1,35 @@
-"""The study's analyses, one registry entry each.
+"""What the study knows of an analysis, and what a study made.
 
 An :class:`Analysis` says everything the study needs to know of an analysis: the settings that
 determine its numbers (part of its fingerprint, so a finished result is reused only when they
 match), which token batch it reads, how it runs (a function of a :class:`Context` returning named
-tables), its figures, and its written reading. :func:`register` adds one; the study, the report
-and the command line (``--analyses``) read :data:`REGISTRY` and know nothing else about any
-analysis. Adding an analysis to the study is one ``register(Analysis(...))`` call and the
-functions it names (docs/report.md, notebooks/05_extending.ipynb).
+tables), how the tables of its tasks are put together (``finish``), its figures with their
+written readings, and the analyses it reads. :func:`register` adds one to :data:`REGISTRY`; the
+study's engine, the report and the command line (``--analyses``) read the registry and know
+nothing else about any analysis. The built-in analyses are registered by
+:mod:`stages_of_inference.study.analyses` (docs/report.md, notebooks/05_extending.ipynb).
+
+:class:`Study` is what a run made (or :func:`~stages_of_inference.study.folder.load_study` read
+back): results per model and analysis, the stage placements and the report's figures.
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import pandas as pd
 
 from stages_of_inference.batch import TokenBatch
 from stages_of_inference.results import Result
-from stages_of_inference.study import readings as rd
 
-__all__ = ["Analysis", "Context", "Figure", "Finishing", "PAPER_ANALYSES", "REGISTRY", "SUBJOINER_CHARS", "Style", "Tables",
-    "default_analyses", "fast_analyses", "register", "tables_of", "whole"]
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: the settings are validated against this registry
     from stages_of_inference.study.config import StudyConfig
-    from stages_of_inference.study.run import Study
 
-SUBJOINER_CHARS = 200_000
-"""The subjoiner prompts are drawn from the first this many characters of each document."""
+__all__ = ["REGISTRY", "Analysis", "Context", "Figure", "Finishing", "Study", "Style", "Tables", "default_analyses",
+           "fast_analyses", "one_figure", "register", "runs_on", "tables_of", "whole"]
 
 Tables = dict[str, pd.DataFrame]
 
@@ -43,16 +40,17 @@ class Context:
 
     Attributes:
         model: the loaded model.
-        tokens: the main token batch (corpus and seed recorded).
-        heavy: its first ``config.heavy_sequences`` sequences (the costly analyses' batch).
+        tokens: the main token batch (corpus and seed recorded); for a ``split`` analysis on one
+            shard, that shard of it.
+        heavy: its first ``config.heavy_sequences`` sequences (the costly analyses' batch); for a
+            ``split`` analysis of the heavy batch on one shard, that shard of it.
         config: the study's settings.
         progress: show progress bars.
-        work_dir: a folder of the analysis' own for intermediate state (checkpoints); removed
-            when the analysis' result is saved.
-        done: the results of the analyses already run (or reused) for this model; in a
-            distributed study, only those the analysis ``needs``.
-        first_sequence: for a ``split`` analysis run on one shard, the number of its batch's
-            first sequence in the whole batch (``tokens`` or ``heavy`` is then the shard); else 0.
+        work_dir: a folder of the task's own for intermediate state (checkpoints), inside the
+            study folder's private area; removed when the task's result is stored.
+        done: the finished results of the analyses it ``needs`` (those in the study).
+        first_sequence: for a ``split`` analysis run on one shard, the number of its batch's first
+            sequence in the whole batch; else 0.
     """
 
     model: Any
@@ -72,7 +70,7 @@ class Finishing:
 
     Attributes:
         config: the study's settings.
-        done: the finished results of the analyses before it in the study, for this model.
+        done: the finished results of the analyses it ``needs`` and ``reads`` (those in the study).
     """
 
     config: StudyConfig
@@ -83,14 +81,49 @@ def whole(parts: list[Tables], fin: Finishing) -> Tables:
     """The ``finish`` of an analysis that runs as one task: its tables as they are.
 
     Example:
-        >>> from stages_of_inference.study.config import StudyConfig
         >>> t = {"n": pd.DataFrame({"n": [1]})}
-        >>> whole([t], Finishing(StudyConfig(), {})) is t
+        >>> whole([t], Finishing(None, {})) is t
         True
     """
     if len(parts) != 1:
         raise ValueError(f"an analysis that is not split runs as one task; got {len(parts)} sets of tables")
     return parts[0]
+
+
+@dataclass
+class Study:
+    """What a study made: results per model and analysis, stage placements, the report.
+
+    Attributes:
+        config: the study's settings.
+        out_dir: its folder.
+        results: model name -> analysis -> :class:`~stages_of_inference.results.Result`, in the
+            study's order.
+        stages: model name -> stage table (:func:`stages_of_inference.stages.placement.place_stages`).
+        timings: model name -> analysis -> seconds spent (0 where a finished result was reused).
+        reused: ``(model, analysis)`` pairs read back from ``out_dir``.
+        left_out: ``(model, analysis)`` pairs not run: the analysis was registered as needing a
+            ``HookedTransformer`` and the model ran on the TransformerBridge.
+        figures: figure name -> plotly figure (once the report is built).
+        readings: figure name -> the written reading of it.
+        static_note: what became of the static figures.
+    """
+
+    config: StudyConfig
+    out_dir: Path
+    results: dict[str, dict[str, Result]] = field(default_factory=dict)
+    stages: dict[str, pd.DataFrame] = field(default_factory=dict)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    reused: list[tuple[str, str]] = field(default_factory=list)
+    left_out: list[tuple[str, str]] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict, repr=False)
+    readings: dict[str, str] = field(default_factory=dict, repr=False)
+    static_note: str = ""
+
+    @property
+    def report(self) -> Path:
+        """The report's path."""
+        return self.out_dir / "report.html"
 
 
 @dataclass(frozen=True)
@@ -127,17 +160,18 @@ class Analysis:
         default: part of a default study (``all``).
         bridge: runs on the ``TransformerBridge`` backend (every built-in analysis does; an
             analysis registered with ``False`` needs a ``HookedTransformer``, and a study on the
-            Bridge leaves it out and says so).
+            Bridge leaves it out and says so: :func:`runs_on`).
         split: ``compute`` can run on shards of its token batch (``ctx.tokens`` or ``ctx.heavy``
             is then one shard, ``ctx.first_sequence`` its first sequence's number) and returns
             additive tables (sums and counts per sequence, never means); ``finish`` pools the
             shards' tables. A distributed study splits only these (docs/distributed/).
         finish: puts the tables of the analysis' tasks together (one task unless ``split``), and
-            may add what it reads from the finished analyses before it (``Finishing.done``):
+            may add what it reads from the finished analyses it ``reads`` (``Finishing.done``):
             cheap, and without the model. Default: the one task's tables as they are.
-        needs: analyses whose finished results ``compute`` reads from ``ctx.done`` (when they are
-            part of the study): a distributed study finishes them first, and a ``--shard`` run
-            keeps them in the same shard. They must not be ``split``.
+        needs: analyses whose finished results ``compute`` reads from ``ctx.done``: its task
+            waits for them (when they are part of the study). They must not be ``split``.
+        reads: analyses whose finished results ``finish`` reads from ``Finishing.done``: the
+            analysis is finished after them, its task does not wait for them.
     """
 
     name: str
@@ -151,6 +185,7 @@ class Analysis:
     split: bool = False
     finish: Callable[[list[Tables], Finishing], Tables] = whole
     needs: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
 
 
 REGISTRY: dict[str, Analysis] = {}
@@ -170,6 +205,8 @@ def register(analysis: Analysis, *, replace: bool = False) -> Analysis:
     """
     if not isinstance(analysis, Analysis):
         raise TypeError(f"register takes an Analysis, got {type(analysis).__name__}")
+    if not isinstance(analysis.name, str) or not analysis.name.isidentifier():
+        raise ValueError(f"an analysis name is a Python identifier (its folder and --analyses name), got {analysis.name!r}")
     if analysis.name in REGISTRY and not replace:
         raise ValueError(f"an analysis named {analysis.name!r} is registered already (pass replace=True to replace it)")
     if analysis.tokens not in ("main", "heavy", "none"):
@@ -180,8 +217,22 @@ def register(analysis: Analysis, *, replace: bool = False) -> Analysis:
         if need not in REGISTRY or REGISTRY[need].split:
             raise ValueError(f"{analysis.name} needs {need!r}, which is not an analysis registered before it "
                              "that runs as one task (needs name earlier analyses that are not split)")
+    for read in analysis.reads:
+        if read not in REGISTRY:
+            raise ValueError(f"{analysis.name} reads {read!r}, which is not an analysis registered before it")
     REGISTRY[analysis.name] = analysis
     return analysis
+
+
+def runs_on(analysis: Analysis, backend: str) -> bool:
+    """Whether ``analysis`` runs on a model of ``backend`` (``"hooked"``, ``"bridge"``): the one
+    rule for what a study on the Bridge leaves out.
+
+    Example:
+        >>> runs_on(Analysis("a", lambda ctx: {}, bridge=False), "bridge"), runs_on(Analysis("a", lambda ctx: {}), "bridge")
+        (False, True)
+    """
+    return analysis.bridge or backend != "bridge"
 
 
 def tables_of(study: Study, analysis: str, key: str) -> list[pd.DataFrame]:
@@ -190,405 +241,15 @@ def tables_of(study: Study, analysis: str, key: str) -> list[pd.DataFrame]:
             if analysis in done and key in done[analysis].tables]
 
 
-def _one(name: str, title: str, analysis: str, key: str, draw: Callable[[list[pd.DataFrame], Style], Any],
-         read: Callable[[Study], str]) -> Callable[[Study, Style], list[Figure]]:
-    """The figures callable of an analysis drawn as one figure of one table per model."""
+def one_figure(name: str, title: str, analysis: str, key: str, draw: Callable[[list[pd.DataFrame], Style], Any],
+               read: Callable[[Study], str]) -> Callable[[Study, Style], list[Figure]]:
+    """The ``figures`` of an analysis drawn as one figure of its table ``key``, one per model:
+    ``draw(tables, style)`` makes it, ``read(study)`` writes its reading.
+    """
     def figures(study: Study, style: Style) -> list[Figure]:
         tables = tables_of(study, analysis, key)
         return [Figure(name, title, lambda: draw(tables, style), lambda: read(study))] if tables else []
     return figures
-
-
-# --------------------------------------------------------------------------- the paper's analyses
-def _robustness(ctx: Context) -> Tables:
-    """The sweep's additive part on ``ctx.tokens`` (the whole batch, or one shard of it)."""
-    from stages_of_inference.interventions.checkpoint import CheckpointMismatchError
-    from stages_of_inference.robustness import sweep_partial
-
-    def sweep() -> Tables:
-        return sweep_partial(ctx.model, ctx.tokens, first_sequence=ctx.first_sequence, per_token=True,
-                             progress=ctx.progress, batch_size=ctx.config.batch_size, checkpoint_dir=ctx.work_dir,
-                             precision=ctx.config.precision, layer_effects=True)
-    try:
-        return sweep()
-    except CheckpointMismatchError:  # another sweep's checkpoint: start over
-        shutil.rmtree(ctx.work_dir, ignore_errors=True)
-        return sweep()
-
-
-def _robustness_finish(parts: list[Tables], fin: Finishing) -> Tables:
-    from stages_of_inference.robustness import finish_sweep
-
-    return dict(finish_sweep(parts).tables)
-
-
-def _robustness_figures(study: Study, style: Style) -> list[Figure]:
-    from stages_of_inference import plots
-
-    sweeps = [done["robustness"] for done in study.results.values() if "robustness" in done]
-    if not sweeps:
-        return []
-    out = [Figure("robustness", "Deleting and swapping blocks",
-                  lambda: plots.robustness(sweeps, stages=style.stages, colors=style.colors),
-                  lambda: rd.read_robustness(study))]
-    effects = tables_of(study, "robustness", "layer_effects")
-    if effects:
-        out.append(Figure("layer_effects", "Beyond the paper: the layer-effect matrix",
-                          lambda: _plot("layer_effects")(effects, style), lambda: rd.read_layer_effects(study)))
-    return out
-
-
-def _attention(ctx: Context) -> Tables:
-    from stages_of_inference.stages import detokenization as detok
-
-    return {"attention": detok.previous_token_attention(ctx.model, ctx.tokens, k=ctx.config.k,
-                                                        batch_size=ctx.config.batch_size, progress=ctx.progress,
-                                                        precision=ctx.config.precision)}
-
-
-def _subjoiner(ctx: Context) -> Tables:
-    from stages_of_inference.stages import detokenization as detok
-
-    # prompts come from the start of each document: scanning all of a long corpus costs more
-    # than the forward passes, and a few hundred thousand words hold plenty of candidates
-    texts = [t[:SUBJOINER_CHARS] for t in _corpus_texts(ctx.config.corpus)]
-    result = detok.subjoiner_heads(ctx.model, texts, max_prompts=ctx.config.subjoiner_prompts, seed=ctx.config.seed,
-                                   progress=ctx.progress, precision=ctx.config.precision)
-    patterns = detok.pattern_table(result)
-    return {"heads": result.heads, "patterns": patterns}
-
-
-def _subjoiner_figures(study: Study, style: Style) -> list[Figure]:
-    from stages_of_inference import plots
-    from stages_of_inference.study.run import slug
-
-    heads = tables_of(study, "subjoiner_heads", "heads")
-    if not heads:
-        return []
-    out = [Figure("subjoiner_scores", "Stage 1: subjoiner heads",
-                  lambda: plots.subjoiner_scores(heads, stages=style.stages, colors=style.colors),
-                  lambda: rd.read_subjoiner(study))]
-    for name, done in study.results.items():
-        if "subjoiner_heads" in done:
-            patterns, top = done["subjoiner_heads"]["patterns"], done["subjoiner_heads"]["heads"]
-            out.append(Figure(f"subjoiner_patterns_{slug(name)}", f"Stage 1: subjoiner attention patterns ({name})",
-                              lambda p=patterns, h=top: plots.subjoiner_patterns(p, top=3, ranked=h),
-                              lambda n=name, p=patterns, h=top: rd.read_patterns(n, p, h)))
-    return out
-
-
-def _corpus_texts(corpus: str) -> list[str]:
-    from stages_of_inference.data import corpus_names, corpus_texts
-
-    if corpus in corpus_names():
-        return corpus_texts(corpus)
-    path = Path(corpus)
-    if path.is_dir():
-        return [p.read_text(encoding="utf-8", errors="replace") for p in sorted(path.glob("*.txt"))]
-    if path.is_file():
-        return [path.read_text(encoding="utf-8", errors="replace")]
-    raise FileNotFoundError(f"corpus {corpus!r} is neither a bundled corpus nor a text file or folder")
-
-
-def _lens(ctx: Context) -> Tables:
-    from stages_of_inference.stages import feature_engineering as fe
-
-    # the lens and the prediction depth of every token come from the same pass, per convention
-    passes = [fe.lens_with_depth(ctx.model, ctx.heavy, convention=c, batch_size=ctx.config.batch_size,
-                                 progress=ctx.progress, precision=ctx.config.precision)
-              for c in ("paper", "per_layer_norm")]
-    out = {}
-    for key, tables in zip(("lens", "depth", "depth_summary"), zip(*passes)):
-        out[key] = pd.concat(tables, ignore_index=True)
-        out[key].attrs["provenance"] = tables[0].attrs["provenance"]
-    return out
-
-
-def _lens_figures(study: Study, style: Style) -> list[Figure]:
-    out = _one("logit_lens", "Stage 2: the logit lens", "logit_lens", "lens", _plot("logit_lens"), rd.read_lens)(study, style)
-    depth = tables_of(study, "logit_lens", "depth")
-    if depth:
-        out.append(Figure("prediction_depth", "Beyond the paper: prediction depth",
-                          lambda: _plot("prediction_depth")(depth, style), lambda: rd.read_depth(study)))
-    return out
-
-
-def _similarity(ctx: Context) -> Tables:
-    from stages_of_inference.stages import feature_engineering as fe
-
-    return {"similarity": fe.layer_similarity(ctx.model, ctx.tokens, method="cka", batch_size=ctx.config.batch_size,
-                                              progress=ctx.progress, precision=ctx.config.precision)}
-
-
-def _probes(ctx: Context) -> Tables:
-    from stages_of_inference.stages import feature_engineering as fe
-
-    return {"probes": fe.probe_layers(ctx.model, ctx.tokens, ctx.config.probe_label, seed=ctx.config.seed,
-                                      batch_size=ctx.config.batch_size, progress=ctx.progress,
-                                      precision=ctx.config.precision)}
-
-
-def _neurons(ctx: Context) -> Tables:
-    from stages_of_inference.stages import prediction_ensembling as pe
-
-    moments = pe.neuron_moments(ctx.model, ctx.config.kurtosis_threshold, progress=ctx.progress)
-    return {"counts": pe.neuron_counts(moments, n_layers=ctx.model.cfg.n_layers), "moments": moments}
-
-
-def _sharpening(ctx: Context) -> Tables:
-    from stages_of_inference.stages import residual_sharpening as rs
-
-    done, bs, precision = ctx.done, ctx.config.batch_size, ctx.config.precision
-    moments = done["neurons"]["moments"] if "neurons" in done else True
-    lens = done["logit_lens"]["lens"] if "logit_lens" in done else None  # same heavy tokens: read, not redone
-    profile = rs.sharpening_profile(ctx.model, ctx.heavy, moments=moments, kurtosis_threshold=ctx.config.kurtosis_threshold,
-                                    lens=lens, batch_size=bs, progress=ctx.progress, precision=precision)
-    ablation = rs.final_block_ablation(ctx.model, ctx.heavy, last_k=(1, 2, 3), batch_size=bs, progress=ctx.progress,
-                                       precision=precision)
-    return {"profile": profile, "final_blocks": ablation}
-
-
-def _repetition(ctx: Context) -> Tables:
-    """Every block run twice in place, one block at a time, as one prefix-sharing engine sweep."""
-    from stages_of_inference._utils import relative_depth
-    from stages_of_inference.interventions.executor import evaluate_plans
-    from stages_of_inference.interventions.plan import LayerPlan
-    from stages_of_inference.results import provenance, with_provenance
-
-    model, tokens = ctx.model, ctx.heavy
-    n = model.cfg.n_layers
-    plans = [LayerPlan.identity(n)] + [LayerPlan.repeat(n, [i], times=2) for i in range(n)]
-    summary = evaluate_plans(model, tokens.tokens, plans, batch_size=ctx.config.batch_size, progress=ctx.progress,
-                             precision=ctx.config.precision)
-    ref = summary.attrs["reference"]
-    rows = summary.iloc[1:].reset_index(drop=True)
-    df = pd.DataFrame({
-        "layer": np.arange(n, dtype=np.int64),
-        "relative_depth": [relative_depth(i, n) for i in range(n)],
-        "entropy_bits": rows["entropy_bits"].to_numpy(),
-        "entropy_change_bits": rows["entropy_bits"].to_numpy() - ref["entropy_bits"],
-        "kl_nats": rows["kl_nats"].to_numpy(),
-        "loss_delta": rows["loss_delta"].to_numpy(),
-        "relative_accuracy": rows["relative_accuracy"].to_numpy(),
-        "plan": rows["plan"].to_numpy(),
-    })
-    return {"repetition": with_provenance(df, provenance(model, tokens, analysis="layer_repetition", times=2,
-                                                         blocks="each block alone", reference=ref,
-                                                         precision=ctx.config.precision))}
-
-
-def _plot(name: str) -> Callable[[list[pd.DataFrame], Style], Any]:
-    """A ``plots`` function drawing one table per model with the study's bands and colours."""
-    def draw(tables: list[pd.DataFrame], style: Style) -> Any:
-        from stages_of_inference import plots
-
-        return getattr(plots, name)(tables, stages=style.stages, colors=style.colors)
-    return draw
-
-
-def _neuron_plot(tables: list[pd.DataFrame], style: Style) -> Any:
-    from stages_of_inference import plots
-
-    return plots.neuron_counts(tables, share=len(tables) > 1, stages=style.stages, colors=style.colors)
-
-
-def _similarity_plot(tables: list[pd.DataFrame], style: Style) -> Any:
-    from stages_of_inference import plots
-
-    return plots.layer_similarity(tables)
-
-
-def _batch(config: StudyConfig) -> dict[str, Any]:
-    return {"batch_size": config.batch_size, "precision": config.precision}
-
-
-def _heavy(config: StudyConfig) -> dict[str, Any]:
-    return {"sequences": config.heavy_sequences, "batch_size": config.batch_size, "precision": config.precision}
-
-
-register(Analysis(
-    "robustness", _robustness,
-    lambda c: {"kinds": ["drop", "swap"], "per_token": True, "layer_effects": True, **_batch(c)},
-    figures=_robustness_figures, fast=True, split=True, finish=_robustness_finish))
-register(Analysis(
-    "previous_token_attention", _attention, lambda c: {"k": c.k, **_batch(c)},
-    figures=_one("previous_token_attention", "Stage 1: attention to the previous tokens", "previous_token_attention",
-                 "attention", _plot("previous_token_attention"), rd.read_attention), fast=True))
-register(Analysis(
-    "subjoiner_heads", _subjoiner,
-    lambda c: {"corpus": c.corpus, "max_prompts": c.subjoiner_prompts, "seed": c.seed, "n_pieces": 4,
-               "n_context_words": 16, "characters_per_document": SUBJOINER_CHARS, "precision": c.precision},
-    tokens="none", figures=_subjoiner_figures))
-register(Analysis(
-    "logit_lens", _lens,
-    lambda c: {"conventions": ["paper", "per_layer_norm"], "prediction_depth": True, **_heavy(c)}, tokens="heavy",
-    figures=_lens_figures))
-register(Analysis(
-    "layer_similarity", _similarity, lambda c: {"method": "cka", **_batch(c)},
-    figures=_one("layer_similarity", "Stage 2: similarity of the blocks", "layer_similarity", "similarity",
-                 _similarity_plot, rd.read_similarity), fast=True))
-register(Analysis(
-    "probes", _probes, lambda c: {"label": c.probe_label, "seed": c.seed, **_batch(c)},
-    figures=_one("probes", "Stage 2: probes", "probes", "probes", _plot("probe_accuracy"), rd.read_probes)))
-register(Analysis(
-    "neurons", _neurons, lambda c: {"kurtosis_threshold": c.kurtosis_threshold}, tokens="none",
-    figures=_one("neuron_counts", "Stage 3: prediction and suppression neurons", "neurons", "counts", _neuron_plot,
-                 rd.read_neurons), fast=True))
-register(Analysis(
-    "sharpening", _sharpening,
-    lambda c: {"convention": "per_layer_norm", "kurtosis_threshold": c.kurtosis_threshold, "last_k": [1, 2, 3],
-               **_heavy(c)},
-    tokens="heavy", needs=("neurons", "logit_lens"),
-    figures=_one("sharpening", "Stage 4: residual sharpening", "sharpening", "profile", _plot("sharpening_profile"),
-                 rd.read_sharpening)))
-register(Analysis(
-    "repetition", _repetition, lambda c: {"times": 2, "blocks": "each block alone", **_heavy(c)}, tokens="heavy",
-    figures=_one("repetition", "Stage 4: layer repetition", "repetition", "repetition", _plot("layer_repetition"),
-                 rd.read_repetition)))
-
-PAPER_ANALYSES = tuple(REGISTRY)
-"""The analyses of the paper, in the order a study runs them."""
-
-
-# --------------------------------------------------------------------------- beyond the paper
-def _sinks(ctx: Context) -> Tables:
-    from stages_of_inference.stages import sinks
-
-    return {"profile": sinks.sink_profile(ctx.model, ctx.tokens, batch_size=ctx.config.batch_size,
-                                          progress=ctx.progress, precision=ctx.config.precision)}
-
-
-GENERATION_PROMPT_TOKENS = 16
-"""Tokens of each generation-check prompt (BOS included): the start of a main-batch sequence."""
-CLOZE_CONTEXT_CHARS = 100
-"""Characters of text before each cloze answer the study draws (then cut to its last tokens)."""
-CLOZE_CONTEXT_TOKENS = 24
-"""Context tokens of each cloze item in the study (the end of the 100 characters drawn)."""
-NEW_TOKENS = 16
-"""Tokens of the greedy continuations the generation check compares."""
-
-
-def _task(ctx: Context) -> Tables:
-    from stages_of_inference.stages import task_damage as td
-
-    config = ctx.config
-    if config.cloze_file is not None:
-        items = td.load_cloze_items(config.cloze_file)
-    else:
-        items = td.cloze_items([t[:SUBJOINER_CHARS] for t in _corpus_texts(config.corpus)], n_items=config.cloze_items,
-                               seed=config.seed, context_chars=CLOZE_CONTEXT_CHARS)
-    prompts = ctx.tokens.tokens[: config.generation_prompts, :GENERATION_PROMPT_TOKENS]
-    # with the sweep in the study, the paper's token-level accuracy is read from it (finish), not measured again
-    later = "robustness" in config.analyses
-    return {"task": td.task_damage(ctx.model, items, prompts, context_tokens=CLOZE_CONTEXT_TOKENS, new_tokens=NEW_TOKENS,
-                                   batch_size=config.batch_size, progress=ctx.progress, precision=config.precision,
-                                   token_level=False if later else None)}
-
-
-def _task_finish(parts: list[Tables], fin: Finishing) -> Tables:
-    from stages_of_inference.stages import task_damage as td
-
-    tables = whole(parts, fin)
-    if "robustness" not in fin.config.analyses:
-        return tables
-    if "robustness" not in fin.done:
-        raise ValueError("the task analysis reads its token-level accuracy from the robustness sweep, "
-                         "which this model's study has not finished")
-    return {"task": td.with_token_level(tables["task"], fin.done["robustness"]["summary"])}
-
-
-def _task_settings(c: StudyConfig) -> dict[str, Any]:
-    from stages_of_inference._utils import file_sha256
-
-    source = {"cloze_file_sha256": file_sha256(Path(c.cloze_file))} if c.cloze_file else {
-        "corpus": c.corpus, "cloze_items": c.cloze_items, "seed": c.seed, "characters_per_document": SUBJOINER_CHARS,
-        "context_chars": CLOZE_CONTEXT_CHARS, "answer_in_context": True}
-    return {**source, "context_tokens": CLOZE_CONTEXT_TOKENS, "generation_prompts": c.generation_prompts,
-            "token_level": "robustness sweep" if "robustness" in c.analyses else "cloze sequences",
-            "prompt_tokens": GENERATION_PROMPT_TOKENS, "new_tokens": NEW_TOKENS, **_batch(c)}
-
-
-def _task_figures(study: Study, style: Style) -> list[Figure]:
-    tables = tables_of(study, "task", "task")
-    if not tables:
-        return []
-    sweeps = {name: done["robustness"]["summary"] for name, done in study.results.items() if "robustness" in done}
-    return [Figure("task_damage", "Beyond the paper: damage at the task level",
-                   lambda: _plot("task_damage")(tables, style), lambda: rd.read_task(study, sweeps))]
-
-
-SUBLAYER_KINDS = ("drop_attention", "drop_mlp")
-"""The sublayer deletions the study sweeps (on the heavy batch: each costs as much as a block deletion)."""
-SUBLAYER_POSITIONS = 64
-"""The sublayer deletions run on the first this many tokens of each heavy sequence (half of the
-default window: the default study's time budget; attention is causal, so the whole-block deletions
-on the same tokens are read from the main sweep's per-token table)."""
-
-
-def _sublayer_positions(config: StudyConfig) -> int:
-    return min(SUBLAYER_POSITIONS, config.seq_len)
-
-
-def _sublayers(ctx: Context) -> Tables:
-    """Every block's attention alone and MLP alone deleted, on the start of each heavy sequence;
-    beside them the whole-block deletions on the same tokens, read from the robustness sweep's
-    per-token table (a prefix of a sequence gives its positions the same predictions: causal).
-    """
-    from stages_of_inference.robustness import robustness_sweep
-
-    n_pos = _sublayer_positions(ctx.config)
-    tokens = replace(ctx.heavy, tokens=ctx.heavy.tokens[:, :n_pos])
-    result = robustness_sweep(ctx.model, tokens, kinds=SUBLAYER_KINDS, progress=ctx.progress,
-                              batch_size=ctx.config.batch_size, precision=ctx.config.precision)
-    return dict(result.tables)
-
-
-def _sublayers_finish(parts: list[Tables], fin: Finishing) -> Tables:
-    """The sublayer sweep, and the robustness sweep's whole-block deletions on the same tokens."""
-    from stages_of_inference.robustness import summary_on
-
-    tables = dict(whole(parts, fin))
-    sweep = fin.done.get("robustness")
-    if sweep is not None and "per_token" in sweep.tables:
-        n_pos, n_seq = _sublayer_positions(fin.config), fin.config.heavy_sequences
-        record = tables["summary"].attrs.get("provenance", {})
-        per_token = sweep["per_token"]
-        same = per_token[per_token["position"] <= n_pos - 2]  # the positions scored in the prefix
-        blocks = summary_on(same, range(n_seq), int(record["model"]["n_layers"]))
-        tables["blocks"] = blocks[blocks["kind"] == "drop"].reset_index(drop=True)
-        tables["blocks"].attrs["provenance"] = {**record, "analysis": "robustness_sweep (per-token subset)",
-                                                "sequences": n_seq, "positions": f"1 .. {n_pos - 2}"}
-    return tables
-
-
-def _sublayer_figures(study: Study, style: Style) -> list[Figure]:
-    tables = [_with_blocks(done["sublayers"]["summary"], done["sublayers"].tables.get("blocks"))
-              for done in study.results.values() if "sublayers" in done]
-    if not tables:
-        return []
-    return [Figure("sublayer_deletion", "Beyond the paper: deleting only the attention or only the MLP",
-                   lambda: _plot("sublayer_deletion")(tables, style), lambda: rd.read_sublayers(study))]
-
-
-def _with_blocks(summary: pd.DataFrame, blocks: pd.DataFrame | None) -> pd.DataFrame:
-    """The sublayer summary with the whole-block deletions on the same sequences appended."""
-    if blocks is None:
-        return summary
-    out = pd.concat([summary, blocks[[c for c in blocks.columns if c in summary.columns]]], ignore_index=True)
-    out.attrs = summary.attrs
-    return out
-
-
-register(Analysis(
-    "task", _task, _task_settings, figures=_task_figures, finish=_task_finish))
-register(Analysis(
-    "sublayers", _sublayers, lambda c: {"kinds": list(SUBLAYER_KINDS), "positions": _sublayer_positions(c), **_heavy(c)},
-    tokens="heavy", finish=_sublayers_finish,
-    figures=_sublayer_figures))
-register(Analysis(
-    "sinks", _sinks, _batch,
-    figures=_one("sink_profile", "Beyond the paper: attention sinks, massive activations, residual norms", "sinks",
-                 "profile", _plot("sink_profile"), rd.read_sinks), fast=True))
 
 
 def default_analyses() -> tuple[str, ...]:

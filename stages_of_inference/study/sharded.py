@@ -1,45 +1,44 @@
 """A study split over processes that share nothing but files: ``--shard I/N`` and ``merge``.
 
 ``stages-of-inference run --shard I/N --out-dir DIR_I`` runs the tasks of shard ``I`` of ``N``
-(:func:`run_shard`) and writes their results under ``DIR_I/tasks`` with ``DIR_I/shard-I-of-N.json``;
-``stages-of-inference merge DIR_0 DIR_1 ... --out-dir OUT`` (:func:`merge_studies`) checks that
-every task of the study is there, from shards of one study, finishes every analysis (pooling
-the shards' sums) and writes the study and its report into ``OUT``, as a one-process run would.
-That serves a SLURM job array (one array task per shard, then one merge job) and any scheduler,
-with no dependency beyond this package (docs/distributed/slurm.md).
-
-:func:`finish_study` is the step ``merge`` and the Ray driver share: tasks' results to finished
-analyses, stage placements and the report.
+(:func:`run_shard`): the engine's driver with the shard's slice of the plan, in this process. It
+stores the task results in ``DIR_I``'s private folder and writes ``DIR_I/shard-I-of-N.json``: the
+study's settings, the identity of every model it loaded (weights and config hashes, token
+digests, backend) and its tasks. ``stages-of-inference merge DIR_1 ... DIR_N --out-dir OUT``
+(:func:`merge_studies`) checks that the records belong to one study (same settings, same split,
+every shard there once, every model made from the same weights and tokens in every shard: a
+mismatch names the shard, the model and the two values) and runs the same driver with nothing
+left to compute: it finishes every analysis from the stored task results and writes the study
+and its report into ``OUT``, as a one-process run writes them. That serves a SLURM job array and
+any scheduler, with no dependency beyond this package (docs/distributed/slurm.md).
 """
 
 from __future__ import annotations
 
 import json
+import stat
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from stages_of_inference._checks import check_output_path
-from stages_of_inference._utils import atomic_write_json
-from stages_of_inference.results import Result
 from stages_of_inference.study.config import StudyConfig
-from stages_of_inference.study.registry import REGISTRY
-from stages_of_inference.study.tasks import (
-    ModelWorker,
-    Task,
-    TaskStore,
-    assign_shards,
-    partial_tables,
-    study_tasks,
-    task_address,
-)
+from stages_of_inference.study.engine import Driver, run_in_process
+from stages_of_inference.study.finish import write_study
+from stages_of_inference.study.folder import StudyFolder, study_writes
+from stages_of_inference.study.identity import ModelIdentity
+from stages_of_inference.study.registry import Study
+from stages_of_inference.study.tasks import Task, TaskStore, assign_shards, study_tasks
 
-__all__ = ["MergeError", "finish_study", "merge_studies", "parse_shard", "run_shard", "shard_file"]
+__all__ = ["MergeError", "ShardRecord", "merge_studies", "parse_shard", "read_shard_record", "run_shard", "shard_file"]
+
+MAX_RECORD_BYTES = 16 << 20
+"""A shard record larger than this is refused (records are small: settings and task lists)."""
 
 
 class MergeError(ValueError):
-    """Task results that cannot be merged into one study (missing, or from different studies)."""
+    """Shard results that cannot be merged into one study (missing, damaged, or from different studies)."""
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -71,180 +70,87 @@ def shard_file(shard: int, n_shards: int) -> str:
 
 def run_shard(config: StudyConfig, shard: int, n_shards: int, out_dir: str | Path, *,
               loaded: dict[str, Any] | None = None, progress: bool = False,
-              log: Callable[[str], None] | None = print) -> list[Task]:
+              log: Callable[[str], None] | None = print, adopt_folder: bool = False) -> list[Task]:
     """Run the tasks of shard ``shard`` (0-based) of ``n_shards`` and store their results in
     ``out_dir`` (a task already stored there is not run again). Returns the shard's tasks.
     """
-    from stages_of_inference.study.run import _study_folder
-
     say = log or (lambda _: None)
-    if not 0 <= shard < n_shards:
-        raise ValueError(f"shard must lie in 0 .. {n_shards - 1}, got {shard}")
-    out = check_output_path(out_dir, "out_dir folder")
+    if isinstance(n_shards, bool) or not isinstance(n_shards, int) or not isinstance(shard, int) or not 0 <= shard < n_shards:
+        raise ValueError(f"shard must lie in 0 .. n_shards - 1, got shard {shard!r} of {n_shards!r}")
     tasks = study_tasks(config, n_shards)
     mine = [t for t, s in assign_shards(tasks, n_shards).items() if s == shard]
-    store, listed, left_out = TaskStore(out), [], []
-    needed = {n for a in config.analyses for n in REGISTRY[a].needs}  # finished here for the tasks that read them
-    with _study_folder(out, say):
-        for name in config.models:
-            todo = [t for t in mine if t.model == name]
-            if not todo:
-                continue
-            worker = ModelWorker(config, name, (loaded or {}).get(name), work_root=out / ".work", progress=progress)
-            say(f"{name}: shard {shard + 1} of {n_shards}, {len(todo)} tasks (model loaded in {worker.load_seconds:.0f} s)")
-            done: dict[str, Result] = {}
-            for task in todo:
-                if worker.backend == "bridge" and not REGISTRY[task.analysis].bridge:
-                    left_out.append(task.to_dict())
-                    say(f"  {task.label}: left out (registered as needing TransformerLens' HookedTransformer)")
-                    continue
-                result = _run_or_reuse(worker, task, store, done, say)
-                listed.append({**task.to_dict(), "address": result.provenance["task"]["address"]})
-                if task.analysis in needed:  # never split: the whole result is here
-                    done[task.analysis] = _finished(task.analysis, [result], config, done)
-        atomic_write_json(out / shard_file(shard, n_shards), {"study": config.to_dict(), "shard": shard + 1,
-                                                              "n_shards": n_shards, "tasks": listed,
-                                                              "left_out": left_out})
-    say(f"shard {shard + 1} of {n_shards}: {len(listed)} task results in {store.folder}; when every shard is done: "
-        f"stages-of-inference merge <their folders> --out-dir <study folder>")
+    folder = StudyFolder(check_output_path(out_dir, "out_dir folder"))
+    name = shard_file(shard, n_shards)
+    with folder.held(adopt=adopt_folder, writes=[name], say=say, keep_tasks=True):
+        driver = Driver(config, folder, mine, say=say, save=False)
+        run_in_process(driver, config, loaded or {}, progress, say)
+        record = {"study": config.to_dict(), "shard": shard + 1, "n_shards": n_shards,
+                  "models": {m: s.identity.to_dict() for m, s in driver.models.items() if s.identity is not None},
+                  "tasks": [{**t.to_dict(), "address": r.provenance["task"]["address"]}
+                            for s in driver.models.values() for a in s.parts.values() for t, r in a.items()],
+                  "left_out": [Task(m, a).to_dict() for m, s in driver.models.items() for a in sorted(s.left_out)]}
+        folder.write_json(name, record)
+    say(f"shard {shard + 1} of {n_shards}: {len(record['tasks'])} task results in {folder.path}; when every shard is "
+        "done: stages-of-inference merge <their folders> --out-dir <study folder>")
     return mine
 
 
-def _run_or_reuse(worker: ModelWorker, task: Task, store: TaskStore, done: dict[str, Result],
-                  say: Callable[[str], None]) -> Result:
-    address = task_address(worker.fingerprint(task.analysis), task)
-    found = store.load(task, address)
-    if found is not None:
-        say(f"  {task.label}: reused the stored result")
-        return found
-    needs = {n: done[n] for n in REGISTRY[task.analysis].needs if n in done}
-    result = worker.run(task, needs)
-    store.save(result)
-    say(f"  {task.label}: {result.provenance['task']['seconds']:.0f} s")
-    return result
+class ShardRecord:
+    """A ``shard-I-of-N.json`` read as untrusted input: every field checked, one line naming the
+    file otherwise.
 
-
-def _finished(analysis: str, parts: Sequence[Result], config: StudyConfig, done: dict[str, Result]) -> Result:
-    """An analysis finished from its tasks' stored results (in shard order)."""
-    from stages_of_inference.study.run import finished_result
-
-    ordered = sorted(parts, key=lambda r: r.provenance["task"]["shard"])
-    first = ordered[0].provenance
-    return finished_result(REGISTRY[analysis], [partial_tables(r) for r in ordered], config, done,
-                           first["study_fingerprint"], first.get("batch"),
-                           sum(r.provenance["task"]["seconds"] for r in ordered))
-
-
-def finish_study(config: StudyConfig, out_dir: Path, results: dict[Task, Result], left_out: Sequence[tuple[str, str]],
-                 *, reused: dict[tuple[str, str], Result] | None = None, write_report: bool = True,
-                 say: Callable[[str], None] = print) -> Any:
-    """Finish every analysis of every model from its tasks' ``results``, in the study's order,
-    save them in ``out_dir`` (as a one-process study does), place the stages, write
-    ``study.json`` and the report. ``reused``: analyses already finished in ``out_dir``, taken as
-    they are. Returns the :class:`~stages_of_inference.study.run.Study`.
+    Attributes:
+        path: the record's file.
+        config: the study's settings.
+        shard: the shard, counted from 1.
+        n_shards: how many shards the study was split into.
+        models: model name -> the identity of the model this shard loaded.
     """
-    from stages_of_inference.study.html import build_report
-    from stages_of_inference.study.run import STUDY_FILE, Study, _stages_for, study_slugs
 
-    study = Study(config=config, out_dir=out_dir, left_out=list(left_out))
-    by_analysis: dict[tuple[str, str], list[Result]] = {}
-    for task, result in results.items():
-        by_analysis.setdefault((task.model, task.analysis), []).append(result)
-    slugs = study_slugs(config)
-    for name in config.models:
-        done: dict[str, Result] = {}
-        study.timings[name] = {}
-        for analysis in config.analyses:
-            if (name, analysis) in study.left_out:
-                continue
-            if (name, analysis) in (reused or {}):
-                done[analysis] = (reused or {})[(name, analysis)]
-                study.reused.append((name, analysis))
-                study.timings[name][analysis] = 0.0
-                continue
-            parts = by_analysis.get((name, analysis))
-            if not parts:
-                raise MergeError(f"no task results of {name} {analysis}")
-            _check_same_study(name, analysis, parts)
-            result = _finished(analysis, parts, config, done)
-            result.save(out_dir / slugs[name] / analysis, fmt=config.table_format)
-            done[analysis] = result
-            study.timings[name][analysis] = float(result.provenance.get("study_seconds", 0.0))
-        study.results[name] = done
-        n_layers = next((int(r.provenance["model"]["n_layers"]) for r in done.values()
-                         if r.provenance.get("model", {}).get("n_layers")), 0)
-        if done and n_layers:
-            study.stages[name] = _stages_for(done, name, n_layers)
-        say(f"{name}: {len(done)} analyses finished from {sum(len(by_analysis.get((name, a), [])) for a in done)} "
-            "task results")
-    atomic_write_json(out_dir / STUDY_FILE, config.to_dict())
-    if write_report:
-        build_report(study)
-        say(f"report: {study.report}")
-    return study
+    def __init__(self, path: Path, data: Any) -> None:
+        self.path = path
+        try:
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            self.config = StudyConfig.from_dict(data.get("study"))
+            self.shard, self.n_shards = data.get("shard"), data.get("n_shards")
+            if any(isinstance(v, bool) or not isinstance(v, int) for v in (self.shard, self.n_shards)) \
+                    or not 1 <= self.shard <= self.n_shards:
+                raise ValueError(f"shard and n_shards must be whole numbers with 1 <= shard <= n_shards, got "
+                                 f"{data.get('shard')!r} and {data.get('n_shards')!r}")
+            models = data.get("models")
+            if not isinstance(models, dict):
+                raise ValueError("models must map each model to its identity")
+            self.models = {str(m): ModelIdentity.from_dict(v) for m, v in models.items()}
+        except (ValueError, TypeError) as error:
+            raise MergeError(f"{path} is not a shard record this library wrote ({' '.join(str(error).split())[:300]})") from None
+
+    @property
+    def label(self) -> str:
+        """How messages name the shard."""
+        return f"shard {self.shard} of {self.n_shards} ({self.path.parent})"
 
 
-def _check_same_study(name: str, analysis: str, parts: Sequence[Result]) -> None:
-    """Every shard of an analysis was made by the same model, batch and settings, and the shards
-    are all there exactly once.
+def read_shard_record(path: Path) -> ShardRecord:
+    """Read and check one shard record: a regular file (a FIFO or device is refused without
+    being opened), at most :data:`MAX_RECORD_BYTES`, JSON, with every field of the right type.
     """
-    prints = {json.dumps(r.provenance["study_fingerprint"], sort_keys=True, default=str) for r in parts}
-    if len(prints) > 1:
-        raise MergeError(f"the task results of {name} {analysis} come from different studies (model weights, "
-                         "tokens or settings differ); merge the shards of one study")
-    shards = sorted(r.provenance["task"]["shard"] for r in parts)
-    n = parts[0].provenance["task"]["n_shards"]
-    if shards != list(range(n)):
-        raise MergeError(f"{name} {analysis}: shards {[s + 1 for s in shards]} of {n} found; each must be there once")
+    try:
+        info = path.lstat()
+    except OSError as error:
+        raise MergeError(f"{path} cannot be read ({error.strerror or error})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise MergeError(f"{path} is not a regular file (a shard record is a JSON file a --shard run wrote)")
+    if info.st_size > MAX_RECORD_BYTES:
+        raise MergeError(f"{path} is {info.st_size} bytes; a shard record is at most {MAX_RECORD_BYTES} bytes")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise MergeError(f"{path} cannot be read as JSON ({type(error).__name__})") from None
+    return ShardRecord(path, data)
 
 
-def merge_studies(folders: Sequence[str | Path], out_dir: str | Path, *, write_report: bool = True,
-                  log: Callable[[str], None] | None = print) -> Any:
-    """Merge the task results of ``--shard`` runs (one or more folders, each holding
-    ``shard-I-of-N.json`` records and a ``tasks`` folder) into one study in ``out_dir``.
-
-    Every shard of the study must be there, all made with the same settings; a missing shard or
-    task is named in the error. Returns the :class:`~stages_of_inference.study.run.Study`.
-    """
-    from stages_of_inference.study.run import _study_folder
-
-    say = log or (lambda _: None)
-    t0 = time.perf_counter()
-    records = _shard_records(folders)
-    configs = {json.dumps(r["study"], sort_keys=True) for r, _ in records}
-    if len(configs) > 1:
-        raise MergeError("the shards were run with different study settings; merge the shards of one study")
-    config = StudyConfig.from_json(next(iter(configs)))
-    counts = {r["n_shards"] for r, _ in records}
-    if len(counts) > 1:
-        raise MergeError(f"the shards split the study different ways ({sorted(counts)} shards); merge one split")
-    n_shards = counts.pop()
-    missing = sorted(set(range(1, n_shards + 1)) - {r["shard"] for r, _ in records})
-    if missing:
-        raise MergeError(f"shard(s) {', '.join(map(str, missing))} of {n_shards} are missing: run them "
-                         f"(stages-of-inference run --shard I/{n_shards}) or add their folders")
-    results: dict[Task, Result] = {}
-    left_out = {(t["model"], t["analysis"]) for r, _ in records for t in r.get("left_out", [])}
-    for record, folder in records:
-        store = TaskStore(folder)
-        for entry in record["tasks"]:
-            task = Task(entry["model"], entry["analysis"], entry["shard"], entry["n_shards"])
-            found = store.load(task, entry["address"])
-            if found is None:
-                raise MergeError(f"{task.label}: its result is not in {store.folder} (or damaged); run its shard again")
-            results[task] = found
-    expected = [t for t in study_tasks(config, n_shards) if (t.model, t.analysis) not in left_out]
-    absent = [t.label for t in expected if t not in results]
-    if absent:
-        raise MergeError(f"{len(absent)} task(s) have no result, e.g. {absent[0]}; run their shards again")
-    out = check_output_path(out_dir, "out_dir folder")
-    with _study_folder(out, say):
-        study = finish_study(config, out, results, sorted(left_out), write_report=write_report, say=say)
-    say(f"merged {len(results)} task results from {len(records)} shard(s) in {time.perf_counter() - t0:.0f} s")
-    return study
-
-
-def _shard_records(folders: Sequence[str | Path]) -> list[tuple[dict[str, Any], Path]]:
+def _shard_records(folders: Sequence[str | Path]) -> list[ShardRecord]:
     if isinstance(folders, (str, Path)):
         folders = [folders]
     if not folders:
@@ -256,9 +162,76 @@ def _shard_records(folders: Sequence[str | Path]) -> list[tuple[dict[str, Any], 
         found = sorted(folder.glob("shard-*-of-*.json"))
         if not found:
             raise MergeError(f"{folder} holds no shard record (shard-I-of-N.json): is it the --out-dir of a --shard run?")
-        for path in found:
-            try:
-                out.append((json.loads(path.read_text()), folder))
-            except (OSError, ValueError) as error:
-                raise MergeError(f"{path} cannot be read ({type(error).__name__})") from None
+        out += [read_shard_record(path) for path in found]
     return out
+
+
+def _differing_setting(a: StudyConfig, b: StudyConfig) -> str:
+    left, right = a.to_dict(), b.to_dict()
+    key = next(k for k in sorted(left) if left[k] != right[k])
+    return f"{key}: {left[key]!r} against {right[key]!r}"
+
+
+def _one_study(records: list[ShardRecord]) -> tuple[StudyConfig, int, dict[str, ModelIdentity]]:
+    """The study the records belong to, its split and each model's identity; a mismatch is one line."""
+    first = records[0]
+    for record in records[1:]:
+        if record.config != first.config:
+            raise MergeError(f"the shards were run with different study settings ({_differing_setting(first.config, record.config)}; "
+                             f"{first.label} against {record.label}); merge the shards of one study")
+        if record.n_shards != first.n_shards:
+            raise MergeError(f"the shards split the study different ways ({first.n_shards} and {record.n_shards} "
+                             "shards); merge one split")
+    seen: dict[int, ShardRecord] = {}
+    for record in records:
+        if record.shard in seen:
+            raise MergeError(f"shard {record.shard} of {record.n_shards} is given twice ({seen[record.shard].path} and "
+                             f"{record.path}); give each shard's folder once")
+        seen[record.shard] = record
+    missing = sorted(set(range(1, first.n_shards + 1)) - set(seen))
+    if missing:
+        raise MergeError(f"shard(s) {', '.join(map(str, missing))} of {first.n_shards} are missing: run them "
+                         f"(stages-of-inference run --shard I/{first.n_shards}) or add their folders")
+    identities: dict[str, tuple[ModelIdentity, ShardRecord]] = {}
+    for record in records:
+        for name, identity in record.models.items():
+            if name not in identities:
+                identities[name] = (identity, record)
+                continue
+            known, where = identities[name]
+            difference = known.differs(identity)
+            if difference is not None:
+                raise MergeError(f"{name}: {where.label} and {record.label} were made from different models or text "
+                                 f"({difference}); merge the shards of one study")
+    return first.config, first.n_shards, {name: pair[0] for name, pair in identities.items()}
+
+
+def merge_studies(folders: Sequence[str | Path], out_dir: str | Path, *, write_report: bool = True,
+                  log: Callable[[str], None] | None = print, adopt_folder: bool = False) -> Study:
+    """Merge the task results of ``--shard`` runs (one or more folders, each holding
+    ``shard-I-of-N.json`` records) into one study in ``out_dir``.
+
+    Every shard of the study must be there once, all made with the same settings, models and
+    text; a missing shard or task, or a mismatch, is one line naming it. Returns the
+    :class:`~stages_of_inference.study.registry.Study`.
+    """
+    say = log or (lambda _: None)
+    t0 = time.perf_counter()
+    records = _shard_records(folders)
+    config, n_shards, identities = _one_study(records)
+    folder = StudyFolder(check_output_path(out_dir, "out_dir folder"))
+    stores = [TaskStore(StudyFolder(r.path.parent).tasks) for r in records]
+    with folder.held(adopt=adopt_folder, writes=study_writes(config), say=say):
+        driver = Driver(config, folder, study_tasks(config, n_shards), say=say, stores=stores)
+        for name in config.models:
+            if name not in identities:
+                raise MergeError(f"no shard loaded {name}: run every shard of the study")
+            say(f"{name}: from the shard records")
+            left = driver.identified(name, identities[name])
+            if left:
+                raise MergeError(f"{len(left)} task(s) have no result in the shard folders (or a damaged one), e.g. "
+                                 f"{left[0].label}; run its shard again")
+        study = driver.study()
+        write_study(study, folder, write_report, say)
+    say(f"merged {len(records)} shard(s) in {time.perf_counter() - t0:.0f} s")
+    return study

@@ -1,20 +1,18 @@
-"""A study as tasks: what a distributed study schedules, stores and merges.
+"""A study as tasks, and the one function that runs a task.
 
 A task is one analysis of one model on one shard of its token batch. Only analyses registered as
 ``split`` run on shards (the robustness sweep: all of its plans stay in the task, so the
-prefix-sharing trie and plan stacking keep working); every other analysis is one task per
-model. Shards are contiguous slices of the batch the study's seed drew, so they are fixed by the
-study's settings: shard ``i`` of ``n`` holds sequences ``i * S // n`` up to ``(i + 1) * S // n``.
+prefix-sharing trie and plan stacking keep working); every other analysis is one task per model.
+A shard is a contiguous run of whole batches (``config.batch_size`` sequences each) of the batch
+the study's seed drew, so every batch is computed exactly as one process computes it, and the
+shards' sums pool to the one-process numbers bit for bit; there are at most as many shards as
+batches.
 
-Each finished task's tables are additive (sums and counts per sequence, never means) and are
-stored atomically under a content address: the SHA-256 of the analysis' study fingerprint (model
-config and weights hashes, the token batch's digest, the analysis' settings) and the shard. A
-restarted study on any machine finds them and skips those tasks. The analysis' ``finish``
-(:class:`~stages_of_inference.study.registry.Analysis`) puts the tasks' tables together into the
-tables a one-process study makes.
-
-The same :class:`ModelWorker` runs tasks in this process (``stages-of-inference run --shard I/N``)
-and inside a Ray actor (:mod:`stages_of_inference.study.distributed`).
+:meth:`ModelWorker.run` is the task function every runner calls (one process, ``--shard``, a Ray
+actor). Each finished task's tables are additive (sums and counts per sequence, never means)
+and are stored atomically under a content address, the SHA-256 of the analysis' study
+fingerprint and the shard (:class:`TaskStore`): a restarted study on any machine finds them and
+skips those tasks.
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -33,15 +32,14 @@ from typing import Any
 
 import pandas as pd
 
+from stages_of_inference.models import load_model
 from stages_of_inference.results import PROVENANCE_FILE, DamagedResultError, Result
 from stages_of_inference.study.config import StudyConfig
+from stages_of_inference.study.identity import ModelIdentity, fingerprint, identity_of, study_batches, study_record
 from stages_of_inference.study.registry import REGISTRY, Context, Tables
 
-__all__ = ["TASKS_DIR", "ModelWorker", "Task", "TaskStore", "assign_shards", "decode_tables", "encode_tables",
-           "partial_tables", "shard_rows", "study_tasks", "task_address"]
-
-TASKS_DIR = "tasks"
-"""The folder of a study's finished task results."""
+__all__ = ["ModelWorker", "Task", "TaskStore", "assign_shards", "decode_result", "decode_tables", "encode_result",
+           "encode_tables", "shard_rows", "split_count", "study_tasks", "task_address"]
 
 
 @dataclass(frozen=True, order=True)
@@ -68,38 +66,71 @@ class Task:
         """The task as JSON-ready data."""
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Any) -> Task:
+        """A task from :meth:`to_dict` (a ``ValueError`` naming what is wrong otherwise)."""
+        if (not isinstance(data, dict) or not isinstance(data.get("model"), str) or not isinstance(data.get("analysis"), str)
+                or any(isinstance(data.get(k), bool) or not isinstance(data.get(k), int) for k in ("shard", "n_shards"))
+                or not 0 <= data["shard"] < data["n_shards"]):
+            raise ValueError(f"a task is {{model, analysis, shard, n_shards}} with 0 <= shard < n_shards, got {data!r}")
+        return cls(data["model"], data["analysis"], data["shard"], data["n_shards"])
 
-def shard_rows(n_rows: int, shard: int, n_shards: int) -> slice:
-    """The rows of shard ``shard`` (0-based) of ``n_shards`` of a batch of ``n_rows`` sequences.
+
+def _batches(n_rows: int, batch_size: int) -> int:
+    return -(-n_rows // batch_size)
+
+
+def shard_rows(n_rows: int, shard: int, n_shards: int, batch_size: int = 1) -> slice:
+    """The rows of shard ``shard`` (0-based) of ``n_shards`` of a batch of ``n_rows`` sequences:
+    a contiguous run of whole batches of ``batch_size`` sequences.
 
     Example:
         >>> [shard_rows(5, i, 2) for i in range(2)]
         [slice(0, 2, None), slice(2, 5, None)]
+        >>> [shard_rows(6, i, 2, batch_size=4) for i in range(2)]
+        [slice(0, 4, None), slice(4, 6, None)]
     """
-    if not 0 <= shard < n_shards:
-        raise ValueError(f"shard must lie in 0 .. {n_shards - 1}, got {shard}")
-    return slice(shard * n_rows // n_shards, (shard + 1) * n_rows // n_shards)
+    batches = _batches(n_rows, batch_size)
+    if not 0 <= shard < n_shards <= batches:
+        raise ValueError(f"shard must lie in 0 .. {n_shards - 1}, and there are at most {batches} shards of "
+                         f"{n_rows} sequences in batches of {batch_size}; got shard {shard} of {n_shards}")
+    first, last = shard * batches // n_shards, (shard + 1) * batches // n_shards
+    return slice(first * batch_size, min(last * batch_size, n_rows))
 
 
 def _batch_rows(config: StudyConfig, tokens: str) -> int:
     return config.heavy_sequences if tokens == "heavy" else config.n_sequences
 
 
-def study_tasks(config: StudyConfig, n_shards: int, analyses: Sequence[str] | None = None) -> list[Task]:
-    """Every task of a study split ``n_shards`` ways: a split analysis gets one task per shard
-    (at most one per sequence of its batch), any other one task per model.
+def split_count(config: StudyConfig, analysis: str, n_shards: int) -> int:
+    """How many shards ``analysis`` runs on when a study is split ``n_shards`` ways: as many as
+    asked for a split analysis, at most one per batch of its token batch; 1 otherwise.
 
     Example:
-        >>> [t.label for t in study_tasks(StudyConfig(analyses=("robustness", "neurons")), 2)]
+        >>> c = StudyConfig(n_tokens=1024, batch_size=2)  # 8 sequences: 4 batches
+        >>> split_count(c, "robustness", 8), split_count(c, "neurons", 8)
+        (4, 1)
+    """
+    entry = REGISTRY[analysis]
+    if not entry.split:
+        return 1
+    return min(n_shards, _batches(_batch_rows(config, entry.tokens), config.batch_size))
+
+
+def study_tasks(config: StudyConfig, n_shards: int) -> list[Task]:
+    """Every task of a study split ``n_shards`` ways (:func:`split_count`), in the study's order.
+
+    Example:
+        >>> c = StudyConfig(analyses=("robustness", "neurons"), batch_size=4)
+        >>> [t.label for t in study_tasks(c, 2)]
         ['smollm2-135m robustness [shard 1 of 2]', 'smollm2-135m robustness [shard 2 of 2]', 'smollm2-135m neurons']
     """
     if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
         raise ValueError(f"the number of shards must be a positive whole number, got {n_shards!r}")
     out = []
     for model in config.models:
-        for name in (config.analyses if analyses is None else analyses):
-            analysis = REGISTRY[name]
-            n = min(n_shards, _batch_rows(config, analysis.tokens)) if analysis.split else 1
+        for name in config.analyses:
+            n = split_count(config, name, n_shards)
             out += [Task(model, name, i, n) for i in range(n)]
     return out
 
@@ -107,17 +138,17 @@ def study_tasks(config: StudyConfig, n_shards: int, analyses: Sequence[str] | No
 def assign_shards(tasks: Sequence[Task], n_shards: int) -> dict[Task, int]:
     """Which of ``n_shards`` processes runs each task: a split analysis' shard ``i`` in process
     ``i``; the other tasks of a model in groups (an analysis with the ones it ``needs``), the
-    groups dealt round-robin, so a shard holds what its tasks read.
+    groups dealt round-robin, so a process holds what its tasks read.
 
     Example:
-        >>> tasks = study_tasks(StudyConfig(analyses=("robustness", "logit_lens", "neurons", "sharpening")), 2)
+        >>> tasks = study_tasks(StudyConfig(analyses=("robustness", "logit_lens", "neurons", "sharpening"), batch_size=4), 2)
         >>> {t.analysis + str(t.shard): s for t, s in assign_shards(tasks, 2).items()}
         {'robustness0': 0, 'robustness1': 1, 'logit_lens0': 0, 'neurons0': 0, 'sharpening0': 0}
     """
     out: dict[Task, int] = {}
     turn = 0
     for model in dict.fromkeys(t.model for t in tasks):
-        whole = [t for t in tasks if t.model == model and t.n_shards == 1 and not REGISTRY[t.analysis].split]
+        whole = [t for t in tasks if t.model == model and not REGISTRY[t.analysis].split]
         group_of = {t.analysis: t.analysis for t in whole}
 
         def root(name: str) -> str:
@@ -155,6 +186,7 @@ def task_address(study_fingerprint: dict[str, Any], task: Task) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# --------------------------------------------------------------------------- tables as data
 def encode_tables(tables: Tables) -> dict[str, bytes]:
     """Tables as bytes: ``{name: Parquet, name + ".json": its provenance as JSON}`` (how tables
     cross between a Ray driver and its workers: data, never pickled objects).
@@ -186,8 +218,28 @@ def decode_tables(data: dict[str, bytes]) -> Tables:
     return tables
 
 
+_PROVENANCE_KEY = "__provenance__"
+
+
+def encode_result(result: Result) -> dict[str, bytes]:
+    """A result as bytes: its tables as Parquet, its provenance as JSON.
+
+    Example:
+        >>> r = Result({"t": pd.DataFrame({"a": [1]})}, {"seed": 0})
+        >>> decode_result(encode_result(r)).provenance
+        {'seed': 0}
+    """
+    return {**encode_tables(result.tables), _PROVENANCE_KEY: json.dumps(result.provenance, default=str).encode()}
+
+
+def decode_result(blob: dict[str, bytes]) -> Result:
+    """A result from :func:`encode_result`."""
+    return Result(decode_tables({k: v for k, v in blob.items() if k != _PROVENANCE_KEY}), json.loads(blob[_PROVENANCE_KEY]))
+
+
+# --------------------------------------------------------------------------- stored task results
 class TaskStore:
-    """The finished task results of a study folder: ``<folder>/tasks/<model>/<analysis>/<shard>of<n>-<address>``.
+    """Finished task results in ``folder``: ``<model>/<analysis>/<shard>of<n>-<address>``.
 
     Each result is a :class:`~stages_of_inference.results.Result` folder, written atomically, its
     files' digests checked on reading (a damaged one counts as not done); its provenance holds
@@ -195,33 +247,33 @@ class TaskStore:
     fingerprint of its analysis and the batch it read.
     """
 
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder) / TASKS_DIR
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
 
     def path(self, task: Task, address: str) -> Path:
-        """Where ``task``'s result lives."""
-        from stages_of_inference.study.run import slug
-
-        return self.folder / slug(task.model) / task.analysis / f"{task.shard:04d}of{task.n_shards:04d}-{address[:24]}"
+        """Where ``task``'s result lives (the model's name made a folder name: readable; the
+        address tells models apart).
+        """
+        name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in task.model).strip("._")[-80:] or "model"
+        return self.folder / name / task.analysis / f"{task.shard:04d}of{task.n_shards:04d}-{address[:24]}"
 
     def load(self, task: Task, address: str) -> Result | None:
         """``task``'s stored result when it is there, intact and made for ``address``; else ``None``."""
         where = self.path(task, address)
-        if not (where / PROVENANCE_FILE).exists():
+        if not (where / PROVENANCE_FILE).is_file():
             return None
         try:
             result = Result.load(where)
         except DamagedResultError:
             return None
-        return result if result.provenance.get("task", {}).get("address") == address else None
+        found = result.provenance.get("task")
+        return result if isinstance(found, dict) and found.get("address") == address else None
 
-    def save(self, result: Result) -> Path:
-        """Store a task's result (its provenance's ``task`` names it) atomically."""
-        info = result.provenance["task"]
-        task = Task(info["model"], info["analysis"], info["shard"], info["n_shards"])
-        where = self.path(task, info["address"])
+    def save(self, task: Task, result: Result, tmp_dir: str | os.PathLike[str] | None = None) -> Path:
+        """Store ``task``'s result (its provenance's ``task`` holds its address) atomically."""
+        where = self.path(task, result.provenance["task"]["address"])
         where.parent.mkdir(parents=True, exist_ok=True)
-        return result.save(where)
+        return result.save(where, tmp_dir=tmp_dir)
 
     def results(self) -> Iterator[Result]:
         """Every intact task result in the folder."""
@@ -232,17 +284,18 @@ class TaskStore:
                 continue
 
 
-def partial_tables(result: Result) -> Tables:
+def task_tables(result: Result) -> Tables:
     """A stored task result's tables, each carrying the analysis' own provenance (without the
-    task's record), as ``compute`` returned them.
+    study's record), as ``compute`` returned them.
     """
-    record = {k: v for k, v in result.provenance.items() if k not in ("task", "study_fingerprint", "batch")}
+    record = {k: v for k, v in result.provenance.items() if k not in ("task", "study_fingerprint")}
     tables = {name: df.copy() for name, df in result.tables.items()}
     for df in tables.values():
         df.attrs["provenance"] = record
     return tables
 
 
+# --------------------------------------------------------------------------- the task function
 class ModelWorker:
     """One model of a study, loaded once, with its token batches: runs the study's tasks of it.
 
@@ -251,71 +304,54 @@ class ModelWorker:
         name: the model (one of ``config.models``).
         model: the model already loaded (else loaded by name with ``config.device`` and
             ``config.backend``).
-        work_root: where a task keeps its checkpoints while it runs (a sweep's finished batches:
-            a task retried after its worker died resumes from them); ``None``: a folder in the
-            system's temporary space.
+        work_root: the folder where a task keeps its checkpoints while it runs (a study folder's
+            private ``work`` folder: a task run again after an interruption resumes from them);
+            ``None``, or a folder this machine does not have: a temporary folder per task,
+            removed with it.
         progress: progress bars.
     """
 
-    def __init__(self, config: StudyConfig, name: str, model: Any = None, work_root: str | Path | None = None,
+    def __init__(self, config: StudyConfig, name: str, model: Any = None, work_root: str | os.PathLike[str] | None = None,
                  progress: bool = False) -> None:
-        import stages_of_inference as soi
-        from stages_of_inference.backends import backend_of
-        from stages_of_inference.study.run import batch_identity, model_identity, study_batches
-
         t0 = time.perf_counter()
         self.config, self.name, self.progress = config, name, progress
-        self.model = model if model is not None else soi.load_model(name, device=config.device, backend=config.backend)
+        self.model = model if model is not None else load_model(name, device=config.device, backend=config.backend)
         self.batches = study_batches(self.model, config)
-        self.model_id = model_identity(name, self.model)
-        self.batch_ids = {kind: batch_identity(b) for kind, b in self.batches.items()}
-        self.backend = backend_of(self.model)
+        self.identity: ModelIdentity = identity_of(name, self.model, self.batches)
         self.load_seconds = time.perf_counter() - t0
-        if work_root is None:
-            import tempfile
+        self.work_root = Path(work_root) if work_root is not None else None
 
-            work_root = Path(tempfile.gettempdir()) / "stages-of-inference-tasks"
-        self.work_root = Path(work_root)
+    def where(self) -> dict[str, Any]:
+        """Where the model was loaded: host, process and how long the load took."""
+        return {"host": socket.gethostname(), "pid": os.getpid(), "load_seconds": round(self.load_seconds, 2)}
 
-    def identity(self) -> dict[str, Any]:
-        """What a driver that loads no model needs to address this model's tasks: the model's
-        identity, its batches' identities and descriptions, its backend and blocks.
-        """
-        return {"model_id": self.model_id, "batches": self.batch_ids,
-                "batch_records": {k: b.describe() for k, b in self.batches.items()},
-                "backend": self.backend, "n_layers": int(self.model.cfg.n_layers), "pid": os.getpid(),
-                "host": socket.gethostname(), "load_seconds": round(self.load_seconds, 2)}
-
-    def fingerprint(self, analysis: str) -> dict[str, Any]:
-        """The study fingerprint of one of this model's analyses."""
-        from stages_of_inference.study.run import fingerprint
-
-        return fingerprint(REGISTRY[analysis], self.config, self.model_id, self.batch_ids)
-
-    def run(self, task: Task, done: dict[str, Result]) -> Result:
-        """Run one task: the analysis' ``compute`` on the task's shard of its batch, ``done``
-        holding the finished results it ``needs``. Returns its tables with the task's record.
+    def run(self, task: Task, needs: dict[str, Result]) -> Result:
+        """Run one task: the analysis' ``compute`` on the task's shard of its batch, ``needs``
+        holding the finished results it ``needs``. Returns its tables with the study's record
+        (:func:`~stages_of_inference.study.identity.study_record`) and the task's.
         """
         if task.model != self.name:
             raise ValueError(f"this worker holds {self.name!r}, not the model of task {task.label!r}")
         analysis = REGISTRY[task.analysis]
-        study_fp = self.fingerprint(task.analysis)
+        study_fp = fingerprint(analysis, self.config, self.identity)
         address = task_address(study_fp, task)
         main, heavy, first = self.batches["main"], self.batches["heavy"], 0
         if analysis.split:
-            rows = shard_rows(len(self.batches[analysis.tokens]), task.shard, task.n_shards)
+            rows = shard_rows(len(self.batches[analysis.tokens]), task.shard, task.n_shards, self.config.batch_size)
             first = rows.start
             main, heavy = (main[rows], heavy) if analysis.tokens == "main" else (main, heavy[rows])
-        work = self.work_root / address[:32]
+        own = self.work_root is not None and self.work_root.parent.is_dir()
+        work = self.work_root / address[:32] if own else Path(tempfile.mkdtemp(prefix="stages-of-inference-task-"))
         t0 = time.perf_counter()
-        ctx = Context(self.model, main, heavy, self.config, self.progress, work, done, first_sequence=first)
-        tables = analysis.compute(ctx)
-        record = dict(next(iter(tables.values())).attrs.get("provenance", {}))
-        record["task"] = {**task.to_dict(), "address": address, "seconds": round(time.perf_counter() - t0, 3),
-                          "host": socket.gethostname(), "pid": os.getpid()}
-        record["study_fingerprint"] = study_fp
-        if analysis.tokens != "none":
-            record["batch"] = self.batches[analysis.tokens].describe()
+        try:
+            tables = analysis.compute(Context(self.model, main, heavy, self.config, self.progress, work, needs,
+                                              first_sequence=first))
+        finally:
+            if not own:
+                shutil.rmtree(work, ignore_errors=True)
+        record = study_record(tables, self.name, study_fp, self.identity, analysis,
+                              task={**task.to_dict(), "address": address, "seconds": round(time.perf_counter() - t0, 3),
+                                    **self.where()})
         result = Result({k: v.copy() for k, v in tables.items()}, record)
         shutil.rmtree(work, ignore_errors=True)
         return result

@@ -1,0 +1,367 @@
+"""The study's built-in analyses: one :func:`~stages_of_inference.study.registry.register` call
+each, naming the stage function that computes it, its settings, its figure and its reading.
+
+Adding an analysis to the study is a function in a stage module (a tidy table with provenance),
+and one entry here (or a ``register`` call in your own code), plus its test and docs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from stages_of_inference import plots, robustness
+from stages_of_inference._utils import file_sha256
+from stages_of_inference.data import corpus_documents
+from stages_of_inference.interventions.checkpoint import CheckpointMismatchError
+from stages_of_inference.interventions.options import EngineOptions
+from stages_of_inference.stages import detokenization as detok
+from stages_of_inference.stages import feature_engineering as fe
+from stages_of_inference.stages import prediction_ensembling as pe
+from stages_of_inference.stages import residual_sharpening as rs
+from stages_of_inference.stages import sinks
+from stages_of_inference.stages import task_damage as td
+from stages_of_inference.study import readings as rd
+from stages_of_inference.study.registry import (
+    REGISTRY,
+    Analysis,
+    Context,
+    Figure,
+    Finishing,
+    Study,
+    Style,
+    Tables,
+    one_figure,
+    register,
+    tables_of,
+    whole,
+)
+
+if TYPE_CHECKING:  # annotations only
+    from stages_of_inference.study.config import StudyConfig
+
+__all__ = ["CLOZE_CONTEXT_CHARS", "CLOZE_CONTEXT_TOKENS", "GENERATION_PROMPT_TOKENS", "NEW_TOKENS", "PAPER_ANALYSES",
+           "SUBJOINER_CHARS", "SUBLAYER_KINDS", "SUBLAYER_POSITIONS", "banded"]
+
+SUBJOINER_CHARS = 200_000
+"""The subjoiner prompts (and cloze items) are drawn from the first this many characters of each document."""
+
+
+def banded(draw: Any) -> Any:
+    """A figure function of :mod:`stages_of_inference.plots` that takes ``stages`` and ``colors``,
+    as the ``draw(tables, style)`` of a registry figure: the study's bands and model colours.
+    """
+    return lambda tables, style: draw(tables, stages=style.stages, colors=style.colors)
+
+
+def _options(ctx: Context, **more: Any) -> EngineOptions:
+    """The engine options a study's analysis runs with."""
+    return EngineOptions(batch_size=ctx.config.batch_size, progress=ctx.progress, precision=ctx.config.precision, **more)
+
+
+def _batch(config: StudyConfig) -> dict[str, Any]:
+    return {"batch_size": config.batch_size, "precision": config.precision}
+
+
+def _heavy(config: StudyConfig) -> dict[str, Any]:
+    return {"sequences": config.heavy_sequences, "batch_size": config.batch_size, "precision": config.precision}
+
+
+# --------------------------------------------------------------------------- the paper's analyses
+def _robustness(ctx: Context) -> Tables:
+    """The sweep's additive part on ``ctx.tokens`` (the whole batch, or one shard of it)."""
+    options = _options(ctx, per_token=True, layer_effects=True)
+
+    def sweep() -> Tables:
+        return robustness.sweep_partial(ctx.model, ctx.tokens, options=options, first_sequence=ctx.first_sequence,
+                                        checkpoint_dir=ctx.work_dir)
+    try:
+        return sweep()
+    except CheckpointMismatchError:  # another sweep's checkpoint in this task's own folder: start over
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+        return sweep()
+
+
+def _robustness_finish(parts: list[Tables], fin: Finishing) -> Tables:
+    return dict(robustness.finish_sweep(parts).tables)
+
+
+def _robustness_figures(study: Study, style: Style) -> list[Figure]:
+    sweeps = [done["robustness"] for done in study.results.values() if "robustness" in done]
+    if not sweeps:
+        return []
+    out = [Figure("robustness", "Deleting and swapping blocks",
+                  lambda: plots.robustness(sweeps, stages=style.stages, colors=style.colors),
+                  lambda: rd.read_robustness(study))]
+    effects = tables_of(study, "robustness", "layer_effects")
+    if effects:
+        out.append(Figure("layer_effects", "Beyond the paper: the layer-effect matrix",
+                          lambda: banded(plots.layer_effects)(effects, style), lambda: rd.read_layer_effects(study)))
+    return out
+
+
+def _attention(ctx: Context) -> Tables:
+    return {"attention": detok.previous_token_attention(ctx.model, ctx.tokens, k=ctx.config.k,
+                                                        batch_size=ctx.config.batch_size, progress=ctx.progress,
+                                                        precision=ctx.config.precision)}
+
+
+def _documents(corpus: str) -> list[str]:
+    """The start of each document of the corpus, where prompts and cloze items are drawn: scanning
+    all of a long corpus costs more than the forward passes, and a few hundred thousand words hold
+    plenty of candidates.
+    """
+    return [text[:SUBJOINER_CHARS] for text in corpus_documents(corpus)]
+
+
+def _subjoiner(ctx: Context) -> Tables:
+    result = detok.subjoiner_heads(ctx.model, _documents(ctx.config.corpus), max_prompts=ctx.config.subjoiner_prompts,
+                                   seed=ctx.config.seed, progress=ctx.progress, precision=ctx.config.precision)
+    return {"heads": result.heads, "patterns": detok.pattern_table(result)}
+
+
+def _subjoiner_figures(study: Study, style: Style) -> list[Figure]:
+    heads = tables_of(study, "subjoiner_heads", "heads")
+    if not heads:
+        return []
+    out = [Figure("subjoiner_scores", "Stage 1: subjoiner heads",
+                  lambda: plots.subjoiner_scores(heads, stages=style.stages, colors=style.colors),
+                  lambda: rd.read_subjoiner(study))]
+    for i, (name, done) in enumerate(study.results.items()):
+        if "subjoiner_heads" in done:
+            patterns, top = done["subjoiner_heads"]["patterns"], done["subjoiner_heads"]["heads"]
+            out.append(Figure(f"subjoiner_patterns_{i + 1}", f"Stage 1: subjoiner attention patterns ({name})",
+                              lambda p=patterns, h=top: plots.subjoiner_patterns(p, top=3, ranked=h),
+                              lambda n=name, p=patterns, h=top: rd.read_patterns(n, p, h)))
+    return out
+
+
+def _lens(ctx: Context) -> Tables:
+    # the lens and the prediction depth of every token come from the same pass, per convention
+    passes = [fe.lens_with_depth(ctx.model, ctx.heavy, convention=c, batch_size=ctx.config.batch_size,
+                                 progress=ctx.progress, precision=ctx.config.precision)
+              for c in ("paper", "per_layer_norm")]
+    out = {}
+    for key, tables in zip(("lens", "depth", "depth_summary"), zip(*passes)):
+        out[key] = pd.concat(tables, ignore_index=True)
+        out[key].attrs["provenance"] = tables[0].attrs["provenance"]
+    return out
+
+
+def _lens_figures(study: Study, style: Style) -> list[Figure]:
+    out = one_figure("logit_lens", "Stage 2: the logit lens", "logit_lens", "lens", banded(plots.logit_lens),
+                     rd.read_lens)(study, style)
+    depth = tables_of(study, "logit_lens", "depth")
+    if depth:
+        out.append(Figure("prediction_depth", "Beyond the paper: prediction depth",
+                          lambda: banded(plots.prediction_depth)(depth, style), lambda: rd.read_depth(study)))
+    return out
+
+
+def _similarity(ctx: Context) -> Tables:
+    return {"similarity": fe.layer_similarity(ctx.model, ctx.tokens, method="cka", batch_size=ctx.config.batch_size,
+                                              progress=ctx.progress, precision=ctx.config.precision)}
+
+
+def _probes(ctx: Context) -> Tables:
+    return {"probes": fe.probe_layers(ctx.model, ctx.tokens, ctx.config.probe_label, seed=ctx.config.seed,
+                                      batch_size=ctx.config.batch_size, progress=ctx.progress,
+                                      precision=ctx.config.precision)}
+
+
+def _neurons(ctx: Context) -> Tables:
+    moments = pe.neuron_moments(ctx.model, ctx.config.kurtosis_threshold, progress=ctx.progress)
+    return {"counts": pe.neuron_counts(moments, n_layers=ctx.model.cfg.n_layers), "moments": moments}
+
+
+def _neuron_plot(tables: list[pd.DataFrame], style: Style) -> Any:
+    return plots.neuron_counts(tables, share=len(tables) > 1, stages=style.stages, colors=style.colors)
+
+
+def _sharpening(ctx: Context) -> Tables:
+    done, bs, precision = ctx.done, ctx.config.batch_size, ctx.config.precision
+    moments = done["neurons"]["moments"] if "neurons" in done else True
+    lens = done["logit_lens"]["lens"] if "logit_lens" in done else None  # same heavy tokens: read, not redone
+    profile = rs.sharpening_profile(ctx.model, ctx.heavy, moments=moments, kurtosis_threshold=ctx.config.kurtosis_threshold,
+                                    lens=lens, batch_size=bs, progress=ctx.progress, precision=precision)
+    ablation = rs.final_block_ablation(ctx.model, ctx.heavy, last_k=(1, 2, 3), batch_size=bs, progress=ctx.progress,
+                                       precision=precision)
+    return {"profile": profile, "final_blocks": ablation}
+
+
+def _repetition(ctx: Context) -> Tables:
+    return {"repetition": rs.block_repetition(ctx.model, ctx.heavy, times=2, batch_size=ctx.config.batch_size,
+                                              progress=ctx.progress, precision=ctx.config.precision)}
+
+
+register(Analysis(
+    "robustness", _robustness,
+    lambda c: {"kinds": ["drop", "swap"], "per_token": True, "layer_effects": True, **_batch(c)},
+    figures=_robustness_figures, fast=True, split=True, finish=_robustness_finish))
+register(Analysis(
+    "previous_token_attention", _attention, lambda c: {"k": c.k, **_batch(c)},
+    figures=one_figure("previous_token_attention", "Stage 1: attention to the previous tokens",
+                       "previous_token_attention", "attention", banded(plots.previous_token_attention),
+                       rd.read_attention), fast=True))
+register(Analysis(
+    "subjoiner_heads", _subjoiner,
+    lambda c: {"corpus": c.corpus, "max_prompts": c.subjoiner_prompts, "seed": c.seed, "n_pieces": 4,
+               "n_context_words": 16, "characters_per_document": SUBJOINER_CHARS, "precision": c.precision},
+    tokens="none", figures=_subjoiner_figures))
+register(Analysis(
+    "logit_lens", _lens,
+    lambda c: {"conventions": ["paper", "per_layer_norm"], "prediction_depth": True, **_heavy(c)}, tokens="heavy",
+    figures=_lens_figures))
+register(Analysis(
+    "layer_similarity", _similarity, lambda c: {"method": "cka", **_batch(c)},
+    figures=one_figure("layer_similarity", "Stage 2: similarity of the blocks", "layer_similarity", "similarity",
+                       lambda tables, style: plots.layer_similarity(tables), rd.read_similarity), fast=True))
+register(Analysis(
+    "probes", _probes, lambda c: {"label": c.probe_label, "seed": c.seed, **_batch(c)},
+    figures=one_figure("probes", "Stage 2: probes", "probes", "probes", banded(plots.probe_accuracy), rd.read_probes)))
+register(Analysis(
+    "neurons", _neurons, lambda c: {"kurtosis_threshold": c.kurtosis_threshold}, tokens="none",
+    figures=one_figure("neuron_counts", "Stage 3: prediction and suppression neurons", "neurons", "counts",
+                       _neuron_plot, rd.read_neurons), fast=True))
+register(Analysis(
+    "sharpening", _sharpening,
+    lambda c: {"convention": "per_layer_norm", "kurtosis_threshold": c.kurtosis_threshold, "last_k": [1, 2, 3],
+               **_heavy(c)},
+    tokens="heavy", needs=("neurons", "logit_lens"),
+    figures=one_figure("sharpening", "Stage 4: residual sharpening", "sharpening", "profile",
+                       banded(plots.sharpening_profile), rd.read_sharpening)))
+register(Analysis(
+    "repetition", _repetition, lambda c: {"times": 2, "blocks": "each block alone", **_heavy(c)}, tokens="heavy",
+    figures=one_figure("repetition", "Stage 4: layer repetition", "repetition", "repetition",
+                       banded(plots.layer_repetition), rd.read_repetition)))
+
+PAPER_ANALYSES = tuple(REGISTRY)
+"""The analyses of the paper, in the order a study runs them."""
+
+
+# --------------------------------------------------------------------------- beyond the paper
+def _sinks(ctx: Context) -> Tables:
+    return {"profile": sinks.sink_profile(ctx.model, ctx.tokens, batch_size=ctx.config.batch_size,
+                                          progress=ctx.progress, precision=ctx.config.precision)}
+
+
+GENERATION_PROMPT_TOKENS = 16
+"""Tokens of each generation-check prompt (BOS included): the start of a main-batch sequence."""
+CLOZE_CONTEXT_CHARS = 100
+"""Characters of text before each cloze answer the study draws (then cut to its last tokens)."""
+CLOZE_CONTEXT_TOKENS = 24
+"""Context tokens of each cloze item in the study (the end of the 100 characters drawn)."""
+NEW_TOKENS = 16
+"""Tokens of the greedy continuations the generation check compares."""
+
+
+def _task(ctx: Context) -> Tables:
+    config = ctx.config
+    if config.cloze_file is not None:
+        items = td.load_cloze_items(config.cloze_file)
+    else:
+        items = td.cloze_items(_documents(config.corpus), n_items=config.cloze_items, seed=config.seed,
+                               context_chars=CLOZE_CONTEXT_CHARS)
+    prompts = ctx.tokens.tokens[: config.generation_prompts, :GENERATION_PROMPT_TOKENS]
+    # with the sweep in the study, the paper's token-level accuracy is read from it (finish), not measured again
+    later = "robustness" in config.analyses
+    return {"task": td.task_damage(ctx.model, items, prompts, context_tokens=CLOZE_CONTEXT_TOKENS, new_tokens=NEW_TOKENS,
+                                   batch_size=config.batch_size, progress=ctx.progress, precision=config.precision,
+                                   token_level=False if later else None)}
+
+
+def _task_finish(parts: list[Tables], fin: Finishing) -> Tables:
+    tables = whole(parts, fin)
+    if "robustness" not in fin.done:  # not in the study: the task analysis measured it on its cloze sequences
+        return tables
+    return {"task": td.with_token_level(tables["task"], fin.done["robustness"]["summary"])}
+
+
+def _task_settings(c: StudyConfig) -> dict[str, Any]:
+    source = {"cloze_file_sha256": file_sha256(Path(c.cloze_file))} if c.cloze_file else {
+        "corpus": c.corpus, "cloze_items": c.cloze_items, "seed": c.seed, "characters_per_document": SUBJOINER_CHARS,
+        "context_chars": CLOZE_CONTEXT_CHARS, "answer_in_context": True}
+    return {**source, "context_tokens": CLOZE_CONTEXT_TOKENS, "generation_prompts": c.generation_prompts,
+            "token_level": "robustness sweep" if "robustness" in c.analyses else "cloze sequences",
+            "prompt_tokens": GENERATION_PROMPT_TOKENS, "new_tokens": NEW_TOKENS, **_batch(c)}
+
+
+def _task_figures(study: Study, style: Style) -> list[Figure]:
+    tables = tables_of(study, "task", "task")
+    if not tables:
+        return []
+    sweeps = {name: done["robustness"]["summary"] for name, done in study.results.items() if "robustness" in done}
+    return [Figure("task_damage", "Beyond the paper: damage at the task level",
+                   lambda: banded(plots.task_damage)(tables, style), lambda: rd.read_task(study, sweeps))]
+
+
+SUBLAYER_KINDS = ("drop_attention", "drop_mlp")
+"""The sublayer deletions the study sweeps (on the heavy batch: each costs as much as a block deletion)."""
+SUBLAYER_POSITIONS = 64
+"""The sublayer deletions run on the first this many tokens of each heavy sequence (half of the
+default window: the default study's time budget; attention is causal, so the whole-block deletions
+on the same tokens are read from the main sweep's per-token table)."""
+
+
+def _sublayer_positions(config: StudyConfig) -> int:
+    return min(SUBLAYER_POSITIONS, config.seq_len)
+
+
+def _sublayers(ctx: Context) -> Tables:
+    """Every block's attention alone and MLP alone deleted, on the start of each heavy sequence."""
+    n_pos = _sublayer_positions(ctx.config)
+    tokens = replace(ctx.heavy, tokens=ctx.heavy.tokens[:, :n_pos])
+    result = robustness.robustness_sweep(ctx.model, tokens, kinds=SUBLAYER_KINDS, options=_options(ctx))
+    return dict(result.tables)
+
+
+def _sublayers_finish(parts: list[Tables], fin: Finishing) -> Tables:
+    """The sublayer sweep, and beside it the robustness sweep's whole-block deletions on the same
+    tokens, read from its per-token table (a prefix of a sequence gives its positions the same
+    predictions: attention is causal).
+    """
+    tables = dict(whole(parts, fin))
+    sweep = fin.done.get("robustness")
+    if sweep is not None and "per_token" in sweep.tables:
+        n_pos, n_seq = _sublayer_positions(fin.config), fin.config.heavy_sequences
+        record = tables["summary"].attrs.get("provenance", {})
+        per_token = sweep["per_token"]
+        same = per_token[per_token["position"] <= n_pos - 2]  # the positions scored in the prefix
+        blocks = robustness.summary_on(same, range(n_seq), int(record["model"]["n_layers"]))
+        tables["blocks"] = blocks[blocks["kind"] == "drop"].reset_index(drop=True)
+        tables["blocks"].attrs["provenance"] = {**record, "analysis": "robustness_sweep (per-token subset)",
+                                                "sequences": n_seq, "positions": f"1 .. {n_pos - 2}"}
+    return tables
+
+
+def _sublayer_figures(study: Study, style: Style) -> list[Figure]:
+    tables = [_with_blocks(done["sublayers"]["summary"], done["sublayers"].tables.get("blocks"))
+              for done in study.results.values() if "sublayers" in done]
+    if not tables:
+        return []
+    return [Figure("sublayer_deletion", "Beyond the paper: deleting only the attention or only the MLP",
+                   lambda: banded(plots.sublayer_deletion)(tables, style), lambda: rd.read_sublayers(study))]
+
+
+def _with_blocks(summary: pd.DataFrame, blocks: pd.DataFrame | None) -> pd.DataFrame:
+    """The sublayer summary with the whole-block deletions on the same sequences appended."""
+    if blocks is None:
+        return summary
+    out = pd.concat([summary, blocks[[c for c in blocks.columns if c in summary.columns]]], ignore_index=True)
+    out.attrs = summary.attrs
+    return out
+
+
+register(Analysis(
+    "task", _task, _task_settings, figures=_task_figures, finish=_task_finish, reads=("robustness",)))
+register(Analysis(
+    "sublayers", _sublayers, lambda c: {"kinds": list(SUBLAYER_KINDS), "positions": _sublayer_positions(c), **_heavy(c)},
+    tokens="heavy", finish=_sublayers_finish, reads=("robustness",), figures=_sublayer_figures))
+register(Analysis(
+    "sinks", _sinks, _batch,
+    figures=one_figure("sink_profile", "Beyond the paper: attention sinks, massive activations, residual norms", "sinks",
+                       "profile", banded(plots.sink_profile), rd.read_sinks), fast=True))
