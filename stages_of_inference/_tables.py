@@ -38,7 +38,7 @@ def result_model(result: Any, default: str = "model") -> str:
     return str(name) if name else default
 
 
-def _n_layers(result: Any, table: pd.DataFrame | None = None) -> int | None:
+def n_layers_of(result: Any, table: pd.DataFrame | None = None) -> int | None:
     n = _provenance(result).get("model", {}).get("n_layers")
     if n:
         return int(n)
@@ -47,7 +47,7 @@ def _n_layers(result: Any, table: pd.DataFrame | None = None) -> int | None:
     return None
 
 
-def _table(result: Any, name: str | None = None) -> pd.DataFrame:
+def table_of(result: Any, name: str | None = None) -> pd.DataFrame:
     """The DataFrame inside ``result`` (a DataFrame, a Result's table ``name`` or its only table)."""
     if isinstance(result, pd.DataFrame):
         return result
@@ -64,7 +64,7 @@ def _table(result: Any, name: str | None = None) -> pd.DataFrame:
     raise TypeError(f"expected a pandas DataFrame or a stages_of_inference result, got {type(result).__name__}")
 
 
-def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+def require_columns(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"{what} needs the columns {missing}; this table has {list(df.columns)}")

@@ -58,6 +58,7 @@ else:  # TransformerLens 4: no HookedTransformer norms (the lens reads a HookedT
 from stages_of_inference._utils import check_count, check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.backends import as_seam
+from stages_of_inference.backends.bridge_fast import norm_parameters
 from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.hooks import ResidualReadout, collect, observe_in_fp32
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, log_probs, scored_positions
@@ -65,7 +66,6 @@ from stages_of_inference.precision import autocast, check_precision
 
 __all__ = [
     "CONVENTIONS",
-    "Convention",
     "LensChunk",
     "apply_lens_norm",
     "check_convention",
@@ -74,7 +74,6 @@ __all__ = [
     "unembed",
 ]
 
-Convention = Literal["paper", "per_layer_norm"]
 CONVENTIONS: tuple[str, ...] = ("paper", "per_layer_norm")
 """The lens conventions: ``"paper"`` (final-layer scale) and ``"per_layer_norm"`` (own statistics)."""
 
@@ -105,8 +104,6 @@ class _FinalNorm:
         if ln is None or isinstance(ln, torch.nn.Identity) or model.cfg.normalization_type is None:
             return cls("none", 0.0, None)
         if hasattr(ln, "uses_rms_norm"):  # a TransformerBridge's norm component
-            from stages_of_inference.backends.bridge import norm_parameters
-
             return cls(*norm_parameters(ln, model.cfg))
         if isinstance(ln, (LayerNorm, LayerNormPre)):
             kind: Literal["ln", "rms"] = "ln"

@@ -42,7 +42,14 @@ import pandas as pd
 import torch
 
 from stages_of_inference._checks import check_device
-from stages_of_inference._tl import BACKENDS, HookedTransformer, Model
+from stages_of_inference._tl import (
+    BACKENDS,
+    TL_VERSION,
+    HookedTransformer,
+    Model,
+    TransformerBridge,
+    backends_available,
+)
 from stages_of_inference._utils import (
     atomic_path,
     atomic_write_json,
@@ -295,8 +302,6 @@ def check_backend(backend: Any) -> str:
         ...
         ValueError: unknown backend 'vllm'; allowed: 'auto', 'hooked', 'bridge'
     """
-    from stages_of_inference._tl import TL_VERSION, backends_available
-
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"unknown backend {backend!r}; allowed: 'auto', " + ", ".join(map(repr, BACKENDS)))
     available = backends_available()
@@ -313,8 +318,6 @@ def check_backend(backend: Any) -> str:
 
 def _wrap_hf_object(hf_model: Any, tokenizer: Any, backend: str, device: Any) -> Any:
     """A Hugging Face causal LM the user holds, booted on the Bridge in compatibility mode, offline."""
-    from stages_of_inference._tl import TransformerBridge
-
     if backend == "hooked":
         raise ValueError("a Hugging Face model object loads on the 'bridge' backend; for a HookedTransformer save it "
                          "with save_pretrained(folder, safe_serialization=True) and load_model(folder)")
@@ -349,9 +352,7 @@ def _load_bridge(key: str, path: Path, device: str | torch.device) -> Any:
         raise ModelNotAvailableError(
             f"{key!r} is not in the local hub cache and the Hugging Face Hub is not reachable ({problem}); "
             f"load it once where the hub answers, or {OFFLINE_ADVICE}")
-    from stages_of_inference._tl import TransformerBridge
-
-    with _hub_offline(problem is not None), _bounded_hub_requests():
+    with _hub_offline(problem is not None), bounded_hub_requests():
         bridge = TransformerBridge.boot_transformers(key, device=device, dtype=torch.float32)
     bridge.enable_compatibility_mode()
     return bridge
@@ -359,8 +360,6 @@ def _load_bridge(key: str, path: Path, device: str | torch.device) -> Any:
 
 def _boot_bridge(folder: Path, name: str, device: str | torch.device, bos_token: str | None) -> Any:
     """Boot the Bridge on a local transformers checkpoint, offline, in compatibility mode."""
-    from stages_of_inference._tl import TransformerBridge
-
     if not any(folder.glob("*.safetensors")):
         raise ModelNotAvailableError(f"{folder} holds no .safetensors weights; this library never unpickles")
     with _hub_offline():
@@ -657,7 +656,7 @@ def hub_problem(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
 
 
 @contextlib.contextmanager
-def _bounded_hub_requests() -> Iterator[None]:
+def bounded_hub_requests() -> Iterator[None]:
     """Within the block, each huggingface_hub request waits at most :data:`HUB_REQUEST_TIMEOUT_S`
     for a connection or a reply (unless the user's environment sets these timeouts).
     """
@@ -715,7 +714,7 @@ def _load_from_hub(name: str, device: str | torch.device) -> HookedTransformer:
             "and it is not in the local hub cache; "
             f"load it once where the hub answers (it is then cached), or {OFFLINE_ADVICE}"
         )
-    with _hub_offline(not online), _bounded_hub_requests():
+    with _hub_offline(not online), bounded_hub_requests():
         return HookedTransformer.from_pretrained(
             official,
             device=device,

@@ -10,7 +10,7 @@ import pytest
 
 import stages_of_inference
 
-SKIP = {"stages_of_inference.cli", "stages_of_inference.report"}  # examples there run a whole study
+SKIP = {"stages_of_inference.cli"}  # examples there run a whole study
 
 
 def _modules() -> list[str]:

@@ -20,8 +20,9 @@ from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_count, check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.backends import as_seam
+from stages_of_inference.backends.step import get_step
 from stages_of_inference.batch import Tokens
-from stages_of_inference.interventions.step import get_step
+from stages_of_inference.metrics import NonFiniteError
 from stages_of_inference.precision import autocast, check_model_precision
 
 __all__ = ["FiniteCheck", "AttentionReadout", "Collector", "FwdHook", "HookFn", "ResidualReadout", "collect", "current_step",
@@ -195,8 +196,6 @@ def collect(
     infinity, a :class:`~stages_of_inference.metrics.NonFiniteError` names the block it first
     enters, instead of statistics that would hide it (TransformerLens zeroes NaN attention weights).
     """
-    from stages_of_inference.metrics import NonFiniteError
-
     model = check_model(model)
     tokens = check_tokens(model, tokens, min_len=1)
     batch_size = check_count(batch_size, "batch_size", "a positive number of sequences")

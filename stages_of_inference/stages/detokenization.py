@@ -31,6 +31,7 @@ from stages_of_inference._utils import progress as _progress
 from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.hooks import AttentionReadout, collect
 from stages_of_inference.metrics import mean_and_sem
+from stages_of_inference.models import bos_token_id
 from stages_of_inference.results import provenance, with_provenance
 
 __all__ = [
@@ -379,12 +380,7 @@ def subjoiner_heads(
         raise ValueError(f"need 2 <= min_prompts <= max_prompts, got min_prompts={min_prompts}, max_prompts={max_prompts}")
     if window is not None and window < n_pieces:
         raise ValueError(f"window ({window}) must cover the final word's {n_pieces} pieces")
-    try:
-        from stages_of_inference.models import bos_token_id
-
-        bos = bos_token_id(model)
-    except ImportError:  # pragma: no cover - models.py ships with the package
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos = bos_token_id(model)
 
     docs, multi, single = _candidate_prompts(tokenizer, list(texts), n_context_words, n_pieces)
     rng = random.Random(seed)

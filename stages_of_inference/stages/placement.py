@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stages_of_inference._tables import _n_layers, _require, _table, result_model
+from stages_of_inference._tables import n_layers_of, require_columns, result_model, table_of
 
 __all__ = ["AGREEMENT", "STAGES", "first_peak", "mlp_takes_over", "place_stages", "stage_signals"]
 
@@ -28,8 +28,8 @@ def _band_edges(first: int, last: int, n_layers: int) -> tuple[float, float]:
 def _drop_kl(sweep: Any) -> pd.Series | None:
     if sweep is None:
         return None
-    summary = _table(sweep, "summary")
-    _require(summary, ["kind", "layer", "kl_nats"], "place_stages(sweep=...)")
+    summary = table_of(sweep, "summary")
+    require_columns(summary, ["kind", "layer", "kl_nats"], "place_stages(sweep=...)")
     drops = summary[summary["kind"] == "drop"]
     if drops.empty:
         return None
@@ -137,14 +137,14 @@ def place_stages(
 def _block_count(inputs: list[Any], kl: pd.Series | None, lens: pd.DataFrame | None) -> int:
     """The number of blocks: from the inputs' provenance, else from their layer columns."""
     for x in inputs:
-        n = _n_layers(x)
+        n = n_layers_of(x)
         if n:
             return int(n)
     if kl is not None:
         return int(kl.index.max()) + 1
     if lens is not None:
         return int(lens["layer"].max())
-    return int(_table(inputs[0])["layer"].max()) + 1
+    return int(table_of(inputs[0])["layer"].max()) + 1
 
 
 def _fragile(kl: pd.Series | None, n: int, fragile: float) -> np.ndarray:
@@ -160,11 +160,11 @@ def _fragile(kl: pd.Series | None, n: int, fragile: float) -> np.ndarray:
 
 def _neuron_counts(neurons: Any, n: int) -> pd.DataFrame:
     """Prediction and suppression neurons per block, from counts or from per-neuron moments."""
-    table = _table(neurons)
+    table = table_of(neurons)
     if {"n_prediction", "n_suppression"} <= set(table.columns):
         counts = table.set_index("layer")[["n_prediction", "n_suppression"]]
     else:
-        _require(table, ["layer", "kind"], "place_stages(neurons=...)")
+        require_columns(table, ["layer", "kind"], "place_stages(neurons=...)")
         counts = pd.crosstab(table["layer"], table["kind"]).reindex(columns=["prediction", "suppression"], fill_value=0)
         counts.columns = ["n_prediction", "n_suppression"]
     return counts.reindex(range(n), fill_value=0)
@@ -180,8 +180,8 @@ def _detokenization_end(is_fragile: np.ndarray, attention: Any, n: int, fragile:
     if lead:
         evidence.append(f"deleting block{'s' if lead > 1 else ''} 0..{lead - 1} is fragile (KL > {fragile:g} x median)")
     if attention is not None:
-        att = _table(attention)
-        _require(att, ["layer", "mean_attention"], "place_stages(attention=...)")
+        att = table_of(attention)
+        require_columns(att, ["layer", "mean_attention"], "place_stages(attention=...)")
         early = att[att["layer"] <= (n - 1) // 2].sort_values("layer")
         if len(early):
             peak = first_peak(early["layer"].to_numpy(int), early["mean_attention"].to_numpy(float))
@@ -214,8 +214,8 @@ def _ensembling_start(lens: Any, counts: pd.DataFrame | None, entropy_fall: floa
     prediction neurons appear; ``None`` without either.
     """
     if lens is not None:
-        lt = _table(lens)
-        _require(lt, ["layer", "entropy_bits"], "place_stages(lens=...)")
+        lt = table_of(lens)
+        require_columns(lt, ["layer", "entropy_bits"], "place_stages(lens=...)")
         h = lt.sort_values("layer")["entropy_bits"].to_numpy(float)
         fall = h[0] - h[-1]
         if len(h) >= 2 and fall > 0:

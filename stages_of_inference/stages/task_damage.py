@@ -41,9 +41,10 @@ from torch import Tensor
 from stages_of_inference._tl import HookedTransformer, Model
 from stages_of_inference._utils import check_count, check_model, relative_depth
 from stages_of_inference.backends import as_seam
+from stages_of_inference.backends.step import set_step
 from stages_of_inference.interventions.executor import evaluate_plans
 from stages_of_inference.interventions.plan import LayerPlan
-from stages_of_inference.interventions.step import set_step
+from stages_of_inference.models import bos_token_id
 from stages_of_inference.precision import autocast, check_model_precision, compute_dtype
 from stages_of_inference.results import provenance, with_provenance
 
@@ -157,8 +158,6 @@ def _encode_items(model: Model, items: list[ClozeItem], context_tokens: int) -> 
     """Per item: ``[BOS] + the last context_tokens tokens of the context + the answer's tokens``, and
     the number of answer tokens. The answer is tokenised with a leading space, as it follows a word.
     """
-    from stages_of_inference.models import bos_token_id
-
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("cloze items are tokenised with the model's tokenizer, but this model has none")
