@@ -1,7 +1,7 @@
 # Set-up and the two jobs. `make run` and `make test` each create .venv and install what they need;
 # `make test` also creates .venv-tl4 (TransformerLens 4) and runs the backend tests there.
-# TORCH_SPEC picks the torch build: the default is the CPU build these build machines keep on disk;
-# elsewhere pass e.g. TORCH_SPEC="torch==2.13.0" with your own index options for a CUDA build.
+# TORCH_SPEC picks the torch build installed into a venv that has none (install your own build into
+# .venv first to use it instead): pass the version and, in PIP_INDEX_URL, the index for your CPU or CUDA.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
