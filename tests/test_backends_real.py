@@ -158,10 +158,10 @@ def test_every_stage_analysis_agrees_on_both_backends(bridge, tokens: torch.Tens
     from stages_of_inference.stages import prediction_ensembling as pe
     from stages_of_inference.stages import residual_sharpening as rs
     from stages_of_inference.stages import task_damage as td
-    from stages_of_inference.study.registry import _corpus_texts
+    from stages_of_inference.data import corpus_documents
 
     hooked = soi.load_model("smollm2-135m", backend="hooked")
-    texts = [t[:20_000] for t in _corpus_texts("default")]
+    texts = [t[:20_000] for t in corpus_documents("default")]
     items = td.cloze_items(texts, n_items=4, context_chars=100)
     runs = {
         "lens paper": lambda m: fe.logit_lens(m, tokens, convention="paper", progress=False),
