@@ -9,7 +9,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from stages_of_inference import LayerPlan, reordered, run_plan
-from stages_of_inference.backends.reorder import original
+from stages_of_inference.backends.state import original
 from stages_of_inference.interventions.executor import block_count, evaluate, evaluate_plans
 from stages_of_inference.interventions.hooks import drop_layer
 from stages_of_inference.metrics import sequence_metrics

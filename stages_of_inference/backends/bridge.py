@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from stages_of_inference.backends.base import ConfigFields, Embedded, FwdHooks
 from stages_of_inference.backends.bridge_fast import BridgeFastBlocks
 from stages_of_inference.backends.kernels import has_hooks
-from stages_of_inference.backends.reorder import outermost
+from stages_of_inference.backends.state import outermost
 from stages_of_inference.backends.step import get_step, set_step
 
 __all__ = ["BridgeSeam", "LayerCall", "reordered_layers"]

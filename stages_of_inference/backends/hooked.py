@@ -18,7 +18,7 @@ from stages_of_inference._tl import HookedTransformer
 from stages_of_inference.backends.base import ConfigFields, Embedded, FwdHooks
 from stages_of_inference.backends.hooked_fast import FastBlocks
 from stages_of_inference.backends.kernels import has_hooks
-from stages_of_inference.backends.reorder import original, outermost
+from stages_of_inference.backends.state import original, outermost
 from stages_of_inference.backends.step import get_step, set_step
 
 __all__ = ["HookedSeam", "only_sublayer", "reordered_blocks"]
@@ -189,7 +189,7 @@ def reordered_blocks(model: HookedTransformer, steps: Sequence[tuple[int, str]])
     put back on exit, exceptions included. Steps beyond the model's length run in its last slot; a
     sublayer step runs its block with the other sublayer's output zeroed. The step counter
     (:mod:`~stages_of_inference.backends.step`) starts again at every embedding. Nested, the inner
-    steps name the original blocks (:mod:`~stages_of_inference.backends.reorder`).
+    steps name the original blocks (:mod:`~stages_of_inference.backends.state`).
     """
     n = model.cfg.n_layers
     multi_device = model.cfg.n_devices > 1

@@ -30,6 +30,7 @@ from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_tokens
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.backends import Embedded, ModelSeam, as_seam
+from stages_of_inference.backends.state import exclusive
 from stages_of_inference.backends.step import set_step
 from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions import trie as trie_
@@ -166,7 +167,7 @@ def iter_plan_batches(
     try:
         for k, start in todo:
             batch = tokens[start : start + options.batch_size]
-            with torch.inference_mode(), seam.hooks(fwd_hooks):
+            with exclusive(seam.model), torch.inference_mode(), seam.hooks(fwd_hooks):
                 try:
                     result = _run_batch(seam, batch, first_sequence + start, lay, len(orders), options, bool(fwd_hooks), ticker)
                 finally:

@@ -25,6 +25,7 @@ from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_model, check_tokens
 from stages_of_inference.backends import ModelSeam, as_seam
 from stages_of_inference.backends.base import FwdHooks
+from stages_of_inference.backends.state import exclusive
 from stages_of_inference.backends.step import set_step
 from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.plan import LayerPlan, step_layer, step_part
@@ -91,7 +92,7 @@ def run_plan(
     tokens = check_tokens(seam.model, tokens, min_len=1)
     if return_type not in RETURN_TYPES:
         raise ValueError(f"unknown return_type {return_type!r}; allowed: {RETURN_TYPES}")
-    with torch.inference_mode(), seam.hooks(fwd_hooks):
+    with exclusive(seam.model), torch.inference_mode(), seam.hooks(fwd_hooks):
         try:
             emb = seam.embed(tokens)
             residual = emb.residual
@@ -149,5 +150,5 @@ def reordered(model: Model, plan: LayerPlan) -> Iterator[Model]:
     """
     seam = as_seam(check_model(model))
     plan = check_plan(seam, plan)
-    with seam.reordered([(step_layer(s), step_part(s)) for s in plan.order]):
+    with exclusive(seam.model), seam.reordered([(step_layer(s), step_part(s)) for s in plan.order]):
         yield seam.model

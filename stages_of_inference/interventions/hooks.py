@@ -20,6 +20,7 @@ from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_count, check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.backends import as_seam
+from stages_of_inference.backends.state import exclusive
 from stages_of_inference.backends.step import get_step
 from stages_of_inference.batch import Tokens
 from stages_of_inference.metrics import NonFiniteError
@@ -209,7 +210,8 @@ def collect(
             batch = tokens[start : start + batch_size]
             for c in collectors:
                 c.start_batch(batch)
-            model.run_with_hooks(batch, return_type=None, fwd_hooks=hooks)
+            with exclusive(model):
+                model.run_with_hooks(batch, return_type=None, fwd_hooks=hooks)
     bad = finite.first_nonfinite()
     if bad is not None:
         where = f"entering block {bad}" if bad < model.cfg.n_layers else "leaving the last block"

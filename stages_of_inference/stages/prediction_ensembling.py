@@ -34,6 +34,7 @@ from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_count, check_model, check_tokens, relative_depth
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.backends import as_seam, require_processed_weights
+from stages_of_inference.backends.state import exclusive
 from stages_of_inference.batch import Tokens
 from stages_of_inference.metrics import NonFiniteError, scored_positions
 from stages_of_inference.precision import autocast, check_model_precision
@@ -571,7 +572,8 @@ def neuron_activations(
 
                 hooks.append((f"blocks.{layer}.mlp.hook_post", hook))
             with autocast(precision, model.cfg.device):
-                model.run_with_hooks(tokens[rows], fwd_hooks=hooks, stop_at_layer=stop)
+                with exclusive(model):
+                    model.run_with_hooks(tokens[rows], fwd_hooks=hooks, stop_at_layer=stop)
     return out
 
 
