@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -53,10 +54,14 @@ def check_model(model: Any) -> Model:
     return as_seam(model).model
 
 
+TOKEN_DTYPES = (torch.int64, torch.int32)
+"""The dtypes a token batch may have (narrower integers cannot hold a modern vocabulary's ids)."""
+
+
 def check_tokens(model: Model, tokens: Any, min_len: int = 3) -> Int[Tensor, "batch pos"]:
     """Validate a token batch for ``model`` and move it to the model's device.
 
-    Tokens must be a 2-D integer tensor ``[batch, pos]`` (or a
+    Tokens must be a 2-D tensor of ``int64`` (or ``int32``) ids ``[batch, pos]`` (or a
     :class:`~stages_of_inference.batch.TokenBatch` of one) with at least ``min_len`` positions
     (BOS, and enough positions to score a next token), no longer than the model's context, and
     with ids inside the vocabulary.
@@ -68,8 +73,11 @@ def check_tokens(model: Model, tokens: Any, min_len: int = 3) -> Int[Tensor, "ba
         )
     if tokens.ndim != 2:
         raise ValueError(f"tokens must have shape [batch, pos], got shape {tuple(tokens.shape)}")
-    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-        raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if tokens.dtype not in TOKEN_DTYPES:
+        raise TypeError(f"tokens must be integer ids of dtype torch.int64 (or torch.int32), got dtype {tokens.dtype}")
+    if tokens.device.type == "meta":
+        raise ValueError("tokens are on the meta device, which holds no values; give token ids on the CPU or the "
+                         "model's device")
     batch, pos = tokens.shape
     if batch < 1:
         raise ValueError("tokens is an empty batch: need at least one sequence")
@@ -80,7 +88,7 @@ def check_tokens(model: Model, tokens: Any, min_len: int = 3) -> Int[Tensor, "ba
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= model.cfg.d_vocab:
         raise ValueError(f"token ids must lie in [0, {model.cfg.d_vocab - 1}], found ids in [{lo}, {hi}]")
-    return tokens.to(model.cfg.device)
+    return tokens.to(device=model.cfg.device, dtype=torch.long)
 
 
 def progress(iterable: Iterable[T], enabled: bool = True, **kwargs: Any) -> Iterable[T]:
@@ -92,6 +100,46 @@ def progress(iterable: Iterable[T], enabled: bool = True, **kwargs: Any) -> Iter
     return tqdm(iterable, **kwargs)
 
 
+class WriteError(OSError):
+    """A file could not be written (a full disk, a read-only filesystem): one line naming the file
+    and the system's reason. Nothing half-written is left at the file's name.
+
+    Example:
+        >>> str(WriteError(28, "/data/x could not be written: No space left on device"))
+        '/data/x could not be written: No space left on device'
+    """
+
+    def __init__(self, code: int | None, message: str) -> None:
+        super().__init__(code, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+_FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Turn a full disk or a read-only filesystem met while writing ``path`` into a
+    :class:`WriteError` that names it (pyarrow reports these as an ``OSError`` without an errno:
+    its message says which).
+    """
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as error:
+        text = str(error)
+        known = error.errno in _FULL_OR_READ_ONLY or any(
+            os.strerror(code) in text for code in _FULL_OR_READ_ONLY)
+        if not known:
+            raise
+        reason = error.strerror or next(os.strerror(c) for c in _FULL_OR_READ_ONLY if os.strerror(c) in text)
+        raise WriteError(error.errno, f"{path} could not be written: {reason}") from None
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, tmp_dir: str | os.PathLike[str] | None = None) -> Path:
     """Write ``data`` to ``path`` through a temporary file and a rename.
 
@@ -101,19 +149,20 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, tmp_dir: str |
     "w")`` would give (``0o666`` less the umask), not the owner-only ones of the temporary file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir or path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir or path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
     return path
 
 
@@ -145,14 +194,16 @@ def atomic_path(path: str | os.PathLike[str], tmp_dir: str | os.PathLike[str] | 
     ``path`` (``.<name>.<random>.tmp``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir or path.parent))
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir or path.parent))
     target = tmp / path.name
     try:
-        yield target
-        if path.is_dir() and not path.is_symlink():
-            os.replace(path, tmp / ".replaced")
-        os.replace(target, path)
+        with _naming(path):
+            yield target
+            if path.is_dir() and not path.is_symlink():
+                os.replace(path, tmp / ".replaced")
+            os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

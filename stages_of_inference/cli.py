@@ -14,7 +14,9 @@ Commands:
 Exit codes: 0 done; 2 a bad argument or input (one readable line on stderr); 3 a model that
 cannot be had here (not installed, hub unreachable) or a Ray head that does not answer; 4
 ``--out-dir`` holds a study made with other settings and ``--on-mismatch error`` was given; 5 a
-task of a distributed study failed (its worker died too often, or it raised); 130 interrupted (Ctrl-C; ``run`` resumes from
+task of a distributed study failed (its worker died too often, or it raised); 6 a file could not be
+written (a full disk, a read-only folder: one line naming the file; nothing half-written is left,
+and the same command run again after freeing space resumes); 130 interrupted (Ctrl-C; ``run`` resumes from
 where it stopped when started again with the same ``--out-dir``). Anything else is a bug and
 prints a traceback (exit code 1).
 """
@@ -22,6 +24,7 @@ prints a traceback (exit code 1).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -30,7 +33,8 @@ from pathlib import Path
 from stages_of_inference._checks import BACKEND_CHOICES, PRECISIONS
 from stages_of_inference.study.options import add_options, positive
 
-__all__ = ["DEFAULT_MODEL", "EXIT_INTERRUPTED", "EXIT_MISMATCH", "EXIT_OK", "EXIT_TASK_FAILED", "EXIT_UNAVAILABLE",
+__all__ = ["DEFAULT_MODEL", "default_threads", "EXIT_INTERRUPTED", "EXIT_MISMATCH", "EXIT_OK", "EXIT_TASK_FAILED", "EXIT_UNAVAILABLE",
+    "EXIT_WRITE",
     "EXIT_USAGE",
     "build_parser", "main"]
 
@@ -39,6 +43,7 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_MISMATCH = 4
 EXIT_TASK_FAILED = 5
+EXIT_WRITE = 6
 EXIT_INTERRUPTED = 130
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -106,6 +111,10 @@ def _run(args: argparse.Namespace) -> int:
     from stages_of_inference.study.config import from_args
 
     config = from_args(args)
+    listed = list(args.config_analyses or ())
+    twice = sorted({a for a in listed if listed.count(a) > 1})
+    if twice:
+        print(f"note: analyses listed more than once run once: {', '.join(twice)}")
     models = config.models
     if args.ray is not None and args.shard is not None:
         raise ValueError("--ray and --shard are two ways to split a study: give one")
@@ -294,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done; 2 bad argument or input (one line on stderr: a bad option, a folder that is not "
                "the study's to use, shards that do not merge); 3 model not available here, or a Ray head that does not "
                "answer; 4 --out-dir holds a study with other settings (with --on-mismatch error); 5 a task of a "
-               "distributed study failed; 130 interrupted (run again to resume). Anything else is a bug (exit 1, "
+               "distributed study failed; 6 a file could not be written (disk full, read-only); 130 interrupted (run again to resume). Anything else is a bug (exit 1, "
                "with a traceback).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -359,9 +368,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_threads() -> int:
+    """The torch threads the command line uses: the cores this process may run on (its CPU
+    affinity, and a cgroup's CPU quota where one is set), not the machine's count.
+
+    Example:
+        >>> default_threads() >= 1
+        True
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def _threads_for_this_process() -> None:
+    """Where the command line owns the process: OpenMP threads that sleep rather than spin while
+    they wait (``OMP_WAIT_POLICY=PASSIVE``, set before torch starts its pool: on a machine whose
+    cores are busy with other work, spinning threads fight that work; docs/benchmarks.md), and
+    :func:`default_threads` threads; either is left as it is where the user set it (the
+    environment variable, or ``OMP_NUM_THREADS``).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_NUM_THREADS" not in os.environ and "torch" not in sys.modules:
+        import torch
+
+        torch.set_num_threads(default_threads())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stages-of-inference`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    _threads_for_this_process()
+    from stages_of_inference._utils import WriteError
     from stages_of_inference.models import UnavailableError
     from stages_of_inference.study.distributed import TaskFailedError
     from stages_of_inference.study.folder import StudyMismatchError
@@ -371,6 +414,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UnavailableError, ConnectionError) as error:
         print(f"stages-of-inference: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except WriteError as error:
+        print(f"stages-of-inference: {' '.join(str(error).split())}; nothing half-written is left: free space (or make "
+              "the folder writable) and run the same command again, finished results are reused", file=sys.stderr)
+        return EXIT_WRITE
     except TaskFailedError as error:
         print(f"stages-of-inference: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_TASK_FAILED
