@@ -7,9 +7,12 @@ saves them to a folder; nothing here ever unpickles.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import platform
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,7 +30,7 @@ from stages_of_inference.backends import backend_of, weight_mode
 from stages_of_inference.batch import TokenBatch, describe_any
 
 __all__ = ["FILES_KEY", "FORMATS", "PROVENANCE_FILE", "DamagedResultError", "Result", "config_hash", "file_sha256",
-           "load_table", "model_name", "provenance", "save_table", "weights_hash", "with_provenance"]
+           "load_table", "model_name", "provenance", "runtime", "save_table", "weights_hash", "with_provenance"]
 
 FORMATS = ("parquet", "csv")
 
@@ -91,6 +94,7 @@ def provenance(
             "python": platform.python_version(),
         },
         "settings": {k: _jsonable(v) for k, v in settings.items()},
+        "runtime": runtime(model),
     }
     if model is not None:
         record["model"] = {
@@ -106,6 +110,35 @@ def provenance(
     if tokens is not None:
         record["tokens"] = describe_any(tokens)
     return record
+
+
+def runtime(model: Model | None = None) -> dict[str, Any]:
+    """Where and how the numbers were computed, which a low precision's numbers depend on (a BLAS
+    or cuBLAS picks its kernels, and so its order of summation, by device, thread count and
+    shapes): the device, torch's intra-op threads, the CPU or GPU, and the CUDA version. The
+    batch size, stacking and precision an analysis used are in its ``settings``.
+
+    Example:
+        >>> sorted(runtime())
+        ['cuda', 'device', 'processor', 'torch_threads']
+    """
+    device = str(model.cfg.device) if model is not None else "cpu"
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+    return {"device": device, "torch_threads": torch.get_num_threads(), "processor": gpu or _cpu_name(),
+            "cuda": torch.version.cuda}
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_name() -> str:
+    """The CPU's model name where the system tells it (Linux), else the machine type."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _backend_record(model: Model) -> dict[str, str]:
@@ -228,27 +261,28 @@ class Result:
 
     @classmethod
     def load(cls, out_dir: str | Path) -> Result:
-        """Read a folder written by :meth:`save`, checking every file against its recorded digest;
-        a file that is missing, altered or unreadable raises :class:`DamagedResultError` naming it.
+        """Read a folder written by :meth:`save` as untrusted input: ``provenance.json`` must be a
+        JSON object whose ``files`` maps plain file names in the folder to their SHA-256; every
+        file is checked against its digest, and only regular files are opened (a FIFO, a device
+        or a link is never read). Anything else raises :class:`DamagedResultError` naming the file.
         """
         out_dir = Path(out_dir)
         meta = out_dir / PROVENANCE_FILE
-        if not meta.exists():
+        if not os.path.lexists(meta):
             raise FileNotFoundError(f"{out_dir} holds no saved result (no provenance.json)")
-        try:
-            record = json.loads(meta.read_text())
-        except (OSError, ValueError) as error:
-            raise DamagedResultError(f"{meta} cannot be read ({type(error).__name__}: {error})") from None
+        record = _read_record(meta)
         files = record.pop(FILES_KEY, None)
-        for name, digest in (files or {}).items():
+        for name, digest in _checked_files(files, meta).items():
             path = out_dir / name
-            if not path.is_file():
-                raise DamagedResultError(f"{path} is missing")
+            if not _regular(path):
+                raise DamagedResultError(f"{path} is missing (or not a regular file)")
             if file_sha256(path) != digest:
                 raise DamagedResultError(f"{path} was altered after it was written (its SHA-256 differs from "
                                          f"the one in {PROVENANCE_FILE})")
         tables = {}
         for path in sorted(out_dir.iterdir()):
+            if path.suffix in (".parquet", ".csv") and not _regular(path):
+                raise DamagedResultError(f"{path} is not a regular file")
             if path.suffix in (".parquet", ".csv"):
                 try:
                     tables[path.stem] = load_table(path)
@@ -260,6 +294,47 @@ class Result:
 
 class DamagedResultError(ValueError):
     """A saved result's files cannot be read back as they were written."""
+
+
+MAX_RECORD_BYTES = 64 << 20
+"""A ``provenance.json`` larger than this is damaged (records are small)."""
+
+
+def _regular(path: Path) -> bool:
+    """Whether ``path`` is a regular file (not followed through a link; a FIFO is not opened)."""
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _read_record(meta: Path) -> dict[str, Any]:
+    """``provenance.json`` as a dict, read only if it is a regular file of a sane size."""
+    if not _regular(meta):
+        raise DamagedResultError(f"{meta} is not a regular file")
+    if meta.lstat().st_size > MAX_RECORD_BYTES:
+        raise DamagedResultError(f"{meta} is larger than {MAX_RECORD_BYTES} bytes")
+    try:
+        record = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise DamagedResultError(f"{meta} cannot be read ({type(error).__name__}: {str(error)[:160]})") from None
+    if not isinstance(record, dict):
+        raise DamagedResultError(f"{meta} is not a JSON object")
+    return record
+
+
+def _checked_files(files: Any, meta: Path) -> dict[str, str]:
+    """The ``files`` of a record: plain names of files beside it (never a path leading out of its
+    folder) and their SHA-256 digests.
+    """
+    if files is None:
+        return {}
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise DamagedResultError(f"{meta}: its {FILES_KEY!r} is not a mapping of file names to digests")
+    for name in files:
+        if not name or name in (".", "..") or "/" in name or "\\" in name or name != Path(name).name:
+            raise DamagedResultError(f"{meta} names {name!r}, which is not a file of its folder")
+    return files
 
 
 FILES_KEY = "files"

@@ -27,7 +27,6 @@ naming it, before any model is loaded.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import time
@@ -104,9 +103,9 @@ def _is_result_folder(path: Path) -> bool:
     """A folder this library wrote as a saved result: a ``provenance.json`` and nothing but
     table, sidecar and provenance files (a damaged one included).
     """
-    if path.is_symlink() or not path.is_dir() or not (path / PROVENANCE_FILE).is_file():
+    if path.is_symlink() or not path.is_dir() or not os.path.lexists(path / PROVENANCE_FILE):
         return False
-    return all(p.is_file() and not p.is_symlink() and p.suffix in RESULT_SUFFIXES for p in path.iterdir())
+    return all(p.suffix in RESULT_SUFFIXES and (p.is_symlink() or not p.is_dir()) for p in path.iterdir())
 
 
 def _is_our_report(path: Path) -> bool:
@@ -286,19 +285,16 @@ def load_if_matching(folder: Path, fingerprint: dict[str, Any], on_mismatch: str
     damaged one is named (one line) and recomputed; another run's is recomputed or refused.
     """
     meta = folder / PROVENANCE_FILE
-    if not meta.is_file():
+    if not os.path.lexists(meta):
         return None
     try:
-        found = json.loads(meta.read_text()).get("study_fingerprint")
-    except (OSError, ValueError, AttributeError) as error:
-        say(f"  {folder.name}: {meta} cannot be read ({type(error).__name__}); recomputing it")
+        result = Result.load(folder)
+    except DamagedResultError as error:
+        say(f"  {folder.name}: {error}; recomputing it")
         return None
+    found = result.provenance.get("study_fingerprint")
     if found == fingerprint:
-        try:
-            return Result.load(folder)
-        except DamagedResultError as error:
-            say(f"  {folder.name}: {error}; recomputing it")
-            return None
+        return result
     if on_mismatch == "error":
         found = found if isinstance(found, dict) else {}
         diffs = [k for k in sorted(set(fingerprint) | set(found)) if found.get(k) != fingerprint.get(k)]
