@@ -36,6 +36,7 @@ import hashlib
 import lzma
 import os
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -114,7 +115,10 @@ def check_corpus(corpus: Any) -> None:
         return
     key = os.fspath(corpus)
     path = Path(key).expanduser()
-    if key in BUNDLED or path.is_file() or path.is_dir():
+    if key in BUNDLED or path.is_dir():
+        return
+    if os.path.lexists(path):
+        _check_regular(path)
         return
     if key.startswith(("/", "./", "../", "~")) or key.endswith(".txt"):
         raise FileNotFoundError(f"no such corpus file or folder: {key}")
@@ -139,13 +143,16 @@ def _documents(corpus: Any, text_column: str, split: str) -> tuple[Iterable[Any]
         if key in BUNDLED:
             return corpus_texts(key), True, f"bundled:{key}"
         path = Path(key).expanduser()
-        if path.is_file():
-            return [_read_text(path)], True, f"file:{path.name}"
         if path.is_dir():
             files = sorted(path.glob("*.txt"))
             if not files:
                 raise ValueError(f"the folder {path} holds no .txt files")
+            for file in files:  # every one checked before any is opened: a FIFO would block the read
+                _check_regular(file)
             return [_read_text(f) for f in files], True, f"folder:{path.name}"
+        if os.path.lexists(path):
+            _check_regular(path)
+            return [_read_text(path)], True, f"file:{path.name}"
         check_corpus(key)  # a missing path, or a dataset name without a hub, is refused here
         return _hf_dataset(key, text_column, split), False, f"hf:{key}"
     if isinstance(corpus, Iterable):
@@ -169,6 +176,17 @@ def corpus_documents(corpus: str | os.PathLike[str]) -> list[str]:
     if not finite:
         raise ValueError(f"corpus {os.fspath(corpus)!r} is a dataset stream; give a bundled corpus, a text file or a folder")
     return list(documents)
+
+
+def _check_regular(path: Path) -> None:
+    """A corpus file must be a regular file (a FIFO, a device or a socket is never opened)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        raise ValueError(f"the corpus file {path} cannot be read: {error.strerror or error}") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"the corpus file {path} is not a regular file (a pipe, a device or a socket); "
+                         "give text files")
 
 
 def _read_text(path: Path) -> str:
@@ -280,7 +298,7 @@ def load_token_batch(
     tokenizer = model.tokenizer
 
     windows: list[list[int]] = []
-    n_documents = n_characters = 0
+    n_documents = n_characters = longest = 0
     # the digest of the text says which text a path held (a bundled name or a dataset names its own)
     text_digest = hashlib.sha256() if description.startswith(("file:", "folder:")) else None
     for document in documents:
@@ -291,11 +309,17 @@ def load_token_batch(
         if text_digest is not None:
             text_digest.update(document.encode("utf-8", errors="surrogatepass") + b"\0")
         ids, starts = _tokenize(tokenizer, document, cache_key=description if finite else None)
+        longest = max(longest, len(ids))
         windows.extend(ids[start : start + width] for start in _window_starts(starts, len(ids), width))
         if not finite and len(windows) >= POOL_FACTOR * n_sequences:
             break
     if n_characters == 0:
         raise ValueError(f"the corpus ({description}) is empty: it holds no text")
+    if len(windows) < n_sequences and n_documents > 1 and longest < width:
+        raise ValueError(
+            f"the corpus ({description}) holds {n_documents} documents, each shorter than one window of {width} "
+            f"tokens (the longest: {longest} tokens); a window never spans two documents: join the files into one "
+            "text, or ask for a shorter seq_len")
     if len(windows) < n_sequences:
         raise ValueError(
             f"the corpus ({description}, {n_documents} documents, {n_characters:,} characters) yields "

@@ -17,7 +17,7 @@ from stages_of_inference import cli
 from stages_of_inference.batch import TokenBatch
 from stages_of_inference.interventions.executor import evaluate_plans
 from stages_of_inference.interventions.options import EngineOptions
-from stages_of_inference.study import Analysis, StudyConfig, register
+from stages_of_inference.study import Analysis, StudyConfig, register, run_study
 
 
 def _model() -> Any:
@@ -78,6 +78,20 @@ API_CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
      ValueError, "needs the columns"),
     ("plots: no results", lambda: soi.plots.logit_lens([]), ValueError, "no result to plot"),
     ("count: numpy float", lambda: EngineOptions(batch_size=np.float64(2)), ValueError, "batch_size"),
+    # third round (docs/reliability.md): the study's settings and tokens of a wrong type or place
+    ("study: analyses 5", lambda: run_study("m", analyses=5), TypeError, "analyses must be a name or a sequence"),
+    ("study: config a dict", lambda: run_study(config={"models": ["m"]}), TypeError, "config must be a StudyConfig"),
+    ("StudyConfig: k '5'", lambda: StudyConfig(k="5"), TypeError, "k must be a whole number"),
+    ("StudyConfig: seed '1'", lambda: StudyConfig(seed="1"), TypeError, "seed must be a whole number"),
+    ("StudyConfig: models [1, 2]", lambda: StudyConfig(models=[1, 2]), TypeError, "models must be a name or a sequence"),
+    ("StudyConfig: seed 10**23", lambda: StudyConfig(seed=10**23), ValueError, r"seed must be a whole number in 0 \.\. 2\*\*63"),
+    ("tokens: int8", lambda: soi.run_plan(_model(), torch.zeros(1, 5, dtype=torch.int8), soi.LayerPlan.identity(4)),
+     TypeError, "dtype torch.int64"),
+    ("tokens: uint8", lambda: soi.robustness_sweep(_model(), torch.zeros(1, 5, dtype=torch.uint8), progress=False),
+     TypeError, "dtype torch.int64"),
+    ("tokens: meta device", lambda: soi.run_plan(_model(), torch.zeros(1, 5, dtype=torch.long, device="meta"),
+                                                  soi.LayerPlan.identity(4)), ValueError, "meta device"),
+    ("plan: JSON nested too deeply", lambda: soi.LayerPlan.from_json("[" * 100000), ValueError, "nested too deeply"),
 ]
 
 
@@ -87,7 +101,8 @@ API_CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
 WRONG_TYPE = {"options: batch_size True", "options: fast_path 'yes'", "sweep: settings positional",
               "TokenBatch: not a tensor", "model: a string", "load_tokens: n_sequences True",
               "register: not an Analysis", "count: numpy float", "tokens: 3-d", "TokenBatch: indexed by an int",
-              "register: tokens 'all'"}
+              "register: tokens 'all'", "study: analyses 5", "study: config a dict", "StudyConfig: k '5'",
+              "StudyConfig: seed '1'", "StudyConfig: models [1, 2]", "tokens: int8", "tokens: uint8"}
 
 
 @pytest.mark.parametrize(("case", "call", "error", "match"), API_CASES, ids=[c[0] for c in API_CASES])

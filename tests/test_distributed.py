@@ -318,26 +318,28 @@ def test_ray_two_workers_two_models_equal_the_one_process_study(tmp_path: Path, 
     assert not ray.is_initialized()
 
 
-def _one_process_sweep(tmp_path: Path, real_model):  # noqa: ANN001, ANN202
-    """The one-process study with the Ray workers' one torch thread: a BLAS may sum a product in
-    another order with another number of threads, so bit-for-bit equality needs the same count."""
+@pytest.fixture(scope="module")
+def one_process_sweep(tmp_path_factory: pytest.TempPathFactory, real_model):  # noqa: ANN001, ANN201
+    """The one-process study with the Ray workers' one torch thread (shared by the two Ray tests
+    below): a BLAS may sum a product in another order with another number of threads, so
+    bit-for-bit equality needs the same count."""
     config = StudyConfig(models=("smollm2-135m",), analyses=("robustness",), n_tokens=512, batch_size=1, static_formats=())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return config, run_study(real_model, config=config, out_dir=tmp_path / "one", progress=False, log=None,
-                                 write_report=False)
+        return config, run_study(real_model, config=config, out_dir=tmp_path_factory.mktemp("one"), progress=False,
+                                 log=None, write_report=False)
     finally:
         torch.set_num_threads(threads)
 
 
 @needs_ray
 @pytest.mark.real
-def test_ray_worker_killed_during_a_task_is_replaced_and_the_numbers_stay(tmp_path: Path, real_model,
+def test_ray_worker_killed_during_a_task_is_replaced_and_the_numbers_stay(tmp_path: Path, one_process_sweep,
                                                                           ray_stopped) -> None:  # noqa: ANN001
     from stages_of_inference.study.distributed import RayOptions, TaskFailedError
 
-    config, reference = _one_process_sweep(tmp_path, real_model)
+    config, reference = one_process_sweep
     killed: list[int] = []
 
     def log(line: str) -> None:
@@ -362,8 +364,9 @@ def test_ray_worker_killed_during_a_task_is_replaced_and_the_numbers_stay(tmp_pa
 
 @needs_ray
 @pytest.mark.real
-def test_ray_driver_interrupted_resumes_from_the_stored_tasks(tmp_path: Path, real_model, ray_stopped) -> None:  # noqa: ANN001
-    config, reference = _one_process_sweep(tmp_path, real_model)
+def test_ray_driver_interrupted_resumes_from_the_stored_tasks(tmp_path: Path, one_process_sweep,
+                                                              ray_stopped) -> None:  # noqa: ANN001
+    config, reference = one_process_sweep
     out = tmp_path / "ray"
     command = [sys.executable, "-m", "stages_of_inference.cli", "run", "--ray", "--workers", "2", "--shards", "4",
                "--model", "smollm2-135m", "--analyses", "robustness", "--n-tokens", "512", "--batch-size", "1",

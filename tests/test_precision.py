@@ -312,3 +312,15 @@ def test_the_bf16_sweep_equals_the_authors_methods_under_autocast(family: str, t
             row = summary[(summary["kind"] == kind) & (summary["layer"] == layer)].iloc[0]
             assert abs(row["kl_nats"] - want["kl_nats"]) <= 0.03 + 0.05 * want["kl_nats"], (kind, layer)
             assert abs(row["loss"] - want["loss"]) <= 0.03, (kind, layer)
+
+
+def test_a_low_precision_result_records_what_its_numbers_depend_on(tiny_models, tiny_tokens: torch.Tensor) -> None:  # noqa: ANN001
+    """bf16 numbers change with the kernels a BLAS picks: the record says which device, how many
+    threads, which processor, and the batch size, stacking and precision the sweep ran with."""
+    result = soi.robustness_sweep(tiny_models["llama"], tiny_tokens, precision="bf16", batch_size=2, stack_tokens=64,
+                                  progress=False)
+    record = result.provenance
+    assert record["runtime"]["torch_threads"] == torch.get_num_threads() and record["runtime"]["device"] == "cpu"
+    assert record["runtime"]["processor"]
+    assert {k: record["settings"][k] for k in ("batch_size", "stack_tokens", "precision")} == \
+        {"batch_size": 2, "stack_tokens": 64, "precision": "bf16"}

@@ -404,7 +404,9 @@ class LayerPlan:
         try:
             data = json.loads(text)
         except (TypeError, json.JSONDecodeError) as err:
-            raise ValueError(f"not a LayerPlan JSON string: {text!r} ({err})") from None
+            raise ValueError(f"not a LayerPlan JSON string: {str(text)[:80]!r} ({err})") from None
+        except RecursionError:
+            raise ValueError(f"not a LayerPlan JSON string: {str(text)[:80]!r} (nested too deeply)") from None
         return cls.from_dict(data)
 
     def check(self, n_layers: int) -> LayerPlan:

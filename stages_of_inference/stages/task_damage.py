@@ -41,6 +41,7 @@ from torch import Tensor
 from stages_of_inference._tl import HookedTransformer, Model
 from stages_of_inference._utils import check_count, check_model, relative_depth
 from stages_of_inference.backends import as_seam
+from stages_of_inference.backends.state import exclusive
 from stages_of_inference.backends.step import set_step
 from stages_of_inference.interventions.executor import evaluate_plans
 from stages_of_inference.interventions.plan import LayerPlan
@@ -125,9 +126,14 @@ def load_cloze_items(path: str | Path) -> list[ClozeItem]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no cloze item file at {path}")
+        raise FileNotFoundError(f"no cloze item file at {path} (a regular JSON-lines file)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"the cloze file {path} is not UTF-8 text (byte {error.start} cannot be decoded); "
+                         "give a UTF-8 JSON-lines file, or convert it first (e.g. iconv -f latin1 -t utf-8)") from None
     items: list[ClozeItem] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -274,7 +280,7 @@ def _greedy_continuation(model: Model, prompts: Tensor, new_tokens: int, precisi
     n_prompt = prompts.shape[1]
     window = torch.cat([prompts, prompts[:, -1:].expand(-1, new_tokens)], dim=1).clone()
     fast = None
-    with torch.inference_mode(), autocast(precision, seam.device):
+    with exclusive(seam.model), torch.inference_mode(), autocast(precision, seam.device):
         try:
             for step in range(new_tokens):
                 emb = seam.embed(window)

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from stages_of_inference._checks import BACKEND_CHOICES, check_count, check_device, check_precision
+from stages_of_inference.data import check_corpus
+from stages_of_inference.stages.task_damage import load_cloze_items
 from stages_of_inference.study import analyses as _builtin  # noqa: F401 - registers the built-in analyses
 from stages_of_inference.study.options import OPTIONS
 from stages_of_inference.study.registry import REGISTRY, default_analyses, fast_analyses
 
-__all__ = ["DEFAULT_OUT_DIR", "SELECTIONS", "StudyConfig", "from_args", "select_analyses"]
+__all__ = ["DEFAULT_OUT_DIR", "SELECTIONS", "StudyConfig", "check_inputs", "from_args", "select_analyses"]
 
 DEFAULT_OUT_DIR = "reports"
 
@@ -220,6 +222,17 @@ class StudyConfig:
     def from_json(cls, text: str) -> StudyConfig:
         """Read settings written by :meth:`to_json` (unknown keys are refused)."""
         return cls.from_dict(json.loads(text))
+
+
+def check_inputs(config: StudyConfig) -> None:
+    """Read what the settings name before any model loads: the corpus must be there (a missing
+    file or folder, or a dataset without a hub, is refused in bounded time) and, when the task
+    analysis runs on a cloze file, every line of it must be an item: so that a bad input is found
+    before minutes of model work, not after.
+    """
+    check_corpus(config.corpus)
+    if config.cloze_file is not None and "task" in config.analyses:
+        load_cloze_items(config.cloze_file)
 
 
 _missing = sorted({f.name for f in dataclasses.fields(StudyConfig)} ^ set(OPTIONS))

@@ -23,7 +23,6 @@ is already stored).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,7 +80,6 @@ class Driver:
         self.stores = [self.store, *stores]
         self.slugs = study_slugs(config.models)
         self.models = {m: _Model([t for t in tasks if t.model == m]) for m in config.models}
-        self.started = time.perf_counter()
 
     # ------------------------------------------------------------------ what the runners call
     def identified(self, name: str, identity: ModelIdentity) -> list[Task]:

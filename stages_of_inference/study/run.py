@@ -46,7 +46,7 @@ from typing import Any
 from stages_of_inference._checks import check_output_path
 from stages_of_inference._tl import Model
 from stages_of_inference.results import model_name
-from stages_of_inference.study.config import DEFAULT_OUT_DIR, StudyConfig
+from stages_of_inference.study.config import DEFAULT_OUT_DIR, StudyConfig, check_inputs
 from stages_of_inference.study.distributed import RayOptions, run_on_ray
 from stages_of_inference.study.engine import ON_MISMATCH, Driver, run_in_process
 from stages_of_inference.study.finish import write_study
@@ -137,6 +137,7 @@ def run_study(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     say = log or (lambda _: None)
+    check_inputs(config)
     folder = StudyFolder(check_output_path(out_dir, "out_dir folder"))
     started = time.perf_counter()
     with folder.held(adopt=adopt_folder, writes=study_writes(config), say=say):

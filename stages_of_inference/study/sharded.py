@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from stages_of_inference._checks import check_output_path
-from stages_of_inference.study.config import StudyConfig
+from stages_of_inference.study.config import StudyConfig, check_inputs
 from stages_of_inference.study.engine import Driver, run_in_process
 from stages_of_inference.study.finish import write_study
 from stages_of_inference.study.folder import StudyFolder, study_writes
@@ -77,6 +77,7 @@ def run_shard(config: StudyConfig, shard: int, n_shards: int, out_dir: str | Pat
     say = log or (lambda _: None)
     if isinstance(n_shards, bool) or not isinstance(n_shards, int) or not isinstance(shard, int) or not 0 <= shard < n_shards:
         raise ValueError(f"shard must lie in 0 .. n_shards - 1, got shard {shard!r} of {n_shards!r}")
+    check_inputs(config)
     tasks = study_tasks(config, n_shards)
     mine = [t for t, s in assign_shards(tasks, n_shards).items() if s == shard]
     folder = StudyFolder(check_output_path(out_dir, "out_dir folder"))
