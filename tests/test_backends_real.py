@@ -153,12 +153,12 @@ def test_every_stage_analysis_agrees_on_both_backends(bridge, tokens: torch.Tens
     """The lens (both conventions), prediction depth, probes, the neuron analyses, sharpening, the
     final-block ablation, the subjoiner heads and the task analysis, on SmolLM2 through the Bridge
     (compatibility mode) and the HookedTransformer: the same tables to fp32 rounding."""
+    from stages_of_inference.data import corpus_documents
     from stages_of_inference.stages import detokenization as detok
     from stages_of_inference.stages import feature_engineering as fe
     from stages_of_inference.stages import prediction_ensembling as pe
     from stages_of_inference.stages import residual_sharpening as rs
     from stages_of_inference.stages import task_damage as td
-    from stages_of_inference.data import corpus_documents
 
     hooked = soi.load_model("smollm2-135m", backend="hooked")
     texts = [t[:20_000] for t in corpus_documents("default")]
