@@ -91,18 +91,41 @@ def test_a_folder_with_other_work_is_refused_unless_adopted_and_then_left_alone(
     _assert_user_files_intact(out)
 
 
-@pytest.mark.parametrize("in_the_way", ["result folder", "report", "study file", "model folder is a file"])
-def test_a_users_file_where_the_study_writes_is_refused_by_name(
+@pytest.mark.parametrize("in_the_way", ["model folder", "figures folder", "report", "study file", "model folder is a file"])
+def test_a_users_file_where_an_adopted_study_writes_is_refused_by_name(
         in_the_way: str, tiny: str, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "adopted"
-    path = {"result folder": out / slug(tiny) / "neurons" / "photo.jpg", "report": out / "report.html",
-            "study file": out / "study.json", "model folder is a file": out / slug(tiny)}[in_the_way]
+    path = {"model folder": out / slug(tiny) / "neurons" / "photo.jpg", "figures folder": out / "figures" / "a.png",
+            "report": out / "report.html", "study file": out / "study.json",
+            "model folder is a file": out / slug(tiny)}[in_the_way]
     path.parent.mkdir(parents=True)
     path.write_bytes(b"<html>my own page</html>" if in_the_way == "report" else b"mine")
     before = _snapshot(out)
     code, err = _cli(["run", *_flags(tiny, corpus), "--out-dir", str(out), "--adopt-folder"], capsys)
     assert code == cli.EXIT_USAGE and len(err.splitlines()) == 1, err
-    named = path.parent if in_the_way == "result folder" else path
+    named = {"model folder": out / slug(tiny), "figures folder": out / "figures"}.get(in_the_way, path)
+    assert f"{named} is in the way" in err, err
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("in_the_way", ["result folder holds a photo", "report replaced", "study.json replaced"])
+def test_a_users_file_put_into_a_study_folder_is_never_replaced(
+        in_the_way: str, tiny: str, corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "study"
+    assert cli.main(["run", *_flags(tiny, corpus), "--out-dir", str(out)]) == cli.EXIT_OK
+    result = out / slug(tiny) / "neurons"
+    if in_the_way == "result folder holds a photo":
+        (result / "photo.jpg").write_bytes(b"mine")
+        named = result
+    elif in_the_way == "report replaced":
+        (out / "report.html").write_text("<html>my own page</html>")
+        named = out / "report.html"
+    else:  # the private folder still marks the folder as a study's
+        (out / "study.json").write_text("my notes")
+        named = out / "study.json"
+    before = _snapshot(out)
+    code, err = _cli(["run", *_flags(tiny, corpus, "--seed", "1"), "--out-dir", str(out)], capsys)
+    assert code == cli.EXIT_USAGE and len(err.splitlines()) == 1, err
     assert f"{named} is in the way" in err, err
     assert _snapshot(out) == before
 

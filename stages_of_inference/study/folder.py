@@ -169,8 +169,9 @@ class StudyFolder:
         removed.
         """
         created = not self.path.exists()
+        adopting = not created and not self.is_study_folder()
         self._claim(adopt)
-        self.check_writes(writes)
+        self.check_writes(writes, adopting=adopting)
         finished = False
         try:
             self.private.mkdir(parents=True, exist_ok=True)
@@ -213,16 +214,19 @@ class StudyFolder:
                               "folder, or adopt this one (--adopt-folder, adopt=True): the study then writes beside "
                               "your files and never touches them")
 
-    def check_writes(self, writes: Sequence[str]) -> None:
-        """Refuse, naming it, anything of the user's at a name the run writes: a result folder
-        that does not carry this library's provenance, a report that is not its report, a
-        ``study.json`` that is not a study's settings, a file where a folder goes.
+    def check_writes(self, writes: Sequence[str], adopting: bool = False) -> None:
+        """Refuse, naming it, anything of the user's at a name the run writes: in a folder being
+        adopted, anything at all there; in a study folder, a result folder that does not carry
+        this library's provenance, a report that is not its report, a ``study.json`` that is not a
+        study's settings, a file where a folder goes.
         """
         for name in writes:
             path = self.path / name
             if not os.path.lexists(path):
                 continue
-            if name == STUDY_FILE or name.startswith("shard-"):
+            if adopting:
+                ours = False
+            elif name == STUDY_FILE or name.startswith("shard-"):
                 ours = path.is_file() and not path.is_symlink() and (name != STUDY_FILE or _is_study_file(path))
             elif name == REPORT_FILE:
                 ours = _is_our_report(path)
