@@ -363,3 +363,34 @@ def test_nested_reordered_on_the_bridge_uses_original_indices(family: str, token
         with reordered(bridge, inner):
             torch.testing.assert_close(bridge(tokens), run_plan(bridge, tokens, inner), atol=ATOL, rtol=1e-4)
         torch.testing.assert_close(bridge(tokens), run_plan(bridge, tokens, outer), atol=ATOL, rtol=1e-4)
+
+
+def test_the_fast_path_stays_on_after_the_bridges_own_forward(tokenizer, tokens: torch.Tensor) -> None:  # noqa: ANN001
+    """TransformerLens 4 and transformers leave capture hooks on the layers after the Bridge's own
+    forward (``bridge(tokens)``, ``run_with_cache``); they cannot change the sweep's numbers, so the
+    fast path stays on, and the sweep still equals the blocks' own path. A user's hook still turns
+    it off, and the reason names the hook."""
+    bridge, _ = _bridge("llama", tokenizer, compatibility=True)
+    with torch.no_grad():
+        bridge(tokens)
+        bridge.run_with_cache(tokens)
+    seam = as_seam(bridge)
+    embedded = seam.embed(tokens)
+    fast = seam.fast_blocks(embedded, True)
+    assert fast is not None and all(fast.allowed)
+    quick = robustness_sweep(bridge, tokens, progress=False).summary
+    plain = robustness_sweep(bridge, tokens, progress=False, fast_path=False).summary
+    np.testing.assert_allclose(quick["kl_nats"], plain["kl_nats"], atol=1e-5)
+
+    def spy(module, args, output):  # noqa: ANN001, ANN202
+        return None
+
+    handle = bridge.blocks[1].mlp.register_forward_hook(spy)
+    try:
+        fast = seam.fast_blocks(seam.embed(tokens), True)
+        assert fast.allowed == (True, False, True, True)
+        reason = fast.reasons[1]
+        assert reason.startswith("a hook is attached to the block (") and "mlp: " in reason and reason.endswith(
+            "<locals>.spy)"), reason
+    finally:
+        handle.remove()

@@ -28,12 +28,13 @@ from stages_of_inference.backends.kernels import (
     Rotary,
     attend,
     compose_block,
-    has_hooks,
+    first_hook,
     mlp_product,
     signed_sin,
 )
 
-__all__ = ["BRIDGE_FAST_LAYERS", "BridgeFastBlocks", "bridge_fast_path_blocker", "norm_parameters"]
+__all__ = ["BRIDGE_FAST_LAYERS", "INERT_HOOKS", "BridgeFastBlocks", "bridge_fast_path_blocker", "inert_hook",
+           "norm_parameters"]
 
 BRIDGE_FAST_LAYERS = ("LlamaDecoderLayer",)
 """Hugging Face layer classes the Bridge fast path reproduces (tested: tests/test_bridge.py)."""
@@ -81,6 +82,26 @@ def _is_causal(mask: Tensor | None, seq_len: int) -> bool:
     return bool((square[:, causal] == 0).all() and blocked[:, ~causal].all())
 
 
+INERT_HOOKS = ("install_output_capuring_hook.<locals>.output_capturing_hook",
+               "_maybe_wire_capture_hooks.<locals>._capture_pre_ln1",
+               "_maybe_wire_capture_hooks.<locals>._capture_mlp_in")
+"""Hooks that Hugging Face and TransformerLens 4 leave on a Bridge's layers after its own forward
+(``bridge(tokens)``, ``run_with_cache``) and that do nothing the fast path would skip: transformers'
+output capture writes only while one of its own forwards collects outputs; the Bridge's capture
+hooks keep the block's input for its own forward and apply ``hook_mlp_in`` only when that hook
+point is in use (and a hook on a hook point blocks the fast path by itself)."""
+
+
+def inert_hook(fn: Any) -> bool:
+    """Whether ``fn`` is one of :data:`INERT_HOOKS` (by its qualified name: an unknown hook blocks).
+
+    Example:
+        >>> inert_hook(lambda m, a, o: None)
+        False
+    """
+    return getattr(fn, "__qualname__", "").endswith(INERT_HOOKS)
+
+
 def bridge_fast_path_blocker(bridge: Any, layer: int, call: Any, seq_len: int) -> str | None:
     """Why block ``layer`` of ``bridge`` cannot take the fast path for a batch whose recorded call
     to that layer is ``call`` (:class:`~stages_of_inference.backends.bridge.LayerCall`), or ``None``.
@@ -90,8 +111,9 @@ def bridge_fast_path_blocker(bridge: Any, layer: int, call: Any, seq_len: int) -
     name = type(hf_layer).__name__
     if name not in BRIDGE_FAST_LAYERS:
         return f"Hugging Face layer {name}: the Bridge fast path reproduces {', '.join(BRIDGE_FAST_LAYERS)}"
-    if has_hooks(block):
-        return "a hook is attached to the block"
+    hook = first_hook(block, inert_hook)
+    if hook is not None:
+        return f"a hook is attached to the block ({hook})"
     attn = hf_layer.self_attn
     if getattr(attn, "sliding_window", None) or getattr(attn, "attn_logit_softcapping", None):
         return "sliding-window or soft-capped attention"

@@ -7,6 +7,7 @@ pre-norm block composed from its pieces. Nothing here knows a backend: the seams
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,17 +16,37 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-__all__ = ["BlockWeights", "Rotary", "attend", "compose_block", "has_hooks", "mlp_product", "rotate", "signed_sin"]
+__all__ = ["BlockWeights", "Rotary", "attend", "compose_block", "first_hook", "has_hooks", "mlp_product", "rotate",
+           "signed_sin"]
+
+
+def first_hook(module: nn.Module, inert: Callable[[Callable[..., Any]], bool] = lambda fn: False) -> str | None:
+    """Where the first forward, forward-pre or backward hook on ``module`` or a module inside it
+    sits, as ``"<submodule>: <hook function>"``, leaving out hooks ``inert`` says cannot change or
+    observe anything the fast path would skip; ``None`` when there is none.
+
+    Example:
+        >>> lin = nn.Sequential(nn.Linear(2, 2))
+        >>> first_hook(lin) is None
+        True
+        >>> def spy(m, a, out): pass
+        >>> _ = lin[0].register_forward_hook(spy)
+        >>> first_hook(lin)
+        '0: spy'
+    """
+    for name, m in module.named_modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks):  # noqa: SLF001
+            for fn in hooks.values():
+                if not inert(fn):
+                    return f"{name or '(the block)'}: {getattr(fn, '__qualname__', type(fn).__name__)}"
+    return None
 
 
 def has_hooks(module: nn.Module) -> bool:
     """Whether any module of ``module`` carries a forward, forward-pre or backward hook (then a
     fast path, which would not call them, must not run it).
     """
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks  # noqa: SLF001
-        for m in module.modules()
-    )
+    return first_hook(module) is not None
 
 
 def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor, rotary_dim: int, adjacent: bool) -> Tensor:
