@@ -179,8 +179,11 @@ def unembed(
         >>> unembed(m, torch.zeros(3, 4)).shape
         torch.Size([3, 5])
     """
+    seam = as_seam(model)
     with autocast(precision, normalized.device):
-        logits = (normalized.float() @ as_seam(model).W_U.detach().float()).float()
+        logits = (normalized.float() @ seam.W_U.detach().float()).float()
+    if seam.logit_scale != 1.0:  # the family's output scale (Granite, Cohere): the lens reads what the output would
+        logits = logits * seam.logit_scale
     cap = float(getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0)
     if cap > 0:
         logits = cap * torch.tanh(logits / cap)

@@ -61,6 +61,13 @@ def _hf_model(family: str) -> nn.Module:
         config, cls = tf.Phi3Config(**common, num_key_value_heads=4, pad_token_id=0), tf.Phi3ForCausalLM
     elif family == "olmo2":
         config, cls = tf.Olmo2Config(**common, num_key_value_heads=4), tf.Olmo2ForCausalLM
+    elif family == "granite":  # logits divided by logits_scaling after lm_head
+        config = tf.GraniteConfig(**common, num_key_value_heads=2, logits_scaling=4.0, residual_multiplier=0.5,
+                                  embedding_multiplier=2.0, attention_multiplier=0.3)
+        cls = tf.GraniteForCausalLM
+    elif family == "cohere":  # logits multiplied by logit_scale after lm_head; parallel blocks
+        config = tf.CohereConfig(**common, num_key_value_heads=2, logit_scale=0.25)
+        cls = tf.CohereForCausalLM
     else:
         raise ValueError(family)
     config.architectures = [cls.__name__]  # what the Bridge picks its adapter by
@@ -290,8 +297,8 @@ def test_the_bridge_fast_path_runs_llama_layers_and_says_why_not_elsewhere(compa
     assert "Qwen3DecoderLayer" in bridge_fast_path_blocker(other, 0, emb.extras[0], tokens.shape[1])
     handle = bridge.blocks[1].mlp.hook_out.add_hook(lambda act, hook: act)
     try:
-        assert bridge_fast_path_blocker(bridge, 1, seam.embed(tokens).extras[1], tokens.shape[1]) == \
-            "a hook is attached to the block"
+        reason = bridge_fast_path_blocker(bridge, 1, seam.embed(tokens).extras[1], tokens.shape[1])
+        assert reason.startswith("a hook is attached to the block (") and "mlp.hook_out: " in reason, reason
     finally:
         bridge.reset_hooks()
         del handle
@@ -394,3 +401,32 @@ def test_the_fast_path_stays_on_after_the_bridges_own_forward(tokenizer, tokens:
             "<locals>.spy)"), reason
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("compatibility", [False, True])
+@pytest.mark.parametrize("family", ["granite", "cohere"])
+def test_a_familys_output_scale_is_applied_everywhere(family: str, compatibility: bool, tokenizer,
+                                                      tokens: torch.Tensor) -> None:  # noqa: ANN001
+    """Granite divides its logits by ``logits_scaling``, Cohere multiplies them by ``logit_scale``
+    (compatibility mode may fold it into the unembedding): ``run_plan``, every deletion and swap of
+    the sweep and the lens's last readout equal the Hugging Face model's own output."""
+    from stages_of_inference._tl import TL_VERSION
+    from stages_of_inference.stages import feature_engineering as fe
+
+    if family == "cohere" and compatibility and TL_VERSION.startswith("3."):
+        pytest.skip("TransformerLens 3.9 folds Cohere's logit_scale into W_U in compatibility mode while its adapter "
+                    "still reports the scale: the library's numbers are off by 0.002 nats there (issue 27, open)")
+    bridge, reference = _bridge(family, tokenizer, compatibility=compatibility)
+    n = reference.config.num_hidden_layers
+    base = _reordered_logits(reference, tokens, tuple(range(n)))
+    ours = run_plan(bridge, tokens, LayerPlan.identity(n))
+    assert _scores(ours, tokens, base)["kl_nats"] < 1e-4  # TransformerLens 3.9's own Cohere forward is 1.2e-5 off
+    summary = robustness_sweep(bridge, tokens, progress=False).summary
+    for row in summary[summary["kind"] != "none"].itertuples():
+        plan = LayerPlan.drop(n, int(row.layer)) if row.kind == "drop" else LayerPlan.swap(n, int(row.layer))
+        expected = _scores(_reordered_logits(reference, tokens, plan.order), tokens, base)
+        assert row.kl_nats == pytest.approx(expected["kl_nats"], abs=ATOL), (family, plan.label)
+    lens = fe.logit_lens(bridge, tokens, convention="per_layer_norm", progress=False)
+    lp = base[:, 1:-1].double().log_softmax(-1)
+    entropy_bits = float(-(lp.exp() * lp).sum(-1).mean() / np.log(2))
+    assert float(lens[lens["layer"] == n]["entropy_bits"].iloc[0]) == pytest.approx(entropy_bits, abs=1e-4)

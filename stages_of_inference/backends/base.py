@@ -94,6 +94,13 @@ class ModelSeam(Protocol):
     def softcap(self) -> float:
         """The logit soft-cap (0: none)."""
 
+    @property
+    def logit_scale(self) -> float:
+        """What the model multiplies its unembedding's output by before the soft-cap (Granite
+        divides by ``logits_scaling``, Cohere multiplies by ``logit_scale``); 1 for most models.
+        Every place the library turns a residual into logits applies it.
+        """
+
     def W_out(self, layer: int) -> Float[Tensor, "d_mlp d_model"] | None:
         """Block ``layer``'s MLP output weights (one row per neuron), ``None`` where the block has none."""
 

@@ -20,6 +20,7 @@ runs as itself, one plan at a time.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+from transformer_lens.utilities import apply_softcap
 
 from stages_of_inference.backends.base import ConfigFields, Embedded, FwdHooks
 from stages_of_inference.backends.bridge_fast import BridgeFastBlocks
@@ -184,6 +186,27 @@ class BridgeSeam(ConfigFields):
     def softcap(self) -> float:
         cap = getattr(self._bridge.cfg, "output_logits_soft_cap", None)
         return float(cap) if cap is not None and cap > 0 else 0.0
+
+    @functools.cached_property
+    def logit_scale(self) -> float:
+        """Read off the architecture adapter's own output transform (what the Bridge's forward
+        applies after ``lm_head``): its slope at zero, checked to be the whole transform (a scale,
+        then the soft-cap); a family whose transform is anything else is refused in one line.
+        """
+        transform = getattr(getattr(self._bridge, "adapter", None), "apply_output_logits_transform", None)
+        if transform is None:
+            return 1.0
+        with torch.no_grad():
+            tiny = torch.tensor([[1e-3]], dtype=torch.float32)
+            scale = float(transform(tiny.clone())[0, 0]) / 1e-3
+            probe = torch.linspace(-40.0, 40.0, 81, dtype=torch.float32)[None]
+            found, expected = transform(probe.clone()), apply_softcap(probe * scale, self.softcap)
+        if not torch.allclose(found, expected, rtol=1e-4, atol=1e-4):
+            raise NotImplementedError(
+                f"{type(self._bridge.adapter).__name__}: this family's output transform is not a scale and a soft-cap, "
+                "which the library cannot reproduce outside the Bridge's own forward; supported: scaled or "
+                "soft-capped logits (docs/backends.md)")
+        return 1.0 if abs(scale - 1.0) < 1e-6 else scale
 
     def W_out(self, layer: int) -> Float[Tensor, "d_mlp d_model"] | None:
         mlp = getattr(self.blocks()[layer], "mlp", None)

@@ -122,6 +122,10 @@ class HookedSeam(ConfigFields):
     def softcap(self) -> float:
         return float(self._model.cfg.output_logits_soft_cap)
 
+    @property
+    def logit_scale(self) -> float:
+        return 1.0
+
     def W_out(self, layer: int) -> Float[Tensor, "d_mlp d_model"] | None:
         return getattr(self.blocks()[layer].mlp, "W_out", None)
 

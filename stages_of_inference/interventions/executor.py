@@ -205,7 +205,7 @@ class _Reference:
     probs: ProbReference | None
 
 
-def _reference(seam: ModelSeam, unembedding: Unembedding, x_ref: Tensor, targets: Tensor, linear: bool,
+def _reference(unembedding: Unembedding, weights: tuple[Tensor, Tensor], x_ref: Tensor, targets: Tensor, linear: bool,
                chunk_tokens: int, overwrite: bool, scratch: Tensor) -> _Reference:
     """Score the unmodified model's final rows ``x_ref``, a chunk of rows at a time."""
     n_rows = x_ref.shape[0]
@@ -216,7 +216,7 @@ def _reference(seam: ModelSeam, unembedding: Unembedding, x_ref: Tensor, targets
         rows = slice(start, min(start + chunk_tokens, n_rows))
         logits, row_max = unembedding(x_ref[rows])
         if linear:
-            summaries.append(LinearReference.from_logits(logits, seam.W_U, seam.b_U))
+            summaries.append(LinearReference.from_logits(logits, *weights))
         else:
             probs.append(ProbReference.from_logits(logits))
         m = logit_metrics(logits, targets[rows], overwrite=overwrite, scratch=scratch, row_max=row_max)
@@ -438,9 +438,11 @@ def _prepare(seam: ModelSeam, batch: Tensor, lay: trie_.Layout, options: EngineO
     n_rows = targets.shape[0]
     chunk = min(options.chunk_tokens, n_rows * (walk.window_size if walk.stack_metrics else 1))
     scratch = emb.residual.new_empty((min(chunk, ROWS_AT_ONCE), seam.d_vocab), dtype=torch.float32)
-    unembedding = make_unembedding(seam.unembed_module, seam.W_U, seam.b_U, seam.softcap, via_module, chunk,
-                                   options.unembed_block, options.precision)
-    reference = _reference(seam, unembedding, _final_rows(seam, walk.trunk[-1], scored), targets, linear,
+    scale = seam.logit_scale  # the family's output scale, folded into the weights the linear paths use
+    weights = (seam.W_U, seam.b_U) if scale == 1.0 else (seam.W_U * scale, seam.b_U * scale)
+    unembedding = make_unembedding(seam.unembed_module, *weights, seam.softcap, via_module, chunk,
+                                   options.unembed_block, options.precision, module_scale=scale)
+    reference = _reference(unembedding, weights, _final_rows(seam, walk.trunk[-1], scored), targets, linear,
                            options.chunk_tokens, not via_module, scratch)
     tiles = walk.window_size if walk.stack_metrics else 1
     return walk, _Scorer(unembedding, targets, reference, options.chunk_tokens, not via_module, scratch, tiles)

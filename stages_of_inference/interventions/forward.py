@@ -103,7 +103,10 @@ def run_plan(
         residual = seam.final_norm(residual)
         if return_type is None:
             return None
-        logits = apply_softcap(seam.unembed_module(residual), seam.softcap)
+        logits = seam.unembed_module(residual)
+        if seam.logit_scale != 1.0:
+            logits = logits * seam.logit_scale
+        logits = apply_softcap(logits, seam.softcap)
         if return_type == "logits":
             return logits
         loss = seam.loss(logits, tokens, emb)

@@ -64,12 +64,14 @@ class ModuleUnembedding:
     module: nn.Module
     softcap: float = 0.0
     precision: str = "fp32"
+    scale: float = 1.0
 
     def __call__(self, x: Float[Tensor, "n d_model"]) -> tuple[Tensor, RowMax | None]:
         """The logits of the rows ``x`` (no row maxima)."""
         with autocast(self.precision, x.device):
             logits = self.module(x.unsqueeze(0)).squeeze(0)
-        return apply_softcap(logits.float(), self.softcap), None
+        logits = logits.float() if self.scale == 1.0 else logits.float() * self.scale
+        return apply_softcap(logits, self.softcap), None
 
 
 @dataclass
@@ -153,11 +155,12 @@ Unembedding = ModuleUnembedding | PlainUnembedding | BlockedUnembedding
 
 def make_unembedding(
     module: nn.Module, W_U: Tensor, b_U: Tensor, softcap: float, via_module: bool, max_rows: int,
-    block_size: int = UNEMBED_BLOCK, precision: str = "fp32",
+    block_size: int = UNEMBED_BLOCK, precision: str = "fp32", module_scale: float = 1.0,
 ) -> Unembedding:
     """The unembedding the sweep uses: through ``module`` when a hook could see it
-    (``via_module``), else blocked for fp32 weights ``W_U`` (products under ``precision``), else
-    plain (weights loaded in another dtype, computed as they are).
+    (``via_module``; its output multiplied by ``module_scale``, the family's output scale, which
+    ``W_U`` and ``b_U`` already carry), else blocked for fp32 weights ``W_U`` (products under
+    ``precision``), else plain (weights loaded in another dtype, computed as they are).
 
     Example:
         >>> import torch
@@ -168,7 +171,7 @@ def make_unembedding(
         'PlainUnembedding'
     """
     if via_module:
-        return ModuleUnembedding(module, softcap, precision)
+        return ModuleUnembedding(module, softcap, precision, module_scale)
     if W_U.dtype == torch.float32:
         return BlockedUnembedding(W_U, b_U, max_rows, softcap, block_size, compute_dtype(precision))
     return PlainUnembedding(W_U, b_U, softcap)
