@@ -65,6 +65,11 @@ def _hf_model(family: str) -> nn.Module:
         config = tf.GraniteConfig(**common, num_key_value_heads=2, logits_scaling=4.0, residual_multiplier=0.5,
                                   embedding_multiplier=2.0, attention_multiplier=0.3)
         cls = tf.GraniteForCausalLM
+    elif family == "bloom":  # attention and MLP each add the residual themselves (their hook_out holds it)
+        config, cls = tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=4, n_head=4), tf.BloomForCausalLM
+    elif family == "mpt":  # the MLP adds the residual itself
+        config = tf.MptConfig(vocab_size=VOCAB, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, expansion_ratio=2)
+        cls = tf.MptForCausalLM
     elif family == "cohere":  # logits multiplied by logit_scale after lm_head; parallel blocks
         config = tf.CohereConfig(**common, num_key_value_heads=2, logit_scale=0.25)
         cls = tf.CohereForCausalLM
@@ -84,13 +89,19 @@ def _hf_model(family: str) -> nn.Module:
 
 
 FAMILIES = ("llama", "qwen3", "gemma3", "gpt2", "neox", "phi3", "olmo2")
+CARRYING = ("bloom", "mpt")  # sublayer modules that add the residual themselves
+OUTPUT_PROJECTIONS = {  # what each sublayer adds to the residual passes last through these
+    "llama": ("model.layers.{}.self_attn.o_proj", "model.layers.{}.mlp.down_proj"),
+    "bloom": ("transformer.h.{}.self_attention.dense", "transformer.h.{}.mlp.dense_4h_to_h"),
+    "mpt": ("transformer.blocks.{}.attn.out_proj", "transformer.blocks.{}.ffn.down_proj"),
+}
 
 
 def _layers(model: nn.Module) -> tuple[nn.Module, str]:
     """The module holding the layer list, and the list's attribute name."""
     for owner in ("model", "transformer", "gpt_neox"):
         inner = getattr(model, owner, None)
-        for name in ("layers", "h"):
+        for name in ("layers", "h", "blocks"):
             if inner is not None and isinstance(getattr(inner, name, None), nn.ModuleList):
                 return inner, name
     raise AssertionError("no layer list found")
@@ -144,7 +155,7 @@ def _bridge(family: str, tokenizer, compatibility: bool):  # noqa: ANN001, ANN20
     return bridge, reference
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + CARRYING)
 def test_bridge_sweep_equals_reordering_the_hf_layers(family: str, tokenizer, tokens: torch.Tensor) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     bridge, reference = _bridge(family, tokenizer, compatibility=False)
@@ -183,6 +194,63 @@ def test_sublayer_plans_on_the_bridge_equal_zeroing_the_sublayer(tokenizer, toke
     run_plan(bridge, tokens, LayerPlan.drop_attention(4, 2),
              fwd_hooks=[("blocks.2.hook_attn_out", lambda act, hook: seen.append(float(act.abs().max())))])
     assert seen == [0.0]  # hooks on the silenced sublayer see the zeros it writes, as on a HookedTransformer
+
+
+def _without_sublayer(reference: nn.Module, family: str, layer: int, part: str, tokens: torch.Tensor) -> torch.Tensor:
+    """The reference: the Hugging Face model with one sublayer's contribution removed, by zeroing
+    the weights (and bias) of the projection its output passes through last."""
+    model = copy.deepcopy(reference)
+    projection = model.get_submodule(OUTPUT_PROJECTIONS[family][("attn", "mlp").index(part)].format(layer))
+    with torch.no_grad():
+        projection.weight.zero_()
+        if projection.bias is not None:
+            projection.bias.zero_()
+        return model(tokens, use_cache=False).logits
+
+
+@pytest.mark.parametrize("compatibility", [False, True])
+@pytest.mark.parametrize("family", ["llama", *CARRYING])
+def test_sublayer_plans_remove_only_the_sublayers_contribution(family: str, compatibility: bool, tokenizer,
+                                                               tokens: torch.Tensor) -> None:
+    """On every family, ``drop_attention`` / ``drop_mlp`` equal the Hugging Face model with that
+    sublayer's output projection zeroed, through ``run_plan`` and through the Bridge's own forward
+    inside ``reordered``; Bloom's and MPT's sublayers add the residual themselves, so zeroing their
+    output hook (what the other families need) would wipe the residual stream."""
+    from stages_of_inference import reordered
+
+    bridge, reference = _bridge(family, tokenizer, compatibility)
+    for layer in range(4):
+        for plan, part in ((LayerPlan.drop_attention(4, layer), "attn"), (LayerPlan.drop_mlp(4, layer), "mlp")):
+            expected = _without_sublayer(reference, family, layer, part, tokens).double().log_softmax(-1)
+            got = run_plan(bridge, tokens, plan).double().log_softmax(-1)
+            torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=f"{family} {plan.label}")
+            with torch.no_grad(), reordered(bridge, plan):
+                own = bridge(tokens).double().log_softmax(-1)
+            torch.testing.assert_close(own, expected, atol=ATOL, rtol=0, msg=f"{family} {plan.label} (own forward)")
+
+
+@pytest.mark.parametrize("family", CARRYING)
+def test_hooks_that_zero_a_residual_carrying_sublayer_are_refused(family: str, tokenizer) -> None:
+    from stages_of_inference.interventions.hooks import drop_layer
+
+    bridge, _ = _bridge(family, tokenizer, compatibility=False)
+    with pytest.raises(ValueError, match=r"holds the residual plus the sublayer's output .* LayerPlan\.drop") as caught:
+        drop_layer(bridge, 1)
+    assert "\n" not in str(caught.value)
+
+
+def test_sublayer_plans_are_refused_where_no_sublayer_can_be_silenced(tokenizer, tokens: torch.Tensor) -> None:
+    """A block that normalises its output (as post-norm families do) is not its input with both
+    sublayers silenced: a plan that runs one sublayer is refused in one line, whole-block plans run."""
+    from stages_of_inference.interventions.hooks import drop_layer
+
+    bridge, _ = _bridge("llama", tokenizer, compatibility=False)
+    for block in bridge.blocks:
+        block.hook_out.register_forward_hook(lambda module, args, out: torch.nn.functional.layer_norm(out, out.shape[-1:]))
+    for call in (lambda: run_plan(bridge, tokens, LayerPlan.drop_mlp(4, 1)), lambda: drop_layer(bridge, 1)):
+        with pytest.raises(ValueError, match=r"LlamaForCausalLM: one sublayer cannot be silenced .*LayerPlan\.drop"):
+            call()
+    assert torch.isfinite(run_plan(bridge, tokens, LayerPlan.drop(4, 1))).all()
 
 
 def test_hooks_fire_on_the_block_they_name(tokenizer, tokens: torch.Tensor) -> None:

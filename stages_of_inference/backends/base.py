@@ -75,6 +75,12 @@ class ModelSeam(Protocol):
         other one's output is zero at its ``hook_mlp_out`` / ``hook_attn_out``).
         """
 
+    def check_sublayers(self, zeroing: bool = False) -> None:
+        """Raise ``ValueError`` (one line) where a step that runs one sublayer cannot be made on
+        this model; with ``zeroing``, also where zeroing ``hook_attn_out`` / ``hook_mlp_out``
+        would not remove just the sublayer's contribution.
+        """
+
     def final_norm(self, residual: Tensor) -> Tensor:
         """The final norm (the identity for models without one)."""
 

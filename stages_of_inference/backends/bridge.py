@@ -36,6 +36,7 @@ from stages_of_inference.backends.bridge_fast import BridgeFastBlocks
 from stages_of_inference.backends.kernels import has_hooks
 from stages_of_inference.backends.state import outermost
 from stages_of_inference.backends.step import get_step, set_step
+from stages_of_inference.backends.sublayers import silenced, sublayer_forms
 
 __all__ = ["BridgeSeam", "LayerCall", "reordered_layers"]
 
@@ -65,11 +66,20 @@ def _first_tensor(output: Any) -> Tensor:
     return output if isinstance(output, Tensor) else output[0]
 
 
-def _zero_output(module: nn.Module, args: Any, output: Any) -> Any:
-    """A sublayer's output with its first tensor (what it adds to the residual) zeroed."""
-    if isinstance(output, Tensor):
-        return torch.zeros_like(output)
-    return (torch.zeros_like(output[0]), *output[1:])
+@contextlib.contextmanager
+def only_part(block: nn.Module, part: str, carries: frozenset[str]) -> Iterator[None]:
+    """Only ``part`` of ``block`` writes to the residual: the other sublayer is silenced at its
+    output hook point (zeroed, or passed the residual where it ``carries`` it:
+    :func:`~stages_of_inference.backends.sublayers.silenced`), before any hook there sees it.
+    """
+    if part == "block":
+        yield
+        return
+    other = {"attn": "mlp", "mlp": "attn"}.get(part)
+    if other is None:
+        raise ValueError(f"unknown sublayer {part!r}; allowed: 'block', 'attn', 'mlp'")
+    with silenced(block, other, other in carries):
+        yield
 
 
 class BridgeSeam(ConfigFields):
@@ -137,35 +147,27 @@ class BridgeSeam(ConfigFields):
         call: LayerCall = embedded.extras[layer]
         block = self.blocks()[layer]
         set_step(self._bridge, (step, layer))
-        with self._only(block, part):
+        with only_part(block, part, sublayer_forms(self).carries[layer] if part != "block" else frozenset()):
             return _first_tensor(block(residual, *call.args, **call.kwargs))
 
     def reordered(self, steps: Sequence[tuple[int, str]]) -> contextlib.AbstractContextManager[None]:
         return reordered_layers(self._bridge, steps)
 
-    @staticmethod
-    @contextlib.contextmanager
-    def _only(block: nn.Module, part: str) -> Iterator[None]:
-        """Only ``part`` of ``block`` writes to the residual (the other sublayer's output is zeroed
-        before any hook on that sublayer's output sees it).
+    def check_sublayers(self, zeroing: bool = False) -> None:
+        """Refuse, in one line, plans that run one sublayer where this family's blocks do not
+        allow removing one (:mod:`~stages_of_inference.backends.sublayers`); with ``zeroing``,
+        also where a sublayer's output hook holds the residual (hooks that zero it would wipe
+        the residual stream).
         """
-        if part == "block":
-            yield
-            return
-        silenced = {"attn": "mlp", "mlp": "attn"}.get(part)
-        if silenced is None:
-            raise ValueError(f"unknown sublayer {part!r}; allowed: 'block', 'attn', 'mlp'")
-        module = getattr(block, silenced, None)
-        if module is None:
-            raise ValueError(f"this block has no {silenced!r} sublayer to silence")
-        # its output hook point (blocks.i.hook_attn_out / hook_mlp_out are aliases of it), so that
-        # hooks there see the zeros, as on a HookedTransformer
-        target = getattr(module, "hook_out", module)
-        handle = target.register_forward_hook(_zero_output, prepend=True)
-        try:
-            yield
-        finally:
-            handle.remove()
+        forms = sublayer_forms(self)
+        forms.check()
+        carrying = sorted({name for found in forms.carries for name in found})
+        if zeroing and carrying:
+            family = type(getattr(self._bridge, "original_model", self._bridge)).__name__
+            raise ValueError(
+                f"{family}: blocks.i.hook_{carrying[0]}_out holds the residual plus the sublayer's output on this "
+                "family, so zeroing it wipes the residual stream; delete blocks with LayerPlan.drop(n, i) and "
+                "run_plan, or sublayers with LayerPlan.drop_attention / drop_mlp")
 
     def final_norm(self, residual: Tensor) -> Tensor:
         return self._bridge.ln_final(residual)
@@ -239,16 +241,17 @@ class _OneStep(nn.Module):
     ``attention_type``, which picks the layer's mask).
     """
 
-    def __init__(self, bridge: Any, block: nn.Module, layer: int, part: str, counter: list[int]) -> None:
+    def __init__(self, bridge: Any, block: nn.Module, layer: int, part: str, counter: list[int],
+                 carries: frozenset[str]) -> None:
         super().__init__()
-        self._inner = (bridge, block, layer, part, counter)  # a tuple: not registered as submodules
+        self._inner = (bridge, block, layer, part, counter, carries)  # a tuple: not registered as submodules
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        bridge, block, layer, part, counter = self._inner
+        bridge, block, layer, part, counter, carries = self._inner
         counter[0] += 1
         set_step(bridge, (counter[0], layer))
         kept = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}  # no key-value cache
-        with BridgeSeam._only(block, part):
+        with only_part(block, part, carries):
             return block(*args, **kept)
 
     def __getattr__(self, name: str) -> Any:
@@ -283,7 +286,12 @@ def reordered_layers(bridge: Any, steps: Sequence[tuple[int, str]]) -> Iterator[
     holder, name = _layer_list(bridge)
     original = tuple(bridge.blocks)
     counter = [-1]
-    layers = nn.ModuleList([_OneStep(bridge, original[layer], layer, part, counter) for layer, part in steps])
+    forms = sublayer_forms(BridgeSeam(bridge)) if any(part != "block" for _, part in steps) else None
+    if forms is not None:
+        forms.check()
+    layers = nn.ModuleList([_OneStep(bridge, original[layer], layer, part, counter,
+                                     forms.carries[layer] if forms is not None else frozenset())
+                            for layer, part in steps])
     config = bridge.original_model.config
     sized = [key for key in ("num_hidden_layers", "n_layer") if isinstance(getattr(config, key, None), int)]
     before = {key: getattr(config, key) for key in (*sized, "layer_types") if hasattr(config, key)}

@@ -101,6 +101,11 @@ class HookedSeam(ConfigFields):
         with only_sublayer(block, part):
             return block(residual.to(device), shortformer_pos_embed=shortformer, attention_mask=mask)
 
+    def check_sublayers(self, zeroing: bool = False) -> None:
+        """Nothing to refuse: a ``HookedTransformer`` block's ``hook_attn_out`` and
+        ``hook_mlp_out`` hold exactly what each sublayer adds to the residual stream.
+        """
+
     def final_norm(self, residual: Tensor) -> Tensor:
         cfg = self._model.cfg
         residual = residual.to(get_device_for_block_index(cfg.n_layers - 1, cfg))

@@ -15,7 +15,11 @@ wait, inside an entry point or a ``reordered`` block, for another thread that us
 original blocks), so an inner one must find what the outermost one replaced: the original block
 list on a ``HookedTransformer``, the original layer types on a ``TransformerBridge``. The
 outermost reordering records it here with :func:`outermost` for as long as it lasts; a seam
-reads it with :func:`original`. Nothing else is kept on, or about, a model.
+reads it with :func:`original`.
+
+**Facts found by running the model** (how its sublayers write to the residual stream) are worked
+out once and kept for as long as the model lives (:func:`remembered`). Nothing else is kept on, or
+about, a model.
 """
 
 from __future__ import annotations
@@ -23,16 +27,17 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["exclusive", "original", "outermost"]
+__all__ = ["exclusive", "original", "outermost", "remembered"]
 
 T = TypeVar("T")
 
 _ORIGINALS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
+_FACTS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -85,3 +90,20 @@ def original(model: Any, default: T) -> T:
     reordered.
     """
     return _ORIGINALS.get(model, default)
+
+
+def remembered(model: Any, key: str, find: Callable[[], T]) -> T:
+    """The fact ``key`` about ``model``: ``find()`` the first time it is asked, the same object
+    after that, for as long as the model lives. Hold ``exclusive(model)`` around it when ``find``
+    runs the model.
+
+    Example:
+        >>> class M: pass
+        >>> m = M()
+        >>> remembered(m, "answer", lambda: 42), remembered(m, "answer", lambda: 0)
+        (42, 42)
+    """
+    facts = _FACTS.setdefault(model, {})
+    if key not in facts:
+        facts[key] = find()
+    return facts[key]

@@ -46,6 +46,8 @@ def check_plan(seam: ModelSeam, plan: Any) -> LayerPlan:
     plan = plan.check(seam.n_layers)
     if getattr(getattr(seam.model, "cfg", None), "attn_only", False) and any(step_part(s) == "mlp" for s in plan.order):
         raise ValueError(f"{plan!r} runs an MLP alone, but this model is attention-only (its blocks have no MLP)")
+    if plan.has_sublayers and hasattr(seam, "check_sublayers"):
+        seam.check_sublayers()
     return plan
 
 

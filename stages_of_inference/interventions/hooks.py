@@ -260,6 +260,11 @@ def drop_layer(model: Model, layer: int) -> list[FwdHook]:
     Returns:
         Two ``(hook name, hook function)`` pairs.
 
+    Raises:
+        ValueError: on a family whose ``hook_attn_out`` / ``hook_mlp_out`` hold the residual plus
+            the sublayer's output (Bloom, MPT on the Bridge), where zeroing them would wipe the
+            residual stream: use ``LayerPlan.drop`` with ``run_plan`` there.
+
     Example:
         >>> import torch
         >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -277,6 +282,7 @@ def drop_layer(model: Model, layer: int) -> list[FwdHook]:
         raise TypeError(f"layer must be an int block index, got {type(layer).__name__}")
     if not 0 <= layer < n:
         raise ValueError(f"cannot drop block {layer}: the model has blocks 0 .. {n - 1}")
+    as_seam(model).check_sublayers(zeroing=True)
     if model.cfg.attn_only:
         return [(f"blocks.{layer}.hook_attn_out", _zero_hook)]
     return [(f"blocks.{layer}.hook_attn_out", _zero_hook), (f"blocks.{layer}.hook_mlp_out", _zero_hook)]
