@@ -22,6 +22,7 @@ read from GGUF and safetensors only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -32,7 +33,7 @@ import socket
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from urllib.parse import urlparse
 import pandas as pd
 import torch
 
+from stages_of_inference import self_check
 from stages_of_inference._checks import check_device
 from stages_of_inference._tl import (
     BACKENDS,
@@ -326,10 +328,13 @@ def _wrap_hf_object(hf_model: Any, tokenizer: Any, backend: str, device: Any) ->
         raise ValueError("a Hugging Face model object needs its tokenizer: load_model(model, tokenizer=tokenizer)")
     device = check_device(device) or str(next(hf_model.parameters()).device)
     name = str(getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__)
-    with _hub_offline():
-        bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device,
-                                                     dtype=next(hf_model.parameters()).dtype)
-    bridge.enable_compatibility_mode()
+
+    def boot() -> Any:
+        with _hub_offline():
+            return TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device,
+                                                       dtype=next(hf_model.parameters()).dtype)
+
+    bridge = _checked_bridge(boot, rebuild=None)
     bridge.cfg.model_name = name
     return bridge.eval()
 
@@ -352,25 +357,91 @@ def _load_bridge(key: str, path: Path, device: str | torch.device) -> Any:
         raise ModelNotAvailableError(
             f"{key!r} is not in the local hub cache and the Hugging Face Hub is not reachable ({problem}); "
             f"load it once where the hub answers, or {OFFLINE_ADVICE}")
-    with _hub_offline(problem is not None), bounded_hub_requests():
-        bridge = TransformerBridge.boot_transformers(key, device=device, dtype=torch.float32)
-    bridge.enable_compatibility_mode()
-    return bridge
+
+    def boot() -> Any:
+        with _hub_offline(problem is not None), bounded_hub_requests():
+            return _booted(lambda: TransformerBridge.boot_transformers(key, device=device, dtype=torch.float32), key)
+
+    return _checked_bridge(boot, rebuild=boot)
 
 
 def _boot_bridge(folder: Path, name: str, device: str | torch.device, bos_token: str | None) -> Any:
     """Boot the Bridge on a local transformers checkpoint, offline, in compatibility mode."""
     if not any(folder.glob("*.safetensors")):
         raise ModelNotAvailableError(f"{folder} holds no .safetensors weights; this library never unpickles")
-    with _hub_offline():
-        hf_model, tokenizer = _read_checkpoint(folder)
-        hf_model.config._attn_implementation = "eager"
-        bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device,
-                                                     dtype=torch.float32)
-    bridge.enable_compatibility_mode()
+
+    def boot() -> Any:
+        with _hub_offline():
+            hf_model, tokenizer = _read_checkpoint(folder)
+            hf_model.config._attn_implementation = "eager"
+            return _booted(lambda: TransformerBridge.boot_transformers(
+                name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=torch.float32), str(folder))
+
+    bridge = _checked_bridge(boot, rebuild=boot)
     if bos_token is not None:
         bridge.tokenizer.bos_token = bos_token
     return bridge
+
+
+def _booted(boot: Callable[[], Any], where: str) -> Any:
+    """``boot()``'s Bridge, or one line naming the architecture TransformerLens' Bridge refused."""
+    try:
+        return boot()
+    except (ValueError, NotImplementedError, KeyError, AttributeError, TypeError, RuntimeError) as error:
+        text = str(error)
+        found = re.search(r"[A-Z][A-Za-z0-9]*For(?:CausalLM|ConditionalGeneration)", text)
+        what = found.group(0) if found else "this architecture"
+        raise ModelNotAvailableError(
+            f"the TransformerBridge cannot load {what} ({where}): {_first_line(error)[:160]}; supported: the "
+            "architectures of TransformerLens' Bridge (docs/backends.md lists the families tested here)") from error
+
+
+def _checked_bridge(boot: Callable[[], Any], rebuild: Callable[[], Any] | None) -> Any:
+    """The Bridge ``boot()`` makes, in compatibility mode, self-checked (:mod:`~stages_of_inference.self_check`).
+
+    The raw Bridge must agree with the Hugging Face forward, or the family is refused. Where
+    compatibility mode alone moves the outputs, ``rebuild()`` gives a fresh raw Bridge, used
+    instead with a warning (refused where there is no ``rebuild``: the user's own object, which
+    compatibility mode has changed in place).
+    """
+    bridge = boot()
+    family = type(getattr(bridge, "original_model", bridge)).__name__
+    tokens = self_check.probe_tokens(int(bridge.cfg.d_vocab), bridge.cfg.device)
+    reference = self_check.reference_logits(bridge.original_model, tokens)
+    raw = _self_checked(bridge, reference, tokens, family)
+    if not raw.passed:
+        raise ModelNotAvailableError(_disagrees(family, raw, "on the TransformerBridge"))
+    bridge.enable_compatibility_mode()
+    found = _self_checked(bridge, reference, tokens, family)
+    if not found.passed:
+        moved = (f"{family}: compatibility mode (folded norms, centred weights) moves this model's outputs by "
+                 f"{found.kl_nats:.3g} nats (largest KL at any of {found.tokens} positions; allowed "
+                 f"{self_check.tolerance(found.dtype):g})")
+        if rebuild is None:
+            raise ModelNotAvailableError(f"{moved}; save the model with save_pretrained(folder) and load the folder, "
+                                         "where the library runs it on raw weights instead")
+        warnings.warn(f"{moved}: running it on raw weights instead; the analyses that read processed weights "
+                      "(neurons, residual sharpening) are refused on it", stacklevel=4)
+        bridge = rebuild()
+        found = dataclasses.replace(raw, reason=moved)
+    self_check.keep(bridge, found)
+    return bridge
+
+
+def _self_checked(model: Any, reference: torch.Tensor, tokens: torch.Tensor, family: str) -> self_check.SelfCheck:
+    """:func:`self_check.check`, a crash of the library's forward turned into one line naming the family."""
+    try:
+        return self_check.check(model, reference, tokens)
+    except (RuntimeError, ValueError, NotImplementedError, AttributeError, TypeError, KeyError, IndexError) as error:
+        raise ModelNotAvailableError(f"{family}: the library cannot run this model's blocks ({_first_line(error)[:200]}); "
+                                     "supported: the families in docs/backends.md") from error
+
+
+def _disagrees(family: str, found: self_check.SelfCheck, where: str) -> str:
+    return (f"{family}: the library's forward of this model differs from its Hugging Face forward by "
+            f"{found.kl_nats:.3g} nats {where} (largest KL at any of {found.tokens} positions; allowed "
+            f"{self_check.tolerance(found.dtype):g}), so its numbers would be wrong; supported: the families in "
+            "docs/backends.md")
 
 
 # --------------------------------------------------------------------------- embedded / GGUF
@@ -402,6 +473,8 @@ def _load_embedded(entry: EmbeddedModel, device: str | torch.device) -> HookedTr
     with _hub_offline():
         hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokens = self_check.probe_tokens(int(hf_model.config.vocab_size))
+        reference = self_check.reference_logits(hf_model, tokens)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
             model = HookedTransformer.from_pretrained(
@@ -410,7 +483,7 @@ def _load_embedded(entry: EmbeddedModel, device: str | torch.device) -> HookedTr
             )
     if entry.bos_token is not None:
         model.tokenizer.bos_token = entry.bos_token
-    return model
+    return _checked_hooked(model, reference, tokens, entry.key)
 
 
 def _embedded_folder(entry: EmbeddedModel) -> Path:
@@ -593,6 +666,11 @@ def _load_folder(folder: Path, device: str | torch.device, bos_token: str | None
             raise ModelNotAvailableError(
                 f"TransformerLens cannot convert the architecture {hf_config.get('architectures')} of {folder}: {error}"
             ) from error
+        problem = _unmodelled_attention(hf_config, cfg)
+        if problem is not None:
+            raise ModelNotAvailableError(f"{_family(hf_config)} in {folder}: {problem}")
+        tokens = self_check.probe_tokens(int(cfg.d_vocab))
+        reference = self_check.reference_logits(hf_model, tokens)
         state_dict = loading.get_pretrained_state_dict(name, cfg, hf_model)
         del hf_model
         with warnings.catch_warnings():
@@ -607,6 +685,35 @@ def _load_folder(folder: Path, device: str | torch.device, bos_token: str | None
         # After construction: TransformerLens re-creates the tokenizer it is given.
         model.tokenizer.bos_token = bos_token
     model.to(device, print_details=False)
+    return _checked_hooked(model, reference, tokens, _family(hf_config))
+
+
+def _family(hf_config: dict[str, Any]) -> str:
+    return ", ".join(hf_config.get("architectures") or []) or str(hf_config.get("model_type", "this model"))
+
+
+def _unmodelled_attention(hf_config: dict[str, Any], cfg: Any) -> str | None:
+    """Why a ``HookedTransformer`` built from ``cfg`` would compute this checkpoint's attention
+    wrongly: sliding windows (for some or all layers) it does not model. ``None`` where it would not.
+    """
+    if getattr(cfg, "use_local_attn", False):
+        return None  # TransformerLens models this family's windows (Gemma 2 and 3, GPT-Neo)
+    types = [str(t) for t in hf_config.get("layer_types") or []]
+    window = hf_config.get("sliding_window")
+    windowed = any("sliding" in t for t in types) or (
+        not types and isinstance(window, int) and hf_config.get("use_sliding_window", True) and window < cfg.n_ctx)
+    if not windowed:
+        return None
+    return (f"its layers attend within a sliding window of {window} tokens, which TransformerLens' HookedTransformer "
+            "ignores (it would compute every longer context wrongly); load it with backend='bridge'")
+
+
+def _checked_hooked(model: HookedTransformer, reference: torch.Tensor, tokens: torch.Tensor, family: str) -> Any:
+    """``model``, self-checked against the Hugging Face logits ``reference`` (:mod:`~stages_of_inference.self_check`)."""
+    found = _self_checked(model, reference, tokens, family)
+    if not found.passed:
+        raise ModelNotAvailableError(_disagrees(family, found, "as a HookedTransformer") + "; try backend='bridge'")
+    self_check.keep(model, found)
     return model
 
 
@@ -715,7 +822,7 @@ def _load_from_hub(name: str, device: str | torch.device) -> HookedTransformer:
             f"load it once where the hub answers (it is then cached), or {OFFLINE_ADVICE}"
         )
     with _hub_offline(not online), bounded_hub_requests():
-        return HookedTransformer.from_pretrained(
+        model = HookedTransformer.from_pretrained(
             official,
             device=device,
             dtype=torch.float32,
@@ -724,6 +831,12 @@ def _load_from_hub(name: str, device: str | torch.device) -> HookedTransformer:
             center_unembed=True,
             fold_value_biases=True,
         )
+    # TransformerLens reads the checkpoint itself (its own formats included): there is no
+    # Hugging Face forward in hand to compare with, and loading one would double the memory
+    self_check.keep(model, self_check.SelfCheck(
+        float("nan"), reason="not run: TransformerLens loaded this model from the hub itself; load it from a local "
+        "folder or with backend='bridge' to have it checked"))
+    return model
 
 
 def bos_token_id(model: Model) -> int:

@@ -26,6 +26,7 @@ import transformer_lens
 from stages_of_inference import __version__
 from stages_of_inference._tl import Model
 from stages_of_inference._utils import atomic_path, atomic_write_json, file_sha256
+from stages_of_inference import self_check
 from stages_of_inference.backends import backend_of, weight_mode
 from stages_of_inference.batch import TokenBatch, describe_any
 
@@ -141,12 +142,19 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _backend_record(model: Model) -> dict[str, str]:
-    """The backend and how it holds the weights (:func:`~stages_of_inference.backends.weight_mode`)."""
+def _backend_record(model: Model) -> dict[str, Any]:
+    """The backend, how it holds the weights (:func:`~stages_of_inference.backends.weight_mode`) and
+    what the load-time self-check found (:mod:`~stages_of_inference.self_check`; absent for a model
+    this library did not load).
+    """
     try:
-        return {"backend": backend_of(model), "weights": weight_mode(model)}
+        record: dict[str, Any] = {"backend": backend_of(model), "weights": weight_mode(model)}
     except TypeError:  # a stand-in object without a seam (tests of the record itself)
         return {}
+    found = self_check.finding(model)
+    if found is not None:
+        record["self_check"] = found.record()
+    return record
 
 
 def _distribution_version(name: str) -> str:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "stages_of_inference"
 
 # the layers, bottom up: a module may import its own layer and the ones below it, never above
 LAYERS = (
-    ("_checks", "_tl", "batch", "precision", "backends", "_utils", "_tables", "metrics", "models", "data", "results",
+    ("_checks", "_tl", "batch", "precision", "backends", "self_check", "_utils", "_tables", "metrics", "models", "data", "results",
      "probes"),
     ("interventions", "lens", "robustness"),
     ("stages",),

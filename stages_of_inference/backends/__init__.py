@@ -7,11 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 from stages_of_inference._tl import HAS_BRIDGE, HAS_HOOKED, HookedTransformer, TransformerBridge
-from stages_of_inference.backends.base import Embedded, ModelSeam
+from stages_of_inference.backends.base import Embedded, ModelSeam, output_logits
 from stages_of_inference.backends.bridge import BridgeSeam
 from stages_of_inference.backends.hooked import HookedSeam
 
-__all__ = ["Embedded", "ModelSeam", "as_seam", "backend_of", "require_processed_weights", "weight_mode"]
+__all__ = ["Embedded", "ModelSeam", "as_seam", "backend_of", "output_logits", "require_processed_weights", "weight_mode"]
 
 
 def as_seam(model: Any) -> ModelSeam:

@@ -16,8 +16,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+from transformer_lens.utilities import apply_softcap
 
-__all__ = ["ConfigFields", "Embedded", "FwdHooks", "ModelSeam"]
+__all__ = ["ConfigFields", "Embedded", "FwdHooks", "ModelSeam", "output_logits"]
 
 FwdHooks = Sequence[tuple[Any, Callable[..., Any]]]
 
@@ -158,3 +159,13 @@ class ConfigFields:
     def device(self) -> str:
         """Where the model's weights are."""
         return str(self.model.cfg.device)
+
+
+def output_logits(seam: ModelSeam, normed: Tensor) -> Tensor:
+    """The model's output logits from its final norm's output: the unembedding, then the family's
+    output scale and soft-cap, as the model's own forward applies them.
+    """
+    logits = seam.unembed_module(normed)
+    if seam.logit_scale != 1.0:
+        logits = logits * seam.logit_scale
+    return apply_softcap(logits, seam.softcap)

@@ -30,7 +30,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["exclusive", "original", "outermost", "remembered"]
+__all__ = ["exclusive", "original", "outermost", "recalled", "remembered"]
 
 T = TypeVar("T")
 
@@ -107,3 +107,14 @@ def remembered(model: Any, key: str, find: Callable[[], T]) -> T:
     if key not in facts:
         facts[key] = find()
     return facts[key]
+
+
+def recalled(model: Any, key: str) -> Any:
+    """The fact ``key`` :func:`remembered` about ``model``, or ``None`` where none was.
+
+    Example:
+        >>> class M: pass
+        >>> recalled(M(), "answer") is None
+        True
+    """
+    return _FACTS.get(model, {}).get(key)

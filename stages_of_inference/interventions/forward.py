@@ -19,11 +19,10 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens.utilities import apply_softcap
 
 from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_model, check_tokens
-from stages_of_inference.backends import ModelSeam, as_seam
+from stages_of_inference.backends import ModelSeam, as_seam, output_logits
 from stages_of_inference.backends.base import FwdHooks
 from stages_of_inference.backends.state import exclusive
 from stages_of_inference.backends.step import set_step
@@ -105,10 +104,7 @@ def run_plan(
         residual = seam.final_norm(residual)
         if return_type is None:
             return None
-        logits = seam.unembed_module(residual)
-        if seam.logit_scale != 1.0:
-            logits = logits * seam.logit_scale
-        logits = apply_softcap(logits, seam.softcap)
+        logits = output_logits(seam, residual)
         if return_type == "logits":
             return logits
         loss = seam.loss(logits, tokens, emb)

@@ -1,0 +1,147 @@
+"""The load-time self-check: does the library's forward of a model give the model's own numbers?
+
+:func:`stages_of_inference.load_model` converts a Hugging Face checkpoint to a TransformerLens
+model (a ``HookedTransformer``, or a ``TransformerBridge`` in compatibility mode, whose norms are
+folded into the next weights), and the library then runs its blocks itself, through the model seam.
+Either step can be wrong for a family nobody tested, and a wrong forward gives wrong science that
+looks right. So every load compares, on :data:`PROBE_LENGTH` tokens, the seam's forward with every
+block in order against the Hugging Face model's own forward on the weights as stored, as the
+largest KL divergence at any position (log-probabilities, so the per-row constant that centring
+the unembedding adds does not count). It runs in fp32, before any cast to the requested dtype: it
+checks the conversion and the seam, which a dtype does not change (what a lower precision changes
+is measured by the sweep's own precision check).
+
+Past :data:`TOLERANCE_NATS` the load fails in one line naming the family and the size of the
+difference, or, where the difference comes from compatibility mode alone (the raw Bridge agrees),
+the Bridge is rebuilt without it, a warning says so, and the analyses that need processed weights
+refuse in their own words. The finding is kept with the model for as long as it lives
+(:func:`finding`) and recorded in every result's provenance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from stages_of_inference.backends import as_seam, output_logits, weight_mode
+from stages_of_inference.backends.state import exclusive, recalled, remembered
+
+__all__ = ["PROBE_LENGTH", "TOLERANCE_16BIT_NATS", "TOLERANCE_NATS", "SelfCheck", "check", "finding", "keep",
+           "largest_kl", "probe_tokens", "reference_logits", "seam_logits", "tolerance"]
+
+PROBE_LENGTH = 24
+"""Tokens in the self-check's one sequence."""
+
+TOLERANCE_NATS = 1e-4
+"""The largest KL divergence, at any position, the self-check accepts for a model held in fp32
+(tiny models of the tested families agree to 1e-6; a dropped output scale or a moved model is
+1e-3 to 1)."""
+
+TOLERANCE_16BIT_NATS = 1e-2
+"""The same for a model held in 16 bits (a Hugging Face model object in bf16 or fp16, wrapped as it
+is): the two forwards round differently, by up to about 1e-3 nats."""
+
+
+def tolerance(dtype: str) -> float:
+    """The self-check's tolerance for a model held in ``dtype`` (``"float32"``, ``"bfloat16"``, ...).
+
+    Example:
+        >>> tolerance("float32"), tolerance("bfloat16")
+        (0.0001, 0.01)
+    """
+    return TOLERANCE_NATS if dtype in ("float32", "float64") else TOLERANCE_16BIT_NATS
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """What the load-time self-check found.
+
+    Attributes:
+        kl_nats: the largest KL divergence at any position, Hugging Face to library (``nan``: not
+            run, ``reason`` says why).
+        tokens: the tokens compared.
+        weights: how the checked model holds its weights (``"processed"`` or ``"raw"``).
+        dtype: the dtype it was checked in.
+        reason: why it was not run, or how the load fell back; ``""`` otherwise.
+    """
+
+    kl_nats: float
+    tokens: int = PROBE_LENGTH
+    weights: str = "processed"
+    dtype: str = "float32"
+    reason: str = ""
+
+    @property
+    def passed(self) -> bool:
+        """Whether the difference is within the tolerance for the dtype it was checked in."""
+        return math.isfinite(self.kl_nats) and self.kl_nats <= tolerance(self.dtype)
+
+    def record(self) -> dict[str, Any]:
+        """JSON-friendly, for provenance (``kl_nats`` ``None`` where not run)."""
+        out = asdict(self)
+        out["kl_nats"] = self.kl_nats if math.isfinite(self.kl_nats) else None
+        return out
+
+
+def probe_tokens(d_vocab: int, device: str | torch.device = "cpu") -> Tensor:
+    """The self-check's tokens: one sequence of :data:`PROBE_LENGTH` ids drawn with a fixed seed.
+
+    Example:
+        >>> probe_tokens(10).shape, bool(probe_tokens(10).max() < 10)
+        (torch.Size([1, 24]), True)
+    """
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, d_vocab, (1, PROBE_LENGTH), generator=generator).to(device)
+
+
+def reference_logits(hf_model: Any, tokens: Tensor) -> Tensor:
+    """The Hugging Face model's own logits for ``tokens`` (no cache), in fp32 on the CPU."""
+    with torch.inference_mode():
+        return hf_model(input_ids=tokens.to(next(hf_model.parameters()).device), use_cache=False).logits.float().cpu()
+
+
+def seam_logits(model: Any, tokens: Tensor) -> Tensor:
+    """The library's forward of ``model``: embed, every block in order through the seam, the final
+    norm and the output (with the family's output scale and soft-cap), in fp32 on the CPU.
+    """
+    seam = as_seam(model)
+    with exclusive(seam.model), torch.inference_mode():
+        embedded = seam.embed(tokens.to(seam.device))
+        residual = embedded.residual
+        for layer in range(seam.n_layers):
+            residual = seam.run_block(layer, residual, embedded, layer)
+        return output_logits(seam, seam.final_norm(residual)).float().cpu()
+
+
+def largest_kl(reference: Tensor, found: Tensor) -> float:
+    """The largest KL divergence of ``found`` from ``reference`` at any position (float64 nats).
+
+    Example:
+        >>> x = torch.randn(1, 3, 5)
+        >>> largest_kl(x, x + 2.0) < 1e-12  # a constant per row is no difference
+        True
+    """
+    ref, got = reference.double().log_softmax(-1), found.double().log_softmax(-1)
+    return float((ref.exp() * (ref - got)).sum(-1).max())
+
+
+def check(model: Any, reference: Tensor, tokens: Tensor) -> SelfCheck:
+    """Compare ``model``'s library forward on ``tokens`` with ``reference``."""
+    dtype = str(next(as_seam(model).model.parameters()).dtype).removeprefix("torch.")
+    return SelfCheck(largest_kl(reference, seam_logits(model, tokens)), tokens.shape[-1], weight_mode(model), dtype)
+
+
+def keep(model: Any, found: SelfCheck) -> None:
+    """Keep ``found`` with ``model`` (read back by :func:`finding`)."""
+    remembered(model, "self_check", lambda: found)
+
+
+def finding(model: Any) -> SelfCheck | None:
+    """What the self-check found when ``model`` was loaded (``None`` for a model this library did
+    not load).
+    """
+    return recalled(model, "self_check")
