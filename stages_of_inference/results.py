@@ -23,10 +23,9 @@ import pandas as pd
 import torch
 import transformer_lens
 
-from stages_of_inference import __version__
+from stages_of_inference import __version__, self_check
 from stages_of_inference._tl import Model
 from stages_of_inference._utils import atomic_path, atomic_write_json, file_sha256
-from stages_of_inference import self_check
 from stages_of_inference.backends import backend_of, weight_mode
 from stages_of_inference.batch import TokenBatch, describe_any
 

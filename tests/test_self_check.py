@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from test_bridge import _hf_model, _tokenizer
 
 import stages_of_inference as soi
 from stages_of_inference import LayerPlan, run_plan
@@ -24,7 +25,6 @@ from stages_of_inference.backends.bridge import BridgeSeam
 from stages_of_inference.models import ModelNotAvailableError
 from stages_of_inference.results import provenance
 from stages_of_inference.self_check import TOLERANCE_NATS, finding
-from test_bridge import _hf_model, _tokenizer
 
 pytestmark = pytest.mark.skipif(not HAS_BRIDGE, reason="this TransformerLens has no TransformerBridge")
 
