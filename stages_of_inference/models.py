@@ -329,12 +329,12 @@ def _wrap_hf_object(hf_model: Any, tokenizer: Any, backend: str, device: Any) ->
     device = check_device(device) or str(next(hf_model.parameters()).device)
     name = str(getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__)
 
-    def boot() -> Any:
+    def boot(model: Any, tok: Any) -> Any:
         with _hub_offline():
-            return TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, device=device,
-                                                       dtype=next(hf_model.parameters()).dtype)
+            return _booted(lambda: TransformerBridge.boot_transformers(
+                name, hf_model=model, tokenizer=tok, device=device, dtype=next(model.parameters()).dtype), model, name)
 
-    bridge = _checked_bridge(boot, rebuild=None)
+    bridge = _checked_bridge(lambda: (hf_model, tokenizer), boot, rebuildable=False)
     bridge.cfg.model_name = name
     return bridge.eval()
 
@@ -358,11 +358,18 @@ def _load_bridge(key: str, path: Path, device: str | torch.device) -> Any:
             f"{key!r} is not in the local hub cache and the Hugging Face Hub is not reachable ({problem}); "
             f"load it once where the hub answers, or {OFFLINE_ADVICE}")
 
-    def boot() -> Any:
-        with _hub_offline(problem is not None), bounded_hub_requests():
-            return _booted(lambda: TransformerBridge.boot_transformers(key, device=device, dtype=torch.float32), key)
+    def read() -> tuple[Any, Any]:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return _checked_bridge(boot, rebuild=boot)
+        with _hub_offline(problem is not None), bounded_hub_requests():
+            return AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32), AutoTokenizer.from_pretrained(key)
+
+    def boot(model: Any, tok: Any) -> Any:
+        with _hub_offline(problem is not None), bounded_hub_requests():
+            return _booted(lambda: TransformerBridge.boot_transformers(
+                key, hf_model=model, tokenizer=tok, device=device, dtype=torch.float32), model, key)
+
+    return _checked_bridge(read, boot, rebuildable=True)
 
 
 def _boot_bridge(folder: Path, name: str, device: str | torch.device, bos_token: str | None) -> Any:
@@ -370,60 +377,86 @@ def _boot_bridge(folder: Path, name: str, device: str | torch.device, bos_token:
     if not any(folder.glob("*.safetensors")):
         raise ModelNotAvailableError(f"{folder} holds no .safetensors weights; this library never unpickles")
 
-    def boot() -> Any:
+    def read() -> tuple[Any, Any]:
         with _hub_offline():
             hf_model, tokenizer = _read_checkpoint(folder)
-            hf_model.config._attn_implementation = "eager"
-            return _booted(lambda: TransformerBridge.boot_transformers(
-                name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=torch.float32), str(folder))
+        hf_model.config._attn_implementation = "eager"
+        return hf_model, tokenizer
 
-    bridge = _checked_bridge(boot, rebuild=boot)
+    def boot(model: Any, tok: Any) -> Any:
+        with _hub_offline():
+            return _booted(lambda: TransformerBridge.boot_transformers(
+                name, hf_model=model, tokenizer=tok, device=device, dtype=torch.float32), model, str(folder))
+
+    bridge = _checked_bridge(read, boot, rebuildable=True)
     if bos_token is not None:
         bridge.tokenizer.bos_token = bos_token
     return bridge
 
 
-def _booted(boot: Callable[[], Any], where: str) -> Any:
-    """``boot()``'s Bridge, or one line naming the architecture TransformerLens' Bridge refused."""
+def _architecture(hf_model: Any) -> str:
+    return ", ".join(getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])
+
+
+def _booted(boot: Callable[[], Any], hf_model: Any, where: str) -> Any:
+    """``boot()``'s Bridge, or one line naming the architecture TransformerLens' Bridge refused,
+    not TransformerLens' list of all it supports.
+    """
     try:
         return boot()
-    except (ValueError, NotImplementedError, KeyError, AttributeError, TypeError, RuntimeError) as error:
-        text = str(error)
-        found = re.search(r"[A-Z][A-Za-z0-9]*For(?:CausalLM|ConditionalGeneration)", text)
-        what = found.group(0) if found else "this architecture"
+    except _CRASHES as error:
+        said = _first_line(error).split(" Available architectures")[0][:160]
         raise ModelNotAvailableError(
-            f"the TransformerBridge cannot load {what} ({where}): {_first_line(error)[:160]}; supported: the "
+            f"{_architecture(hf_model)}: the TransformerBridge cannot load it ({where}): {said}; supported: the "
             "architectures of TransformerLens' Bridge (docs/backends.md lists the families tested here)") from error
 
 
-def _checked_bridge(boot: Callable[[], Any], rebuild: Callable[[], Any] | None) -> Any:
-    """The Bridge ``boot()`` makes, in compatibility mode, self-checked (:mod:`~stages_of_inference.self_check`).
+_CRASHES = (RuntimeError, ValueError, NotImplementedError, AttributeError, TypeError, KeyError, IndexError, AssertionError)
+"""What TransformerLens and transformers raise on a layout they do not handle (a crash at load)."""
 
-    The raw Bridge must agree with the Hugging Face forward, or the family is refused. Where
-    compatibility mode alone moves the outputs, ``rebuild()`` gives a fresh raw Bridge, used
-    instead with a warning (refused where there is no ``rebuild``: the user's own object, which
-    compatibility mode has changed in place).
+
+def _checked_bridge(read: Callable[[], tuple[Any, Any]], boot: Callable[[Any, Any], Any], rebuildable: bool) -> Any:
+    """The Bridge ``boot`` makes of the model and tokenizer ``read()`` gives, in compatibility mode,
+    self-checked (:mod:`~stages_of_inference.self_check`).
+
+    The reference is the Hugging Face forward before any Bridge touches the model (booting may
+    patch it). The raw Bridge must agree with it, or the family is refused. Where compatibility
+    mode alone moves the outputs, or TransformerLens has none for the family, a fresh raw Bridge
+    (``read()`` again) is checked and used instead, with a warning; refused where the model cannot
+    be read again (the user's own object, which compatibility mode may have changed in place).
     """
-    bridge = boot()
-    family = type(getattr(bridge, "original_model", bridge)).__name__
-    tokens = self_check.probe_tokens(int(bridge.cfg.d_vocab), bridge.cfg.device)
-    reference = self_check.reference_logits(bridge.original_model, tokens)
+    hf_model, tokenizer = read()
+    family = _architecture(hf_model)
+    tokens = self_check.probe_tokens(int(hf_model.config.vocab_size), next(hf_model.parameters()).device)
+    try:
+        reference = self_check.reference_logits(hf_model, tokens)
+    except _CRASHES as error:
+        raise ModelNotAvailableError(f"{family}: the model's own forward fails ({_first_line(error)[:200]}); "
+                                     "supported: the families in docs/backends.md") from error
+    bridge = boot(hf_model, tokenizer)
     raw = _self_checked(bridge, reference, tokens, family)
     if not raw.passed:
         raise ModelNotAvailableError(_disagrees(family, raw, "on the TransformerBridge"))
-    bridge.enable_compatibility_mode()
-    found = _self_checked(bridge, reference, tokens, family)
-    if not found.passed:
-        moved = (f"{family}: compatibility mode (folded norms, centred weights) moves this model's outputs by "
-                 f"{found.kl_nats:.3g} nats (largest KL at any of {found.tokens} positions; allowed "
-                 f"{self_check.tolerance(found.dtype):g})")
-        if rebuild is None:
+    try:
+        bridge.enable_compatibility_mode()
+        found = _self_checked(bridge, reference, tokens, family)
+        moved = "" if found.passed else (
+            f"{family}: compatibility mode (folded norms, centred weights) moves this model's outputs by "
+            f"{found.kl_nats:.3g} nats (largest KL at any of {found.tokens} positions; allowed "
+            f"{self_check.tolerance(found.dtype):g})")
+    except (RuntimeError, NotImplementedError, ValueError) as error:
+        moved = f"{family}: TransformerLens has no compatibility mode for this family ({_first_line(error)[:120]})"
+    if moved:
+        if not rebuildable:
             raise ModelNotAvailableError(f"{moved}; save the model with save_pretrained(folder) and load the folder, "
                                          "where the library runs it on raw weights instead")
+        bridge = boot(*read())
+        found = dataclasses.replace(_self_checked(bridge, reference, tokens, family), reason=moved)
+        if not found.passed:
+            raise ModelNotAvailableError(_disagrees(family, found, "on the TransformerBridge rebuilt without "
+                                                    "compatibility mode"))
         warnings.warn(f"{moved}: running it on raw weights instead; the analyses that read processed weights "
                       "(neurons, residual sharpening) are refused on it", stacklevel=4)
-        bridge = rebuild()
-        found = dataclasses.replace(raw, reason=moved)
     self_check.keep(bridge, found)
     return bridge
 
@@ -432,7 +465,7 @@ def _self_checked(model: Any, reference: torch.Tensor, tokens: torch.Tensor, fam
     """:func:`self_check.check`, a crash of the library's forward turned into one line naming the family."""
     try:
         return self_check.check(model, reference, tokens)
-    except (RuntimeError, ValueError, NotImplementedError, AttributeError, TypeError, KeyError, IndexError) as error:
+    except _CRASHES as error:
         raise ModelNotAvailableError(f"{family}: the library cannot run this model's blocks ({_first_line(error)[:200]}); "
                                      "supported: the families in docs/backends.md") from error
 
@@ -671,21 +704,30 @@ def _load_folder(folder: Path, device: str | torch.device, bos_token: str | None
             raise ModelNotAvailableError(f"{_family(hf_config)} in {folder}: {problem}")
         tokens = self_check.probe_tokens(int(cfg.d_vocab))
         reference = self_check.reference_logits(hf_model, tokens)
-        state_dict = loading.get_pretrained_state_dict(name, cfg, hf_model)
+        try:
+            model = _converted_hooked(loading.get_pretrained_state_dict(name, cfg, hf_model), cfg, tokenizer)
+        except _CRASHES as error:
+            raise ModelNotAvailableError(f"{_family(hf_config)}: TransformerLens cannot convert this layout to a "
+                                         f"HookedTransformer ({_first_line(error)[:160]}); try backend='bridge'") from error
         del hf_model
-        with warnings.catch_warnings():
-            # HookedTransformer is deprecated in TransformerLens 3.x and gone in 4.0 (where this
-            # library runs on the Bridge instead); the warning says nothing new to a user.
-            warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
-            model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
-        model.load_and_process_state_dict(
-            state_dict, fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True
-        )
     if bos_token is not None:
         # After construction: TransformerLens re-creates the tokenizer it is given.
         model.tokenizer.bos_token = bos_token
     model.to(device, print_details=False)
     return _checked_hooked(model, reference, tokens, _family(hf_config))
+
+
+def _converted_hooked(state_dict: dict[str, torch.Tensor], cfg: Any, tokenizer: Any) -> HookedTransformer:
+    """A ``HookedTransformer`` of ``cfg`` holding ``state_dict``, processed as TransformerLens does on load."""
+    with warnings.catch_warnings():
+        # HookedTransformer is deprecated in TransformerLens 3.x and gone in 4.0 (where this
+        # library runs on the Bridge instead); the warning says nothing new to a user.
+        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
+        model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="right")
+    model.load_and_process_state_dict(
+        state_dict, fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True
+    )
+    return model
 
 
 def _family(hf_config: dict[str, Any]) -> str:

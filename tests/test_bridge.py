@@ -38,43 +38,50 @@ def _tokenizer(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN202 - a Pr
     return PreTrainedTokenizerFast.from_pretrained(folder)  # a local name_or_path: the Bridge reloads it offline
 
 
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+              max_position_embeddings=64)
+CONFIGS = {  # family: (config class, model class, the config's arguments beyond COMMON, or None: its own)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2}),
+    # Llama's computation; a sliding window longer than the tests' sequences
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"num_key_value_heads": 2, "sliding_window": 32}),
+    # Llama's computation with query, key and value biases
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 2}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"num_key_value_heads": 2, "head_dim": 8}),
+    # sliding-window and global layers, with their own rotary tables
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"num_key_value_heads": 2, "head_dim": 8, "sliding_window": 4,
+                                                         "layer_types": ["sliding_attention", "full_attention"] * 2}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", None),
+    # parallel attention and MLP
+    "neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"use_parallel_residual": True, "rotary_pct": 0.5}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"num_key_value_heads": 4, "pad_token_id": 0}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"num_key_value_heads": 4}),
+    # logits divided by logits_scaling after lm_head
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"num_key_value_heads": 2, "logits_scaling": 4.0,
+                                                        "residual_multiplier": 0.5, "embedding_multiplier": 2.0,
+                                                        "attention_multiplier": 0.3}),
+    # attention and MLP each add the residual themselves (their hook_out holds it)
+    "bloom": ("BloomConfig", "BloomForCausalLM", None),
+    # the MLP adds the residual itself
+    "mpt": ("MptConfig", "MptForCausalLM", None),
+    # logits multiplied by logit_scale after lm_head; parallel blocks
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"num_key_value_heads": 2, "logit_scale": 0.25}),
+}
+OWN_ARGUMENTS = {  # the families whose configs name the sizes their own way
+    "gpt2": dict(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64),
+    "bloom": dict(vocab_size=VOCAB, hidden_size=32, n_layer=4, n_head=4),
+    "mpt": dict(vocab_size=VOCAB, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, expansion_ratio=2),
+}
+
+
 def _hf_model(family: str) -> nn.Module:
     """A tiny random model of ``family`` from transformers' own config and model classes."""
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-                  max_position_embeddings=64)
-    if family == "llama":
-        config, cls = tf.LlamaConfig(**common, num_key_value_heads=2), tf.LlamaForCausalLM
-    elif family == "qwen3":
-        config, cls = tf.Qwen3Config(**common, num_key_value_heads=2, head_dim=8), tf.Qwen3ForCausalLM
-    elif family == "gemma3":  # sliding-window and global layers, with their own rotary tables
-        config = tf.Gemma3TextConfig(**common, num_key_value_heads=2, head_dim=8, sliding_window=4,
-                                     layer_types=["sliding_attention", "full_attention"] * 2)
-        cls = tf.Gemma3ForCausalLM
-    elif family == "gpt2":
-        config, cls = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64), tf.GPT2LMHeadModel
-    elif family == "neox":  # parallel attention and MLP
-        config = tf.GPTNeoXConfig(**common, use_parallel_residual=True, rotary_pct=0.5)
-        cls = tf.GPTNeoXForCausalLM
-    elif family == "phi3":
-        config, cls = tf.Phi3Config(**common, num_key_value_heads=4, pad_token_id=0), tf.Phi3ForCausalLM
-    elif family == "olmo2":
-        config, cls = tf.Olmo2Config(**common, num_key_value_heads=4), tf.Olmo2ForCausalLM
-    elif family == "granite":  # logits divided by logits_scaling after lm_head
-        config = tf.GraniteConfig(**common, num_key_value_heads=2, logits_scaling=4.0, residual_multiplier=0.5,
-                                  embedding_multiplier=2.0, attention_multiplier=0.3)
-        cls = tf.GraniteForCausalLM
-    elif family == "bloom":  # attention and MLP each add the residual themselves (their hook_out holds it)
-        config, cls = tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=4, n_head=4), tf.BloomForCausalLM
-    elif family == "mpt":  # the MLP adds the residual itself
-        config = tf.MptConfig(vocab_size=VOCAB, d_model=32, n_layers=4, n_heads=4, max_seq_len=64, expansion_ratio=2)
-        cls = tf.MptForCausalLM
-    elif family == "cohere":  # logits multiplied by logit_scale after lm_head; parallel blocks
-        config = tf.CohereConfig(**common, num_key_value_heads=2, logit_scale=0.25)
-        cls = tf.CohereForCausalLM
-    else:
+    if family not in CONFIGS:
         raise ValueError(family)
+    config_name, model_name, extra = CONFIGS[family]
+    config = getattr(tf, config_name)(**(OWN_ARGUMENTS[family] if extra is None else {**COMMON, **extra}))
+    cls = getattr(tf, model_name)
     config.architectures = [cls.__name__]  # what the Bridge picks its adapter by
     config._attn_implementation = "eager"  # the Bridge's own choice, so both sides compute alike
     torch.manual_seed(0)
@@ -90,6 +97,7 @@ def _hf_model(family: str) -> nn.Module:
 
 FAMILIES = ("llama", "qwen3", "gemma3", "gpt2", "neox", "phi3", "olmo2")
 CARRYING = ("bloom", "mpt")  # sublayer modules that add the residual themselves
+FAST_FAMILIES = ("llama", "mistral", "qwen2")  # the layers the Bridge fast path computes from their weights
 OUTPUT_PROJECTIONS = {  # what each sublayer adds to the residual passes last through these
     "llama": ("model.layers.{}.self_attn.o_proj", "model.layers.{}.mlp.down_proj"),
     "bloom": ("transformer.h.{}.self_attention.dense", "transformer.h.{}.mlp.dense_4h_to_h"),
@@ -155,7 +163,7 @@ def _bridge(family: str, tokenizer, compatibility: bool):  # noqa: ANN001, ANN20
     return bridge, reference
 
 
-@pytest.mark.parametrize("family", FAMILIES + CARRYING)
+@pytest.mark.parametrize("family", FAMILIES + CARRYING + ("mistral", "qwen2"))
 def test_bridge_sweep_equals_reordering_the_hf_layers(family: str, tokenizer, tokens: torch.Tensor) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     bridge, reference = _bridge(family, tokenizer, compatibility=False)
@@ -340,14 +348,16 @@ def test_drop_layer_hooks_delete_a_block_on_the_bridge(family: str, tokenizer, t
 
 
 @pytest.mark.parametrize("compatibility", [False, True])
-def test_the_bridge_fast_path_runs_llama_layers_and_says_why_not_elsewhere(compatibility: bool, tokenizer,
+@pytest.mark.parametrize("family", FAST_FAMILIES)
+def test_the_bridge_fast_path_runs_llama_layers_and_says_why_not_elsewhere(family: str, compatibility: bool, tokenizer,
                                                                            tokens: torch.Tensor) -> None:
-    """Llama-style layers take the Bridge's fast path (plans stacked): every plan's numbers equal
-    the blocks' own path; other layers, and a block with a hook, run as themselves and say why."""
+    """Llama-style layers (Llama's, Mistral's, Qwen2's) take the Bridge's fast path (plans
+    stacked): every plan's numbers equal the blocks' own path; other layers, and a block with a
+    hook, run as themselves and say why."""
     from stages_of_inference.backends.bridge_fast import bridge_fast_path_blocker
     from stages_of_inference.interventions.executor import evaluate
 
-    bridge, _ = _bridge("llama", tokenizer, compatibility=compatibility)
+    bridge, _ = _bridge(family, tokenizer, compatibility=compatibility)
     seam = as_seam(bridge)
     n = bridge.cfg.n_layers
     fast = seam.fast_blocks(seam.embed(tokens), True)

@@ -4,7 +4,9 @@ the sweep can stack plans that run the same block at the same step into one bloc
 The Bridge's blocks are Hugging Face layers behind hook points; a block call runs the layer's own
 code one plan at a time. Where the layer is one whose computation this module reproduces (a
 ``LlamaDecoderLayer``: pre-norm RMSNorm, rotary attention with grouped keys and values, causal
-mask, gated MLP; SmolLM2 and the many checkpoints that reuse Llama's layer), where nothing could
+mask, gated MLP; SmolLM2 and the many checkpoints that reuse Llama's layer; Mistral's and Qwen2's
+layers, the same computation with query/key/value biases in Qwen2's and a sliding window, which
+the fast path takes where the window is at least the batch's length), where nothing could
 observe the difference (no hook on the block), and where the layer's recorded call is the plain
 causal one (no sliding window, no padding), :class:`BridgeFastBlocks` computes the block from its
 weights instead, with the products of :mod:`stages_of_inference.backends.kernels` (one fused
@@ -36,7 +38,7 @@ from stages_of_inference.backends.kernels import (
 __all__ = ["BRIDGE_FAST_LAYERS", "INERT_HOOKS", "BridgeFastBlocks", "bridge_fast_path_blocker", "inert_hook",
            "norm_parameters"]
 
-BRIDGE_FAST_LAYERS = ("LlamaDecoderLayer",)
+BRIDGE_FAST_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 """Hugging Face layer classes the Bridge fast path reproduces (tested: tests/test_bridge.py)."""
 
 
@@ -115,8 +117,9 @@ def bridge_fast_path_blocker(bridge: Any, layer: int, call: Any, seq_len: int) -
     if hook is not None:
         return f"a hook is attached to the block ({hook})"
     attn = hf_layer.self_attn
-    if getattr(attn, "sliding_window", None) or getattr(attn, "attn_logit_softcapping", None):
-        return "sliding-window or soft-capped attention"
+    window = getattr(attn, "sliding_window", None)
+    if (window and window < seq_len) or getattr(attn, "attn_logit_softcapping", None):
+        return "sliding-window attention shorter than the batch, or soft-capped attention"
     if call.args or not _is_causal(call.kwargs.get("attention_mask"), seq_len):
         return "the layer's recorded call is not the plain causal one"
     if not isinstance(call.kwargs.get("position_embeddings"), tuple):

@@ -1,0 +1,213 @@
+"""The table of Hugging Face families in docs/backends.md: which load, which are right, which are
+refused and why, which take the fast path. Run under each TransformerLens version:
+
+    python tools/family_table.py            # .venv: TransformerLens 3.9, both backends
+    .venv-tl4/bin/python tools/family_table.py
+
+For each family, a tiny random model (hidden 64, 4 layers, weights N(0, 0.2), so every block
+matters) is built offline from transformers' own config class, saved as a checkpoint and loaded as
+a user would (``load_model(folder, backend=...)``). A model that loads is compared, on 2 x 16
+tokens, with the Hugging Face model's own forward with its layer list reordered (and
+``config.layer_types`` with it) for the unmodified model, every deletion and every swap: the
+largest difference of a plan's KL (from the unmodified output) between library and reference.
+"right" means within 1e-4 nats. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from torch import nn  # noqa: E402
+
+import stages_of_inference as soi  # noqa: E402
+from stages_of_inference._tl import TL_VERSION, backends_available  # noqa: E402
+from stages_of_inference.backends import as_seam  # noqa: E402
+from stages_of_inference.models import ModelNotAvailableError  # noqa: E402
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128)
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "Llama": ("Llama", {}),
+    "Mistral": ("Mistral", {"sliding_window": None}),
+    "Mixtral": ("Mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    "Qwen2": ("Qwen2", {}),
+    "Qwen2, sliding layers": ("Qwen2", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 2}),
+    "Qwen2-MoE": ("Qwen2Moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                               "shared_expert_intermediate_size": 32}),
+    "Qwen3": ("Qwen3", {"head_dim": 16}),
+    "Qwen3-MoE": ("Qwen3Moe", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
+    "Gemma": ("Gemma", {"head_dim": 16}),
+    "Gemma 2": ("Gemma2", {"head_dim": 16, "sliding_window": 6}),
+    "Gemma 3": ("Gemma3Text", {"head_dim": 16, "sliding_window": 6,
+                               "layer_types": ["sliding_attention", "full_attention"] * 2}),
+    "GPT-2": ("GPT2", {"n_positions": 128}),
+    "GPT-NeoX": ("GPTNeoX", {"use_parallel_residual": True, "rotary_pct": 0.5}),
+    "GPT-J": ("GPTJ", {"n_positions": 128, "rotary_dim": 8}),
+    "Phi": ("Phi", {}),
+    "Phi-3": ("Phi3", {"pad_token_id": 0}),
+    "OLMo": ("Olmo", {}),
+    "OLMo 2": ("Olmo2", {}),
+    "OLMo 3": ("Olmo3", {"sliding_window": 6}),
+    "StableLM": ("StableLm", {}),
+    "Falcon": ("Falcon", {"new_decoder_architecture": False, "multi_query": True, "parallel_attn": True}),
+    "Falcon, new decoder": ("Falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+    "Bloom": ("Bloom", {}),
+    "MPT": ("Mpt", {"d_model": 64, "n_heads": 4, "n_layers": 4, "max_seq_len": 128, "expansion_ratio": 2}),
+    "OPT": ("OPT", {"ffn_dim": 96, "word_embed_proj_dim": 64}),
+    "OPT-350m layout": ("OPT", {"ffn_dim": 96, "word_embed_proj_dim": 32, "do_layer_norm_before": False}),
+    "CodeGen": ("CodeGen", {"n_positions": 128, "rotary_dim": 8}),
+    "Granite": ("Granite", {"logits_scaling": 4.0, "residual_multiplier": 0.5, "embedding_multiplier": 2.0}),
+    "Cohere": ("Cohere", {"logit_scale": 0.25}),
+    "StarCoder2": ("Starcoder2", {"sliding_window": None}),
+    "GPT-BigCode": ("GPTBigCode", {"n_positions": 128}),
+    "GLM-4": ("Glm4", {"head_dim": 16, "pad_token_id": 0}),
+    "Nemotron": ("Nemotron", {"head_dim": 16}),
+    "SmolLM3": ("SmolLM3", {"pad_token_id": 0}),
+    "Ministral": ("Ministral", {"head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "sliding_window": 6,
+                                "layer_types": ["sliding_attention", "full_attention"] * 2}),
+    "VaultGemma": ("VaultGemma", {"head_dim": 16}),
+}
+
+
+def _tokenizer(folder: Path) -> Any:
+    words = ["<bos>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 2)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>").save_pretrained(folder)
+    return tf.PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def build(prefix: str, extra: dict[str, Any]) -> nn.Module:
+    """A tiny random model of the family whose classes start with ``prefix``."""
+    config_cls = getattr(tf, f"{prefix}Config")
+    model_cls = (tf.Gemma3ForCausalLM if prefix == "Gemma3Text"
+                 else getattr(tf, f"{prefix}ForCausalLM", None) or getattr(tf, f"{prefix}LMHeadModel"))
+    accepted = set(inspect.signature(config_cls.__init__).parameters) | set(getattr(config_cls, "attribute_map", {}))
+    config = config_cls(**{**{k: v for k, v in COMMON.items() if k in accepted}, **extra})
+    config.architectures = [model_cls.__name__]
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.2)
+            elif "norm" in name or "ln" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
+    n = model.config.num_hidden_layers
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == n:
+                return module, name
+    raise LookupError("no layer list")
+
+
+def reference_logits(model: nn.Module, tokens: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """The Hugging Face forward with its layer list (and ``layer_types``) put in ``order``."""
+    owner, name = _layer_list(model)
+    original, config = getattr(owner, name), model.config
+    n, types = config.num_hidden_layers, getattr(config, "layer_types", None)
+    setattr(owner, name, nn.ModuleList([original[i] for i in order]))
+    try:
+        config.num_hidden_layers = len(order)
+        if types is not None:
+            config.layer_types = [types[i] for i in order]
+        with torch.no_grad():
+            return model(tokens, use_cache=False).logits.double()
+    finally:
+        setattr(owner, name, original)
+        config.num_hidden_layers = n
+        if types is not None:
+            config.layer_types = types
+
+
+def _kl(base: torch.Tensor, logits: torch.Tensor) -> float:
+    p, q = base.double().log_softmax(-1), logits.double().log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def _plans(n: int) -> list[soi.LayerPlan]:
+    return ([soi.LayerPlan.identity(n)] + [soi.LayerPlan.drop(n, i) for i in range(n)]
+            + [soi.LayerPlan.swap(n, i) for i in range(n - 1)])
+
+
+def _cell(error: BaseException) -> str:
+    text = (str(error).splitlines() or [""])[0]
+    return (text[:170] + " ...").replace("|", "/") if len(text) > 170 else text.replace("|", "/")
+
+
+def row(label: str, backend: str, workdir: Path, tokenizer: Any) -> str:
+    """The table's row for family ``label`` on ``backend``."""
+    prefix, extra = FAMILIES[label]
+    try:
+        reference = build(prefix, extra)
+    except Exception as error:  # a config this transformers does not have, or other arguments
+        return f"| {label} | {backend} | not built here ({type(error).__name__}: {_cell(error)}) | |"
+    folder = workdir / f"{prefix}-{len(os.listdir(workdir))}"
+    reference.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = soi.load_model(folder, backend=backend)
+    except ModelNotAvailableError as error:
+        return f"| {label} | {backend} | refused: {_cell(error).replace(str(folder), 'FOLDER')} | |"
+    except Exception as error:  # a crash: the library's bug, shown as one
+        return f"| {label} | {backend} | CRASH at load: {type(error).__name__}: {_cell(error)} | |"
+    moved = [str(w.message) for w in caught if "compatibility mode" in str(w.message)]
+    note = ("" if not moved else "TransformerLens has no compatibility mode for it" if "has no compatibility" in moved[0]
+            else "compatibility mode moves it")
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    n = reference.config.num_hidden_layers
+    base = reference_logits(reference, tokens, tuple(range(n)))
+    worst, largest = 0.0, 0.0
+    try:
+        for plan in _plans(n):
+            expected = _kl(base, reference_logits(reference, tokens, plan.order))
+            found = _kl(base, soi.run_plan(model, tokens, plan))
+            worst, largest = max(worst, abs(found - expected)), max(largest, expected)
+    except Exception as error:
+        return f"| {label} | {backend} | CRASH in a plan: {type(error).__name__}: {_cell(error)} | |"
+    seam = as_seam(model)
+    fast = seam.fast_blocks(seam.embed(tokens), True)
+    fast_text = "yes" if fast is not None and all(fast.allowed) else "no"
+    status = "right" if worst <= 1e-4 else "WRONG"
+    weights = f"; raw weights ({note})" if note else ""
+    return f"| {label} | {backend} | {status}: {worst:.1e} nats (plans' KL up to {largest:.2g}){weights} | {fast_text} |"
+
+
+def main() -> None:
+    """Print the table for the families named (default: all) on every backend installed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("families", nargs="*", help="labels of FAMILIES (default: all)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"TransformerLens {TL_VERSION}, transformers {tf.__version__}\n")
+    print("| family | backend | status | fast path |\n|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        tokenizer = _tokenizer(workdir / "tokenizer")
+        for label in args.families or FAMILIES:
+            for backend in backends_available():
+                print(row(label, backend, workdir, copy.copy(tokenizer)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
