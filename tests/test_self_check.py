@@ -140,3 +140,33 @@ def test_a_hooked_transformer_refuses_per_layer_sliding_windows_it_would_ignore(
                        r"window of 6 tokens, which TransformerLens' HookedTransformer ignores .*backend='bridge'$"):
         soi.load_model(tmp_path, backend="hooked")
     assert finding(soi.load_model(tmp_path, backend="bridge")).passed
+
+
+def _documented_rows(version: str) -> dict[tuple[str, str], tuple[str, str]]:
+    """docs/backends.md's family table for TransformerLens ``version``: (family, backend) to
+    (status word, fast path)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "backends.md").read_text()
+    table = text.split(f"TransformerLens {version}, transformers")[1].split("\n\n")[1]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    return {(r[0], r[1]): (r[2].split(":")[0], r[3]) for r in rows}
+
+
+@pytest.mark.parametrize("family", ["Llama", "Qwen2, sliding layers", "Bloom", "CodeGen", "Phi", "Granite"])
+def test_the_documented_family_table_is_what_the_script_finds(family: str, tmp_path) -> None:  # noqa: ANN001
+    """A sample of docs/backends.md's table, rerun with tools/family_table.py in this TransformerLens."""
+    import importlib.util
+    from pathlib import Path
+
+    from stages_of_inference._tl import backends_available
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "family_table.py"
+    spec = importlib.util.spec_from_file_location("family_table", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    documented = _documented_rows(TL_VERSION.split("+")[0])
+    tokenizer = table._tokenizer(tmp_path / "tokenizer")
+    for backend in backends_available():
+        cells = [cell.strip() for cell in table.row(family, backend, tmp_path, tokenizer).strip("|").split("|")]
+        assert (cells[2].split(":")[0], cells[3]) == documented[(family, backend)], (family, backend, cells)
