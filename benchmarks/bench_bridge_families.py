@@ -1,5 +1,5 @@
 """The Bridge fast path per family: the sweep on a small random model of each family whose layers
-the fast path computes (Llama, Mistral, Qwen2), with the fast path and with every block run as
+the fast path computes (Llama, Mistral, Qwen2, Qwen3), with the fast path and with every block run as
 itself, in one run; prints each family's speed-up and the largest KL difference between the two.
 
     python benchmarks/bench_bridge_families.py [--d-model 256] [--layers 6] [--tokens 128] [--repeats 3]
@@ -38,7 +38,7 @@ def _model(family: str, d_model: int, layers: int) -> torch.nn.Module:
                   num_attention_heads=d_model // 64, num_key_value_heads=max(1, d_model // 128),
                   max_position_embeddings=1024)
     config, cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-                   "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[family]
+                   "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[family]
     cfg = config(**common)
     cfg.architectures, cfg._attn_implementation = [cls.__name__], "eager"
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def main() -> None:
           f"{args.sequences} x {args.tokens} tokens, best of {args.repeats}")
     print("| family | fast path (s) | every block as itself (s) | speed-up | largest KL difference (nats) |")
     print("|---|---|---|---|---|")
-    for family in ("llama", "mistral", "qwen2"):
+    for family in ("llama", "mistral", "qwen2", "qwen3"):
         bridge = TransformerBridge.boot_transformers(family, hf_model=_model(family, args.d_model, args.layers),
                                                      tokenizer=_tokenizer())
         bridge.enable_compatibility_mode()

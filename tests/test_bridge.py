@@ -97,7 +97,7 @@ def _hf_model(family: str) -> nn.Module:
 
 FAMILIES = ("llama", "qwen3", "gemma3", "gpt2", "neox", "phi3", "olmo2")
 CARRYING = ("bloom", "mpt")  # sublayer modules that add the residual themselves
-FAST_FAMILIES = ("llama", "mistral", "qwen2")  # the layers the Bridge fast path computes from their weights
+FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # the layers the Bridge fast path computes from their weights
 OUTPUT_PROJECTIONS = {  # what each sublayer adds to the residual passes last through these
     "llama": ("model.layers.{}.self_attn.o_proj", "model.layers.{}.mlp.down_proj"),
     "bloom": ("transformer.h.{}.self_attention.dense", "transformer.h.{}.mlp.dense_4h_to_h"),
@@ -351,7 +351,7 @@ def test_drop_layer_hooks_delete_a_block_on_the_bridge(family: str, tokenizer, t
 @pytest.mark.parametrize("family", FAST_FAMILIES)
 def test_the_bridge_fast_path_runs_llama_layers_and_says_why_not_elsewhere(family: str, compatibility: bool, tokenizer,
                                                                            tokens: torch.Tensor) -> None:
-    """Llama-style layers (Llama's, Mistral's, Qwen2's) take the Bridge's fast path (plans
+    """Llama-style layers (Llama's, Mistral's, Qwen2's, Qwen3's) take the Bridge's fast path (plans
     stacked): every plan's numbers equal the blocks' own path; other layers, and a block with a
     hook, run as themselves and say why."""
     from stages_of_inference.backends.bridge_fast import bridge_fast_path_blocker
@@ -369,10 +369,10 @@ def test_the_bridge_fast_path_runs_llama_layers_and_says_why_not_elsewhere(famil
     for column in ("kl_nats", "loss", "accuracy", "entropy_bits"):
         np.testing.assert_allclose(quick.summary[column], plain.summary[column], atol=1e-5, err_msg=column)
     np.testing.assert_allclose(quick.layer_effects["relative_change"], plain.layer_effects["relative_change"], atol=1e-5)
-    other, _ = _bridge("qwen3", tokenizer, compatibility=compatibility)
+    other, _ = _bridge("olmo2", tokenizer, compatibility=compatibility)
     emb = as_seam(other).embed(tokens)
     assert as_seam(other).fast_blocks(emb, True) is None
-    assert "Qwen3DecoderLayer" in bridge_fast_path_blocker(other, 0, emb.extras[0], tokens.shape[1])
+    assert "Olmo2DecoderLayer" in bridge_fast_path_blocker(other, 0, emb.extras[0], tokens.shape[1])
     handle = bridge.blocks[1].mlp.hook_out.add_hook(lambda act, hook: act)
     try:
         reason = bridge_fast_path_blocker(bridge, 1, seam.embed(tokens).extras[1], tokens.shape[1])

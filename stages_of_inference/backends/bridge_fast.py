@@ -6,7 +6,8 @@ code one plan at a time. Where the layer is one whose computation this module re
 ``LlamaDecoderLayer``: pre-norm RMSNorm, rotary attention with grouped keys and values, causal
 mask, gated MLP; SmolLM2 and the many checkpoints that reuse Llama's layer; Mistral's and Qwen2's
 layers, the same computation with query/key/value biases in Qwen2's and a sliding window, which
-the fast path takes where the window is at least the batch's length), where nothing could
+the fast path takes where the window is at least the batch's length; Qwen3's, which norms each
+query and key head before the rotation), where nothing could
 observe the difference (no hook on the block), and where the layer's recorded call is the plain
 causal one (no sliding window, no padding), :class:`BridgeFastBlocks` computes the block from its
 weights instead, with the products of :mod:`stages_of_inference.backends.kernels` (one fused
@@ -38,7 +39,7 @@ from stages_of_inference.backends.kernels import (
 __all__ = ["BRIDGE_FAST_LAYERS", "INERT_HOOKS", "BridgeFastBlocks", "bridge_fast_path_blocker", "inert_hook",
            "norm_parameters"]
 
-BRIDGE_FAST_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+BRIDGE_FAST_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 """Hugging Face layer classes the Bridge fast path reproduces (tested: tests/test_bridge.py)."""
 
 
@@ -164,6 +165,15 @@ class _Prepared:
     rotary: Rotary
     n_heads: int
     d_head: int
+    qk_norms: tuple[_Norm, _Norm] | None = None
+
+
+def _head_norms(attn: nn.Module) -> tuple[_Norm, _Norm] | None:
+    """The RMSNorms a Qwen3 attention applies to each query and key head (``None`` elsewhere)."""
+    if getattr(attn, "q_norm", None) is None:
+        return None
+    return tuple(_Norm(float(norm.variance_epsilon), norm.weight.detach().float())  # type: ignore[return-value]
+                 for norm in (attn.q_norm, attn.k_norm))
 
 
 class BridgeFastBlocks:
@@ -195,7 +205,7 @@ class BridgeFastBlocks:
                          hf_layer.mlp.act_fn, float(hf_layer.self_attn.scaling),
                          Rotary(cos[:, :, None, :].to(dtype), signed_sin(sin, adjacent=False)[:, :, None, :].to(dtype),
                                 cos.shape[-1], adjacent=False),
-                         block.attn.W_Q.shape[0], block.attn.W_Q.shape[2])
+                         block.attn.W_Q.shape[0], block.attn.W_Q.shape[2], _head_norms(hf_layer.self_attn))
 
     def __call__(self, layer: int, resid_pre: Tensor, part: str = "block") -> Tensor:
         """Block ``layer`` (or only its ``part``: ``"attn"`` or ``"mlp"``) on ``resid_pre``."""
@@ -204,5 +214,5 @@ class BridgeFastBlocks:
             p = self._prepared[layer] = self._prepare(layer)
         w = p.weights
         return compose_block(resid_pre, part, p.ln1, p.ln2,
-                             lambda h: attend(h, w, p.n_heads, p.d_head, p.scale, p.rotary),
+                             lambda h: attend(h, w, p.n_heads, p.d_head, p.scale, p.rotary, p.qk_norms),
                              lambda h: mlp_product(w, p.act, h), w.W_qkv.dtype)

@@ -117,10 +117,12 @@ class Rotary:
 
 
 def attend(h: Float[Tensor, "batch pos d_model"], weights: BlockWeights, n_heads: int, d_head: int, scale: float,
-           rotary: Rotary | None) -> Float[Tensor, "batch pos d_model"]:
+           rotary: Rotary | None, qk_norms: tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None = None,
+           ) -> Float[Tensor, "batch pos d_model"]:
     """Causal attention from a block's :class:`BlockWeights`: one fused query/key/value product,
-    queries and keys rotated together (``rotary``, or none), grouped key/value heads, one SDPA call
-    with ``scale``, the output product. Both backends' fast paths run it.
+    each query and key head normed where ``qk_norms`` are given (Qwen3), queries and keys rotated
+    together (``rotary``, or none), grouped key/value heads, one SDPA call with ``scale``, the
+    output product. Both backends' fast paths run it.
     """
     batch, pos, d_model = h.shape
     n_kv = weights.n_kv
@@ -128,6 +130,9 @@ def attend(h: Float[Tensor, "batch pos d_model"], weights: BlockWeights, n_heads
     qk, v = qkv.split(((n_heads + n_kv) * d_head, n_kv * d_head), dim=1)
     qk = qk.view(batch, pos, n_heads + n_kv, d_head)
     v = v.view(batch, pos, n_kv, d_head)
+    if qk_norms is not None:
+        q_norm, k_norm = qk_norms
+        qk = torch.cat((q_norm(qk[:, :, :n_heads]), k_norm(qk[:, :, n_heads:])), dim=2).to(v.dtype)
     if rotary is not None:
         qk = rotate(qk, rotary.cos, rotary.signed_sin, rotary.dim, rotary.adjacent)
     q, k = qk[:, :, :n_heads], qk[:, :, n_heads:]
