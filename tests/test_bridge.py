@@ -63,6 +63,10 @@ CONFIGS = {  # family: (config class, model class, the config's arguments beyond
     "bloom": ("BloomConfig", "BloomForCausalLM", None),
     # the MLP adds the residual itself
     "mpt": ("MptConfig", "MptForCausalLM", None),
+    # hybrid attention and Mamba layers; its config derives layer_types (a property without a setter)
+    "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM", {"head_dim": 8, "num_key_value_heads": 2, "mamba_d_ssm": 32, "mamba_n_heads": 4,
+                                                             "mamba_d_head": 8, "mamba_n_groups": 1, "mamba_d_state": 8,
+                                                             "mamba_chunk_size": 16}),
     # logits multiplied by logit_scale after lm_head; parallel blocks
     "cohere": ("CohereConfig", "CohereForCausalLM", {"num_key_value_heads": 2, "logit_scale": 0.25}),
 }
@@ -259,6 +263,22 @@ def test_sublayer_plans_are_refused_where_no_sublayer_can_be_silenced(tokenizer,
         with pytest.raises(ValueError, match=r"LlamaForCausalLM: one sublayer cannot be silenced .*LayerPlan\.drop"):
             call()
     assert torch.isfinite(run_plan(bridge, tokens, LayerPlan.drop(4, 1))).all()
+
+
+def test_reordered_works_where_the_config_derives_its_layer_types(tokenizer, tokens: torch.Tensor) -> None:  # noqa: ANN001
+    """Falcon-H1's config computes ``layer_types`` and cannot be assigned one: ``reordered`` leaves
+    it (its layers are all of one type) and still follows the plan; the config is put back whole."""
+    from stages_of_inference import reordered
+
+    bridge, _ = _bridge("falcon_h1", tokenizer, compatibility=False)
+    config = bridge.original_model.config
+    before = (config.num_hidden_layers, list(config.layer_types))
+    with torch.no_grad():
+        for plan in (LayerPlan.drop(4, 1), LayerPlan.swap(4, 2), LayerPlan.repeat(4, [0])):
+            with reordered(bridge, plan):
+                own = bridge(tokens)
+            torch.testing.assert_close(own, run_plan(bridge, tokens, plan), atol=ATOL, rtol=1e-4, msg=plan.label)
+    assert (config.num_hidden_layers, list(config.layer_types)) == before
 
 
 def test_hooks_fire_on_the_block_they_name(tokenizer, tokens: torch.Tensor) -> None:

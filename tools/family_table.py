@@ -79,6 +79,11 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "Ministral": ("Ministral", {"head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "sliding_window": 6,
                                 "layer_types": ["sliding_attention", "full_attention"] * 2}),
     "VaultGemma": ("VaultGemma", {"head_dim": 16}),
+    "Falcon-H1": ("FalconH1", {"head_dim": 16, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16,
+                               "mamba_n_groups": 1, "mamba_d_state": 8, "mamba_chunk_size": 16}),
+    "GPT-OSS": ("GptOss", {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 6,
+                           "layer_types": ["sliding_attention", "full_attention"] * 2}),
+    "BitNet": ("BitNet", {}),
 }
 
 
@@ -125,16 +130,18 @@ def reference_logits(model: nn.Module, tokens: torch.Tensor, order: tuple[int, .
     original, config = getattr(owner, name), model.config
     n, types = config.num_hidden_layers, getattr(config, "layer_types", None)
     setattr(owner, name, nn.ModuleList([original[i] for i in order]))
+    attribute = getattr(type(config), "attribute_map", {}).get("layer_types", "layer_types")
+    settable = not isinstance(getattr(type(config), attribute, None), property)  # Falcon-H1 derives its types
     try:
         config.num_hidden_layers = len(order)
-        if types is not None:
+        if types is not None and settable:
             config.layer_types = [types[i] for i in order]
         with torch.no_grad():
             return model(tokens, use_cache=False).logits.double()
     finally:
         setattr(owner, name, original)
         config.num_hidden_layers = n
-        if types is not None:
+        if types is not None and settable:
             config.layer_types = types
 
 

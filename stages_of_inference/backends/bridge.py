@@ -300,17 +300,35 @@ def reordered_layers(bridge: Any, steps: Sequence[tuple[int, str]]) -> Iterator[
     # the forward picks each slot's mask and rotary tables by config.layer_types[slot]: a moved
     # layer must get its own (Gemma 3's sliding-window and global layers differ); nested, the
     # original types are the ones the outermost reordering found
+    changed: dict[str, Any] = {}
     with outermost(bridge, before.get("layer_types")) as types:
         try:
             setattr(holder, name, layers)
             for key in sized:
+                changed[key] = before[key]
                 setattr(config, key, len(layers))
             if isinstance(types, (list, tuple)) and len(types) == len(original):
-                config.layer_types = [types[layer] for layer, _ in steps]
+                _set_layer_types(config, [types[layer] for layer, _ in steps], changed, before)
             yield
         finally:
             setattr(holder, name, previous)
-            for key, value in before.items():
+            for key, value in changed.items():
                 setattr(config, key, value)
             handle.remove()
             set_step(bridge, previous_step)
+
+
+def _set_layer_types(config: Any, moved: list[Any], changed: dict[str, Any], before: dict[str, Any]) -> None:
+    """Give each slot the type of the layer now in it; where the config derives its types and
+    cannot be told (Falcon-H1's), that is fine only if the types stay as they are slot by slot.
+    """
+    try:
+        config.layer_types = moved
+        changed["layer_types"] = before["layer_types"]
+    except AttributeError:
+        now = list(getattr(config, "layer_types", None) or [])
+        if now != moved[:len(now)] or len(now) < len(moved):
+            raise NotImplementedError(
+                f"{type(config).__name__} derives its layer types and cannot take them reordered, and this plan "
+                "moves a layer to a slot of another type; use run_plan and robustness_sweep, which run the blocks "
+                "themselves") from None
