@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import hf_reference  # noqa: F401 - records transformers' own Gemma attention before any test builds a Bridge
 import pytest
 import torch
 

@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from hf_reference import PATCHED_BY_BRIDGES, transformers_own_attention
 from torch import nn
 
 from stages_of_inference import LayerPlan, robustness_sweep, run_plan
@@ -129,7 +130,7 @@ def _reordered_logits(model: nn.Module, tokens: torch.Tensor, order: tuple[int, 
         model.config.num_hidden_layers = len(order)  # forwards that slice the list to the config's count
         if types is not None:  # Gemma 3 picks each layer's mask and rotary table by position: a moved layer keeps its own
             model.config.layer_types = [types[i] for i in order]
-        with torch.no_grad():
+        with torch.no_grad(), transformers_own_attention():
             return model(tokens, use_cache=False).logits
     finally:
         setattr(owner, name, original)
@@ -213,7 +214,7 @@ def _without_sublayer(reference: nn.Module, family: str, layer: int, part: str, 
     the weights (and bias) of the projection its output passes through last."""
     model = copy.deepcopy(reference)
     projection = model.get_submodule(OUTPUT_PROJECTIONS[family][("attn", "mlp").index(part)].format(layer))
-    with torch.no_grad():
+    with torch.no_grad(), transformers_own_attention():
         projection.weight.zero_()
         if projection.bias is not None:
             projection.bias.zero_()
@@ -279,6 +280,17 @@ def test_reordered_works_where_the_config_derives_its_layer_types(tokenizer, tok
                 own = bridge(tokens)
             torch.testing.assert_close(own, run_plan(bridge, tokens, plan), atol=ATOL, rtol=1e-4, msg=plan.label)
     assert (config.num_hidden_layers, list(config.layer_types)) == before
+
+
+def test_the_references_run_transformers_own_gemma_attention(tokenizer) -> None:  # noqa: ANN001
+    """TransformerLens 3.9 replaces transformers' Gemma 2 and 3 attention function for the whole
+    process once any Bridge is built (its issue #1795); the Hugging Face references here run in
+    the same process, inside ``transformers_own_attention``, which must give them transformers' own."""
+    for family in ("llama", "gemma3"):
+        _bridge(family, tokenizer, compatibility=True)
+    with transformers_own_attention():
+        for module in PATCHED_BY_BRIDGES:
+            assert module.eager_attention_forward.__module__ == module.__name__, module.eager_attention_forward
 
 
 def test_hooks_fire_on_the_block_they_name(tokenizer, tokens: torch.Tensor) -> None:

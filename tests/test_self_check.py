@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from hf_reference import transformers_own_attention
 from test_bridge import _hf_model, _tokenizer
 
 import stages_of_inference as soi
@@ -61,7 +62,7 @@ def test_every_family_loaded_on_the_bridge_is_checked_against_its_own_forward(fa
     found = finding(model)
     assert found is not None and found.passed and found.kl_nats <= TOLERANCE_NATS and found.tokens == 24
     tokens = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
+    with torch.no_grad(), transformers_own_attention():
         expected = reference(tokens).logits
     assert _kl(expected, run_plan(model, tokens, LayerPlan.identity(4))) < 1e-4
     moved = [str(w.message) for w in caught if "compatibility mode" in str(w.message)]
@@ -166,7 +167,7 @@ def test_the_documented_family_table_is_what_the_script_finds(family: str, tmp_p
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     documented = _documented_rows(TL_VERSION.split("+")[0])
-    tokenizer = table._tokenizer(tmp_path / "tokenizer")
+    prepared = table.prepare(family, tmp_path, table._tokenizer(tmp_path / "tokenizer"))
     for backend in backends_available():
-        cells = [cell.strip() for cell in table.row(family, backend, tmp_path, tokenizer).strip("|").split("|")]
+        cells = [cell.strip() for cell in table.row(family, backend, prepared).strip("|").split("|")]
         assert (cells[2].split(":")[0], cells[3]) == documented[(family, backend)], (family, backend, cells)

@@ -16,7 +16,6 @@ largest difference of a plan's KL (from the unmodified output) between library a
 from __future__ import annotations
 
 import argparse
-import copy
 import inspect
 import os
 import tempfile
@@ -160,16 +159,33 @@ def _cell(error: BaseException) -> str:
     return (text[:170] + " ...").replace("|", "/") if len(text) > 170 else text.replace("|", "/")
 
 
-def row(label: str, backend: str, workdir: Path, tokenizer: Any) -> str:
-    """The table's row for family ``label`` on ``backend``."""
+TOKENS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def prepare(label: str, workdir: Path, tokenizer: Any) -> tuple[Path, list[tuple[soi.LayerPlan, float]]] | str:
+    """Family ``label``'s checkpoint folder and each plan's reference KL, or why it was not built.
+    Run for every family before any Bridge exists in the process: some TransformerLens versions
+    patch transformers' Gemma attention once a Bridge is built (TransformerLens issue #1795), and
+    the references must be transformers' own.
+    """
     prefix, extra = FAMILIES[label]
     try:
         reference = build(prefix, extra)
     except Exception as error:  # a config this transformers does not have, or other arguments
-        return f"| {label} | {backend} | not built here ({type(error).__name__}: {_cell(error)}) | |"
+        return f"not built here ({type(error).__name__}: {_cell(error)})"
     folder = workdir / f"{prefix}-{len(os.listdir(workdir))}"
     reference.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    n = reference.config.num_hidden_layers
+    base = reference_logits(reference, TOKENS, tuple(range(n)))
+    return folder, [(plan, _kl(base, reference_logits(reference, TOKENS, plan.order))) for plan in _plans(n)]
+
+
+def row(label: str, backend: str, prepared: tuple[Path, list[tuple[soi.LayerPlan, float]]] | str) -> str:
+    """The table's row for family ``label`` on ``backend``, from what :func:`prepare` gave."""
+    if isinstance(prepared, str):
+        return f"| {label} | {backend} | {prepared} | |"
+    folder, expected = prepared
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -181,19 +197,15 @@ def row(label: str, backend: str, workdir: Path, tokenizer: Any) -> str:
     moved = [str(w.message) for w in caught if "compatibility mode" in str(w.message)]
     note = ("" if not moved else "TransformerLens has no compatibility mode for it" if "has no compatibility" in moved[0]
             else "compatibility mode moves it")
-    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
-    n = reference.config.num_hidden_layers
-    base = reference_logits(reference, tokens, tuple(range(n)))
-    worst, largest = 0.0, 0.0
     try:
-        for plan in _plans(n):
-            expected = _kl(base, reference_logits(reference, tokens, plan.order))
-            found = _kl(base, soi.run_plan(model, tokens, plan))
-            worst, largest = max(worst, abs(found - expected)), max(largest, expected)
+        base = soi.run_plan(model, TOKENS, expected[0][0])
+        found = [_kl(base, soi.run_plan(model, TOKENS, plan)) for plan, _ in expected]
     except Exception as error:
         return f"| {label} | {backend} | CRASH in a plan: {type(error).__name__}: {_cell(error)} | |"
+    worst = max(abs(f - e) for f, (_, e) in zip(found, expected))
+    largest = max(e for _, e in expected)
     seam = as_seam(model)
-    fast = seam.fast_blocks(seam.embed(tokens), True)
+    fast = seam.fast_blocks(seam.embed(TOKENS), True)
     fast_text = "yes" if fast is not None and all(fast.allowed) else "no"
     status = "right" if worst <= 1e-4 else "WRONG"
     weights = f"; raw weights ({note})" if note else ""
@@ -211,9 +223,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         tokenizer = _tokenizer(workdir / "tokenizer")
-        for label in args.families or FAMILIES:
+        labels = args.families or list(FAMILIES)
+        prepared = {label: prepare(label, workdir, tokenizer) for label in labels}  # before any Bridge
+        for label in labels:
             for backend in backends_available():
-                print(row(label, backend, workdir, copy.copy(tokenizer)), flush=True)
+                print(row(label, backend, prepared[label]), flush=True)
 
 
 if __name__ == "__main__":
