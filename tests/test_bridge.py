@@ -51,6 +51,12 @@ CONFIGS = {  # family: (config class, model class, the config's arguments beyond
     # sliding-window and global layers, with their own rotary tables
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"num_key_value_heads": 2, "head_dim": 8, "sliding_window": 4,
                                                          "layer_types": ["sliding_attention", "full_attention"] * 2}),
+    # Llama's layout with a GELU MLP and norm weights stored as offsets from 1
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"num_key_value_heads": 2, "head_dim": 8}),
+    # soft-capped attention scores and output logits, norms after each sublayer, a sliding window on
+    # alternate layers (longer than the tests' sequences here)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"num_key_value_heads": 2, "head_dim": 8, "sliding_window": 32,
+                                                     "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", None),
     # parallel attention and MLP
     "neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"use_parallel_residual": True, "rotary_pct": 0.5}),
@@ -102,7 +108,7 @@ def _hf_model(family: str) -> nn.Module:
 
 FAMILIES = ("llama", "qwen3", "gemma3", "gpt2", "neox", "phi3", "olmo2")
 CARRYING = ("bloom", "mpt")  # sublayer modules that add the residual themselves
-FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # the layers the Bridge fast path computes from their weights
+FAST_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")  # the layers the Bridge fast path computes from their weights
 OUTPUT_PROJECTIONS = {  # what each sublayer adds to the residual passes last through these
     "llama": ("model.layers.{}.self_attn.o_proj", "model.layers.{}.mlp.down_proj"),
     "bloom": ("transformer.h.{}.self_attention.dense", "transformer.h.{}.mlp.dense_4h_to_h"),
@@ -168,7 +174,7 @@ def _bridge(family: str, tokenizer, compatibility: bool):  # noqa: ANN001, ANN20
     return bridge, reference
 
 
-@pytest.mark.parametrize("family", FAMILIES + CARRYING + ("mistral", "qwen2"))
+@pytest.mark.parametrize("family", FAMILIES + CARRYING + ("mistral", "qwen2", "gemma", "gemma2"))
 def test_bridge_sweep_equals_reordering_the_hf_layers(family: str, tokenizer, tokens: torch.Tensor) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     bridge, reference = _bridge(family, tokenizer, compatibility=False)
@@ -393,7 +399,11 @@ def test_the_bridge_fast_path_runs_llama_layers_and_says_why_not_elsewhere(famil
     seam = as_seam(bridge)
     n = bridge.cfg.n_layers
     fast = seam.fast_blocks(seam.embed(tokens), True)
-    assert fast is not None and all(fast.allowed)
+    if family == "gemma3":  # its sliding-window layers (window 4 < 12 tokens) run as themselves, its global ones fast
+        assert fast is not None and fast.allowed == (False, True, False, True)
+        assert "sliding-window attention shorter than the batch" in fast.reasons[0]
+    else:
+        assert fast is not None and all(fast.allowed)
     plans = [LayerPlan.identity(n)] + [LayerPlan.drop(n, i) for i in range(n)] + \
         [LayerPlan.swap(n, i) for i in range(n - 1)] + [LayerPlan.drop_attention(n, 1), LayerPlan.drop_mlp(n, 2)]
     quick = evaluate(bridge, tokens, plans, progress=False, layer_effects=True)

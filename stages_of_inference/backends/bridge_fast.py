@@ -7,7 +7,10 @@ code one plan at a time. Where the layer is one whose computation this module re
 mask, gated MLP; SmolLM2 and the many checkpoints that reuse Llama's layer; Mistral's and Qwen2's
 layers, the same computation with query/key/value biases in Qwen2's and a sliding window, which
 the fast path takes where the window is at least the batch's length; Qwen3's, which norms each
-query and key head before the rotation), where nothing could
+query and key head before the rotation; Gemma's, Llama's with a GELU and norm weights stored as
+offsets from 1; Gemma 2's and 3's, which also norm each sublayer's output again
+before adding it, Gemma 2's with soft-capped attention scores, Gemma 3's with Qwen3's head norms),
+where nothing could
 observe the difference (no hook on the block), and where the layer's recorded call is the plain
 causal one (no sliding window, no padding), :class:`BridgeFastBlocks` computes the block from its
 weights instead, with the products of :mod:`stages_of_inference.backends.kernels` (one fused
@@ -39,7 +42,8 @@ from stages_of_inference.backends.kernels import (
 __all__ = ["BRIDGE_FAST_LAYERS", "INERT_HOOKS", "BridgeFastBlocks", "bridge_fast_path_blocker", "inert_hook",
            "norm_parameters"]
 
-BRIDGE_FAST_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+BRIDGE_FAST_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+                      "GemmaDecoderLayer", "Gemma2DecoderLayer", "Gemma3DecoderLayer")
 """Hugging Face layer classes the Bridge fast path reproduces (tested: tests/test_bridge.py)."""
 
 
@@ -119,8 +123,8 @@ def bridge_fast_path_blocker(bridge: Any, layer: int, call: Any, seq_len: int) -
         return f"a hook is attached to the block ({hook})"
     attn = hf_layer.self_attn
     window = getattr(attn, "sliding_window", None)
-    if (window and window < seq_len) or getattr(attn, "attn_logit_softcapping", None):
-        return "sliding-window attention shorter than the batch, or soft-capped attention"
+    if window and window < seq_len:
+        return "sliding-window attention shorter than the batch"
     if call.args or not _is_causal(call.kwargs.get("attention_mask"), seq_len):
         return "the layer's recorded call is not the plain causal one"
     if not isinstance(call.kwargs.get("position_embeddings"), tuple):
@@ -166,14 +170,26 @@ class _Prepared:
     n_heads: int
     d_head: int
     qk_norms: tuple[_Norm, _Norm] | None = None
+    post_attn: _Norm | None = None
+    post_mlp: _Norm | None = None
+    softcap: float = 0.0
 
 
-def _head_norms(attn: nn.Module) -> tuple[_Norm, _Norm] | None:
-    """The RMSNorms a Qwen3 attention applies to each query and key head (``None`` elsewhere)."""
+def _head_norms(attn: nn.Module, cfg: Any) -> tuple[_Norm, _Norm] | None:
+    """The RMSNorms a Qwen3 or Gemma 3 attention applies to each query and key head (``None``
+    elsewhere), Gemma's weights, stored as an offset from 1, made whole.
+    """
     if getattr(attn, "q_norm", None) is None:
         return None
-    return tuple(_Norm(float(norm.variance_epsilon), norm.weight.detach().float())  # type: ignore[return-value]
-                 for norm in (attn.q_norm, attn.k_norm))
+    offset = 1.0 if getattr(cfg, "rmsnorm_uses_offset", False) else 0.0
+    return tuple(_Norm(float(getattr(norm, "variance_epsilon", None) or norm.eps), norm.weight.detach().float() + offset)
+                 for norm in (attn.q_norm, attn.k_norm))  # type: ignore[return-value]
+
+
+def _post_norm(block: nn.Module, name: str, cfg: Any) -> _Norm | None:
+    """The norm a Gemma 2/3 block applies to a sublayer's output before adding it (``None`` elsewhere)."""
+    norm = getattr(block, name, None)
+    return _norm_of(norm, cfg) if norm is not None else None
 
 
 class BridgeFastBlocks:
@@ -205,7 +221,9 @@ class BridgeFastBlocks:
                          hf_layer.mlp.act_fn, float(hf_layer.self_attn.scaling),
                          Rotary(cos[:, :, None, :].to(dtype), signed_sin(sin, adjacent=False)[:, :, None, :].to(dtype),
                                 cos.shape[-1], adjacent=False),
-                         block.attn.W_Q.shape[0], block.attn.W_Q.shape[2], _head_norms(hf_layer.self_attn))
+                         block.attn.W_Q.shape[0], block.attn.W_Q.shape[2], _head_norms(hf_layer.self_attn, cfg),
+                         _post_norm(block, "ln1_post", cfg), _post_norm(block, "ln2_post", cfg),
+                         float(getattr(hf_layer.self_attn, "attn_logit_softcapping", None) or 0.0))
 
     def __call__(self, layer: int, resid_pre: Tensor, part: str = "block") -> Tensor:
         """Block ``layer`` (or only its ``part``: ``"attn"`` or ``"mlp"``) on ``resid_pre``."""
@@ -214,5 +232,6 @@ class BridgeFastBlocks:
             p = self._prepared[layer] = self._prepare(layer)
         w = p.weights
         return compose_block(resid_pre, part, p.ln1, p.ln2,
-                             lambda h: attend(h, w, p.n_heads, p.d_head, p.scale, p.rotary, p.qk_norms),
-                             lambda h: mlp_product(w, p.act, h), w.W_qkv.dtype)
+                             lambda h: attend(h, w, p.n_heads, p.d_head, p.scale, p.rotary, p.qk_norms, p.softcap),
+                             lambda h: mlp_product(w, p.act, h), w.W_qkv.dtype, post_attn=p.post_attn,
+                             post_mlp=p.post_mlp)

@@ -118,11 +118,12 @@ class Rotary:
 
 def attend(h: Float[Tensor, "batch pos d_model"], weights: BlockWeights, n_heads: int, d_head: int, scale: float,
            rotary: Rotary | None, qk_norms: tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None = None,
-           ) -> Float[Tensor, "batch pos d_model"]:
+           softcap: float = 0.0) -> Float[Tensor, "batch pos d_model"]:
     """Causal attention from a block's :class:`BlockWeights`: one fused query/key/value product,
-    each query and key head normed where ``qk_norms`` are given (Qwen3), queries and keys rotated
-    together (``rotary``, or none), grouped key/value heads, one SDPA call with ``scale``, the
-    output product. Both backends' fast paths run it.
+    each query and key head normed where ``qk_norms`` are given (Qwen3, Gemma 3), queries and keys
+    rotated together (``rotary``, or none), grouped key/value heads, one SDPA call with ``scale``
+    (or, with a ``softcap`` on the attention scores, Gemma 2's, the same steps written out: SDPA
+    has no soft-cap), the output product. Both backends' fast paths run it.
     """
     batch, pos, d_model = h.shape
     n_kv = weights.n_kv
@@ -136,30 +137,57 @@ def attend(h: Float[Tensor, "batch pos d_model"], weights: BlockWeights, n_heads
     if rotary is not None:
         qk = rotate(qk, rotary.cos, rotary.signed_sin, rotary.dim, rotary.adjacent)
     q, k = qk[:, :, :n_heads], qk[:, :, n_heads:]
-    z = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        is_causal=True, scale=scale, enable_gqa=n_kv != n_heads,
-    )  # [batch, head, pos, d_head]
+    if softcap > 0:
+        z = _softcapped_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, softcap)
+    else:
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            is_causal=True, scale=scale, enable_gqa=n_kv != n_heads,
+        )  # [batch, head, pos, d_head]
     z = z.transpose(1, 2).reshape(batch * pos, n_heads * d_head)
     out = torch.addmm(weights.b_O, z, weights.W_O)
     return out.view(batch, pos, d_model)
 
 
-def compose_block(resid_pre: Tensor, part: str, ln1: Any, ln2: Any, attention: Any, mlp: Any, dtype: torch.dtype,
-                  parallel: bool = False, attn_only: bool = False) -> Tensor:
-    """A pre-norm block from its pieces: ``attention`` and ``mlp`` take normed inputs in ``dtype``;
-    ``part`` ``"attn"`` or ``"mlp"`` adds only that sublayer (the MLP then reads the block's input,
-    as it does in a parallel block); the residual stream stays in ``resid_pre``'s dtype.
+def _softcapped_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float) -> Tensor:
+    """Causal attention whose scores are soft-capped before the mask (``cap * tanh(s / cap)``),
+    the softmax in fp32, as Gemma 2's eager attention; ``[batch, head, pos, d_head]`` in and out.
     """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.tanh((q @ k.transpose(-1, -2)) * (scale / softcap)) * softcap
+    pos = q.shape[2]
+    scores = scores.masked_fill(torch.ones(pos, pos, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def compose_block(resid_pre: Tensor, part: str, ln1: Any, ln2: Any, attention: Any, mlp: Any, dtype: torch.dtype,
+                  parallel: bool = False, attn_only: bool = False, post_attn: Any = None, post_mlp: Any = None,
+                  ) -> Tensor:
+    """A pre-norm block from its pieces: ``attention`` and ``mlp`` take normed inputs in ``dtype``,
+    their outputs normed again by ``post_attn`` / ``post_mlp`` where given (Gemma 2 and 3) before
+    they are added; ``part`` ``"attn"`` or ``"mlp"`` adds only that sublayer (the MLP then reads
+    the block's input, as it does in a parallel block); the residual stream stays in
+    ``resid_pre``'s dtype.
+    """
+    def attn_part(x: Tensor) -> Tensor:
+        out = attention(ln1(x).to(dtype))
+        return out if post_attn is None else post_attn(out)
+
+    def mlp_part(x: Tensor) -> Tensor:
+        out = mlp(ln2(x).to(dtype))
+        return out if post_mlp is None else post_mlp(out)
+
     if part == "mlp":
-        return resid_pre + mlp(ln2(resid_pre).to(dtype))
-    attn_out = attention(ln1(resid_pre).to(dtype))
+        return resid_pre + mlp_part(resid_pre)
+    attn_out = attn_part(resid_pre)
     if attn_only or part == "attn":
         return resid_pre + attn_out
     if parallel:
-        return resid_pre + attn_out + mlp(ln2(resid_pre).to(dtype))
+        return resid_pre + attn_out + mlp_part(resid_pre)
     resid_mid = resid_pre + attn_out
-    return resid_mid + mlp(ln2(resid_mid).to(dtype))
+    return resid_mid + mlp_part(resid_mid)
 
 
 def mlp_product(weights: BlockWeights, act_fn: Any, h: Float[Tensor, "batch pos d_model"]) -> Tensor:
