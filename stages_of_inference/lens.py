@@ -55,6 +55,7 @@ if HAS_HOOKED:
 else:  # TransformerLens 4: no HookedTransformer norms (the lens reads a HookedTransformer)
     LayerNorm = LayerNormPre = RMSNorm = RMSNormPre = type("Removed", (), {})
 
+from stages_of_inference import self_check
 from stages_of_inference._utils import check_count, check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.backends import as_seam
@@ -104,6 +105,9 @@ class _FinalNorm:
         if ln is None or isinstance(ln, torch.nn.Identity) or model.cfg.normalization_type is None:
             return cls("none", 0.0, None)
         if hasattr(ln, "uses_rms_norm"):  # a TransformerBridge's norm component
+            found = self_check.finding(model)  # load_model checked it reads this norm right
+            if found is not None and found.lens:
+                raise NotImplementedError(found.lens)
             return cls(*norm_parameters(ln, model.cfg))
         if isinstance(ln, (LayerNorm, LayerNormPre)):
             kind: Literal["ln", "rms"] = "ln"

@@ -28,9 +28,11 @@ import torch
 from torch import Tensor
 
 from stages_of_inference.backends import as_seam, output_logits, weight_mode
+from stages_of_inference.backends.bridge_fast import norm_parameters
 from stages_of_inference.backends.state import exclusive, recalled, remembered
 
-__all__ = ["PROBE_LENGTH", "TOLERANCE_16BIT_NATS", "TOLERANCE_NATS", "SelfCheck", "check", "finding", "keep",
+__all__ = ["PROBE_LENGTH", "TOLERANCE_16BIT_NATS", "TOLERANCE_NATS", "SelfCheck", "check", "final_norm_problem",
+           "finding", "keep",
            "largest_kl", "probe_tokens", "reference_logits", "seam_logits", "tolerance"]
 
 PROBE_LENGTH = 24
@@ -67,6 +69,8 @@ class SelfCheck:
         weights: how the checked model holds its weights (``"processed"`` or ``"raw"``).
         dtype: the dtype it was checked in.
         reason: why it was not run, or how the load fell back; ``""`` otherwise.
+        lens: why the logit lens cannot read this model's final norm (:func:`final_norm_problem`),
+            ``""`` where it can; the lens refuses the model with this line.
     """
 
     kl_nats: float
@@ -74,6 +78,7 @@ class SelfCheck:
     weights: str = "processed"
     dtype: str = "float32"
     reason: str = ""
+    lens: str = ""
 
     @property
     def passed(self) -> bool:
@@ -132,7 +137,42 @@ def largest_kl(reference: Tensor, found: Tensor) -> float:
 def check(model: Any, reference: Tensor, tokens: Tensor) -> SelfCheck:
     """Compare ``model``'s library forward on ``tokens`` with ``reference``."""
     dtype = str(next(as_seam(model).model.parameters()).dtype).removeprefix("torch.")
-    return SelfCheck(largest_kl(reference, seam_logits(model, tokens)), tokens.shape[-1], weight_mode(model), dtype)
+    return SelfCheck(largest_kl(reference, seam_logits(model, tokens)), tokens.shape[-1], weight_mode(model), dtype,
+                     lens=final_norm_problem(model))
+
+
+def final_norm_problem(model: Any) -> str:
+    """Why the logit lens cannot reproduce a Bridge's final norm from what it reads off it (its
+    kind, epsilon and weight, :func:`~stages_of_inference.backends.bridge_fast.norm_parameters`),
+    or ``""`` where it can: the norm's own output on a few random vectors against LayerNorm or
+    RMSNorm with those (and the norm's bias). A ``HookedTransformer``'s final norm is one of
+    TransformerLens' own classes, which the lens reads directly: ``""``.
+    """
+    ln = getattr(model, "ln_final", None)
+    if ln is None or not hasattr(ln, "uses_rms_norm"):
+        return ""
+    seam = as_seam(model)
+    kind, eps, weight = norm_parameters(ln, model.cfg)
+    x = torch.randn(4, int(model.cfg.d_model), generator=torch.Generator().manual_seed(0)).to(seam.device)
+    with exclusive(model), torch.inference_mode():
+        expected = seam.final_norm(x.to(next(model.parameters()).dtype)).float().cpu()
+        y = x.float().cpu()
+        if kind == "ln":
+            y = y - y.mean(-1, keepdim=True)
+        y = y / (y.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        if weight is not None:
+            y = y * weight.cpu()
+        bias = getattr(ln, "bias", None)
+        if isinstance(bias, Tensor):
+            y = y + bias.detach().float().cpu()
+    difference = float((y - expected).abs().max() / (expected.abs().max() + 1e-12))
+    if difference <= 1e-4:
+        return ""
+    norm = type(getattr(ln, "original_component", ln)).__name__
+    what = {"ln": "LayerNorm", "rms": "RMSNorm"}.get(kind, kind)
+    return (f"the logit lens cannot read this model's final norm ({norm}): a {what} with the epsilon and "
+            f"weight it reads off differs from the norm's own output by a relative {difference:.2g}; supported: "
+            "LayerNorm and RMSNorm final norms (Gemma's offset weights included)")
 
 
 def keep(model: Any, found: SelfCheck) -> None:

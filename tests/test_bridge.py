@@ -70,6 +70,8 @@ CONFIGS = {  # family: (config class, model class, the config's arguments beyond
     "bloom": ("BloomConfig", "BloomForCausalLM", None),
     # the MLP adds the residual itself
     "mpt": ("MptConfig", "MptForCausalLM", None),
+    # a LayerNorm whose weight is stored as an offset from 1 (NemotronLayerNorm1P)
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM", {"num_key_value_heads": 2, "head_dim": 8}),
     # hybrid attention and Mamba layers; its config derives layer_types (a property without a setter)
     "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM", {"head_dim": 8, "num_key_value_heads": 2, "mamba_d_ssm": 32, "mamba_n_heads": 4,
                                                              "mamba_d_head": 8, "mamba_n_groups": 1, "mamba_d_state": 8,

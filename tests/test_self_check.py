@@ -171,3 +171,27 @@ def test_the_documented_family_table_is_what_the_script_finds(family: str, tmp_p
     for backend in backends_available():
         cells = [cell.strip() for cell in table.row(family, backend, prepared).strip("|").split("|")]
         assert (cells[2].split(":")[0], cells[3]) == documented[(family, backend)], (family, backend, cells)
+
+
+def test_the_lens_refuses_a_final_norm_it_would_read_wrongly(tokenizer, tmp_path) -> None:  # noqa: ANN001
+    """Nemotron's final norm is a LayerNorm with its weight stored as an offset from 1. TransformerLens
+    4.3's Bridge says so and the lens reads it right; 3.9's does not, and the lens would be 0.5 nats
+    off at the output: the load-time check finds it and the lens refuses the model in one line."""
+    from stages_of_inference.lens import lens_logits
+
+    reference = _saved("nemotron", tokenizer, tmp_path)
+    model = soi.load_model(tmp_path, backend="bridge")
+    tokens = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(3))
+    if TL_VERSION.startswith("3."):
+        assert "NemotronLayerNorm1P" in finding(model).lens
+        with pytest.raises(NotImplementedError, match=r"^the logit lens cannot read this model's final norm "
+                           r"\(NemotronLayerNorm1P\): a LayerNorm with .* by a relative 0\.\d+; supported") as caught:
+            lens_logits(model, tokens, convention="per_layer_norm")
+        assert "\n" not in str(caught.value)
+        return
+    assert finding(model).lens == ""
+    with torch.no_grad(), transformers_own_attention():
+        expected = reference(tokens).logits.double()
+    left_out = model.b_U.double() + model.ln_final.bias.double() @ model.W_U.double()
+    lens = lens_logits(model, tokens, convention="per_layer_norm", points=[4])[-1]
+    assert _kl(expected - left_out, lens) < 1e-4

@@ -33,6 +33,7 @@ from torch import nn  # noqa: E402
 import stages_of_inference as soi  # noqa: E402
 from stages_of_inference._tl import TL_VERSION, backends_available  # noqa: E402
 from stages_of_inference.backends import as_seam  # noqa: E402
+from stages_of_inference.lens import lens_logits  # noqa: E402
 from stages_of_inference.models import ModelNotAvailableError  # noqa: E402
 
 VOCAB = 128
@@ -163,8 +164,9 @@ def _cell(error: BaseException) -> str:
 TOKENS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
-def prepare(label: str, workdir: Path, tokenizer: Any) -> tuple[Path, list[tuple[soi.LayerPlan, float]]] | str:
-    """Family ``label``'s checkpoint folder and each plan's reference KL, or why it was not built.
+def prepare(label: str, workdir: Path, tokenizer: Any) -> Prepared | str:
+    """Family ``label``'s checkpoint folder, the Hugging Face output and each plan's reference KL,
+    or why it was not built.
     Run for every family before any Bridge exists in the process: some TransformerLens versions
     patch transformers' Gemma attention once a Bridge is built (TransformerLens issue #1795), and
     the references must be transformers' own.
@@ -179,14 +181,29 @@ def prepare(label: str, workdir: Path, tokenizer: Any) -> tuple[Path, list[tuple
     tokenizer.save_pretrained(folder)
     n = reference.config.num_hidden_layers
     base = reference_logits(reference, TOKENS, tuple(range(n)))
-    return folder, [(plan, _kl(base, reference_logits(reference, TOKENS, plan.order))) for plan in _plans(n)]
+    return folder, base, [(plan, _kl(base, reference_logits(reference, TOKENS, plan.order))) for plan in _plans(n)]
 
 
-def row(label: str, backend: str, prepared: tuple[Path, list[tuple[soi.LayerPlan, float]]] | str) -> str:
+Prepared = tuple[Path, torch.Tensor, list[tuple[soi.LayerPlan, float]]]
+
+
+def _left_out_by_the_lens(model: Any) -> torch.Tensor:
+    """What the lens leaves out of the output by convention (docs/lens.md): the unembedding bias
+    and, where the final LayerNorm is not folded, its bias's image.
+    """
+    with torch.no_grad():
+        out = model.b_U.detach().double() * as_seam(model).logit_scale
+        bias = getattr(getattr(model, "ln_final", None), "bias", None)
+        if bias is not None:
+            out = out + (bias.detach().double() @ model.W_U.detach().double()) * as_seam(model).logit_scale
+    return out
+
+
+def row(label: str, backend: str, prepared: Prepared | str) -> str:
     """The table's row for family ``label`` on ``backend``, from what :func:`prepare` gave."""
     if isinstance(prepared, str):
         return f"| {label} | {backend} | {prepared} | |"
-    folder, expected = prepared
+    folder, reference_output, expected = prepared
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -203,14 +220,22 @@ def row(label: str, backend: str, prepared: tuple[Path, list[tuple[soi.LayerPlan
         found = [_kl(base, soi.run_plan(model, TOKENS, plan)) for plan, _ in expected]
     except Exception as error:
         return f"| {label} | {backend} | CRASH in a plan: {type(error).__name__}: {_cell(error)} | |"
-    worst = max(abs(f - e) for f, (_, e) in zip(found, expected))
+    worst, lens_note = max(abs(f - e) for f, (_, e) in zip(found, expected)), ""
+    try:
+        lens = lens_logits(model, TOKENS, convention="per_layer_norm", points=[model.cfg.n_layers])[-1]
+        worst = max(worst, _kl(reference_output - _left_out_by_the_lens(model), lens))
+    except NotImplementedError as error:  # the lens refuses a final norm it cannot read
+        lens_note = f"; the lens refused: {_cell(error)[:90]}"
+    except Exception as error:
+        return f"| {label} | {backend} | CRASH in the lens: {type(error).__name__}: {_cell(error)} | |"
     largest = max(e for _, e in expected)
     seam = as_seam(model)
     fast = seam.fast_blocks(seam.embed(TOKENS), True)
     fast_text = "yes" if fast is not None and all(fast.allowed) else "no"
     status = "right" if worst <= 1e-4 else "WRONG"
     weights = f"; raw weights ({note})" if note else ""
-    return f"| {label} | {backend} | {status}: {worst:.1e} nats (plans' KL up to {largest:.2g}){weights} | {fast_text} |"
+    return (f"| {label} | {backend} | {status}: {worst:.1e} nats (plans' KL up to {largest:.2g}){weights}{lens_note} "
+            f"| {fast_text} |")
 
 
 def main() -> None:
