@@ -696,8 +696,10 @@ def _load_folder(folder: Path, device: str | torch.device, bos_token: str | None
                 name, hf_cfg=hf_config, fold_ln=True, device=device, dtype=torch.float32
             )
         except Exception as error:  # TransformerLens names the architectures it can convert
+            why = (f"its converter reads a config field this transformers version does not have ({error}); try "
+                   "backend='bridge'" if isinstance(error, AttributeError) and "Config' object" in str(error) else error)
             raise ModelNotAvailableError(
-                f"TransformerLens cannot convert the architecture {hf_config.get('architectures')} of {folder}: {error}"
+                f"TransformerLens cannot convert the architecture {hf_config.get('architectures')} of {folder}: {why}"
             ) from error
         problem = _unmodelled_attention(hf_config, cfg)
         if problem is not None:

@@ -538,7 +538,7 @@ def test_a_familys_output_scale_is_applied_everywhere(family: str, compatibility
     if family == "cohere" and compatibility and TL_VERSION.startswith("3."):
         pytest.skip("TransformerLens 3.9 folds Cohere's logit_scale into W_U in compatibility mode while its adapter "
                     "still reports the scale: a Bridge booted and put in compatibility mode by hand is 0.002 nats off; "
-                    "load_model's self-check finds it and runs the model raw (test_self_check.py)")
+                    "load_model's self-check finds it (test_self_check.py)")
     bridge, reference = _bridge(family, tokenizer, compatibility=compatibility)
     n = reference.config.num_hidden_layers
     base = _reordered_logits(reference, tokens, tuple(range(n)))

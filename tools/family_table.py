@@ -146,6 +146,49 @@ def reference_logits(model: nn.Module, tokens: torch.Tensor, order: tuple[int, .
             config.layer_types = types
 
 
+ATTENTIONS = ("self_attn", "self_attention", "attn", "attention")
+MLPS = ("mlp", "ffn", "feed_forward")
+OUTPUT_PROJECTIONS = ("o_proj", "dense", "out_proj", "c_proj", "down_proj", "fc2", "dense_4h_to_h", "fc_out", "wo")
+
+
+def output_projection(layer: nn.Module, part: str) -> nn.Module | None:
+    """The projection a sublayer's output passes through last, found by the Hugging Face layer's own
+    names: the last linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) of its attention or MLP
+    module, if it has one of the usual output names; ``None`` otherwise (a mixture of experts, a
+    hybrid mixer: not checked).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    names = ATTENTIONS if part == "attn" else MLPS
+    module = next((getattr(layer, name) for name in names if isinstance(getattr(layer, name, None), nn.Module)), None)
+    if module is None:
+        return None
+    linears = [(name, child) for name, child in module.named_children() if isinstance(child, (nn.Linear, Conv1D))]
+    if not linears or linears[-1][0] not in OUTPUT_PROJECTIONS:
+        return None
+    return linears[-1][1]
+
+
+def without_sublayer(model: nn.Module, layer: int, part: str, tokens: torch.Tensor) -> torch.Tensor | None:
+    """The Hugging Face forward with one sublayer's contribution removed (its output projection's
+    weight and bias zeroed, then put back), or ``None`` where :func:`output_projection` finds none.
+    """
+    owner, name = _layer_list(model)
+    projection = output_projection(getattr(owner, name)[layer], part)
+    if projection is None:
+        return None
+    saved = {key: value.detach().clone() for key, value in projection.named_parameters()}
+    try:
+        with torch.no_grad():
+            for value in projection.parameters():
+                value.zero_()
+            return model(tokens, use_cache=False).logits.double()
+    finally:
+        with torch.no_grad():
+            for key, value in projection.named_parameters():
+                value.copy_(saved[key])
+
+
 def _kl(base: torch.Tensor, logits: torch.Tensor) -> float:
     p, q = base.double().log_softmax(-1), logits.double().log_softmax(-1)
     return float((p.exp() * (p - q)).sum(-1).mean())
@@ -181,7 +224,13 @@ def prepare(label: str, workdir: Path, tokenizer: Any) -> Prepared | str:
     tokenizer.save_pretrained(folder)
     n = reference.config.num_hidden_layers
     base = reference_logits(reference, TOKENS, tuple(range(n)))
-    return folder, base, [(plan, _kl(base, reference_logits(reference, TOKENS, plan.order))) for plan in _plans(n)]
+    expected = [(plan, _kl(base, reference_logits(reference, TOKENS, plan.order))) for plan in _plans(n)]
+    for layer in range(n):
+        for part, make in (("attn", soi.LayerPlan.drop_attention), ("mlp", soi.LayerPlan.drop_mlp)):
+            logits = without_sublayer(reference, layer, part, TOKENS)
+            if logits is not None:
+                expected.append((make(n, layer), _kl(base, logits)))
+    return folder, base, expected
 
 
 Prepared = tuple[Path, torch.Tensor, list[tuple[soi.LayerPlan, float]]]
@@ -215,12 +264,19 @@ def row(label: str, backend: str, prepared: Prepared | str) -> str:
     moved = [str(w.message) for w in caught if "compatibility mode" in str(w.message)]
     note = ("" if not moved else "TransformerLens has no compatibility mode for it" if "has no compatibility" in moved[0]
             else "compatibility mode moves it")
+    refusals: list[str] = []
     try:
         base = soi.run_plan(model, TOKENS, expected[0][0])
-        found = [_kl(base, soi.run_plan(model, TOKENS, plan)) for plan, _ in expected]
+        found = [_kl(base, soi.run_plan(model, TOKENS, plan)) for plan, _ in expected if not plan.has_sublayers]
+        try:
+            found += [_kl(base, soi.run_plan(model, TOKENS, plan)) for plan, _ in expected if plan.has_sublayers]
+        except ValueError as error:  # sublayer plans refused for this family
+            expected = [(plan, kl) for plan, kl in expected if not plan.has_sublayers]
+            refusals.append(f"; sublayer plans refused: {_cell(error)[:80]}")
     except Exception as error:
         return f"| {label} | {backend} | CRASH in a plan: {type(error).__name__}: {_cell(error)} | |"
-    worst, lens_note = max(abs(f - e) for f, (_, e) in zip(found, expected)), ""
+    ordered = [e for e in expected if not e[0].has_sublayers] + [e for e in expected if e[0].has_sublayers]
+    worst, lens_note = max(abs(f - e) for f, (_, e) in zip(found, ordered)), "".join(refusals)
     try:
         lens = lens_logits(model, TOKENS, convention="per_layer_norm", points=[model.cfg.n_layers])[-1]
         worst = max(worst, _kl(reference_output - _left_out_by_the_lens(model), lens))
@@ -233,6 +289,10 @@ def row(label: str, backend: str, prepared: Prepared | str) -> str:
     fast = seam.fast_blocks(seam.embed(TOKENS), True)
     fast_text = "yes" if fast is not None and all(fast.allowed) else "no"
     status = "right" if worst <= 1e-4 else "WRONG"
+    checked = {plan.kind for plan, _ in expected if plan.has_sublayers}
+    unchecked = [kind for kind in ("drop_attention", "drop_mlp") if kind not in checked]
+    if unchecked and not refusals:
+        lens_note = f"; {' and '.join(unchecked)} not checked (no single output projection)" + lens_note
     weights = f"; raw weights ({note})" if note else ""
     return (f"| {label} | {backend} | {status}: {worst:.1e} nats (plans' KL up to {largest:.2g}){weights}{lens_note} "
             f"| {fast_text} |")
