@@ -427,7 +427,8 @@ def _checked_bridge(read: Callable[[], tuple[Any, Any]], boot: Callable[[Any, An
     """
     hf_model, tokenizer = read()
     family = _architecture(hf_model)
-    tokens = self_check.probe_tokens(int(hf_model.config.vocab_size), next(hf_model.parameters()).device)
+    vocab = getattr(hf_model.config, "vocab_size", None) or hf_model.get_input_embeddings().num_embeddings
+    tokens = self_check.probe_tokens(int(vocab), next(hf_model.parameters()).device)
     try:
         reference = self_check.reference_logits(hf_model, tokens)
     except _CRASHES as error:
@@ -450,6 +451,7 @@ def _checked_bridge(read: Callable[[], tuple[Any, Any]], boot: Callable[[Any, An
         if not rebuildable:
             raise ModelNotAvailableError(f"{moved}; save the model with save_pretrained(folder) and load the folder, "
                                          "where the library runs it on raw weights instead")
+        del bridge, hf_model  # the moved copy: not held while the raw one is read
         bridge = boot(*read())
         found = dataclasses.replace(_self_checked(bridge, reference, tokens, family), reason=moved)
         if not found.passed:
