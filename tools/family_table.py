@@ -147,46 +147,50 @@ def reference_logits(model: nn.Module, tokens: torch.Tensor, order: tuple[int, .
 
 
 ATTENTIONS = ("self_attn", "self_attention", "attn", "attention")
-MLPS = ("mlp", "ffn", "feed_forward")
-OUTPUT_PROJECTIONS = ("o_proj", "dense", "out_proj", "c_proj", "down_proj", "fc2", "dense_4h_to_h", "fc_out", "wo")
+MLPS = ("mlp", "ffn", "feed_forward", "block_sparse_moe")
+OUTPUT_PROJECTIONS = ("o_proj", "dense", "out_proj", "c_proj", "down_proj", "fc2", "dense_4h_to_h", "fc_out", "wo", "w2")
 
 
-def output_projection(layer: nn.Module, part: str) -> nn.Module | None:
-    """The projection a sublayer's output passes through last, found by the Hugging Face layer's own
-    names: the last linear layer (``nn.Linear`` or GPT-2's ``Conv1D``) of its attention or MLP
-    module, if it has one of the usual output names; ``None`` otherwise (a mixture of experts, a
+def output_parameters(layer: nn.Module, part: str) -> list[nn.Parameter]:
+    """The parameters of the projections a sublayer's output passes through last, found by the
+    Hugging Face layer's own names: those of its attention or MLP module owned by a part with one
+    of the usual output names (``o_proj``, ``down_proj``, ``c_proj``, ...; a mixture of experts'
+    stacked ``experts.down_proj`` and its shared expert's included). Empty where there are none (a
     hybrid mixer: not checked).
     """
-    from transformers.pytorch_utils import Conv1D
-
     names = ATTENTIONS if part == "attn" else MLPS
     module = next((getattr(layer, name) for name in names if isinstance(getattr(layer, name, None), nn.Module)), None)
+    if module is None and part == "mlp" and isinstance(getattr(layer, "fc2", None), nn.Module):
+        return list(layer.fc2.parameters())  # OPT's MLP has no module of its own: fc1 and fc2 sit on the layer
     if module is None:
-        return None
-    linears = [(name, child) for name, child in module.named_children() if isinstance(child, (nn.Linear, Conv1D))]
-    if not linears or linears[-1][0] not in OUTPUT_PROJECTIONS:
-        return None
-    return linears[-1][1]
+        return []
+    found = []
+    for name, value in module.named_parameters():
+        parts = name.split(".")
+        owner = parts[-2] if parts[-1] in ("weight", "bias") and len(parts) > 1 else parts[-1].removesuffix("_bias")
+        if owner in OUTPUT_PROJECTIONS:
+            found.append(value)
+    return found
 
 
 def without_sublayer(model: nn.Module, layer: int, part: str, tokens: torch.Tensor) -> torch.Tensor | None:
-    """The Hugging Face forward with one sublayer's contribution removed (its output projection's
-    weight and bias zeroed, then put back), or ``None`` where :func:`output_projection` finds none.
+    """The Hugging Face forward with one sublayer's contribution removed (its output projections'
+    weights and biases zeroed, then put back), or ``None`` where :func:`output_parameters` finds none.
     """
     owner, name = _layer_list(model)
-    projection = output_projection(getattr(owner, name)[layer], part)
-    if projection is None:
+    parameters = output_parameters(getattr(owner, name)[layer], part)
+    if not parameters:
         return None
-    saved = {key: value.detach().clone() for key, value in projection.named_parameters()}
+    saved = [value.detach().clone() for value in parameters]
     try:
         with torch.no_grad():
-            for value in projection.parameters():
+            for value in parameters:
                 value.zero_()
             return model(tokens, use_cache=False).logits.double()
     finally:
         with torch.no_grad():
-            for key, value in projection.named_parameters():
-                value.copy_(saved[key])
+            for value, kept in zip(parameters, saved):
+                value.copy_(kept)
 
 
 def _kl(base: torch.Tensor, logits: torch.Tensor) -> float:
@@ -292,7 +296,7 @@ def row(label: str, backend: str, prepared: Prepared | str) -> str:
     checked = {plan.kind for plan, _ in expected if plan.has_sublayers}
     unchecked = [kind for kind in ("drop_attention", "drop_mlp") if kind not in checked]
     if unchecked and not refusals:
-        lens_note = f"; {' and '.join(unchecked)} not checked (no single output projection)" + lens_note
+        lens_note = f"; {' and '.join(unchecked)} not checked (no output projection found)" + lens_note
     weights = f"; raw weights ({note})" if note else ""
     return (f"| {label} | {backend} | {status}: {worst:.1e} nats (plans' KL up to {largest:.2g}){weights}{lens_note} "
             f"| {fast_text} |")
