@@ -395,7 +395,7 @@ def _boot_bridge(folder: Path, name: str, device: str | torch.device, bos_token:
 
 
 def _architecture(hf_model: Any) -> str:
-    return ", ".join(getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])
+    return _family(hf_model.config.to_dict())
 
 
 def _booted(boot: Callable[[], Any], hf_model: Any, where: str) -> Any:
@@ -735,6 +735,7 @@ def _converted_hooked(state_dict: dict[str, torch.Tensor], cfg: Any, tokenizer: 
 
 
 def _family(hf_config: dict[str, Any]) -> str:
+    """The architecture a transformers config names (its ``architectures``, else its ``model_type``)."""
     return ", ".join(hf_config.get("architectures") or []) or str(hf_config.get("model_type", "this model"))
 
 

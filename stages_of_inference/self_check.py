@@ -104,7 +104,15 @@ def probe_tokens(d_vocab: int, device: str | torch.device = "cpu") -> Tensor:
 
 
 def reference_logits(hf_model: Any, tokens: Tensor) -> Tensor:
-    """The Hugging Face model's own logits for ``tokens`` (no cache), in fp32 on the CPU."""
+    """The Hugging Face model's own logits for ``tokens`` (no cache), in fp32 on the CPU.
+
+    Example:
+        >>> import transformers
+        >>> config = transformers.LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+        ...                                   num_attention_heads=2, num_key_value_heads=1)
+        >>> reference_logits(transformers.LlamaForCausalLM(config).eval(), probe_tokens(11)).shape
+        torch.Size([1, 24, 11])
+    """
     with torch.inference_mode():
         return hf_model(input_ids=tokens.to(next(hf_model.parameters()).device), use_cache=False).logits.float().cpu()
 
@@ -112,10 +120,17 @@ def reference_logits(hf_model: Any, tokens: Tensor) -> Tensor:
 def seam_logits(model: Any, tokens: Tensor) -> Tensor:
     """The library's forward of ``model``: embed, every block in order through the seam, the final
     norm and the output (with the family's output scale and soft-cap), in fp32 on the CPU.
+
+    Example:
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=24, d_head=4, d_vocab=5, act_fn="relu"))
+        >>> tokens = probe_tokens(5)
+        >>> bool(torch.allclose(seam_logits(m, tokens), m(tokens), atol=1e-5))
+        True
     """
     seam = as_seam(model)
     with exclusive(seam.model), torch.inference_mode():
-        embedded = seam.embed(tokens.to(seam.device))
+        embedded = seam.embed(tokens.to(seam.device))  # run_plan's loop, which sits a layer above
         residual = embedded.residual
         for layer in range(seam.n_layers):
             residual = seam.run_block(layer, residual, embedded, layer)
@@ -135,7 +150,15 @@ def largest_kl(reference: Tensor, found: Tensor) -> float:
 
 
 def check(model: Any, reference: Tensor, tokens: Tensor) -> SelfCheck:
-    """Compare ``model``'s library forward on ``tokens`` with ``reference``."""
+    """Compare ``model``'s library forward on ``tokens`` with ``reference``.
+
+    Example:
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=8, n_ctx=24, d_head=4, d_vocab=5, act_fn="relu"))
+        >>> tokens = probe_tokens(5)
+        >>> check(m, m(tokens), tokens).passed, check(m, torch.zeros(1, 24, 5), tokens).passed
+        (True, False)
+    """
     dtype = str(next(as_seam(model).model.parameters()).dtype).removeprefix("torch.")
     return SelfCheck(largest_kl(reference, seam_logits(model, tokens)), tokens.shape[-1], weight_mode(model), dtype,
                      lens=final_norm_problem(model))
@@ -147,6 +170,12 @@ def final_norm_problem(model: Any) -> str:
     or ``""`` where it can: the norm's own output on a few random vectors against LayerNorm or
     RMSNorm with those (and the norm's bias). A ``HookedTransformer``'s final norm is one of
     TransformerLens' own classes, which the lens reads directly: ``""``.
+
+    Example:
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> final_norm_problem(HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4,
+        ...                                                              d_vocab=5, act_fn="relu")))
+        ''
     """
     ln = getattr(model, "ln_final", None)
     if ln is None or not hasattr(ln, "uses_rms_norm"):
@@ -176,7 +205,16 @@ def final_norm_problem(model: Any) -> str:
 
 
 def keep(model: Any, found: SelfCheck) -> None:
-    """Keep ``found`` with ``model`` (read back by :func:`finding`)."""
+    """Keep ``found`` with ``model`` (read back by :func:`finding`).
+
+    Example:
+        >>> m = torch.nn.Linear(2, 2)
+        >>> finding(m) is None
+        True
+        >>> keep(m, SelfCheck(1e-9))
+        >>> finding(m).passed
+        True
+    """
     remembered(model, "self_check", lambda: found)
 
 

@@ -164,6 +164,16 @@ class ConfigFields:
 def output_logits(seam: ModelSeam, normed: Tensor) -> Tensor:
     """The model's output logits from its final norm's output: the unembedding, then the family's
     output scale and soft-cap, as the model's own forward applies them.
+
+    Example:
+        >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+        >>> from stages_of_inference.backends import as_seam
+        >>> m = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=5, act_fn="relu"))
+        >>> tokens = torch.tensor([[0, 1, 2]])
+        >>> _, cache = m.run_with_cache(tokens)
+        >>> seam = as_seam(m)
+        >>> bool(torch.allclose(output_logits(seam, seam.final_norm(cache["blocks.0.hook_resid_post"])), m(tokens), atol=1e-5))
+        True
     """
     logits = seam.unembed_module(normed)
     if seam.logit_scale != 1.0:
