@@ -10,6 +10,7 @@ checkpointed, and a rerun with the same folder, model, tokens and settings resum
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,13 @@ from stages_of_inference.interventions.options import EngineOptions
 from stages_of_inference.interventions.plan import LayerPlan
 from stages_of_inference.results import PROVENANCE_FILE, Result, provenance, weights_hash  # noqa: F401 (public here too)
 
-__all__ = ["EFFECT_COLUMNS", "PAPER_KINDS", "PER_TOKEN_COLUMNS", "SUMMARY_COLUMNS", "SWEEP_KINDS", "SweepResult", "check_kinds",
-           "finish_sweep", "robustness_sweep", "summary_on", "sweep_partial", "weights_hash"]
+__all__ = ["EFFECT_COLUMNS", "MIDDLE", "PAPER_KINDS", "PER_TOKEN_COLUMNS", "RUN_COLUMNS", "SUMMARY_COLUMNS", "SWEEP_KINDS", "SweepResult", "check_kinds",
+           "finish_sweep", "robustness_sweep", "run_collapse", "run_kinds", "run_length", "run_table", "summary_on", "sweep_partial", "weights_hash"]
 
 SWEEP_KINDS = ("drop", "swap", "drop_attention", "drop_mlp")
 """The interventions :func:`robustness_sweep` knows: delete a block, swap it with the next, delete
-only its attention, delete only its MLP."""
+only its attention, delete only its MLP; and deletions of runs of adjacent blocks, ``"drop_<k>"``
+for any ``k`` of 2 or more (:func:`run_kinds`)."""
 
 PAPER_KINDS = ("drop", "swap")
 """The paper's interventions: :func:`robustness_sweep`'s default."""
@@ -93,14 +95,54 @@ class SweepResult(Result):
         return self.tables.get("per_token")
 
 
+def run_length(kind: str) -> int | None:
+    """The number of adjacent blocks a ``"drop_<k>"`` kind deletes, or ``None`` for another kind.
+
+    Example:
+        >>> run_length("drop_3"), run_length("drop"), run_length("drop_mlp")
+        (3, None, None)
+    """
+    match = re.fullmatch(r"drop_([0-9]+)", kind) if isinstance(kind, str) else None
+    return int(match.group(1)) if match else None
+
+
+def run_kinds(n_layers: int, longest: int | None = None) -> tuple[str, ...]:
+    """The contiguous-deletion kinds of a model of ``n_layers`` blocks: ``"drop_2"`` up to
+    ``"drop_<longest>"``, by default runs of up to a quarter of the model (at least 2 blocks, and
+    fewer than all of them; none for a model of 2 blocks or fewer).
+
+    Example:
+        >>> run_kinds(30), run_kinds(4), run_kinds(2)
+        (('drop_2', 'drop_3', 'drop_4', 'drop_5', 'drop_6', 'drop_7'), ('drop_2',), ())
+    """
+    longest = max(2, n_layers // 4) if longest is None else longest
+    return tuple(f"drop_{k}" for k in range(2, min(longest, n_layers - 1) + 1))
+
+
+def _starts(kind: str, n_layers: int) -> range:
+    """The first blocks of every intervention of ``kind`` in a model of ``n_layers`` blocks."""
+    if kind == "swap":
+        return range(n_layers - 1)
+    k = run_length(kind)
+    return range(n_layers - k + 1) if k is not None else range(n_layers)
+
+
+def _plan(kind: str, n_layers: int, layer: int) -> LayerPlan:
+    """The plan of intervention ``kind`` at block ``layer`` (a run's first block)."""
+    k = run_length(kind)
+    if k is not None:
+        return LayerPlan.drop(n_layers, range(layer, layer + k))
+    make = {"drop": LayerPlan.drop, "swap": LayerPlan.swap, "drop_attention": LayerPlan.drop_attention,
+            "drop_mlp": LayerPlan.drop_mlp}
+    return make[kind](n_layers, layer)
+
+
 def _plans(n_layers: int, kinds: Sequence[str]) -> tuple[list[LayerPlan], list[tuple[str, int | None]]]:
     plans = [LayerPlan.identity(n_layers)]
     meta: list[tuple[str, int | None]] = [("none", None)]
-    make = {"drop": LayerPlan.drop, "swap": LayerPlan.swap, "drop_attention": LayerPlan.drop_attention,
-            "drop_mlp": LayerPlan.drop_mlp}
     for kind in kinds:
-        layers = range(n_layers - 1) if kind == "swap" else range(n_layers)
-        plans += [make[kind](n_layers, i) for i in layers]
+        layers = _starts(kind, n_layers)
+        plans += [_plan(kind, n_layers, i) for i in layers]
         meta += [(kind, i) for i in layers]
     return plans, meta
 
@@ -176,18 +218,20 @@ def _check_sequences(value: Any, n_sequences: int) -> int:
 
 
 def check_kinds(kinds: Any) -> tuple[str, ...]:
-    """``kinds`` (one kind or several of :data:`SWEEP_KINDS`) as a tuple, or a one-line error.
+    """``kinds`` (one kind or several of :data:`SWEEP_KINDS`, or ``"drop_<k>"`` runs) as a tuple,
+    or a one-line error.
 
     Example:
-        >>> check_kinds("drop"), check_kinds(["drop", "swap"])
-        (('drop',), ('drop', 'swap'))
+        >>> check_kinds("drop"), check_kinds(["drop", "swap"]), check_kinds("drop_3")
+        (('drop',), ('drop', 'swap'), ('drop_3',))
     """
     if isinstance(kinds, str):
         kinds = (kinds,)
     kinds = tuple(kinds)
-    unknown = [k for k in kinds if k not in SWEEP_KINDS]
+    unknown = [k for k in kinds if k not in SWEEP_KINDS and not (run_length(k) or 0) >= 2]
     if unknown:
-        raise ValueError(f"unknown sweep kind(s) {unknown}; allowed: {', '.join(SWEEP_KINDS)}")
+        raise ValueError(f"unknown sweep kind(s) {unknown}; allowed: {', '.join(SWEEP_KINDS)}, or drop_<k> (a run of "
+                         "k >= 2 adjacent blocks)")
     if len(set(kinds)) != len(kinds):
         raise ValueError(f"sweep kinds listed twice: {list(kinds)}")
     return kinds
@@ -279,7 +323,12 @@ def robustness_sweep(
 def _settings(model: Model, kinds: Sequence[str], options: EngineOptions, tokens: Tokens,
               check_sequences: int) -> dict[str, Any]:
     """The sweep's settings as its provenance and checkpoint fingerprint record them."""
-    settings = {"kinds": list(check_kinds(kinds)), "per_token": options.per_token, "batch_size": options.batch_size,
+    kinds = check_kinds(kinds)
+    too_long = [k for k in kinds if (run_length(k) or 0) >= model.cfg.n_layers]
+    if too_long:
+        raise ValueError(f"sweep kind(s) {too_long} delete all {model.cfg.n_layers} blocks of the model or more; "
+                         f"runs of 2 .. {model.cfg.n_layers - 1} blocks are allowed")
+    settings = {"kinds": list(kinds), "per_token": options.per_token, "batch_size": options.batch_size,
                 "chunk_tokens": options.chunk_tokens, "fast_path": options.fast_path,
                 "stack_tokens": options.stack_tokens_for(model.cfg.device), "precision": options.precision}
     if options.precision != "fp32":
@@ -415,3 +464,95 @@ def finish_sweep(partials: Sequence[dict[str, pd.DataFrame]]) -> SweepResult:
                              "tokens": p["sums"].attrs.get("provenance", {}).get("tokens")} for p in parts]
         record["settings"].pop("fingerprint", None)
     return SweepResult(tables, record)
+
+
+RUN_COLUMNS = ("k", "start", "end", "relative_depth", "middle_depth", "kl_nats", "kl_nats_sem", "loss_delta",
+               "relative_accuracy", "top1_agreement", "n_tokens")
+"""The columns of :func:`run_table`."""
+
+MIDDLE = (0.25, 0.75)
+"""The middle of a model, in relative depth: a run lies in it when its first and last blocks do."""
+
+
+def run_table(summary: pd.DataFrame, n_layers: int) -> pd.DataFrame:
+    """The contiguous deletions of a sweep summary (kinds ``"drop_<k>"``), one row per run.
+
+    Args:
+        summary: a :attr:`SweepResult.summary` with ``drop_<k>`` rows (``layer`` the run's first block).
+        n_layers: the model's number of blocks.
+
+    Returns:
+        :data:`RUN_COLUMNS`: the run's length ``k``, its ``start`` and ``end`` blocks (both
+        deleted), the ``relative_depth`` of its start (``start / (n_layers - 1)``) and of its
+        middle (``middle_depth``), then the sweep's metrics.
+
+    Example:
+        >>> s = pd.DataFrame({"kind": ["none", "drop", "drop_2"], "layer": pd.array([None, 0, 1], dtype="Int64"),
+        ...                   "kl_nats": [0, .1, .4], "kl_nats_sem": [0, 0, .1], "loss_delta": [0, .1, .3],
+        ...                   "relative_accuracy": [1, .9, .8], "top1_agreement": [1, .8, .7], "n_tokens": [9, 9, 9]})
+        >>> run_table(s, 5)[["k", "start", "end", "relative_depth", "middle_depth", "kl_nats"]].values.tolist()
+        [[2.0, 1.0, 2.0, 0.25, 0.375, 0.4]]
+    """
+    lengths = summary["kind"].map(run_length)
+    runs = summary[lengths.notna()]
+    k = lengths[lengths.notna()].astype(int).to_numpy()
+    start = runs["layer"].astype(int).to_numpy()
+    scale = max(n_layers - 1, 1)
+    out = pd.DataFrame({"k": k, "start": start, "end": start + k - 1, "relative_depth": start / scale,
+                        "middle_depth": (start + (k - 1) / 2) / scale})
+    for column in RUN_COLUMNS[5:]:
+        out[column] = runs[column].to_numpy()
+    return out.sort_values(["k", "start"], ignore_index=True)
+
+
+def run_collapse(runs: pd.DataFrame, single: pd.DataFrame, n_layers: int, *, fragile: float = 3.0) -> pd.DataFrame:
+    """Per run length, is the middle of the model still robust to deleting that many adjacent blocks?
+
+    A run is in the middle when its first and last blocks lie within :data:`MIDDLE` of relative
+    depth. The threshold is the stage rule's for one block
+    (:func:`~stages_of_inference.stages.placement.place_stages`): ``fragile`` times the median KL
+    of deleting one block. The middle stops being robust at the first ``k`` whose median middle
+    run costs more than that, i.e. where deleting ``k`` blocks from the middle hurts as much as
+    deleting one block the rule calls fragile.
+
+    Args:
+        runs: :func:`run_table`'s table.
+        single: a sweep summary with the single-block deletions (``kind == "drop"``).
+        n_layers: the model's number of blocks.
+        fragile: the stage rule's factor.
+
+    Returns:
+        One row per ``k``: ``k``, ``middle_runs`` (how many), ``median_kl`` (over them),
+        ``threshold``, ``additivity`` (``median_kl`` over ``k`` times the median KL of deleting
+        one middle block: 1 where damage adds up, more where it compounds), ``robust``
+        (``median_kl <= threshold``; missing where no run of that length fits in the middle).
+        ``attrs["collapse_k"]``: the first ``k`` that is not robust, or ``None``.
+
+    Example:
+        >>> single = pd.DataFrame({"kind": ["drop"] * 9, "kl_nats": [5, 1, 1, 1, 1, 1, 1, 1, 4]})
+        >>> runs = pd.DataFrame({"k": [2, 2, 3, 3], "start": [3, 4, 3, 4], "kl_nats": [2., 2.5, 4., 5.]})
+        >>> out = run_collapse(runs, single, 9)
+        >>> out[["k", "middle_runs", "median_kl", "robust"]].values.tolist(), out.attrs["collapse_k"]
+        ([[2, 2, 2.25, True], [3, 2, 4.5, False]], 3)
+    """
+    kl = single.loc[single["kind"] == "drop", "kl_nats"].to_numpy(float)
+    if not len(kl):
+        raise ValueError("run_collapse needs the single-block deletions (kind 'drop') to set its threshold")
+    threshold = fragile * max(float(np.median(kl)), 1e-12)
+    scale = max(n_layers - 1, 1)
+    low, high = MIDDLE
+    in_middle = [low <= i / scale <= high for i in range(len(kl))]
+    one_middle = float(np.median(kl[in_middle])) if any(in_middle) else float("nan")
+    rows, collapse = [], None
+    for k, group in runs.groupby("k", sort=True):
+        middle = group[(group["start"] / scale >= low) & ((group["start"] + k - 1) / scale <= high)]
+        median = float(middle["kl_nats"].median()) if len(middle) else float("nan")
+        robust = pd.NA if not len(middle) else bool(median <= threshold)
+        if robust is False and collapse is None:
+            collapse = int(k)
+        rows.append({"k": int(k), "middle_runs": len(middle), "median_kl": median, "threshold": threshold,
+                     "additivity": median / (k * one_middle) if one_middle > 0 else float("nan"), "robust": robust})
+    out = pd.DataFrame(rows, columns=["k", "middle_runs", "median_kl", "threshold", "additivity", "robust"])
+    out["robust"] = out["robust"].astype("boolean")
+    out.attrs["collapse_k"] = collapse
+    return out

@@ -274,3 +274,32 @@ def test_an_altered_checkpoint_batch_is_computed_again(tiny_models: dict[str, Ho
     with pytest.warns(UserWarning, match="checkpoint batch 0 .* is damaged"):
         resumed = robustness_sweep(model, tiny_tokens, batch_size=2, progress=False, out_dir=out)
     pd.testing.assert_frame_equal(resumed.summary, full.summary, check_exact=True)
+
+
+def _zeroed_run(model: HookedTransformer, tokens: torch.Tensor, blocks: range) -> torch.Tensor:
+    """The authors' deletion of several blocks, written out: every block's attention and MLP outputs zeroed."""
+    def zero(value: torch.Tensor, hook: Any) -> torch.Tensor:
+        return torch.zeros_like(value)
+    hooks = [(f"blocks.{i}.{name}", zero) for i in blocks for name in ("hook_attn_out", "hook_mlp_out")]
+    return model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+
+def test_contiguous_deletions_equal_zeroing_every_block_of_the_run(tiny_model: HookedTransformer,
+                                                                   tiny_tokens: torch.Tensor) -> None:
+    from stages_of_inference.robustness import run_table
+    s = robustness_sweep(tiny_model, tiny_tokens, kinds=["drop_2", "drop_3"], batch_size=2, progress=False).summary
+    runs = run_table(s, tiny_model.cfg.n_layers)
+    assert runs[["k", "start"]].values.tolist() == [[2, 0], [2, 1], [2, 2], [3, 0], [3, 1]]
+    base = tiny_model(tiny_tokens)
+    for row in runs.itertuples():
+        expected = exact_scores(_zeroed_run(tiny_model, tiny_tokens, range(row.start, row.end + 1)), tiny_tokens, base)
+        assert abs(row.kl_nats - expected["kl_nats"]) <= ATOL, (row.k, row.start)
+        assert row.kl_nats > 1e-3  # the runs do change the model
+
+
+def test_run_kinds_are_checked_against_the_model(tiny_models: dict[str, HookedTransformer], tiny_tokens: torch.Tensor) -> None:
+    model = tiny_models["gpt2"]
+    for kinds, message in [(["drop_4"], "delete all 4 blocks"), (["drop_1"], "unknown sweep kind"),
+                           (["drop_x"], "unknown sweep kind"), (["drop_2", "drop_2"], "listed twice")]:
+        with pytest.raises(ValueError, match=message):
+            robustness_sweep(model, tiny_tokens, kinds=kinds, progress=False)
