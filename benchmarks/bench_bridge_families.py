@@ -8,7 +8,9 @@ itself, in one run; prints each family's speed-up and the largest KL difference 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import tempfile
 import time
 
@@ -30,6 +32,7 @@ def _tokenizer() -> tf.PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     folder = tempfile.mkdtemp(prefix="bench-tokenizer-")  # saved and read back: the Bridge reloads it by path
+    atexit.register(shutil.rmtree, folder, True)  # ... until the benchmark ends; nothing left behind
     tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", unk_token="<unk>").save_pretrained(folder)
     return tf.PreTrainedTokenizerFast.from_pretrained(folder)
 

@@ -35,6 +35,7 @@ from plotly.subplots import make_subplots
 
 from stages_of_inference._tables import require_columns, result_model, table_of
 from stages_of_inference.results import Result
+from stages_of_inference.stages.competing import PROXIES
 from stages_of_inference.stages.detokenization import SubjoinerResult, pattern_table
 from stages_of_inference.stages.placement import STAGES, place_stages
 
@@ -50,6 +51,8 @@ __all__ = [
     "READOUT_DEPTH",
     "STAGES",
     "add_stage_bands",
+    "competing_readings",
+    "contiguous_deletions",
     "layer_repetition",
     "layer_similarity",
     "logit_lens",
@@ -207,7 +210,9 @@ def add_stage_bands(
 ) -> go.Figure:
     """Draw stages placed by :func:`place_stages` on every subplot of ``fig`` (in place; returns it).
 
-    One model: shaded bands, labelled on top. Several models (a list of tables, or one table with
+    One model: shaded bands, labelled on top, and where the table has ``start_low`` and
+    ``start_high`` (bootstrap intervals of each stage's start) a whisker along the top of every
+    panel spanning the interval. Several models (a list of tables, or one table with
     several ``model`` values): each model's boundaries as dotted lines in its colour.
 
     Example:
@@ -230,6 +235,8 @@ def add_stage_bands(
             fill = _STAGE_FILL[STAGES.index(row["stage"]) % 4] if row["stage"] in STAGES else "#bbbbbb"
             fig.add_vrect(x0=float(row["start"]), x1=float(row["end"]), fillcolor=fill, opacity=0.12,
                           line_width=0, layer="below", **where)
+            if "start_low" in row and float(row["start"]) > 0 and row["start_high"] > row["start_low"]:
+                _whisker(fig, float(row["start_low"]), float(row["start_high"]), fill)
             # a legend swatch names the band (labels inside the panels would cover the data)
             fig.add_trace(go.Scatter(
                 x=[None], y=[None], mode="markers", name=f"stage: {row['stage']}", legendgroup="stages",
@@ -247,6 +254,19 @@ def add_stage_bands(
             line={"color": color, "dash": "dot", "width": 1.5}, hoverinfo="skip",
         ))
     return fig
+
+
+def _whisker(fig: go.Figure, low: float, high: float, color: str) -> None:
+    """A boundary's interval as a whisker along the top of every panel (each panel's axes named
+    here: plotly's ``row="all"`` drops the "domain" of every y reference but the first).
+    """
+    names = sorted(k for k in fig.layout.to_plotly_json() if k.startswith("xaxis")) or ["xaxis"]
+    for name in names:
+        suffix = name[len("xaxis"):]
+        anchor = fig.layout[name].anchor if fig.layout[name].anchor not in (None, "free") else f"y{suffix}"
+        for x0, x1, y0, y1 in ((low, high, 0.97, 0.97), (low, low, 0.94, 1.0), (high, high, 0.94, 1.0)):
+            fig.add_shape(type="line", x0=x0, x1=x1, y0=y0, y1=y1, xref=f"x{suffix}", yref=f"{anchor} domain",
+                          line={"color": color, "width": 2})
 
 
 # --------------------------------------------------------------------------------------------
@@ -942,3 +962,103 @@ def task_damage(results: Results, stages: Stages = None, colors: Mapping[str, st
     add_stage_bands(fig, stages, palette)
     return _layout(fig, "Beyond the paper · what a deletion or a swap keeps: token accuracy (solid), cloze accuracy "
                         "(dashed), shared greedy continuation (dotted)", height=460)
+
+
+# --------------------------------------------------------------------------------------------
+# beyond the paper: contiguous deletions and competing readings
+
+_RUN_COLORS = ("#08306b", "#2171b5", "#4292c6", "#6baed6", "#fd8d3c", "#e6550d", "#a63603", "#7f2704")
+
+
+def contiguous_deletions(results: Results, stages: Stages = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+    """Deleting ``k`` adjacent blocks: KL against the relative depth of the run's first block, one
+    curve per ``k`` (``k = 1``: single blocks), one panel per model; the y axis is logarithmic.
+
+    Args:
+        results: run table(s) (:func:`stages_of_inference.robustness.run_table`, with ``k = 1``
+            rows for single deletions if wanted), one per model.
+        stages: stage bands (:func:`place_stages`) or ``None``.
+        colors: model name -> colour (the curves are coloured by ``k``; unused but for the bands).
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"k": [1, 1, 2], "relative_depth": [0, 1, 0], "kl_nats": [.5, .2, .9], "kl_nats_sem": 0.})
+        >>> len(contiguous_deletions(df).data)
+        4
+    """
+    items = _as_list(results)
+    palette = model_colors(items, colors)
+    names = [result_model(r) for r in items]
+    fig = make_subplots(rows=len(items), cols=1, shared_xaxes=True, vertical_spacing=0.12,
+                        subplot_titles=[f"{name}: KL of deleting k adjacent blocks" for name in names])
+    for row, result in enumerate(items, start=1):
+        df = table_of(result)
+        require_columns(df, ["k", "relative_depth", "kl_nats"], "contiguous_deletions")
+        for i, (k, part) in enumerate(df.sort_values(["k", "relative_depth"]).groupby("k", sort=True)):
+            color = _RUN_COLORS[i % len(_RUN_COLORS)]
+            _line(fig, part["relative_depth"], part["kl_nats"].clip(lower=1e-4), f"k = {int(k)}", color,
+                  part.get("kl_nats_sem"), row=row, col=1, legendgroup=f"k{int(k)}", showlegend=row == 1,
+                  hover=" nats")
+        fig.update_yaxes(title_text="KL (nats, log)", type="log", row=row, col=1)
+    fig.update_xaxes(range=list(_X_RANGE))
+    fig.update_xaxes(title_text="relative depth of the run's first block (block i / (n_layers - 1))",
+                     row=len(items), col=1)
+    add_stage_bands(fig, stages, palette)
+    return _layout(fig, "Beyond the paper · deleting runs of adjacent blocks", height=360 + 300 * len(items))
+
+
+def competing_readings(readouts: Results, blocks: Results, stages: Stages = None,
+                       colors: Mapping[str, str] | None = None) -> go.Figure:
+    """Mix-Compress-Refine's signals and the pruning proxies against depth.
+
+    Panels: the first token's residual norm at every readout (log); the matrix-based entropy of
+    the token representations at every readout; per block, each proxy of
+    :data:`~stages_of_inference.stages.competing.PROXIES` and the deletion KL (``deletion_kl``
+    where the blocks table has it), each divided by its largest value so one axis holds them.
+
+    Args:
+        readouts: ``readouts`` table(s) of :func:`~stages_of_inference.stages.competing.depth_proxies`.
+        blocks: its ``blocks`` table(s), in the same model order.
+        stages: stage bands (:func:`place_stages`) or ``None``.
+        colors: model name -> colour.
+
+    Example:
+        >>> import pandas as pd
+        >>> r = pd.DataFrame({"relative_depth": [0, .5, 1], "bos_norm": [1, 90, 80], "matrix_entropy": [.9, .2, .5]})
+        >>> b = pd.DataFrame({"relative_depth": [0, 1], "block_influence": [.4, .1], "angular_distance": [.3, .1],
+        ...                   "relative_update": [2, .5], "deletion_kl": [3, .4]})
+        >>> len(competing_readings(r, b).data)
+        6
+    """
+    reads, items = _as_list(readouts), _as_list(blocks)
+    palette = model_colors(reads, colors)
+    panels = ["the first token's residual norm (log)", "matrix-based entropy of the token representations (normalised)",
+              "per block, each divided by its largest value: deletion KL (thick) and the proxies"]
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, subplot_titles=panels, vertical_spacing=0.09)
+    dashes = dict(zip(PROXIES, ("dash", "dot", "dashdot")))
+    for read, block in zip(reads, items):
+        r, b = table_of(read).sort_values("relative_depth"), table_of(block).sort_values("relative_depth")
+        require_columns(r, ["relative_depth", "bos_norm", "matrix_entropy"], "competing_readings")
+        require_columns(b, ["relative_depth", *PROXIES], "competing_readings")
+        name = result_model(read)
+        color = palette.get(name, _PALETTE[0])
+        _line(fig, r["relative_depth"], r["bos_norm"], name, color, row=1, col=1)
+        _line(fig, r["relative_depth"], r["matrix_entropy"], name, color, r.get("matrix_entropy_sem"), row=2, col=1,
+              showlegend=False)
+        if "deletion_kl" in b:
+            fig.add_trace(go.Scatter(x=b["relative_depth"], y=b["deletion_kl"] / b["deletion_kl"].max(), mode="lines",
+                                     name=f"{name}: deletion KL", line={"color": color, "width": 4}, opacity=0.5,
+                                     legendgroup=f"{name} kl"), row=3, col=1)
+        for proxy in PROXIES:
+            top = float(b[proxy].max())
+            _line(fig, b["relative_depth"], b[proxy] / top if top > 0 else b[proxy], f"{name}: {proxy.replace('_', ' ')}",
+                  color, row=3, col=1, dash=dashes[proxy])
+    fig.update_yaxes(title_text="L2 norm", type="log", row=1, col=1)
+    fig.update_yaxes(title_text="entropy / log T", range=[0, 1.02], row=2, col=1)
+    fig.update_yaxes(title_text="fraction of largest", range=[0, 1.05], row=3, col=1)
+    fig.update_xaxes(range=list(_X_RANGE))
+    fig.update_xaxes(title_text="relative depth (readout k / n_layers in the top two panels; block i / (n_layers - 1) "
+                                "in the last)", row=3, col=1)
+    add_stage_bands(fig, stages, palette)
+    return _layout(fig, "Beyond the paper · competing readings of depth: Mix-Compress-Refine and pruning proxies",
+                   height=940)

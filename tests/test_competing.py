@@ -12,7 +12,13 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer
 
-from stages_of_inference.stages.competing import depth_proxies, matrix_entropy, phase_boundaries, proxy_agreement, spearman
+from stages_of_inference.stages.competing import (
+    depth_proxies,
+    matrix_entropy,
+    phase_boundaries,
+    proxy_agreement,
+    spearman,
+)
 
 
 def _numpy_entropy(z: np.ndarray, alpha: float) -> float:

@@ -29,7 +29,7 @@ from stages_of_inference.study.folder import StudyFolder
 from tests.conftest import make_tiny_model
 
 TINY_ANALYSES = ("robustness", "previous_token_attention", "logit_lens", "layer_similarity", "neurons", "sharpening",
-                 "repetition", "sublayers", "sinks")
+                 "repetition", "sublayers", "sinks", "contiguous_deletions", "competing_readings")
 
 
 def _tiny(name: str, family: str, seed: int = 0):  # noqa: ANN202 - a HookedTransformer with a word-level tokenizer
@@ -92,14 +92,25 @@ def test_two_models_study_report_and_data_files(tmp_path: Path, corpus: Path) ->
     page = study.report.read_text()
     assert page.count("<script type=\"text/javascript\">") == 1  # plotly.js embedded once
     assert "<script src" not in page and "<link" not in page  # self-contained: nothing loaded from elsewhere
-    assert page.count("Plotly.newPlot") == len(study.figures) == 11
+    assert page.count("Plotly.newPlot") == len(study.figures) == 13
     for name in ("robustness", "layer_effects", "previous_token_attention", "logit_lens", "prediction_depth",
-                 "layer_similarity", "neuron_counts", "sharpening", "repetition", "sublayer_deletion", "sink_profile"):
+                 "layer_similarity", "neuron_counts", "sharpening", "repetition", "sublayer_deletion", "sink_profile",
+                 "contiguous_deletions", "competing_readings"):
         assert f"id='{name}'" in page
         assert study.readings[name].strip(), f"no reading for {name}"
     assert "tiny-llama" in page and "tiny-gpt2" in page and "Provenance" in page and "Settings" in page
     assert "The same boundaries, by the signals beyond the paper" in page and "sink heads take over" in page
     assert "MLP damage overtakes attention damage" in page
+    # every stage boundary the rule places, and the resampled signals, carry a bootstrap interval
+    for name in ("tiny-llama", "tiny-gpt2"):
+        stages = study.stages[name]
+        assert (stages["first_layer_low"] <= stages["first_layer"]).all() and (stages["first_layer"] <= stages["first_layer_high"]).all()
+        assert set(stages.attrs["intervals"]["boundary"]) >= {"rule: residual sharpening", "half the predictions have settled",
+                                                              "compression begins (the first token's norm jumps)"}
+    assert "90 % interval" in page and "overlapping 90 % bootstrap intervals" in page
+    assert "compression begins" in page and "Rank correlation with the KL of deleting each block" in page
+    runs = study.results["tiny-gpt2"]["contiguous_deletions"]["runs"]
+    assert runs[["k", "start"]].values.tolist() == [[1, 0], [1, 1], [1, 2], [1, 3], [2, 0], [2, 1], [2, 2]]
     # the sublayer figure draws both models' sublayer deletions and their block deletions on the same sequences
     names = {t.name for t in study.figures["sublayer_deletion"].data if t.name and "±" not in t.name}
     assert {f"{m}: {k}" for m in ("tiny-llama", "tiny-gpt2")

@@ -133,12 +133,14 @@ def depth_proxies(
             statistics are taken in float64.
 
     Returns:
-        ``{"readouts": ..., "blocks": ...}``. ``readouts``: one row per readout ``0 .. n_layers``
+        ``{"readouts": ..., "blocks": ..., "per_sequence": ...}``. ``readouts``: one row per readout ``0 .. n_layers``
         (the residual entering block ``readout``; the last is the last block's output, before
         the final norm): ``readout``, ``relative_depth`` (``readout / n_layers``), ``bos_norm``,
         ``matrix_entropy`` and its ``_sem`` over sequences. ``blocks``: one row per block:
         ``layer``, ``relative_depth`` (``layer / (n_layers - 1)``), each of :data:`PROXIES` and
-        its ``_sem``. Provenance in ``attrs``.
+        its ``_sem``. ``per_sequence``: per ``sequence`` and ``readout``, that sequence's
+        ``bos_norm`` and ``matrix_entropy`` (what a bootstrap over sequences resamples).
+        Provenance in ``attrs``.
 
     Example:
         >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -172,7 +174,11 @@ def depth_proxies(
     blocks = pd.DataFrame({"layer": range(n), "relative_depth": [relative_depth(i, n) for i in range(n)]})
     for name, values in zip(PROXIES, (sums.influence, sums.angle, sums.update)):
         blocks[name], blocks[f"{name}_sem"] = zip(*(mean_and_sem(values[:, [i]]) for i in range(n)))
-    return {"readouts": with_provenance(readouts, record), "blocks": with_provenance(blocks, record)}
+    n_seq = tokens.shape[0]
+    per = pd.DataFrame({"sequence": np.repeat(np.arange(n_seq), n + 1), "readout": np.tile(np.arange(n + 1), n_seq),
+                        "bos_norm": sums.bos.reshape(-1).numpy(), "matrix_entropy": sums.entropy.reshape(-1).numpy()})
+    return {"readouts": with_provenance(readouts, record), "blocks": with_provenance(blocks, record),
+            "per_sequence": with_provenance(per, dict(record))}
 
 
 def spearman(x: np.ndarray, y: np.ndarray, level: float = 0.9) -> tuple[float, float, float]:

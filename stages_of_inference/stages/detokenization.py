@@ -37,6 +37,7 @@ from stages_of_inference.results import provenance, with_provenance
 __all__ = [
     "SubjoinerResult",
     "first_blocks_damage",
+    "previous_token_attention_tables",
     "pattern_table",
     "previous_token_attention",
     "previous_token_attention_heads",
@@ -124,16 +125,43 @@ def previous_token_attention(
         >>> list(df.columns[:4]), len(df)
         (['layer', 'relative_depth', 'mean_attention', 'sem'], 2)
     """
+    return previous_token_attention_tables(model, tokens, k, batch_size, progress, precision)["attention"]
+
+
+def previous_token_attention_tables(
+    model: Model,
+    tokens: Tokens,
+    k: int = 5,
+    batch_size: int = 8,
+    progress: bool = True,
+    precision: str = "fp32",
+) -> dict[str, pd.DataFrame]:
+    """:func:`previous_token_attention` (``attention``, same arguments) and, from the same pass,
+    ``per_sequence``: per ``sequence`` and ``layer`` the sequence's own ``mean_attention`` (the
+    additive part a bootstrap over sequences resamples; ``attention`` is their mean).
+
+    Example:
+        >>> import torch
+        >>> t = previous_token_attention_tables(_tiny_model(), torch.randint(0, 11, (3, 8), generator=torch.Generator().manual_seed(0)), k=2, progress=False)
+        >>> per = t["per_sequence"]
+        >>> len(per), bool(abs(per.groupby("layer")["mean_attention"].mean() - t["attention"]["mean_attention"]).max() < 1e-9)
+        (6, True)
+    """
     per_seq = _previous_token_per_sequence(model, tokens, k, batch_size, progress, precision)
     n_layers = model.cfg.n_layers
+    by_layer = per_seq.mean(dim=-1)  # [sequence, layer]: mean over heads
     rows = []
     for layer in range(n_layers):
-        mean, sem = mean_and_sem(per_seq[:, layer].mean(dim=-1, keepdim=True))
+        mean, sem = mean_and_sem(by_layer[:, layer].unsqueeze(1))
         rows.append({"layer": layer, "relative_depth": relative_depth(layer, n_layers), "mean_attention": mean,
                      "sem": sem, "k": k, "n_sequences": int(tokens.shape[0])})
     record = provenance(model, tokens, analysis="previous_token_attention", k=k, batch_size=batch_size,
                         queries="every q >= d, BOS keys included", precision=precision)
-    return with_provenance(pd.DataFrame(rows), record)
+    n_seq = by_layer.shape[0]
+    per = pd.DataFrame({"sequence": np.repeat(np.arange(n_seq), n_layers), "layer": np.tile(np.arange(n_layers), n_seq),
+                        "mean_attention": by_layer.double().reshape(-1).numpy()})
+    return {"attention": with_provenance(pd.DataFrame(rows), record),
+            "per_sequence": with_provenance(per, dict(record, analysis="previous_token_attention (per sequence)"))}
 
 
 def previous_token_attention_heads(

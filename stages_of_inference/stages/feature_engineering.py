@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
@@ -54,6 +55,7 @@ __all__ = [
     "LABEL_MAKERS",
     "continues_word",
     "layer_similarity",
+    "lens_tables",
     "lens_with_depth",
     "linear_cka",
     "logit_lens",
@@ -333,9 +335,46 @@ def lens_with_depth(
         >>> len(lens) == len(dist) == 3, len(summary)
         (True, 1)
     """
+    tables = lens_tables(model, tokens, convention, batch_size, chunk_tokens, progress, precision)
+    return tables["lens"], tables["depth"], tables["depth_summary"]
+
+
+def lens_tables(
+    model: Model,
+    tokens: Tokens,
+    convention: str = "paper",
+    batch_size: int = 8,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    progress: bool = True,
+    precision: str = "fp32",
+) -> dict[str, pd.DataFrame]:
+    """:func:`lens_with_depth`'s three tables (``lens``, ``depth``, ``depth_summary``) and the
+    same pass's ``per_sequence`` table, the additive parts a bootstrap over sequences resamples:
+    per ``sequence`` and readout ``layer``, the mean over the sequence's scored tokens of every
+    lens metric (``entropy_bits``, ``kl_to_final_nats``, ...), and how many of its tokens have
+    their prediction depth at that readout (``depth_right``, ``depth_wrong``); ``convention``.
+
+    Example:
+        >>> import torch
+        >>> t = lens_tables(_tiny_model(), torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(0)), progress=False)
+        >>> per = t["per_sequence"]
+        >>> len(per), int(per["depth_right"].sum() + per["depth_wrong"].sum()) == int(t["depth_summary"]["n_tokens"].iloc[0])
+        (6, True)
+    """
     settings = _LensSettings(convention, batch_size, chunk_tokens, progress, precision)
     model, source, tokens, pts, lens_pass = _depth_pass(model, tokens, settings)
-    return (_lens_table(model, source, tokens, pts, settings, lens_pass), *_depth_tables(model, source, settings, lens_pass))
+    lens = _lens_table(model, source, tokens, pts, settings, lens_pass)
+    depth, summary = _depth_tables(model, source, settings, lens_pass)
+    per_seq = (lens_pass.sums / (tokens.shape[1] - 2)).numpy()  # [point, metric, sequence]
+    n_seq = tokens.shape[0]
+    rows = pd.DataFrame({"sequence": np.repeat(np.arange(n_seq), len(pts)), "layer": np.tile(pts, n_seq)})
+    for j, col in enumerate(_LENS_METRICS):
+        rows[col] = per_seq[:, j, :].T.reshape(-1)
+    rows["depth_right"] = lens_pass.depth_right[:, pts].numpy().reshape(-1)
+    rows["depth_wrong"] = lens_pass.depth_wrong[:, pts].numpy().reshape(-1)
+    rows["convention"] = convention
+    record = dict(lens.attrs["provenance"], analysis="logit_lens (per sequence)")
+    return {"lens": lens, "depth": depth, "depth_summary": summary, "per_sequence": with_provenance(rows, record)}
 
 
 def _depth_pass(model: Model, tokens: Tokens,

@@ -258,7 +258,8 @@ def mlp_takes_over(sublayers: pd.DataFrame) -> int:
 
 
 def stage_signals(stages: pd.DataFrame, sinks: pd.DataFrame | None = None,
-                  depth: pd.DataFrame | None = None, sublayers: pd.DataFrame | None = None) -> pd.DataFrame:
+                  depth: pd.DataFrame | None = None, sublayers: pd.DataFrame | None = None,
+                  phases: pd.DataFrame | None = None, intervals: pd.DataFrame | None = None) -> pd.DataFrame:
     """The boundary each signal beyond the paper suggests, beside the rule's (:func:`place_stages`).
 
     * *massive activations switch on* (the ``sinks`` profile): the first block entering which the
@@ -272,19 +273,31 @@ def stage_signals(stages: pd.DataFrame, sinks: pd.DataFrame | None = None,
       which the median token's top-1 stays the final one; suggests the start of residual sharpening;
     * *MLP damage overtakes attention damage* (a sweep with ``drop_attention`` and ``drop_mlp``
       plans, :func:`mlp_takes_over`): early blocks mix tokens through attention, the feature
-      engineering stage is read as MLP work; suggests the start of feature engineering.
+      engineering stage is read as MLP work; suggests the start of feature engineering;
+    * Mix-Compress-Refine's phases (:func:`~stages_of_inference.stages.competing.phase_boundaries`):
+      *compression begins* (the first token's norm jumps) suggests the start of feature
+      engineering; *the compression valley ends* (the entropy recovers) suggests the start of
+      residual sharpening, the late phase in which Queipo-de-Llano et al. see the representations
+      refined.
 
     Args:
         stages: the stage table of the model (:func:`place_stages`).
         sinks: its ``sink_profile`` table, or ``None``.
         depth: its prediction-depth summary (one convention's row is used), or ``None``.
         sublayers: a sweep summary with ``drop_attention`` and ``drop_mlp`` rows, or ``None``.
+        phases: the ``phases`` table of the competing readings, or ``None``.
+        intervals: bootstrap intervals of the boundaries
+            (:func:`~stages_of_inference.stages.bootstrap.boundary_intervals`), or ``None``.
+            Where a signal and the rule's boundary both have one, they agree when the intervals
+            overlap; otherwise when the point estimates are within :data:`AGREEMENT`.
 
     Returns:
         One row per signal available: ``signal``, ``boundary`` (the stage it suggests starts
         there), ``layer``, ``relative_depth``, ``rule_layer``, ``rule_depth`` (the rule's first
         block of that stage), ``agrees`` (within :data:`AGREEMENT` of relative depth; False where
-        the signal never fires, ``layer`` -1).
+        the signal never fires, ``layer`` -1); with ``intervals``, also ``low``, ``high``,
+        ``rule_low``, ``rule_high`` (blocks; missing where not resampled) and ``judged_by``
+        (``"intervals"`` or ``"distance"``).
 
     Example:
         >>> import pandas as pd
@@ -313,6 +326,10 @@ def stage_signals(stages: pd.DataFrame, sinks: pd.DataFrame | None = None,
     if sublayers is not None:
         n = n or int(sublayers["layer"].max()) + 1
         found.append(("MLP damage overtakes attention damage", "feature engineering", mlp_takes_over(sublayers)))
+    if phases is not None:
+        at = dict(zip(phases["phase"], phases["readout"].astype(int)))
+        found.append(("compression begins (the first token's norm jumps)", "feature engineering", at["compression"]))
+        found.append(("the compression valley ends (the entropy recovers)", "residual sharpening", at["refinement"]))
     n = n or max([layer for _, _, layer in found] + [1]) + 1
     rows = []
     for signal, boundary, layer in found:
@@ -322,4 +339,22 @@ def stage_signals(stages: pd.DataFrame, sinks: pd.DataFrame | None = None,
                      "rule_layer": rule, "rule_depth": rule / (n - 1) if rule >= 0 and n > 1 else float("nan")})
     out = pd.DataFrame(rows, columns=["signal", "boundary", "layer", "relative_depth", "rule_layer", "rule_depth"])
     out["agrees"] = (out["layer"] >= 0) & ((out["relative_depth"] - out["rule_depth"]).abs() <= AGREEMENT)
+    if intervals is None:
+        return out
+    return _judged_by_intervals(out, intervals)
+
+
+def _judged_by_intervals(out: pd.DataFrame, intervals: pd.DataFrame) -> pd.DataFrame:
+    """The signals table with intervals, agreement by overlap where both sides have one."""
+    known = intervals.set_index("boundary")
+
+    def bounds(name: str) -> tuple[float, float]:
+        return (float(known.loc[name, "low"]), float(known.loc[name, "high"])) if name in known.index else (np.nan, np.nan)
+    out = out.copy()
+    out["low"], out["high"] = zip(*(bounds(name) for name in out["signal"])) if len(out) else ([], [])
+    out["rule_low"], out["rule_high"] = zip(*(bounds(f"rule: {b}") for b in out["boundary"])) if len(out) else ([], [])
+    both = out[["low", "high", "rule_low", "rule_high"]].notna().all(axis=1) & (out["layer"] >= 0) & (out["low"] >= 0)
+    overlap = (out["low"] <= out["rule_high"]) & (out["rule_low"] <= out["high"])
+    out["agrees"] = out["agrees"].where(~both, overlap)
+    out["judged_by"] = np.where(both, "intervals", "distance")
     return out

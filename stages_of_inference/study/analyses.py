@@ -16,14 +16,15 @@ import pandas as pd
 
 from stages_of_inference import plots, robustness
 from stages_of_inference._utils import file_sha256
+from stages_of_inference.batch import TokenBatch
 from stages_of_inference.data import corpus_documents
 from stages_of_inference.interventions.checkpoint import CheckpointMismatchError
 from stages_of_inference.interventions.options import EngineOptions
+from stages_of_inference.stages import competing, sinks
 from stages_of_inference.stages import detokenization as detok
 from stages_of_inference.stages import feature_engineering as fe
 from stages_of_inference.stages import prediction_ensembling as pe
 from stages_of_inference.stages import residual_sharpening as rs
-from stages_of_inference.stages import sinks
 from stages_of_inference.stages import task_damage as td
 from stages_of_inference.study import readings as rd
 from stages_of_inference.study.registry import (
@@ -45,7 +46,7 @@ if TYPE_CHECKING:  # annotations only
     from stages_of_inference.study.config import StudyConfig
 
 __all__ = ["CLOZE_CONTEXT_CHARS", "CLOZE_CONTEXT_TOKENS", "GENERATION_PROMPT_TOKENS", "NEW_TOKENS", "PAPER_ANALYSES",
-           "SUBJOINER_CHARS", "SUBLAYER_KINDS", "SUBLAYER_POSITIONS", "banded"]
+           "RUN_POSITIONS", "SUBJOINER_CHARS", "SUBLAYER_KINDS", "SUBLAYER_POSITIONS", "banded"]
 
 SUBJOINER_CHARS = 200_000
 """The subjoiner prompts (and cloze items) are drawn from the first this many characters of each document."""
@@ -72,18 +73,23 @@ def _heavy(config: StudyConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the paper's analyses
-def _robustness(ctx: Context) -> Tables:
-    """The sweep's additive part on ``ctx.tokens`` (the whole batch, or one shard of it)."""
-    options = _options(ctx, per_token=True, layer_effects=True)
-
+def _sweep(ctx: Context, tokens: TokenBatch, kinds: tuple[str, ...], options: EngineOptions) -> Tables:
+    """A sweep's additive part on ``tokens`` (a whole batch, or one shard of it), checkpointed in
+    the task's own folder.
+    """
     def sweep() -> Tables:
-        return robustness.sweep_partial(ctx.model, ctx.tokens, options=options, first_sequence=ctx.first_sequence,
+        return robustness.sweep_partial(ctx.model, tokens, kinds, options=options, first_sequence=ctx.first_sequence,
                                         checkpoint_dir=ctx.work_dir)
     try:
         return sweep()
     except CheckpointMismatchError:  # another sweep's checkpoint in this task's own folder: start over
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
         return sweep()
+
+
+def _robustness(ctx: Context) -> Tables:
+    """The paper's sweep on ``ctx.tokens`` (the whole batch, or one shard of it)."""
+    return _sweep(ctx, ctx.tokens, robustness.PAPER_KINDS, _options(ctx, per_token=True, layer_effects=True))
 
 
 def _robustness_finish(parts: list[Tables], fin: Finishing) -> Tables:
@@ -105,9 +111,8 @@ def _robustness_figures(study: Study, style: Style) -> list[Figure]:
 
 
 def _attention(ctx: Context) -> Tables:
-    return {"attention": detok.previous_token_attention(ctx.model, ctx.tokens, k=ctx.config.k,
-                                                        batch_size=ctx.config.batch_size, progress=ctx.progress,
-                                                        precision=ctx.config.precision)}
+    return detok.previous_token_attention_tables(ctx.model, ctx.tokens, k=ctx.config.k, batch_size=ctx.config.batch_size,
+                                                 progress=ctx.progress, precision=ctx.config.precision)
 
 
 def _documents(corpus: str) -> list[str]:
@@ -142,13 +147,13 @@ def _subjoiner_figures(study: Study, style: Style) -> list[Figure]:
 
 def _lens(ctx: Context) -> Tables:
     # the lens and the prediction depth of every token come from the same pass, per convention
-    passes = [fe.lens_with_depth(ctx.model, ctx.heavy, convention=c, batch_size=ctx.config.batch_size,
-                                 progress=ctx.progress, precision=ctx.config.precision)
+    passes = [fe.lens_tables(ctx.model, ctx.heavy, convention=c, batch_size=ctx.config.batch_size,
+                             progress=ctx.progress, precision=ctx.config.precision)
               for c in ("paper", "per_layer_norm")]
     out = {}
-    for key, tables in zip(("lens", "depth", "depth_summary"), zip(*passes)):
-        out[key] = pd.concat(tables, ignore_index=True)
-        out[key].attrs["provenance"] = tables[0].attrs["provenance"]
+    for key in ("lens", "depth", "depth_summary", "per_sequence"):
+        out[key] = pd.concat([p[key] for p in passes], ignore_index=True)
+        out[key].attrs["provenance"] = passes[0][key].attrs["provenance"]
     return out
 
 
@@ -365,3 +370,86 @@ register(Analysis(
     "sinks", _sinks, _batch,
     figures=one_figure("sink_profile", "Beyond the paper: attention sinks, massive activations, residual norms", "sinks",
                        "profile", banded(plots.sink_profile), rd.read_sinks), fast=True))
+
+
+RUN_POSITIONS = 64
+"""Contiguous deletions run on the first this many tokens of each heavy sequence (as the sublayer
+deletions do: the default study's time budget; a model of 30 blocks has 159 runs of 2 .. 7)."""
+
+
+def _run_tokens(ctx: Context) -> TokenBatch:
+    return replace(ctx.heavy, tokens=ctx.heavy.tokens[:, : min(RUN_POSITIONS, ctx.config.seq_len)])
+
+
+def _contiguous(ctx: Context) -> Tables:
+    """Every run of 2 .. a quarter of the blocks deleted, every start, and the single deletions on
+    the same tokens (the threshold and the ``k = 1`` curve), in one prefix-sharing sweep.
+    """
+    kinds = ("drop", *robustness.run_kinds(ctx.model.cfg.n_layers))
+    return _sweep(ctx, _run_tokens(ctx), kinds, _options(ctx))
+
+
+def _contiguous_finish(parts: list[Tables], fin: Finishing) -> Tables:
+    result = robustness.finish_sweep(parts)
+    summary = result.summary
+    n_layers = int(summary.attrs["provenance"]["model"]["n_layers"])
+    singles = summary[summary["kind"] == "drop"]
+    runs = robustness.run_table(summary, n_layers)
+    ones = robustness.run_table(singles.assign(kind="drop_1"), n_layers)
+    record = summary.attrs["provenance"]
+    tables = {"summary": summary, "runs": pd.concat([ones, runs], ignore_index=True),
+              "collapse": robustness.run_collapse(runs, singles, n_layers)}
+    for name in ("runs", "collapse"):
+        tables[name].attrs["provenance"] = {**record, "analysis": f"contiguous deletions ({name})"}
+    return tables
+
+
+def _contiguous_figures(study: Study, style: Style) -> list[Figure]:
+    tables = [done["contiguous_deletions"]["runs"] for done in study.results.values() if "contiguous_deletions" in done]
+    if not tables:
+        return []
+    return [Figure("contiguous_deletions", "Beyond the paper: deleting runs of adjacent blocks",
+                   lambda: banded(plots.contiguous_deletions)(tables, style), lambda: rd.read_contiguous(study))]
+
+
+def _competing(ctx: Context) -> Tables:
+    return competing.depth_proxies(ctx.model, ctx.tokens, batch_size=ctx.config.batch_size, progress=ctx.progress,
+                                   precision=ctx.config.precision)
+
+
+def _competing_finish(parts: list[Tables], fin: Finishing) -> Tables:
+    """The phases, and with the sweep in the study, each proxy against the deletion damage."""
+    tables = dict(whole(parts, fin))
+    record = tables["readouts"].attrs.get("provenance", {})
+    tables["phases"] = competing.phase_boundaries(tables["readouts"])
+    sweep = fin.done.get("robustness")
+    if sweep is not None:
+        summary = sweep["summary"]
+        drops = summary[summary["kind"] == "drop"].set_index("layer")["kl_nats"]
+        blocks = tables["blocks"].copy()
+        blocks["deletion_kl"] = blocks["layer"].map(lambda i: float(drops.get(i, float("nan"))))
+        tables["blocks"] = blocks
+        tables["agreement"] = competing.proxy_agreement(blocks, summary)
+    for name, table in tables.items():
+        table.attrs["provenance"] = {**record, "analysis": f"competing readings ({name})"}
+    return tables
+
+
+def _competing_figures(study: Study, style: Style) -> list[Figure]:
+    readouts = tables_of(study, "competing_readings", "readouts")
+    blocks = tables_of(study, "competing_readings", "blocks")
+    if not readouts:
+        return []
+    return [Figure("competing_readings", "Beyond the paper: competing readings of depth",
+                   lambda: plots.competing_readings(readouts, blocks, stages=style.stages, colors=style.colors),
+                   lambda: rd.read_competing(study))]
+
+
+register(Analysis(
+    "contiguous_deletions", _contiguous,
+    lambda c: {"kinds": "drop, then drop_2 .. drop_<n_layers // 4>", "positions": min(RUN_POSITIONS, c.seq_len),
+               **_heavy(c)},
+    tokens="heavy", split=True, finish=_contiguous_finish, figures=_contiguous_figures))
+register(Analysis(
+    "competing_readings", _competing, lambda c: {"alpha": 1.0, **_batch(c)}, finish=_competing_finish,
+    reads=("robustness",), figures=_competing_figures, fast=True))

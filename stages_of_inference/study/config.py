@@ -107,6 +107,9 @@ class StudyConfig:
         backend: ``"auto"``, ``"hooked"`` or ``"bridge"``: how models given by name are loaded
             (:func:`stages_of_inference.models.load_model`). On the Bridge the study runs the
             analyses marked for it and says which it left out (docs/backends.md).
+        bootstrap: resamples of the sequences behind each stage boundary's 90 % interval (0: no
+            intervals; docs/stages/beyond.md). Read when the stages are placed, so changing it
+            reuses every finished analysis.
 
     Example:
         >>> c = StudyConfig(n_tokens=512)
@@ -134,6 +137,7 @@ class StudyConfig:
     generation_prompts: int = 4
     precision: str = "fp32"
     backend: str = "auto"
+    bootstrap: int = 1000
 
     def __post_init__(self) -> None:
         models = _names(self.models, "models")
@@ -147,7 +151,7 @@ class StudyConfig:
                            else ())
         if not isinstance(self.corpus, str) or not self.corpus:
             raise TypeError(f"corpus must be a bundled corpus name, a text file or a folder (a string), got {self.corpus!r}")
-        for name in ("seq_len", "n_tokens", "seed", "k", "subjoiner_prompts", "cloze_items", "generation_prompts"):
+        for name in ("seq_len", "n_tokens", "seed", "k", "subjoiner_prompts", "cloze_items", "generation_prompts", "bootstrap"):
             object.__setattr__(self, name, _whole(getattr(self, name), name))
         for name in ("heavy_fraction", "kurtosis_threshold"):
             object.__setattr__(self, name, _number(getattr(self, name), name))
@@ -174,6 +178,8 @@ class StudyConfig:
             raise ValueError(f"cloze_file {self.cloze_file!r} is not a file (a JSON-lines file of context/answer items)")
         if self.cloze_items < 1 or self.generation_prompts < 1:
             raise ValueError("cloze_items and generation_prompts must be positive numbers")
+        if self.bootstrap != 0 and self.bootstrap < 10:
+            raise ValueError(f"bootstrap must be 0 (no intervals) or at least 10 resamples, got {self.bootstrap}")
         if self.subjoiner_prompts < 16:
             raise ValueError(f"subjoiner_prompts must be at least 16, got {self.subjoiner_prompts}")
         if self.table_format not in ("parquet", "csv"):

@@ -153,7 +153,8 @@ class Driver:
             study.reused += [(name, a) for a in self.config.analyses if a in state.reused]
             study.left_out += [(name, a) for a in self.config.analyses if a in state.left_out]
             if study.results[name]:
-                study.stages[name] = model_stages(study.results[name], name, state.identity.n_layers)
+                study.stages[name] = model_stages(study.results[name], name, state.identity.n_layers, study.config.bootstrap,
+                                                   study.config.seed)
         return study
 
     # ------------------------------------------------------------------ bookkeeping

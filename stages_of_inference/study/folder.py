@@ -34,11 +34,13 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from stages_of_inference import __version__
 from stages_of_inference._utils import atomic_write_json, file_lock
 from stages_of_inference.results import PROVENANCE_FILE, DamagedResultError, Result
+from stages_of_inference.stages.bootstrap import PerSequence, boundary_intervals
 from stages_of_inference.stages.placement import place_stages
 from stages_of_inference.study.config import StudyConfig
 from stages_of_inference.study.registry import REGISTRY, Study, runs_on
@@ -308,23 +310,84 @@ def load_if_matching(folder: Path, fingerprint: dict[str, Any], on_mismatch: str
     return None
 
 
-def model_stages(done: dict[str, Result], name: str, n_layers: int) -> pd.DataFrame:
+def model_stages(done: dict[str, Result], name: str, n_layers: int, resamples: int = 0, seed: int = 0) -> pd.DataFrame:
     """Where one model's finished results place the four stages (empty without the analyses
-    the rule reads: the sweep, the paper-convention lens, the neurons, the attention).
+    the rule reads: the sweep, the paper-convention lens, the neurons, the attention); with
+    ``resamples``, each stage's first block has a bootstrap interval over sequences
+    (``first_layer_low``, ``first_layer_high``, ``start_low``, ``start_high``) and the table's
+    ``attrs["intervals"]`` holds every boundary's (:func:`~stages_of_inference.stages.bootstrap.boundary_intervals`).
     """
     def table(analysis: str, key: str) -> pd.DataFrame | None:
         return done[analysis].tables.get(key) if analysis in done else None
 
-    lens = table("logit_lens", "lens")
-    if lens is not None:
-        lens = lens[lens["convention"] == "paper"]
+    lenses = table("logit_lens", "lens")
+    lens = None if lenses is None else lenses[lenses["convention"] == "paper"]
     inputs = dict(sweep=table("robustness", "summary"), lens=lens, neurons=table("neurons", "counts"),
                   attention=table("previous_token_attention", "attention"))
     if all(v is None for v in inputs.values()) or not n_layers:
         return pd.DataFrame()
     stages = place_stages(**inputs, n_layers=n_layers)
     stages["model"] = name
+    stages["lens_convention"] = "paper" if lens is not None and len(lens) else "none"
+    if lenses is not None:  # where each lens convention would place the stages (the rule reads the paper's)
+        stages.attrs["by_lens"] = {
+            convention: place_stages(**{**inputs, "lens": lenses[lenses["convention"] == convention]},
+                                     n_layers=n_layers)["first_layer"].tolist()
+            for convention in dict.fromkeys(lenses["convention"])}
+    samples = per_sequence_values(done, n_layers)
+    if resamples and samples is not None:
+        intervals = boundary_intervals(samples, n_layers, neurons=inputs["neurons"], resamples=resamples, seed=seed)
+        stages = with_intervals(stages, intervals, n_layers)
     return stages
+
+
+def _pivot(table: pd.DataFrame, column: str, across: str = "layer") -> np.ndarray:
+    """A long per-sequence table as a ``[sequence, layer]`` array."""
+    return table.pivot(index="sequence", columns=across, values=column).sort_index(axis=0).sort_index(axis=1).to_numpy(float)
+
+
+def per_sequence_values(done: dict[str, Result], n_layers: int) -> PerSequence | None:
+    """The per-sequence values a model's finished results keep, for the bootstrap (``None``
+    where there are none: results written before they were kept, or none of the analyses).
+    """
+    values: dict[str, np.ndarray] = {}
+    sweep = done["robustness"].tables.get("per_token") if "robustness" in done else None
+    if sweep is not None:
+        drops = sweep[sweep["kind"] == "drop"]
+        values["drop_kl"] = _pivot(drops.groupby(["sequence", "layer"], as_index=False)["kl_nats"].mean(), "kl_nats")
+    lens = done["logit_lens"].tables.get("per_sequence") if "logit_lens" in done else None
+    if lens is not None:
+        values["lens_entropy"] = _pivot(lens[lens["convention"] == "paper"], "entropy_bits")
+        depth = lens[lens["convention"] == "per_layer_norm"]
+        values["depth_counts"] = _pivot(depth.assign(n=depth["depth_right"] + depth["depth_wrong"]), "n")
+    attention = done["previous_token_attention"].tables.get("per_sequence") if "previous_token_attention" in done else None
+    if attention is not None:
+        values["attention"] = _pivot(attention, "mean_attention")
+    readings = done["competing_readings"].tables.get("per_sequence") if "competing_readings" in done else None
+    if readings is not None:
+        values["bos_norm"] = _pivot(readings, "bos_norm", "readout")
+        values["matrix_entropy"] = _pivot(readings, "matrix_entropy", "readout")
+    values = {k: v for k, v in values.items() if len(v) >= 2}
+    if "bos_norm" not in values or "matrix_entropy" not in values:
+        values.pop("bos_norm", None), values.pop("matrix_entropy", None)
+    return PerSequence(**values) if values else None
+
+
+def with_intervals(stages: pd.DataFrame, intervals: pd.DataFrame, n_layers: int) -> pd.DataFrame:
+    """The stage table with each stage's first block's interval (detokenization's is ``[0, 0]``)."""
+    out = stages.copy()
+    rule = intervals[intervals["boundary"].str.startswith("rule: ")].set_index("boundary")
+    scale = max(n_layers - 1, 1)
+    low, high = [], []
+    for row in out.itertuples():
+        key = f"rule: {row.stage}"
+        low.append(int(rule.loc[key, "low"]) if key in rule.index else int(row.first_layer))
+        high.append(int(rule.loc[key, "high"]) if key in rule.index else int(row.first_layer))
+    out["first_layer_low"], out["first_layer_high"] = low, high
+    out["start_low"] = [max(0.0, (v - 0.5) / scale) if v > 0 else 0.0 for v in low]
+    out["start_high"] = [max(0.0, (v - 0.5) / scale) if v > 0 else 0.0 for v in high]
+    out.attrs = {**stages.attrs, "intervals": intervals}
+    return out
 
 
 def load_study(out_dir: str | os.PathLike[str]) -> Study:
@@ -348,7 +411,7 @@ def load_study(out_dir: str | os.PathLike[str]) -> Study:
         records = [r.provenance.get("model", {}) for r in done.values()]
         n_layers = next((int(m["n_layers"]) for m in records if m.get("n_layers")), 0)
         if done and n_layers:
-            study.stages[name] = model_stages(done, name, n_layers)
+            study.stages[name] = model_stages(done, name, n_layers, config.bootstrap, config.seed)
         backend = next((m["backend"] for m in records if m.get("backend")), None)
         study.left_out += [(name, a) for a in config.analyses
                            if a not in done and a in REGISTRY and backend and not runs_on(REGISTRY[a], backend)]

@@ -85,6 +85,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
                          "(default: fp32, the paper's)", choices=PRECISIONS),
     "backend": _option("--backend", "TransformerLens backend: hooked (HookedTransformer), bridge (TransformerBridge) "
                        "or auto (hooked where installed; default: auto)", choices=BACKEND_CHOICES),
+    "bootstrap": _option("--bootstrap", "resamples of the sequences behind each stage boundary's 90 %% interval "
+                         "(default: 1000; 0: none)", type=int),
 }
 """Study setting -> its ``run`` option (``flag``, ``help`` and argparse settings). An option not
 given on the command line leaves the setting at its default."""

@@ -5,15 +5,18 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from stages_of_inference.interventions.deviation import CRITERIA, PrecisionCheck
+from stages_of_inference.robustness import MIDDLE
+from stages_of_inference.stages.competing import TRUSTED
 from stages_of_inference.stages.placement import AGREEMENT, first_peak, mlp_takes_over, stage_signals
 from stages_of_inference.study.registry import Study
 
-__all__ = ["named_tables", "read_attention", "read_lens", "read_neurons", "read_patterns", "read_precision", "read_probes",
+__all__ = ["named_tables", "read_attention", "read_competing", "read_contiguous", "read_lens", "read_neurons", "read_patterns", "read_precision", "read_probes",
     "read_layer_effects", "read_repetition", "read_robustness", "read_signals", "read_sublayers", "read_sinks", "read_depth", "read_task", "read_sharpening", "read_similarity", "read_stages", "read_subjoiner"]
 
 
@@ -230,11 +233,34 @@ def read_stages(study: Study) -> str:
         for _, r in table.iterrows():
             if r["n_blocks"] > 0:
                 blocks = f"block {r['first_layer']}" if r["n_blocks"] == 1 else f"blocks {r['first_layer']}–{r['last_layer']}"
-                spans.append(f"{r['stage']}: {blocks} (depth {_fmt(r['start'])}–{_fmt(r['end'])}; {html.escape(str(r['evidence']))})")
+                low, high = (r.get("first_layer_low"), r.get("first_layer_high"))
+                sure = ("" if low is None or r["first_layer"] <= 0 else
+                        f"; starts at block {low} in 90 % of resamples" if low == high else
+                        f"; starts at a block in {low}–{high} in 90 % of resamples")
+                spans.append(f"{r['stage']}: {blocks} (depth {_fmt(r['start'])}–{_fmt(r['end'])}{sure}; "
+                             f"{html.escape(str(r['evidence']))})")
             else:
                 spans.append(f"{r['stage']}: no block")
-        parts.append(f"<b>{html.escape(name)}</b>: " + "; ".join(spans) + ".")
+        parts.append(f"<b>{html.escape(name)}</b>: " + "; ".join(spans) + "." + _lens_moves(table))
     return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""
+
+
+def _lens_moves(table: pd.DataFrame) -> str:
+    """One sentence: whether the placement moves when the lens convention changes."""
+    by_lens = table.attrs.get("by_lens") or {}
+    if len(by_lens) < 2 or "lens_convention" not in table:
+        return ""
+    used = str(table["lens_convention"].iloc[0])
+    mine = table["first_layer"].tolist()
+    moved = {c: firsts for c, firsts in by_lens.items() if c != used and firsts != mine}
+    if not moved:
+        return (f" The rule reads the {used} lens; with the {', '.join(c for c in by_lens if c != used)} lens the "
+                "placement does not move.")
+    return " The rule reads the " + used + " lens; " + "; ".join(
+        f"with the {c} lens " + ", ".join(f"{stage} would start at block {b} (not {a})" if b >= 0 else
+                                           f"{stage} would get no block (it starts at block {a} here)"
+                                           for stage, a, b in zip(table["stage"], mine, firsts) if a != b)
+        for c, firsts in moved.items()) + "."
 
 
 def read_precision(study: Study) -> str:
@@ -430,18 +456,92 @@ def read_signals(study: Study) -> str:
         sinks = done["sinks"].tables.get("profile") if "sinks" in done else None
         depth = done["logit_lens"].tables.get("depth_summary") if "logit_lens" in done else None
         sublayers = done["sublayers"].tables.get("summary") if "sublayers" in done else None
-        if table is None or table.empty or (sinks is None and depth is None and sublayers is None):
+        phases = done["competing_readings"].tables.get("phases") if "competing_readings" in done else None
+        if table is None or table.empty or (sinks is None and depth is None and sublayers is None and phases is None):
             continue
-        signals = stage_signals(table, sinks, depth, sublayers)
+        intervals = table.attrs.get("intervals")
+        signals = stage_signals(table, sinks, depth, sublayers, phases, intervals)
+        judged = "judged_by" in signals
+
+        def span(layer: int, low: float, high: float) -> str:
+            return "" if not judged or not np.isfinite(low) or low < 0 else f", 90 % interval {int(low)} .. {int(high)}"
+
+        def verdict_of(r: Any) -> str:
+            if not judged:
+                return "yes" if r.agrees else "no"
+            if r.judged_by == "intervals":
+                return "yes (intervals overlap)" if r.agrees else "no (intervals apart)"
+            return f"yes (within {AGREEMENT})" if r.agrees else f"no (more than {AGREEMENT} apart)"
         rows = "".join(
             "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-                r.signal, r.boundary, "never" if r.layer < 0 else f"block {r.layer} ({_fmt(r.relative_depth)})",
-                f"block {r.rule_layer} ({_fmt(r.rule_depth)})", "yes" if r.agrees else "no")) + "</tr>"
+                r.signal, r.boundary,
+                "never" if r.layer < 0 else f"block {r.layer} ({_fmt(r.relative_depth)}"
+                + (span(r.layer, r.low, r.high) if judged else "") + ")",
+                f"block {r.rule_layer} ({_fmt(r.rule_depth)}" + (span(r.rule_layer, r.rule_low, r.rule_high) if judged else "")
+                + ")", verdict_of(r))) + "</tr>"
             for r in signals.itertuples())
         head = "".join(f"<th>{h}</th>" for h in ("signal", "suggests the start of", "where", "the rule's", "agree"))
         agree = int(signals["agrees"].sum())
         verdict = ("they agree with the rule" if agree == len(signals) else
                    f"{agree} of {len(signals)} agree with the rule")
-        parts.append(f"<p><b>{html.escape(name)}</b>: {verdict} (within {AGREEMENT} of relative depth).</p>"
+        how = (f"by overlapping 90 % bootstrap intervals over sequences ({int(intervals['resamples'].iloc[0])} resamples) "
+               f"where both have one, else within {AGREEMENT} of relative depth" if judged
+               else f"within {AGREEMENT} of relative depth")
+        parts.append(f"<p><b>{html.escape(name)}</b>: {verdict} ({how}).</p>"
                      f"<table><tr>{head}</tr>{rows}</table>")
+    return "".join(parts)
+
+
+def read_contiguous(study: Study) -> str:
+    """Per model: how the damage of deleting runs of adjacent blocks grows with their length, and
+    the length at which the middle of the model stops being robust
+    (:func:`~stages_of_inference.robustness.run_collapse`).
+    """
+    parts = []
+    for name, collapse in named_tables(study, "contiguous_deletions", "collapse"):
+        if collapse.empty:
+            continue
+        steps = "; ".join(f"k = {int(r.k)}: {_fmt(r.median_kl)} nats" + (f" ({_fmt(r.additivity, 1)} times k single deletions)"
+                                                                          if np.isfinite(r.additivity) else "")
+                          for r in collapse.itertuples() if r.middle_runs > 0)
+        broken = collapse[collapse["robust"].eq(False).fillna(False)]
+        text = (f"<b>{html.escape(name)}</b>: median KL of deleting k adjacent blocks from the middle of the model "
+                f"(runs within relative depth {MIDDLE[0]} .. {MIDDLE[1]}): {steps}. The threshold is the stage rule's "
+                f"for one block, {_fmt(float(collapse['threshold'].iloc[0]))} nats (3 times the median single deletion). ")
+        text += (f"The middle stops being robust at k = {int(broken['k'].iloc[0])}: deleting that many adjacent middle "
+                 "blocks costs as much as deleting one fragile block." if len(broken) else
+                 f"The middle stays robust up to the longest run measured (k = {int(collapse['k'].max())}).")
+        parts.append(f"<p>{text}</p>")
+    return "".join(parts)
+
+
+def read_competing(study: Study) -> str:
+    """Per model: Mix-Compress-Refine's phase boundaries, and how well each pruning proxy ranks
+    the blocks like their measured deletion damage.
+    """
+    parts = []
+    for name, agreement in named_tables(study, "competing_readings", "agreement"):
+        done = study.results[name]["competing_readings"]
+        phases = done["phases"].set_index("phase")
+        readouts = done["readouts"]
+        valley = readouts.loc[readouts["matrix_entropy"].idxmin()]
+
+        def where(phase: str) -> str:
+            at = int(phases.loc[phase, "readout"])
+            return "never" if at < 0 else f"at block {at} (relative depth {_fmt(phases.loc[phase, 'relative_depth'])})"
+        text = (f"<b>{html.escape(name)}</b>: the first token's norm jumps most entering block "
+                f"{int(phases.loc['compression', 'readout'])}, so compression begins {where('compression')}; the "
+                f"entropy's valley is at readout {int(valley['readout'])} ({_fmt(valley['matrix_entropy'])} of its "
+                f"largest possible value), and it recovers half-way to its last value {where('refinement')}. ")
+        rows = []
+        for r in agreement.itertuples():
+            rows.append(f"{r.proxy.replace('_', ' ')} {_fmt(r.spearman)} [{_fmt(r.low)}, {_fmt(r.high)}]")
+        trusted = [r.proxy.replace("_", " ") for r in agreement.itertuples() if r.trusted]
+        text += (f"Rank correlation with the KL of deleting each block (Spearman, 90 % interval, {int(agreement['n_blocks'].iloc[0])} "
+                 f"blocks): {'; '.join(rows)}. ")
+        text += (f"A pruning practitioner may rank this model's blocks by {', '.join(trusted)} (the interval's low end "
+                 f"is above {TRUSTED})." if trusted else
+                 f"No proxy's interval stays above {TRUSTED}: none ranks this model's blocks like their deletion "
+                 "damage well enough to prune by.")
+        parts.append(f"<p>{text}</p>")
     return "".join(parts)

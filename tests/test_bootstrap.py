@@ -1,0 +1,88 @@
+"""The bootstrap of the stage boundaries: against a resampling written out in numpy, deterministic
+for a seed, honest where the data is sure and where it is not, and in the study's stage table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stages_of_inference.stages.bootstrap import PerSequence, boundary_intervals
+from stages_of_inference.stages.placement import place_stages, stage_signals
+
+N = 12
+
+
+def _kl(rng: np.random.Generator, noise: float, n_seq: int = 8) -> np.ndarray:
+    shape = np.array([9, 4, .3, .2, .2, .1, .1, .2, .3, .3, 2.5, 6])
+    return shape * np.exp(noise * rng.standard_normal((n_seq, N)))
+
+
+def test_the_bootstrap_equals_a_resampling_written_out() -> None:
+    rng = np.random.default_rng(1)
+    kl = _kl(rng, 0.6)
+    out = boundary_intervals(PerSequence(drop_kl=kl), N, resamples=200, seed=7).set_index("boundary")
+    # the same resampling, literally: numpy's generator with the same seed, one draw of 8 indices
+    # per resample, the rule on the resampled mean
+    gen = np.random.default_rng(7)
+    starts = []
+    for _ in range(200):
+        idx = gen.integers(0, 8, 8)
+        sweep = pd.DataFrame({"kind": "drop", "layer": range(N), "kl_nats": kl[idx].mean(axis=0)})
+        starts.append(place_stages(sweep, n_layers=N).set_index("stage").loc["residual sharpening", "first_layer"])
+    low, high = np.quantile(starts, [0.05, 0.95], method="inverted_cdf")
+    assert (out.loc["rule: residual sharpening", "low"], out.loc["rule: residual sharpening", "high"]) == (low, high)
+    point = place_stages(pd.DataFrame({"kind": "drop", "layer": range(N), "kl_nats": kl.mean(axis=0)}), n_layers=N)
+    assert out.loc["rule: residual sharpening", "layer"] == point.set_index("stage").loc["residual sharpening", "first_layer"]
+
+
+def test_intervals_are_deterministic_and_widen_with_noise() -> None:
+    quiet = PerSequence(drop_kl=_kl(np.random.default_rng(0), 0.01))
+    noisy = PerSequence(drop_kl=_kl(np.random.default_rng(0), 1.5))
+    a = boundary_intervals(noisy, N, resamples=100, seed=3)
+    pd.testing.assert_frame_equal(a, boundary_intervals(noisy, N, resamples=100, seed=3))
+    width = {name: (t["high"] - t["low"]).sum() for name, t in
+             (("quiet", boundary_intervals(quiet, N, resamples=100)), ("noisy", a))}
+    assert width["quiet"] == 0 < width["noisy"]
+
+
+def test_every_resampled_signal_gets_an_interval_and_signals_agree_by_overlap() -> None:
+    rng = np.random.default_rng(2)
+    readouts = N + 1
+    entropy = np.linspace(15, 4, readouts) * np.exp(0.05 * rng.standard_normal((4, readouts)))
+    bos = np.r_[[2, 3, 80], np.full(readouts - 3, 90.0)] * np.exp(0.1 * rng.standard_normal((8, readouts)))
+    mat = np.r_[[.8, .7, .1, .1, .12], np.linspace(.15, .6, readouts - 5)] + 0.01 * rng.random((8, readouts))
+    depth = rng.integers(0, 5, (4, readouts)).astype(float)
+    depth[:, -2] += 40
+    samples = PerSequence(drop_kl=_kl(rng, 0.3), lens_entropy=entropy, attention=rng.uniform(0, 1, (8, N)),
+                          depth_counts=depth, bos_norm=bos, matrix_entropy=mat)
+    out = boundary_intervals(samples, N, resamples=50)
+    assert set(out["boundary"]) == {"rule: feature engineering", "rule: prediction ensembling", "rule: residual sharpening",
+                                    "half the predictions have settled", "compression begins (the first token's norm jumps)",
+                                    "the compression valley ends (the entropy recovers)"}
+    assert (out["low"] <= out["high"]).all()
+    stages = pd.DataFrame({"stage": ["detokenization", "feature engineering", "prediction ensembling", "residual sharpening"],
+                           "first_layer": [0, 2, 6, 10], "n_blocks": [2, 4, 4, 2]})
+    intervals = pd.DataFrame({"boundary": ["rule: feature engineering", "compression begins (the first token's norm jumps)"],
+                              "low": [1, 4], "high": [3, 5]})
+    phases = pd.DataFrame({"phase": ["compression", "refinement"], "readout": [4, 11]})
+    signals = stage_signals(stages, phases=phases, intervals=intervals).set_index("signal")
+    row = signals.loc["compression begins (the first token's norm jumps)"]
+    assert not row["agrees"] and row["judged_by"] == "intervals"  # 4..5 against 1..3
+    wider = intervals.assign(high=[4, 5])
+    assert stage_signals(stages, phases=phases, intervals=wider).set_index("signal").loc[row.name, "agrees"]
+    unresampled = signals.loc["the compression valley ends (the entropy recovers)"]
+    assert unresampled["judged_by"] == "distance"
+
+
+@pytest.mark.parametrize("bad", [0, 5, -1])
+def test_bad_resamples_are_refused(bad) -> None:
+    with pytest.raises(ValueError, match="resamples"):
+        boundary_intervals(PerSequence(drop_kl=np.ones((3, N))), N, resamples=bad)
+
+
+def test_bad_per_sequence_values_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 2 sequences"):
+        PerSequence(drop_kl=np.ones((1, N)))
+    with pytest.raises(ValueError, match="together"):
+        PerSequence(bos_norm=np.ones((3, N)))
