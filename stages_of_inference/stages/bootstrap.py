@@ -115,7 +115,7 @@ def boundary_intervals(
     n_layers: int,
     *,
     neurons: pd.DataFrame | None = None,
-    resamples: int = 1000,
+    resamples: int = 200,
     seed: int = 0,
     level: float = LEVEL,
 ) -> pd.DataFrame:

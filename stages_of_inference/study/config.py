@@ -137,7 +137,7 @@ class StudyConfig:
     generation_prompts: int = 4
     precision: str = "fp32"
     backend: str = "auto"
-    bootstrap: int = 1000
+    bootstrap: int = 200
 
     def __post_init__(self) -> None:
         models = _names(self.models, "models")

@@ -86,7 +86,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "backend": _option("--backend", "TransformerLens backend: hooked (HookedTransformer), bridge (TransformerBridge) "
                        "or auto (hooked where installed; default: auto)", choices=BACKEND_CHOICES),
     "bootstrap": _option("--bootstrap", "resamples of the sequences behind each stage boundary's 90 %% interval "
-                         "(default: 1000; 0: none)", type=int),
+                         "(default: 200; 0: none)", type=int),
 }
 """Study setting -> its ``run`` option (``flag``, ``help`` and argparse settings). An option not
 given on the command line leaves the setting at its default."""
