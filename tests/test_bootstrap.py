@@ -36,6 +36,58 @@ def test_the_bootstrap_equals_a_resampling_written_out() -> None:
     assert out.loc["rule: residual sharpening", "layer"] == point.set_index("stage").loc["residual sharpening", "first_layer"]
 
 
+def test_every_resampled_boundary_equals_the_table_functions_on_each_resample() -> None:
+    """All inputs at once (deletion KL, lens entropy, attention, neuron counts, depth counts, the
+    phase readings), on noisy data where stages get squeezed: each resample's boundaries are those
+    of place_stages and phase_boundaries on tables of that resample's means, drawn as
+    PerSequence documents (one draw per batch size, the heavy batch with fewer sequences)."""
+    from stages_of_inference.stages.competing import phase_boundaries
+
+    rng = np.random.default_rng(3)
+    main, heavy = 9, 5
+    # the lens entropy falls around readout 8, the last five blocks hold more suppression neurons:
+    # prediction ensembling is squeezed out in the resamples where the fall comes late
+    midpoint = rng.normal(8.5, 1.5, (main, 1))
+    lens = 3 + 12 / (1 + np.exp(np.arange(N + 1) - midpoint))
+    values = {"drop_kl": _kl(rng, 1.5, heavy), "lens_entropy": lens,
+              "attention": rng.uniform(0, 1, (main, N)), "depth_counts": rng.integers(0, 6, (main, N + 1)).astype(float),
+              "bos_norm": rng.lognormal(2, 2, (main, N + 1)),
+              "matrix_entropy": np.abs(np.arange(N + 1) - 5.0) / 6 + rng.uniform(0, 0.6, (main, N + 1))}
+    neurons = pd.DataFrame({"layer": range(N), "n_prediction": [2] * 7 + [1] * 5, "n_suppression": [0] * 7 + [3] * 5})
+    # at level 0.99 the 40 resamples' interval is their smallest and largest boundary
+    out = {level: boundary_intervals(PerSequence(**values), N, neurons=neurons, resamples=40, seed=5,
+                                     level=level).set_index("boundary") for level in (0.9, 0.99)}
+    gen = np.random.default_rng(5)
+    drawn: dict[str, list[int]] = {}
+    for _ in range(40):
+        draws = {}
+        means = {}
+        for name in ("drop_kl", "lens_entropy", "attention", "depth_counts", "bos_norm", "matrix_entropy"):
+            n = len(values[name])
+            if n not in draws:
+                draws[n] = gen.integers(0, n, n)
+            picked = values[name][draws[n]]
+            means[name] = picked.sum(axis=0) if name == "depth_counts" else picked.mean(axis=0)
+        stages = place_stages(pd.DataFrame({"kind": "drop", "layer": range(N), "kl_nats": means["drop_kl"]}),
+                              pd.DataFrame({"layer": range(N + 1), "entropy_bits": means["lens_entropy"]}), neurons,
+                              pd.DataFrame({"layer": range(N), "mean_attention": means["attention"]}), n_layers=N)
+        for stage, first in zip(stages["stage"][1:], stages["first_layer"][1:]):
+            drawn.setdefault(f"rule: {stage}", []).append(int(first))
+        cdf = np.cumsum(means["depth_counts"]) / means["depth_counts"].sum()
+        drawn.setdefault("half the predictions have settled", []).append(max(int(np.argmax(cdf >= 0.5)) - 1, 0))
+        phases = phase_boundaries(pd.DataFrame({"readout": range(N + 1), "bos_norm": means["bos_norm"],
+                                                "matrix_entropy": means["matrix_entropy"]})).set_index("phase")
+        drawn.setdefault("compression begins (the first token's norm jumps)", []).append(int(phases.loc["compression", "readout"]))
+        drawn.setdefault("the compression valley ends (the entropy recovers)", []).append(int(phases.loc["refinement", "readout"]))
+    assert sorted(drawn) == sorted(out[0.9].index)
+    for name, layers in drawn.items():
+        low, high = np.quantile(layers, [0.05, 0.95], method="inverted_cdf")
+        assert (out[0.9].loc[name, "low"], out[0.9].loc[name, "high"]) == (low, high), name
+        assert (out[0.99].loc[name, "low"], out[0.99].loc[name, "high"]) == (min(layers), max(layers)), name
+    squeezed = drawn["rule: prediction ensembling"]
+    assert min(squeezed) == -1 < max(squeezed), "prediction ensembling is squeezed out in some resamples, not all"
+
+
 def test_intervals_are_deterministic_and_widen_with_noise() -> None:
     quiet = PerSequence(drop_kl=_kl(np.random.default_rng(0), 0.01))
     noisy = PerSequence(drop_kl=_kl(np.random.default_rng(0), 1.5))

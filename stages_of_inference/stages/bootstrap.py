@@ -23,8 +23,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import pandas as pd
 
-from stages_of_inference.stages.competing import phase_boundaries
-from stages_of_inference.stages.placement import STAGES, place_stages
+from stages_of_inference.stages.competing import phase_starts
+from stages_of_inference.stages.placement import STAGES, neuron_count_array, stage_starts
 
 __all__ = ["LEVEL", "PerSequence", "boundary_intervals"]
 
@@ -83,30 +83,28 @@ class PerSequence:
                 for f in fields(self) if (v := getattr(self, f.name)) is not None}
 
 
-def _boundaries(values: dict[str, np.ndarray], neurons: pd.DataFrame | None, n_layers: int) -> dict[str, int]:
-    """Every boundary the values give: the rule's three and the resampled signals'."""
-    sweep = lens = attention = None
-    if "drop_kl" in values:
-        sweep = pd.DataFrame({"kind": "drop", "layer": range(n_layers), "kl_nats": values["drop_kl"]})
-    if "lens_entropy" in values:
-        lens = pd.DataFrame({"layer": range(len(values["lens_entropy"])), "entropy_bits": values["lens_entropy"]})
-    if "attention" in values:
-        attention = pd.DataFrame({"layer": range(n_layers), "mean_attention": values["attention"]})
+def _boundaries(values: dict[str, np.ndarray], counts: np.ndarray | None, n_layers: int) -> dict[str, int]:
+    """Every boundary the values give: the rule's three (``counts``: the fixed neuron counts,
+    :func:`~stages_of_inference.stages.placement.neuron_count_array`) and the resampled signals'.
+    """
+    blocks = np.arange(n_layers)
+    kl, entropy, attention = values.get("drop_kl"), values.get("lens_entropy"), values.get("attention")
     out: dict[str, int] = {}
-    if sweep is not None or lens is not None or attention is not None or neurons is not None:
-        stages = place_stages(sweep, lens, neurons, attention, n_layers=n_layers)
-        out.update({f"rule: {stage}": int(first) for stage, first in zip(stages["stage"], stages["first_layer"])
-                    if stage != STAGES[0]})
+    if kl is not None or entropy is not None or attention is not None or counts is not None:
+        starts = stage_starts(n_layers, kl=None if kl is None else (blocks, kl), entropy=entropy,
+                              attention=None if attention is None else (blocks, attention), counts=counts)
+        (b, _), (c, _), (d, _) = starts
+        # a stage squeezed to no block has no first block (-1), as in place_stages' table
+        out.update({f"rule: {STAGES[1]}": b if c > b else -1, f"rule: {STAGES[2]}": c if d > c else -1,
+                    f"rule: {STAGES[3]}": d})
     if "depth_counts" in values:
-        counts = values["depth_counts"]
-        cdf = np.cumsum(counts) / max(float(counts.sum()), 1e-12)
+        depth = values["depth_counts"]
+        cdf = np.cumsum(depth) / max(float(depth.sum()), 1e-12)
         out["half the predictions have settled"] = max(int(np.nonzero(cdf >= 0.5)[0][0]) - 1, 0)
     if "bos_norm" in values:
-        phases = phase_boundaries(pd.DataFrame({"readout": range(len(values["bos_norm"])), "bos_norm": values["bos_norm"],
-                                                "matrix_entropy": values["matrix_entropy"]}))
-        at = dict(zip(phases["phase"], phases["readout"]))
-        out["compression begins (the first token's norm jumps)"] = int(at["compression"])
-        out["the compression valley ends (the entropy recovers)"] = int(at["refinement"])
+        compress, refine = phase_starts(values["bos_norm"], values["matrix_entropy"])
+        out["compression begins (the first token's norm jumps)"] = compress
+        out["the compression valley ends (the entropy recovers)"] = refine
     return out
 
 
@@ -149,11 +147,12 @@ def boundary_intervals(
         raise ValueError(f"resamples must be a whole number of at least 10, got {resamples!r}")
     if not 0 < level < 1:
         raise ValueError(f"level must lie strictly between 0 and 1, got {level!r}")
-    point = _boundaries(samples.means(), neurons, n_layers)
+    counts = None if neurons is None else neuron_count_array(neurons, n_layers)
+    point = _boundaries(samples.means(), counts, n_layers)
     rng = np.random.default_rng(seed)
     drawn: dict[str, list[int]] = {name: [] for name in point}
     for _ in range(int(resamples)):
-        for name, layer in _boundaries(samples.resampled(rng), neurons, n_layers).items():
+        for name, layer in _boundaries(samples.resampled(rng), counts, n_layers).items():
             drawn[name].append(layer)
     scale = max(n_layers - 1, 1)
     rows = []

@@ -40,7 +40,8 @@ from stages_of_inference.interventions.hooks import ResidualReadout, collect
 from stages_of_inference.metrics import mean_and_sem
 from stages_of_inference.results import provenance, with_provenance
 
-__all__ = ["PROXIES", "TRUSTED", "depth_proxies", "matrix_entropy", "phase_boundaries", "proxy_agreement", "spearman"]
+__all__ = ["PROXIES", "TRUSTED", "depth_proxies", "matrix_entropy", "phase_boundaries", "phase_starts", "proxy_agreement",
+           "spearman"]
 
 PROXIES = ("block_influence", "angular_distance", "relative_update")
 """The cheap proxies of a block's importance :func:`depth_proxies` measures (module docstring)."""
@@ -246,6 +247,23 @@ def proxy_agreement(blocks: pd.DataFrame, sweep_summary: pd.DataFrame, level: fl
     return pd.DataFrame(rows)
 
 
+def phase_starts(bos_norm: np.ndarray, entropy: np.ndarray) -> tuple[int, int]:
+    """The readouts at which compression and refinement begin (:func:`phase_boundaries`), from the
+    first token's norm and the matrix entropy at readouts ``0 .. n`` in order; -1 where a phase
+    never begins.
+
+    Example:
+        >>> phase_starts(np.array([1, 2, 90, 95, 60, 30.]), np.array([.9, .8, .2, .1, .35, .5]))
+        (2, 4)
+    """
+    rise = np.diff(np.log(np.maximum(bos_norm, 1e-30)))
+    compress = int(np.argmax(rise)) + 1 if len(rise) else -1
+    valley = int(np.argmin(entropy))
+    target = entropy[valley] + 0.5 * (entropy[-1] - entropy[valley])
+    later = np.nonzero(entropy[valley + 1:] >= target)[0] if entropy[-1] > entropy[valley] else []
+    return compress, (valley + 1 + int(later[0])) if len(later) else -1
+
+
 def phase_boundaries(readouts: pd.DataFrame) -> pd.DataFrame:
     """The boundaries of Mix-Compress-Refine's phases, read off :func:`depth_proxies`' readouts.
 
@@ -266,13 +284,6 @@ def phase_boundaries(readouts: pd.DataFrame) -> pd.DataFrame:
     """
     r = readouts.sort_values("readout")
     n = int(r["readout"].max())
-    norm = r["bos_norm"].to_numpy(float)
-    rise = np.diff(np.log(np.maximum(norm, 1e-30)))
-    compress = int(np.argmax(rise)) + 1 if len(rise) else -1
-    h = r["matrix_entropy"].to_numpy(float)
-    valley = int(np.argmin(h))
-    target = h[valley] + 0.5 * (h[-1] - h[valley])
-    later = [i for i in range(valley + 1, len(h)) if h[i] >= target and h[-1] > h[valley]]
-    refine = later[0] if later else -1
+    compress, refine = phase_starts(r["bos_norm"].to_numpy(float), r["matrix_entropy"].to_numpy(float))
     return pd.DataFrame({"phase": ["compression", "refinement"], "readout": [compress, refine],
                          "relative_depth": [b / n if b >= 0 and n else float("nan") for b in (compress, refine)]})

@@ -12,7 +12,8 @@ import pandas as pd
 
 from stages_of_inference._tables import n_layers_of, require_columns, result_model, table_of
 
-__all__ = ["AGREEMENT", "STAGES", "first_peak", "mlp_takes_over", "place_stages", "stage_signals"]
+__all__ = ["AGREEMENT", "STAGES", "first_peak", "mlp_takes_over", "neuron_count_array", "place_stages", "stage_signals",
+           "stage_starts"]
 
 STAGES = ("detokenization", "feature engineering", "prediction ensembling", "residual sharpening")
 """The four stages of inference, in depth order (Lad et al. 2024)."""
@@ -111,16 +112,15 @@ def place_stages(
     if n < 1:
         raise ValueError(f"n_layers must be positive, got {n}")
     model = next((result_model(x) for x in inputs if result_model(x, "") != ""), "model")
-    is_fragile = _fragile(kl, n, fragile)
-    counts = None if neurons is None else _neuron_counts(neurons, n)
-    b, evidence_b = _detokenization_end(is_fragile, attention, n, fragile)
-    d, reason_d = _sharpening_start(is_fragile, counts, n)
-    c, reason_c = _ensembling_start(lens, counts, entropy_fall)
-    if c is None:
-        c = (b + d) // 2
-        reason_c = "no lens or neuron data: midway between detokenization and residual sharpening"
-    c = min(max(c, b), d)
-
+    starts = stage_starts(
+        n,
+        kl=None if kl is None else (kl.index.to_numpy(int), kl.to_numpy(float)),
+        entropy=None if lens is None else _lens_entropy(lens),
+        attention=None if attention is None else _attention(attention),
+        counts=None if neurons is None else neuron_count_array(neurons, n),
+        fragile=fragile, entropy_fall=entropy_fall,
+    )
+    (b, evidence_b), (c, reason_c), (d, reason_d) = starts
     edges = [(0, b, evidence_b or "at least one block"), (b, c, "after detokenization"), (c, d, reason_c), (d, n, reason_d)]
     rows = []
     for stage, (lo, hi, why) in zip(STAGES, edges):
@@ -132,6 +132,62 @@ def place_stages(
     out.attrs["provenance"] = {"model": {"name": model, "n_layers": n},
                                "settings": {"analysis": "place_stages", "fragile": fragile, "entropy_fall": entropy_fall}}
     return out
+
+
+Pairs = tuple[np.ndarray, np.ndarray]
+"""``(layers, values)``: a measurement per block, for the blocks measured."""
+
+
+def stage_starts(
+    n: int,
+    *,
+    kl: Pairs | None = None,
+    entropy: np.ndarray | None = None,
+    attention: Pairs | None = None,
+    counts: np.ndarray | None = None,
+    fragile: float = 3.0,
+    entropy_fall: float = 0.25,
+) -> tuple[tuple[int, str], tuple[int, str], tuple[int, str]]:
+    """The stage rule of :func:`place_stages` on arrays: the first blocks of feature engineering,
+    prediction ensembling and residual sharpening (``b <= c <= d``), each with the evidence that
+    placed it. :func:`place_stages` reads its tables into these arrays; the bootstrap
+    (:mod:`~stages_of_inference.stages.bootstrap`) calls this once per resample.
+
+    Args:
+        n: the number of blocks.
+        kl: deletion KL, ``(blocks, values)``.
+        entropy: the paper-convention lens entropy at readouts ``0 .. n`` in order.
+        attention: previous-token attention, ``(blocks, values)``, blocks in order.
+        counts: ``[n, 2]`` prediction and suppression neurons per block.
+        fragile: the fragility factor, as :func:`place_stages`.
+        entropy_fall: the fraction of the entropy's fall, as :func:`place_stages`.
+
+    Example:
+        >>> kl = (np.arange(6), np.array([8, .2, .2, .1, .2, 3]))
+        >>> [start for start, _ in stage_starts(6, kl=kl)]
+        [1, 3, 5]
+    """
+    is_fragile = _fragile(kl, n, fragile)
+    b, evidence_b = _detokenization_end(is_fragile, attention, n, fragile)
+    d, reason_d = _sharpening_start(is_fragile, counts, n)
+    c, reason_c = _ensembling_start(entropy, counts, entropy_fall)
+    if c is None:
+        c = (b + d) // 2
+        reason_c = "no lens or neuron data: midway between detokenization and residual sharpening"
+    return (b, evidence_b), (min(max(c, b), d), reason_c), (d, reason_d)
+
+
+def _lens_entropy(lens: Any) -> np.ndarray:
+    lt = table_of(lens)
+    require_columns(lt, ["layer", "entropy_bits"], "place_stages(lens=...)")
+    return lt.sort_values("layer")["entropy_bits"].to_numpy(float)
+
+
+def _attention(attention: Any) -> Pairs:
+    att = table_of(attention)
+    require_columns(att, ["layer", "mean_attention"], "place_stages(attention=...)")
+    att = att.sort_values("layer")
+    return att["layer"].to_numpy(int), att["mean_attention"].to_numpy(float)
 
 
 def _block_count(inputs: list[Any], kl: pd.Series | None, lens: pd.DataFrame | None) -> int:
@@ -147,30 +203,31 @@ def _block_count(inputs: list[Any], kl: pd.Series | None, lens: pd.DataFrame | N
     return int(table_of(inputs[0])["layer"].max()) + 1
 
 
-def _fragile(kl: pd.Series | None, n: int, fragile: float) -> np.ndarray:
+def _fragile(kl: Pairs | None, n: int, fragile: float) -> np.ndarray:
     """Per block: does deleting it cost more than ``fragile`` times the median deletion KL?"""
     is_fragile = np.zeros(n, dtype=bool)
-    if kl is not None and len(kl):
-        threshold = fragile * max(float(np.median(kl.to_numpy())), 1e-12)
-        for layer, value in kl.items():
-            if 0 <= int(layer) < n:
-                is_fragile[int(layer)] = value > threshold
+    if kl is not None and len(kl[1]):
+        layers, values = kl
+        threshold = fragile * max(float(np.median(values)), 1e-12)
+        inside = (layers >= 0) & (layers < n)
+        is_fragile[layers[inside]] = values[inside] > threshold
     return is_fragile
 
 
-def _neuron_counts(neurons: Any, n: int) -> pd.DataFrame:
-    """Prediction and suppression neurons per block, from counts or from per-neuron moments."""
+def neuron_count_array(neurons: Any, n: int) -> np.ndarray:
+    """``[n, 2]``: prediction and suppression neurons per block, from ``neuron_counts`` or from
+    per-neuron moments (``layer``, ``kind``); blocks not in the table count none.
+    """
     table = table_of(neurons)
     if {"n_prediction", "n_suppression"} <= set(table.columns):
         counts = table.set_index("layer")[["n_prediction", "n_suppression"]]
     else:
         require_columns(table, ["layer", "kind"], "place_stages(neurons=...)")
         counts = pd.crosstab(table["layer"], table["kind"]).reindex(columns=["prediction", "suppression"], fill_value=0)
-        counts.columns = ["n_prediction", "n_suppression"]
-    return counts.reindex(range(n), fill_value=0)
+    return counts.reindex(range(n), fill_value=0).to_numpy(float)
 
 
-def _detokenization_end(is_fragile: np.ndarray, attention: Any, n: int, fragile: float) -> tuple[int, str]:
+def _detokenization_end(is_fragile: np.ndarray, attention: Pairs | None, n: int, fragile: float) -> tuple[int, str]:
     """``b``: past the leading fragile blocks and the first early peak of previous-token attention."""
     evidence = []
     lead = 0
@@ -180,51 +237,50 @@ def _detokenization_end(is_fragile: np.ndarray, attention: Any, n: int, fragile:
     if lead:
         evidence.append(f"deleting block{'s' if lead > 1 else ''} 0..{lead - 1} is fragile (KL > {fragile:g} x median)")
     if attention is not None:
-        att = table_of(attention)
-        require_columns(att, ["layer", "mean_attention"], "place_stages(attention=...)")
-        early = att[att["layer"] <= (n - 1) // 2].sort_values("layer")
-        if len(early):
-            peak = first_peak(early["layer"].to_numpy(int), early["mean_attention"].to_numpy(float))
+        layers, values = attention
+        early = layers <= (n - 1) // 2
+        if early.any():
+            peak = first_peak(layers[early], values[early])
             b = max(b, peak + 1)
             evidence.append(f"previous-token attention has its first peak at block {peak}")
     return min(max(b, 1), max(n // 2, 1)), "; ".join(evidence)
 
 
-def _sharpening_start(is_fragile: np.ndarray, counts: pd.DataFrame | None, n: int) -> tuple[int, str]:
+def _sharpening_start(is_fragile: np.ndarray, counts: np.ndarray | None, n: int) -> tuple[int, str]:
     """``d``: the first block of the trailing run of fragile or suppression-dominated blocks."""
     d = n
+    fragile_seen = suppression_seen = False
     reasons: list[str] = []
     while d > 0:
         layer = d - 1
-        supp = counts is not None and counts.loc[layer, "n_suppression"] > max(counts.loc[layer, "n_prediction"], 0)
+        supp = counts is not None and counts[layer, 1] > max(counts[layer, 0], 0)
         if not (is_fragile[layer] or supp):
             break
         d -= 1
-        if is_fragile[layer] and "fragile" not in " ".join(reasons):
+        if is_fragile[layer] and not fragile_seen:
+            fragile_seen = True
             reasons.append("fragile under deletion")
-        if supp and "suppression" not in " ".join(reasons):
+        if supp and not suppression_seen:
+            suppression_seen = True
             reasons.append("more suppression than prediction neurons")
     if d == n:
         return n - 1, "the last block (no trailing fragile or suppression-dominated run)"
     return d, "; ".join(reasons)
 
 
-def _ensembling_start(lens: Any, counts: pd.DataFrame | None, entropy_fall: float) -> tuple[int | None, str]:
-    """``c``: where the lens entropy has fallen by ``entropy_fall`` of its fall, else where
-    prediction neurons appear; ``None`` without either.
+def _ensembling_start(h: np.ndarray | None, counts: np.ndarray | None, entropy_fall: float) -> tuple[int | None, str]:
+    """``c``: where the lens entropy ``h`` (readouts in order) has fallen by ``entropy_fall`` of its
+    fall, else where prediction neurons appear; ``None`` without either.
     """
-    if lens is not None:
-        lt = table_of(lens)
-        require_columns(lt, ["layer", "entropy_bits"], "place_stages(lens=...)")
-        h = lt.sort_values("layer")["entropy_bits"].to_numpy(float)
+    if h is not None and len(h) >= 2:
         fall = h[0] - h[-1]
-        if len(h) >= 2 and fall > 0:
+        if fall > 0:
             below = np.nonzero(h[1:] <= h[0] - entropy_fall * fall)[0]
             if len(below):
                 c = int(below[0])  # readout k + 1 is the output of block k
                 return c, f"logit-lens entropy has fallen by {entropy_fall:.0%} of its total fall after block {c}"
-    if counts is not None and counts["n_prediction"].max() > 0:
-        pred = counts["n_prediction"].to_numpy()
+    if counts is not None and counts[:, 0].max() > 0:
+        pred = counts[:, 0]
         c = int(np.nonzero(pred >= max(1, 0.1 * pred.max()))[0][0])
         return c, f"first block with at least a tenth of the peak count of prediction neurons ({c})"
     return None, ""
