@@ -235,10 +235,10 @@ def test_the_default_study_is_bit_identical_in_one_process_in_shards_and_on_ray(
     from stages_of_inference.cli import main
     from stages_of_inference.study.distributed import RayOptions
 
-    flags = ["--model", "smollm2-135m", "--n-tokens", "256", "--seq-len", "64", "--batch-size", "2", "--cloze-items", "4",
-             "--generation-prompts", "2", "--subjoiner-prompts", "16", "--no-static", "--quiet"]
-    config = StudyConfig(models=("smollm2-135m",), n_tokens=256, seq_len=64, batch_size=2, cloze_items=4,
-                         generation_prompts=2, subjoiner_prompts=16, static_formats=())
+    flags = ["--model", "smollm2-135m", "--n-tokens", "128", "--seq-len", "32", "--batch-size", "2", "--cloze-items", "2",
+             "--generation-prompts", "1", "--subjoiner-prompts", "16", "--no-static", "--quiet"]
+    config = StudyConfig(models=("smollm2-135m",), n_tokens=128, seq_len=32, batch_size=2, cloze_items=2,
+                         generation_prompts=1, subjoiner_prompts=16, static_formats=())
     assert config.analyses == default_analyses()
     assert torch.get_num_threads() == 2, "the comparison with a worker of two CPUs needs two threads here"
     reference = run_study(real_model, config=config, out_dir=tmp_path / "one", progress=False, log=None,
@@ -323,7 +323,8 @@ def one_process_sweep(tmp_path_factory: pytest.TempPathFactory, real_model):  # 
     """The one-process study with the Ray workers' one torch thread (shared by the two Ray tests
     below): a BLAS may sum a product in another order with another number of threads, so
     bit-for-bit equality needs the same count."""
-    config = StudyConfig(models=("smollm2-135m",), analyses=("robustness",), n_tokens=512, batch_size=1, static_formats=())
+    config = StudyConfig(models=("smollm2-135m",), analyses=("robustness",), n_tokens=256, seq_len=64, batch_size=1,
+                         static_formats=())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -347,7 +348,7 @@ def test_ray_worker_killed_during_a_task_is_replaced_and_the_numbers_stay(tmp_pa
         if "robustness [shard 1 of 4]: started on worker pid" in line and not killed:
             pid = int(line.rsplit(" ", 1)[1])
             killed.append(pid)
-            threading.Timer(2.0, os.kill, (pid, signal.SIGKILL)).start()  # mid-task: a shard takes ~10 s
+            threading.Timer(2.0, os.kill, (pid, signal.SIGKILL)).start()  # mid-task: a shard takes ~7 s
 
     lines: list[str] = []
     study = run_study(config=config, out_dir=tmp_path / "ray", log=log, engine="ray",
@@ -369,8 +370,8 @@ def test_ray_driver_interrupted_resumes_from_the_stored_tasks(tmp_path: Path, on
     config, reference = one_process_sweep
     out = tmp_path / "ray"
     command = [sys.executable, "-m", "stages_of_inference.cli", "run", "--ray", "--workers", "2", "--shards", "4",
-               "--model", "smollm2-135m", "--analyses", "robustness", "--n-tokens", "512", "--batch-size", "1",
-               "--no-static", "--quiet",
+               "--model", "smollm2-135m", "--analyses", "robustness", "--n-tokens", "256", "--seq-len", "64",
+               "--batch-size", "1", "--no-static", "--quiet",
                "--out-dir", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     driver = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -363,9 +363,9 @@ def test_the_embedded_model_rebuilds_a_damaged_cache_entry_from_the_cli(tmp_path
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half-written")
     out = tmp_path / "study"
-    done = _cli(["run", "--analyses", "neurons", "--out-dir", str(out), "--quiet"],
+    done = _cli(["run", "--analyses", "sinks", "--n-tokens", "256", "--out-dir", str(out), "--quiet"],
                 env={"STAGES_OF_INFERENCE_CACHE": str(cache)}, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (out / "report.html").exists() and (out / "smollm2-135m" / "neurons" / "counts.parquet").exists()
+    assert (out / "report.html").exists() and (out / "smollm2-135m" / "sinks" / "profile.parquet").exists()
     assert "Loading weights" not in done.stderr  # --quiet silences transformers' bars too
     assert folder.is_dir() and models._entry_is_valid(folder) and not stale.exists()
