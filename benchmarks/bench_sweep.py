@@ -193,6 +193,43 @@ _CATEGORIES = {
 }
 
 
+def product_seconds(model: HookedTransformer, tokens: torch.Tensor, block_flops: float, unembed_flops: float,
+                    dtype: torch.dtype, rows: int) -> float:
+    """Seconds the sweep's matrix products alone would take in ``dtype`` at the rates measured here
+    for their own shapes: a block's four products (fused query/key/value, output, the MLP's in and
+    out, ``rows`` rows, the sweep's stack) and an unembedding block (the scored rows of the batch
+    times :data:`~stages_of_inference.interventions.unembed.UNEMBED_BLOCK` columns), each the best
+    of five timed runs.
+    """
+    from stages_of_inference.interventions.unembed import UNEMBED_BLOCK
+
+    cfg = model.cfg
+    d, heads = cfg.d_model, cfg.n_heads * cfg.d_head
+    kv = (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) * cfg.d_head
+    mlp_in = cfg.d_mlp * (2 if getattr(cfg, "gated_mlp", False) else 1)
+    block = [(rows, d, heads + 2 * kv), (rows, heads, d), (rows, d, mlp_in), (rows, cfg.d_mlp, d)]
+    scored = tokens.shape[0] * (tokens.shape[1] - 2)
+
+    def seconds(shapes: list[tuple[int, int, int]]) -> float:
+        total = 0.0
+        with torch.inference_mode():
+            for m, k, n in shapes:
+                a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+                out = torch.empty(m, n, dtype=dtype)
+                torch.mm(a, b, out=out)
+                best = float("inf")
+                for _ in range(5):
+                    t = time.perf_counter()
+                    torch.mm(a, b, out=out)
+                    best = min(best, time.perf_counter() - t)
+                total += best
+        return total
+
+    block_rate = sum(2 * m * k * n for m, k, n in block) / seconds(block)
+    unembed_rate = 2 * scored * d * UNEMBED_BLOCK / seconds([(scored, d, UNEMBED_BLOCK)])
+    return block_flops / block_rate + unembed_flops / unembed_rate
+
+
 def _where_time_goes(model: HookedTransformer, tokens: torch.Tensor, precision: str) -> dict[str, float]:
     """Self CPU time per category of operator in one sweep (torch.profiler), in seconds."""
     from torch.profiler import ProfilerActivity, profile
@@ -208,8 +245,10 @@ def _where_time_goes(model: HookedTransformer, tokens: torch.Tensor, precision: 
 
 def run_precision(model: HookedTransformer, tokens: torch.Tensor, args: argparse.Namespace) -> None:
     """The low-precision sweep against the fp32 sweep, in one run: times (alternated, medians),
-    FLOP rates against each dtype's measured matmul rate, where the time goes, and the deviations
-    of every plan (and what the sweep's own precision check saw)."""
+    FLOP rates against each dtype's measured matmul rate, the bound of Amdahl's law (the products at
+    the rates their own shapes reach now, the rest as long as in the fp32 sweep:
+    :func:`product_seconds`), where the time goes (the profiler's view), and the deviations of
+    every plan (and what the sweep's own precision check saw)."""
     from stages_of_inference.interventions.deviation import rank_correlation
 
     low = args.precision
@@ -239,7 +278,22 @@ def run_precision(model: HookedTransformer, tokens: torch.Tensor, args: argparse
         print(f"  {p:5s} {med[p]:7.1f} s ({', '.join(f'{x:.1f}' for x in times[p])}) = {rate:6.1f} GFLOP/s: "
               f"{100 * rate / rates[p]:.0f} % of the measured {p} matmul rate ({rates[p]:.1f} GFLOP/s)")
     print(f"  {low} / fp32 speed-up {med['fp32'] / med[low]:.2f}x; the matmul rates' ratio on this machine "
-          f"{rates[low] / rates['fp32']:.2f}x (the bound for a sweep made only of products)")
+          f"{rates[low] / rates['fp32']:.2f}x (the bound for a sweep made only of products): "
+          f"{100 * med['fp32'] / med[low] / (rates[low] / rates['fp32']):.0f} % of it")
+    # Amdahl: the products at their own shapes' rates, everything else (which the precision keeps in
+    # fp32: the residual stream, the norms, the metrics over the vocabulary; and the attention, no
+    # faster in bf16 on a CPU) as long as it takes in the fp32 sweep
+    rows = args.stack_tokens or 1024
+    block_flops = block_count(plans) * (f_fwd - f_unembed) / n
+    unembed_flops = (len(plans) + 1) * f_unembed * (tokens.shape[1] - 2) / tokens.shape[1]
+    products = {p: product_seconds(model, tokens, block_flops, unembed_flops,
+                                   torch.float32 if p == "fp32" else dtype, rows) for p in times}
+    rest = med["fp32"] - products["fp32"]
+    amdahl = med["fp32"] / (products[low] + rest)
+    print(f"  the products alone, at the rates of their own shapes measured now: fp32 {products['fp32']:.1f} s, {low} "
+          f"{products[low]:.1f} s; the rest of the fp32 sweep {rest:.1f} s, of the {low} sweep {med[low] - products[low]:.1f} s")
+    print(f"  bound with the rest kept as in fp32 (Amdahl): {amdahl:.2f}x; the {low} sweep reaches "
+          f"{100 * med['fp32'] / med[low] / amdahl:.0f} % of it")
     t = time.perf_counter()
     results["checked"] = soi.robustness_sweep(model, tokens, progress=False, batch_size=args.batch_size,
                                               chunk_tokens=args.chunk_tokens, stack_tokens=args.stack_tokens,
