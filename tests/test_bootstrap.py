@@ -138,3 +138,31 @@ def test_bad_per_sequence_values_are_refused() -> None:
         PerSequence(drop_kl=np.ones((1, N)))
     with pytest.raises(ValueError, match="together"):
         PerSequence(bos_norm=np.ones((3, N)))
+
+
+def test_a_stage_without_a_block_in_some_resamples_is_said_so_and_draws_no_whisker() -> None:
+    """An interval end of -1 (the stage got no block in those resamples) is no depth: the stage
+    table's start is NaN there, the figure draws no whisker for it, the reading says so in words."""
+    from pathlib import Path
+
+    import plotly.graph_objects as go
+
+    from stages_of_inference.plots import add_stage_bands
+    from stages_of_inference.study.config import StudyConfig
+    from stages_of_inference.study.folder import with_intervals
+    from stages_of_inference.study.readings import read_stages
+    from stages_of_inference.study.registry import Study
+
+    sweep = pd.DataFrame({"kind": "drop", "layer": range(N), "kl_nats": _kl(np.random.default_rng(0), 0.0)[0]})
+    stages = place_stages(sweep, n_layers=N)
+    first = stages.set_index("stage")["first_layer"]
+    intervals = pd.DataFrame({"boundary": ["rule: feature engineering", "rule: prediction ensembling", "rule: residual sharpening"],
+                              "low": [first["feature engineering"], -1, -1], "high": [first["feature engineering"], 7, -1]})
+    table = with_intervals(stages, intervals, N).set_index("stage")
+    assert np.isnan(table.loc["prediction ensembling", "start_low"]) and table.loc["prediction ensembling", "start_high"] > 0
+    assert np.isnan(table.loc["residual sharpening", "start_low"]) and np.isnan(table.loc["residual sharpening", "start_high"])
+    fig = add_stage_bands(go.Figure(), table.reset_index())
+    assert len(fig.layout.shapes) == len(stages), "one band per stage and no whisker from a missing end"
+    text = read_stages(Study(StudyConfig(models=("m",)), Path("unused"), stages={"m": table.reset_index()}))
+    assert "-1" not in text
+    assert "gets no block or starts at a block up to 7" in text and "gets no block in most resamples" in text

@@ -374,7 +374,10 @@ def per_sequence_values(done: dict[str, Result], n_layers: int) -> PerSequence |
 
 
 def with_intervals(stages: pd.DataFrame, intervals: pd.DataFrame, n_layers: int) -> pd.DataFrame:
-    """The stage table with each stage's first block's interval (detokenization's is ``[0, 0]``)."""
+    """The stage table with each stage's first block's interval (detokenization's is ``[0, 0]``);
+    an end of -1 (the stage got no block in more than ``(1 - level) / 2`` of the resamples) has no
+    start depth (NaN), and the figure then draws no whisker.
+    """
     out = stages.copy()
     rule = intervals[intervals["boundary"].str.startswith("rule: ")].set_index("boundary")
     scale = max(n_layers - 1, 1)
@@ -384,8 +387,9 @@ def with_intervals(stages: pd.DataFrame, intervals: pd.DataFrame, n_layers: int)
         low.append(int(rule.loc[key, "low"]) if key in rule.index else int(row.first_layer))
         high.append(int(rule.loc[key, "high"]) if key in rule.index else int(row.first_layer))
     out["first_layer_low"], out["first_layer_high"] = low, high
-    out["start_low"] = [max(0.0, (v - 0.5) / scale) if v > 0 else 0.0 for v in low]
-    out["start_high"] = [max(0.0, (v - 0.5) / scale) if v > 0 else 0.0 for v in high]
+    # -1: the stage got no block in those resamples, so that end of the interval has no depth
+    out["start_low"] = [max(0.0, (v - 0.5) / scale) if v > 0 else 0.0 if v == 0 else np.nan for v in low]
+    out["start_high"] = [max(0.0, (v - 0.5) / scale) if v > 0 else 0.0 if v == 0 else np.nan for v in high]
     out.attrs = {**stages.attrs, "intervals": intervals}
     return out
 

@@ -234,15 +234,29 @@ def read_stages(study: Study) -> str:
             if r["n_blocks"] > 0:
                 blocks = f"block {r['first_layer']}" if r["n_blocks"] == 1 else f"blocks {r['first_layer']}–{r['last_layer']}"
                 low, high = (r.get("first_layer_low"), r.get("first_layer_high"))
-                sure = ("" if low is None or r["first_layer"] <= 0 else
-                        f"; starts at block {low} in 90 % of resamples" if low == high else
-                        f"; starts at a block in {low}–{high} in 90 % of resamples")
+                sure = ("" if low is None or r["first_layer"] <= 0 else _resampled_start(int(low), int(high)))
                 spans.append(f"{r['stage']}: {blocks} (depth {_fmt(r['start'])}–{_fmt(r['end'])}{sure}; "
                              f"{html.escape(str(r['evidence']))})")
             else:
                 spans.append(f"{r['stage']}: no block")
         parts.append(f"<b>{html.escape(name)}</b>: " + "; ".join(spans) + "." + _lens_moves(table))
     return "<p>" + "</p><p>".join(parts) + "</p>" if parts else ""
+
+
+def _resampled_start(low: int, high: int) -> str:
+    """Where a stage starts in 90 % of the resamples; -1 is a resample in which it got no block.
+
+    Example:
+        >>> _resampled_start(13, 15), _resampled_start(-1, 15), _resampled_start(-1, -1)
+        ('; starts at a block in 13–15 in 90 % of resamples', '; in 90 % of resamples it gets no block or starts at a block up to 15', '; gets no block in most resamples')
+    """
+    if high < 0:
+        return "; gets no block in most resamples"
+    if low < 0:
+        return f"; in 90 % of resamples it gets no block or starts at a block up to {high}"
+    if low == high:
+        return f"; starts at block {low} in 90 % of resamples"
+    return f"; starts at a block in {low}–{high} in 90 % of resamples"
 
 
 def _lens_moves(table: pd.DataFrame) -> str:
