@@ -53,6 +53,7 @@ __all__ = [
     "add_stage_bands",
     "competing_readings",
     "contiguous_deletions",
+    "guess_then_refine",
     "layer_repetition",
     "layer_similarity",
     "logit_lens",
@@ -1062,3 +1063,38 @@ def competing_readings(readouts: Results, blocks: Results, stages: Stages = None
     add_stage_bands(fig, stages, palette)
     return _layout(fig, "Beyond the paper · competing readings of depth: Mix-Compress-Refine and pruning proxies",
                    height=940)
+
+
+def guess_then_refine(buckets: Results, stages: Stages = None) -> go.Figure:
+    """Guess then refine on one model: per lens readout, the share of the lens's top-1 guesses in
+    each frequency bucket, and the lens's top-1 accuracy on the tokens of each bucket.
+
+    Args:
+        buckets: the ``buckets`` table of :func:`~stages_of_inference.stages.guesses.guess_then_refine`.
+        stages: stage bands (:func:`place_stages`) or ``None``.
+
+    Example:
+        >>> import pandas as pd
+        >>> t = pd.DataFrame({"relative_depth": [0, 0, 1, 1], "bucket": ["top 10", "rarer"] * 2,
+        ...                   "guess_share": [.7, .3, .4, .6], "accuracy": [.2, 0, .5, .3]})
+        >>> len(guess_then_refine(t).data)
+        4
+    """
+    table = table_of(buckets)
+    require_columns(table, ["relative_depth", "bucket", "guess_share", "accuracy"], "guess_then_refine")
+    panels = ["share of the lens's top-1 guesses, by how frequent the guessed token is",
+              "lens top-1 accuracy, by how frequent the true next token is"]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, subplot_titles=panels, vertical_spacing=0.1)
+    for i, (bucket, rows) in enumerate(table.groupby("bucket", sort=False)):
+        rows = rows.sort_values("relative_depth")
+        color = _PALETTE[i % len(_PALETTE)]
+        label = f"frequency rank {bucket}" if bucket[0].isdigit() or bucket.startswith("top") else f"{bucket} tokens"
+        _line(fig, rows["relative_depth"], 100 * rows["guess_share"], label, color, row=1, col=1, legendgroup=bucket)
+        _line(fig, rows["relative_depth"], 100 * rows["accuracy"], label, color, row=2, col=1, legendgroup=bucket,
+              showlegend=False)
+    fig.update_yaxes(title_text="% of scored tokens", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="% correct", rangemode="tozero", row=2, col=1)
+    fig.update_xaxes(range=list(_X_RANGE))
+    fig.update_xaxes(title_text=READOUT_DEPTH, row=2, col=1)
+    add_stage_bands(fig, stages)
+    return _layout(fig, f"Beyond the paper · guess then refine ({result_model(buckets)})", height=760)

@@ -151,7 +151,7 @@ def _by_head(result):  # noqa: ANN001, ANN202 - a SubjoinerResult as tables in a
 @pytest.mark.skipif(not HAS_HOOKED, reason="TransformerLens 4 has no HookedTransformer to compare with")
 def test_every_stage_analysis_agrees_on_both_backends(bridge, tokens: torch.Tensor) -> None:  # noqa: ANN001
     """The lens (both conventions), prediction depth, probes, the neuron analyses, sharpening, the
-    final-block ablation, the subjoiner heads and the task analysis, on SmolLM2 through the Bridge
+    final-block ablation, the subjoiner heads, the task analysis and guess-then-refine, on SmolLM2 through the Bridge
     (compatibility mode) and the HookedTransformer: the same tables to fp32 rounding."""
     from stages_of_inference.data import corpus_documents
     from stages_of_inference.stages import detokenization as detok
@@ -159,6 +159,7 @@ def test_every_stage_analysis_agrees_on_both_backends(bridge, tokens: torch.Tens
     from stages_of_inference.stages import prediction_ensembling as pe
     from stages_of_inference.stages import residual_sharpening as rs
     from stages_of_inference.stages import task_damage as td
+    from stages_of_inference.stages.guesses import guess_then_refine
 
     hooked = soi.load_model("smollm2-135m", backend="hooked")
     texts = [t[:20_000] for t in corpus_documents("default")]
@@ -176,6 +177,7 @@ def test_every_stage_analysis_agrees_on_both_backends(bridge, tokens: torch.Tens
         "subjoiner heads": lambda m: _by_head(detok.subjoiner_heads(m, texts, max_prompts=16, min_prompts=4,
                                                                     progress=False)),
         "task": lambda m: td.task_damage(m, items, tokens[:2, :8], new_tokens=4, progress=False),
+        "guess then refine": lambda m: tuple(guess_then_refine(m, tokens, progress=False).values()),
     }
     for what, run in runs.items():
         _assert_same_tables(run(hooked), run(bridge), what)
