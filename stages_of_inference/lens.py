@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -65,30 +65,72 @@ from stages_of_inference.interventions.hooks import ResidualReadout, collect, ob
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, log_probs, scored_positions
 from stages_of_inference.precision import autocast, check_precision
 
+if TYPE_CHECKING:  # annotations only (tuned_lens imports this module)
+    from stages_of_inference.tuned_lens import TunedLens
+
 __all__ = [
     "CONVENTIONS",
     "LensChunk",
     "apply_lens_norm",
+    "Convention",
     "check_convention",
+    "convention_name",
+    "convention_record",
     "iter_lens",
     "lens_logits",
     "unembed",
 ]
 
 CONVENTIONS: tuple[str, ...] = ("paper", "per_layer_norm")
-"""The lens conventions: ``"paper"`` (final-layer scale) and ``"per_layer_norm"`` (own statistics)."""
+"""The logit-lens conventions named by a string: ``"paper"`` (final-layer scale) and
+``"per_layer_norm"`` (own statistics). The third, ``"tuned"``, is a trained
+:class:`~stages_of_inference.tuned_lens.TunedLens` passed in their place."""
+
+Convention = Union[str, "TunedLens"]
+"""What a ``convention`` argument takes: ``"paper"``, ``"per_layer_norm"`` or a ``TunedLens``."""
 
 
-def check_convention(convention: str) -> str:
-    """Return ``convention`` if it names a lens convention, else raise a ``ValueError``.
+def _is_tuned(convention: Any) -> bool:
+    return type(convention).__name__ == "TunedLens" and hasattr(convention, "translate_")
+
+
+def check_convention(convention: Any) -> Any:
+    """Return ``convention`` if it is a lens convention, else raise a ``ValueError``.
 
     Example:
         >>> check_convention("paper")
         'paper'
+        >>> check_convention("tuned")
+        Traceback (most recent call last):
+        ...
+        ValueError: the tuned lens is a trained TunedLens, not a name: pass convention=train_tuned_lens(model, training_tokens) or load_tuned_lens(path)
     """
+    if _is_tuned(convention):
+        return convention
+    if convention == "tuned":
+        raise ValueError("the tuned lens is a trained TunedLens, not a name: pass convention=train_tuned_lens(model, "
+                         "training_tokens) or load_tuned_lens(path)")
     if convention not in CONVENTIONS:
-        raise ValueError(f"unknown logit-lens convention {convention!r}; allowed: {', '.join(map(repr, CONVENTIONS))}")
+        raise ValueError(f"unknown logit-lens convention {convention!r}; allowed: {', '.join(map(repr, CONVENTIONS))} "
+                         "or a TunedLens")
     return convention
+
+
+def convention_name(convention: Convention) -> str:
+    """What a table's ``convention`` column says: the name, or ``"tuned"`` for a ``TunedLens``.
+
+    Example:
+        >>> convention_name("per_layer_norm")
+        'per_layer_norm'
+    """
+    return "tuned" if _is_tuned(check_convention(convention)) else str(convention)
+
+
+def convention_record(convention: Convention) -> Any:
+    """What a table's provenance records of the convention: the name, or the tuned lens's key,
+    settings and training tokens.
+    """
+    return convention.describe() if _is_tuned(check_convention(convention)) else convention
 
 
 @dataclass(frozen=True)
@@ -151,7 +193,9 @@ def apply_lens_norm(
         >>> round(apply_lens_norm(m, x, "per_layer_norm").pow(2).mean().item(), 4)
         1.0
     """
-    check_convention(convention)
+    if _is_tuned(check_convention(convention)):
+        raise ValueError("apply_lens_norm reads one readout in a named convention; a tuned lens translates readout k "
+                         "first: apply_lens_norm(model, lens.translate(k, readout), 'per_layer_norm')")
     norm = _FinalNorm.of(model)
     x = readouts.float()
     if norm.kind == "none":
@@ -222,8 +266,15 @@ def _readouts(
     return buf, box.get("scale")
 
 
-def _normalize_inplace(model: Model, buf: Tensor, convention: str, final_scale: Tensor | None) -> Tensor:
-    """``apply_lens_norm`` on a ``[point, batch, pos, d_model]`` buffer, in place (saves a copy)."""
+def _normalize_inplace(model: Model, buf: Tensor, convention: Convention, final_scale: Tensor | None,
+                       points: Sequence[int]) -> Tensor:
+    """``apply_lens_norm`` on a ``[point, batch, pos, d_model]`` buffer of readouts ``points``, in
+    place (saves a copy); a tuned lens translates each readout first, then reads it per layer.
+    """
+    if _is_tuned(convention):
+        for slot, point in enumerate(points):
+            convention.translate_(point, buf[slot])
+        convention = "per_layer_norm"
     norm = _FinalNorm.of(model)
     if norm.kind == "none":
         return buf
@@ -242,7 +293,7 @@ def _normalize_inplace(model: Model, buf: Tensor, convention: str, final_scale: 
 def lens_logits(
     model: Model,
     tokens: Tokens,
-    convention: str = "paper",
+    convention: Convention = "paper",
     points: Sequence[int] | None = None,
     precision: str = "fp32",
 ) -> Float[Tensor, "layer batch pos d_vocab"]:
@@ -255,7 +306,8 @@ def lens_logits(
     Args:
         model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids.
-        convention: ``"paper"`` or ``"per_layer_norm"`` (module docstring).
+        convention: ``"paper"``, ``"per_layer_norm"`` (module docstring) or a
+            :class:`~stages_of_inference.tuned_lens.TunedLens`.
         points: readout points (0 = embeddings ... ``n_layers`` = output); all by default.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the dtype of the model's products and of the
             lens unembedding (:mod:`stages_of_inference.precision`); readouts and logits are fp32.
@@ -271,15 +323,21 @@ def lens_logits(
     """
     model = check_model(model)
     tokens = check_tokens(model, tokens, min_len=1)
-    check_convention(convention)
+    _check_tuned(model, convention)
     points = _check_points(model, points)
     need_final = convention == "paper" and _FinalNorm.of(model).kind != "none"
     with torch.inference_mode():
         buf, scale = _readouts(model, tokens, slice(None), points, precision)
         if need_final and scale is None:  # pragma: no cover - the hook always fires
             raise RuntimeError("ln_final.hook_scale did not fire")
-        _normalize_inplace(model, buf, convention, scale)
+        _normalize_inplace(model, buf, convention, scale, points)
         return unembed(model, buf, precision)
+
+
+def _check_tuned(model: Model, convention: Convention) -> None:
+    """Check the convention, and that a tuned lens was trained for this model."""
+    if _is_tuned(check_convention(convention)):
+        convention.check(model)
 
 
 def _check_points(model: Model, points: Sequence[int] | None) -> list[int]:
@@ -337,7 +395,7 @@ class LensChunk:
 def iter_lens(
     model: Model,
     tokens: Tokens,
-    convention: str = "paper",
+    convention: Convention = "paper",
     *,
     batch_size: int = 8,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
@@ -354,7 +412,7 @@ def iter_lens(
     Args:
         model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids, BOS first, at least 3 positions.
-        convention: ``"paper"`` or ``"per_layer_norm"``.
+        convention: ``"paper"``, ``"per_layer_norm"`` or a :class:`~stages_of_inference.tuned_lens.TunedLens`.
         batch_size: sequences per forward pass.
         chunk_tokens: scored positions per chunk.
         progress: show a progress bar over batches.
@@ -371,7 +429,7 @@ def iter_lens(
     """
     model = check_model(model)
     tokens = check_tokens(model, tokens, min_len=3)
-    check_convention(convention)
+    _check_tuned(model, convention)
     batch_size = check_count(batch_size, "batch_size", "a positive number of sequences")
     chunk_tokens = check_count(chunk_tokens, "chunk_tokens", "a positive number of token positions")
     precision = check_precision(precision)
@@ -379,12 +437,12 @@ def iter_lens(
     keep = scored_positions(pos)
     n_kept = pos - 2
     points = list(range(model.cfg.n_layers + 1))
-    for start in _progress(range(0, n_seq, batch_size), progress, desc=f"logit lens ({convention})"):
+    for start in _progress(range(0, n_seq, batch_size), progress, desc=f"logit lens ({convention_name(convention)})"):
         with torch.inference_mode():
             batch = tokens[start : start + batch_size]
             b = batch.shape[0]
             buf, scale = _readouts(model, batch, keep, points, precision)
-            _normalize_inplace(model, buf, convention, scale)
+            _normalize_inplace(model, buf, convention, scale, points)
             flat = buf.view(len(points), b * n_kept, model.cfg.d_model)
             sequences = torch.arange(start, start + b, device=tokens.device).repeat_interleave(n_kept)
             positions = torch.arange(1, pos - 1, device=tokens.device).repeat(b)

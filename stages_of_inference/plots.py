@@ -56,6 +56,7 @@ __all__ = [
     "guess_then_refine",
     "layer_repetition",
     "layer_similarity",
+    "lens_comparison",
     "logit_lens",
     "model_colors",
     "palette",
@@ -1098,3 +1099,51 @@ def guess_then_refine(buckets: Results, stages: Stages = None) -> go.Figure:
     fig.update_xaxes(title_text=READOUT_DEPTH, row=2, col=1)
     add_stage_bands(fig, stages)
     return _layout(fig, f"Beyond the paper · guess then refine ({result_model(buckets)})", height=760)
+
+
+_LENS_DASH = {"paper": "dot", "per_layer_norm": "dash", "tuned": "solid"}
+_LENS_LABEL = {"paper": "logit lens, paper convention", "per_layer_norm": "logit lens, per-layer norm",
+               "tuned": "tuned lens"}
+
+
+def lens_comparison(results: Results, stages: Stages = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+    """The tuned lens against the logit lens: KL(output || readout) in nats (log scale) and the
+    lens's top-1 accuracy at every readout, one line per model and lens (solid: tuned; dashed:
+    per-layer norm; dotted: paper convention).
+
+    Args:
+        results: ``logit_lens`` table(s) of any conventions (``convention`` column ``"paper"``,
+            ``"per_layer_norm"`` or ``"tuned"``).
+        stages: stage bands (:func:`place_stages`) or ``None``.
+        colors: model name -> colour.
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"relative_depth": [0, 1] * 2, "kl_to_final_nats": [9, 0, 3, 0], "accuracy": [.1, .4, .2, .4],
+        ...                    "convention": ["per_layer_norm"] * 2 + ["tuned"] * 2})
+        >>> [t.name for t in lens_comparison(df).data][::2]
+        ['model: logit lens, per-layer norm', 'model: tuned lens']
+    """
+    items = _as_list(results)
+    palette = model_colors(items, colors)
+    panels = ["KL(output ‖ readout), nats, log scale (the output itself, KL 0, is left out)",
+              "top-1 accuracy of the lens (fraction of scored tokens)"]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, subplot_titles=panels, vertical_spacing=0.1)
+    for result in items:
+        df = table_of(result)
+        require_columns(df, ["relative_depth", "kl_to_final_nats", "accuracy", "convention"], "lens_comparison")
+        name = result_model(result)
+        for convention, part in df.groupby("convention", sort=False):
+            part = part.sort_values("relative_depth")
+            label, dash = f"{name}: {_LENS_LABEL.get(convention, convention)}", _LENS_DASH.get(convention, "dashdot")
+            inner = part[part["kl_to_final_nats"] > 0]
+            _line(fig, inner["relative_depth"], inner["kl_to_final_nats"], label, palette[name], row=1, col=1, dash=dash,
+                  legendgroup=label)
+            _line(fig, part["relative_depth"], part["accuracy"], label, palette[name], row=2, col=1, dash=dash,
+                  legendgroup=label, showlegend=False)
+    fig.update_yaxes(title_text="KL (nats)", type="log", row=1, col=1)
+    fig.update_yaxes(title_text="accuracy (fraction)", rangemode="tozero", row=2, col=1)
+    fig.update_xaxes(range=list(_X_RANGE))
+    fig.update_xaxes(title_text=READOUT_DEPTH, row=2, col=1)
+    add_stage_bands(fig, stages, palette)
+    return _layout(fig, "Beyond the paper · the tuned lens against the logit lens", height=760)

@@ -143,6 +143,18 @@ def _assert_same_tables(a, b, what: str, rtol: float = 1e-4, atol: float = 2e-5)
                 assert x[column].astype(str).tolist() == y[column].astype(str).tolist(), f"{what}: {column}"
 
 
+def _translators(model, tokens: torch.Tensor):  # noqa: ANN001, ANN202
+    """The loss of a tuned lens's first step per readout (Adam's first step is lr * sign(gradient), so
+    the translators themselves would differ wherever fp32 rounding flips the sign of a near-zero
+    gradient)."""
+    import pandas as pd
+
+    from stages_of_inference.tuned_lens import TuningSettings, train_tuned_lens
+
+    lens = train_tuned_lens(model, tokens[:1], TuningSettings(steps=1, tokens_per_step=32), cache=False, progress=False)
+    return pd.DataFrame({"train_kl_nats": lens.provenance["train_kl_nats"]})
+
+
 def _by_head(result):  # noqa: ANN001, ANN202 - a SubjoinerResult as tables in a fixed order (ties may rank either way)
     heads = result.heads.drop(columns="rank").sort_values(["layer", "head"]).reset_index(drop=True)
     return heads, result.patterns, result.control_patterns
@@ -150,9 +162,9 @@ def _by_head(result):  # noqa: ANN001, ANN202 - a SubjoinerResult as tables in a
 
 @pytest.mark.skipif(not HAS_HOOKED, reason="TransformerLens 4 has no HookedTransformer to compare with")
 def test_every_stage_analysis_agrees_on_both_backends(bridge, tokens: torch.Tensor) -> None:  # noqa: ANN001
-    """The lens (both conventions), prediction depth, probes, the neuron analyses, sharpening, the
-    final-block ablation, the subjoiner heads, the task analysis and guess-then-refine, on SmolLM2 through the Bridge
-    (compatibility mode) and the HookedTransformer: the same tables to fp32 rounding."""
+    """The lens (both conventions and a tuned lens), prediction depth, probes, the neuron analyses, sharpening, the
+    final-block ablation, the subjoiner heads, the task analysis, guess-then-refine and a tuned lens's first step, on
+    SmolLM2 through the Bridge (compatibility mode) and the HookedTransformer: the same tables to fp32 rounding."""
     from stages_of_inference.data import corpus_documents
     from stages_of_inference.stages import detokenization as detok
     from stages_of_inference.stages import feature_engineering as fe
@@ -160,10 +172,12 @@ def test_every_stage_analysis_agrees_on_both_backends(bridge, tokens: torch.Tens
     from stages_of_inference.stages import residual_sharpening as rs
     from stages_of_inference.stages import task_damage as td
     from stages_of_inference.stages.guesses import guess_then_refine
+    from stages_of_inference.tuned_lens import TuningSettings, train_tuned_lens
 
     hooked = soi.load_model("smollm2-135m", backend="hooked")
     texts = [t[:20_000] for t in corpus_documents("default")]
     items = td.cloze_items(texts, n_items=4, context_chars=100)
+    lens = train_tuned_lens(hooked, tokens[:1], TuningSettings(steps=2, tokens_per_step=32), cache=False, progress=False)
     runs = {
         "lens paper": lambda m: fe.logit_lens(m, tokens, convention="paper", progress=False),
         "lens per-layer norm": lambda m: fe.logit_lens(m, tokens, convention="per_layer_norm", progress=False),
@@ -178,6 +192,8 @@ def test_every_stage_analysis_agrees_on_both_backends(bridge, tokens: torch.Tens
                                                                     progress=False)),
         "task": lambda m: td.task_damage(m, items, tokens[:2, :8], new_tokens=4, progress=False),
         "guess then refine": lambda m: tuple(guess_then_refine(m, tokens, progress=False).values()),
+        "tuned lens": lambda m: fe.logit_lens(m, tokens, convention=lens, progress=False),
+        "tuned lens training": lambda m: _translators(m, tokens),
     }
     for what, run in runs.items():
         _assert_same_tables(run(hooked), run(bridge), what)

@@ -236,9 +236,9 @@ def test_the_default_study_is_bit_identical_in_one_process_in_shards_and_on_ray(
     from stages_of_inference.study.distributed import RayOptions
 
     flags = ["--model", "smollm2-135m", "--n-tokens", "128", "--seq-len", "32", "--batch-size", "2", "--cloze-items", "2",
-             "--generation-prompts", "1", "--subjoiner-prompts", "16", "--no-static", "--quiet"]
+             "--generation-prompts", "1", "--subjoiner-prompts", "16", "--tuned-lens-steps", "2", "--no-static", "--quiet"]
     config = StudyConfig(models=("smollm2-135m",), n_tokens=128, seq_len=32, batch_size=2, cloze_items=2,
-                         generation_prompts=1, subjoiner_prompts=16, static_formats=())
+                         generation_prompts=1, subjoiner_prompts=16, tuned_lens_steps=2, static_formats=())
     assert config.analyses == default_analyses()
     assert torch.get_num_threads() == 2, "the comparison with a worker of two CPUs needs two threads here"
     reference = run_study(real_model, config=config, out_dir=tmp_path / "one", progress=False, log=None,

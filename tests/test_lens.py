@@ -87,6 +87,8 @@ def test_unfolded_final_norm_reads_like_folded():
 def test_bad_input_is_refused(tiny_models, tiny_tokens):
     model = tiny_models["gpt2"]
     with pytest.raises(ValueError, match="unknown logit-lens convention"):
+        lens_logits(model, tiny_tokens, "tunned")
+    with pytest.raises(ValueError, match="not a name"):
         lens_logits(model, tiny_tokens, "tuned")
     with pytest.raises(ValueError, match="out of range"):
         lens_logits(model, tiny_tokens, points=[model.cfg.n_layers + 1])

@@ -29,7 +29,7 @@ from stages_of_inference.study.folder import StudyFolder
 from tests.conftest import make_tiny_model
 
 TINY_ANALYSES = ("robustness", "previous_token_attention", "logit_lens", "layer_similarity", "neurons", "sharpening",
-                 "repetition", "sublayers", "sinks", "contiguous_deletions", "competing_readings")
+                 "repetition", "sublayers", "sinks", "contiguous_deletions", "competing_readings", "tuned_lens")
 
 
 def _tiny(name: str, family: str, seed: int = 0):  # noqa: ANN202 - a HookedTransformer with a word-level tokenizer
@@ -44,7 +44,7 @@ def _tiny(name: str, family: str, seed: int = 0):  # noqa: ANN202 - a HookedTran
 
 def _config(corpus: Path, names: tuple[str, ...], **kw) -> StudyConfig:  # noqa: ANN003
     return StudyConfig(**{"models": names, "corpus": str(corpus), "n_tokens": 64, "seq_len": 16,
-                          "analyses": TINY_ANALYSES, "static_formats": (), **kw})
+                          "analyses": TINY_ANALYSES, "static_formats": (), "tuned_lens_steps": 3, **kw})
 
 
 def test_study_config_validates_and_round_trips() -> None:
@@ -92,10 +92,10 @@ def test_two_models_study_report_and_data_files(tmp_path: Path, corpus: Path) ->
     page = study.report.read_text()
     assert page.count("<script type=\"text/javascript\">") == 1  # plotly.js embedded once
     assert "<script src" not in page and "<link" not in page  # self-contained: nothing loaded from elsewhere
-    assert page.count("Plotly.newPlot") == len(study.figures) == 13
+    assert page.count("Plotly.newPlot") == len(study.figures) == 14
     for name in ("robustness", "layer_effects", "previous_token_attention", "logit_lens", "prediction_depth",
                  "layer_similarity", "neuron_counts", "sharpening", "repetition", "sublayer_deletion", "sink_profile",
-                 "contiguous_deletions", "competing_readings"):
+                 "contiguous_deletions", "competing_readings", "tuned_lens"):
         assert f"id='{name}'" in page
         assert study.readings[name].strip(), f"no reading for {name}"
     assert "tiny-llama" in page and "tiny-gpt2" in page and "Provenance" in page and "Settings" in page

@@ -35,7 +35,7 @@ from stages_of_inference._utils import progress as _progress
 from stages_of_inference.backends import as_seam
 from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.hooks import ResidualReadout, collect
-from stages_of_inference.lens import check_convention, iter_lens
+from stages_of_inference.lens import Convention, check_convention, convention_name, convention_record, iter_lens
 from stages_of_inference.metrics import (
     DEFAULT_CHUNK_TOKENS,
     ROWS_AT_ONCE,
@@ -91,7 +91,7 @@ def _tiny_model(normalization_type: str = "LNPre") -> HookedTransformer:  # for 
 def logit_lens(
     model: Model,
     tokens: Tokens,
-    convention: str = "paper",
+    convention: Convention = "paper",
     batch_size: int = 8,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: bool = True,
@@ -121,7 +121,7 @@ def logit_lens(
     Args:
         model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids, BOS first, at least 3 positions.
-        convention: ``"paper"`` or ``"per_layer_norm"``.
+        convention: ``"paper"``, ``"per_layer_norm"`` or a :class:`~stages_of_inference.tuned_lens.TunedLens`.
         batch_size: sequences per forward pass.
         chunk_tokens: token positions unembedded at once.
         progress: show a progress bar.
@@ -153,7 +153,7 @@ def logit_lens(
 class _LensSettings:
     """How a lens pass runs (checked by the public functions that make it)."""
 
-    convention: str
+    convention: Convention
     batch_size: int
     chunk_tokens: int
     progress: bool
@@ -161,7 +161,8 @@ class _LensSettings:
 
     def record(self) -> dict[str, Any]:
         """The settings a result's provenance records."""
-        return {"convention": self.convention, "batch_size": self.batch_size, "precision": self.precision}
+        return {"convention": convention_record(self.convention), "batch_size": self.batch_size,
+                "precision": self.precision}
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,7 @@ def _lens_table(model: Model, source: Any, tokens: Tensor, pts: list[int], setti
     n_seq, pos = tokens.shape
     n_points = model.cfg.n_layers + 1
     columns = list(_LENS_METRICS)
-    convention = settings.convention
+    convention = convention_name(settings.convention)
     per_seq = lens_pass.sums / (pos - 2)
     if first_nonfinite(per_seq) is not None:
         # where the readouts themselves break: the columns that do not compare with the output's
@@ -273,7 +274,7 @@ def _lens_table(model: Model, source: Any, tokens: Tensor, pts: list[int], setti
 def prediction_depth(
     model: Model,
     tokens: Tokens,
-    convention: str = "paper",
+    convention: Convention = "paper",
     batch_size: int = 8,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: bool = True,
@@ -290,7 +291,8 @@ def prediction_depth(
     Args:
         model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids, BOS first, at least 3 positions.
-        convention: ``"paper"`` or ``"per_layer_norm"`` (:mod:`stages_of_inference.lens`).
+        convention: ``"paper"``, ``"per_layer_norm"`` (:mod:`stages_of_inference.lens`) or a
+            :class:`~stages_of_inference.tuned_lens.TunedLens`.
         batch_size: sequences per forward pass.
         chunk_tokens: token positions unembedded at once.
         progress: show a progress bar.
@@ -320,7 +322,7 @@ def prediction_depth(
 def lens_with_depth(
     model: Model,
     tokens: Tokens,
-    convention: str = "paper",
+    convention: Convention = "paper",
     batch_size: int = 8,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: bool = True,
@@ -342,7 +344,7 @@ def lens_with_depth(
 def lens_tables(
     model: Model,
     tokens: Tokens,
-    convention: str = "paper",
+    convention: Convention = "paper",
     batch_size: int = 8,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     progress: bool = True,
@@ -372,7 +374,7 @@ def lens_tables(
         rows[col] = per_seq[:, j, :].T.reshape(-1)
     rows["depth_right"] = lens_pass.depth_right[:, pts].numpy().reshape(-1)
     rows["depth_wrong"] = lens_pass.depth_wrong[:, pts].numpy().reshape(-1)
-    rows["convention"] = convention
+    rows["convention"] = convention_name(convention)
     record = dict(lens.attrs["provenance"], analysis="logit_lens (per sequence)")
     return {"lens": lens, "depth": depth, "depth_summary": summary, "per_sequence": with_provenance(rows, record)}
 
@@ -394,7 +396,7 @@ def _depth_tables(model: Model, source: Any, settings: _LensSettings,
     """The two :func:`prediction_depth` tables of a lens pass that counted depths."""
     right, wrong = lens_pass.depth_right, lens_pass.depth_wrong
     n_points = right.shape[1]
-    convention = settings.convention
+    convention = convention_name(settings.convention)
     both = right + wrong
     readouts = torch.arange(n_points, dtype=torch.float64)
     total, n_right, n_wrong = float(both.sum()), float(right.sum()), float(wrong.sum())

@@ -30,7 +30,7 @@ import torch
 from stages_of_inference._tl import Model
 from stages_of_inference._utils import check_count, check_model, check_tokens, relative_depth
 from stages_of_inference.batch import Tokens
-from stages_of_inference.lens import check_convention, iter_lens
+from stages_of_inference.lens import Convention, convention_name, convention_record, iter_lens
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS
 from stages_of_inference.precision import check_precision
 from stages_of_inference.results import provenance, with_provenance
@@ -96,7 +96,7 @@ def word_classes(pieces: Sequence[str | None]) -> np.ndarray:
 def guess_then_refine(
     model: Model,
     tokens: Tokens,
-    convention: str = "paper",
+    convention: Convention = "paper",
     *,
     frequencies: np.ndarray | None = None,
     batch_size: int = 8,
@@ -109,7 +109,8 @@ def guess_then_refine(
     Args:
         model: a ``HookedTransformer`` or a ``TransformerBridge``, with its tokenizer.
         tokens: ``[batch, pos]`` token ids, BOS first, at least 3 positions.
-        convention: the lens convention, ``"paper"`` or ``"per_layer_norm"``.
+        convention: the lens convention, ``"paper"``, ``"per_layer_norm"`` or a
+            :class:`~stages_of_inference.tuned_lens.TunedLens`.
         frequencies: a count per token id (``d_vocab`` numbers) ranking the tokens; default: the
             counts over ``tokens``.
         batch_size: sequences per forward pass.
@@ -137,7 +138,7 @@ def guess_then_refine(
     """
     model = check_model(model)
     source, tokens = tokens, check_tokens(model, tokens, min_len=3)
-    check_convention(convention)
+    name = convention_name(convention)
     check_count(batch_size, "batch_size", "a positive number of sequences")
     precision = check_precision(precision)
     if getattr(model, "tokenizer", None) is None:
@@ -178,12 +179,12 @@ def guess_then_refine(
             rows.append({"layer": k, "relative_depth": relative_depth(k, n_points), "bucket": name,
                          "guess_share": float(guesses[k, b]) / n_scored,
                          "accuracy": float(hits[k, b] / targets_in[b]) if targets_in[b] > 0 else float("nan"),
-                         "n_targets": int(targets_in[b]), "convention": convention})
+                         "n_targets": int(targets_in[b]), "convention": name})
     depth = torch.cat(depths).numpy()
     final = torch.cat(finals).numpy()
-    words = _depth_rows("word_class", WORD_CLASSES, classes[final], depth, n_points - 1, convention)
-    by_bucket = _depth_rows("bucket", BUCKETS, bucket.numpy()[final], depth, n_points - 1, convention)
-    record = provenance(model, source, analysis="guess_then_refine", convention=convention, precision=precision,
+    words = _depth_rows("word_class", WORD_CLASSES, classes[final], depth, n_points - 1, name)
+    by_bucket = _depth_rows("bucket", BUCKETS, bucket.numpy()[final], depth, n_points - 1, name)
+    record = provenance(model, source, analysis="guess_then_refine", convention=convention_record(convention), precision=precision,
                         batch_size=batch_size, frequencies="the token batch" if counted_here else "given",
                         function_words=len(FUNCTION_WORDS))
     return {"buckets": with_provenance(pd.DataFrame(rows), record), "words": with_provenance(words, record),

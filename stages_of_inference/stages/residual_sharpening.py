@@ -31,6 +31,7 @@ from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.executor import evaluate
 from stages_of_inference.interventions.options import EngineOptions
 from stages_of_inference.interventions.plan import LayerPlan
+from stages_of_inference.lens import Convention, convention_name, convention_record
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS
 from stages_of_inference.results import provenance, with_provenance
 from stages_of_inference.stages.feature_engineering import logit_lens
@@ -86,18 +87,19 @@ def expected_calibration_error(
 # ----------------------------------------------------------------------------- profile
 
 
-def _matching_lens(lens: pd.DataFrame, model: Model, tokens: Tokens, convention: str,
+def _matching_lens(lens: pd.DataFrame, model: Model, tokens: Tokens, convention: Convention,
                    precision: str = "fp32") -> pd.DataFrame:
     """The rows of a given logit-lens table for ``convention``, checked to come from this model,
     these tokens and this precision.
     """
     if not isinstance(lens, pd.DataFrame) or not {"layer", "entropy_bits", "confidence"} <= set(lens.columns):
         raise TypeError("lens must be a logit_lens table (columns layer, entropy_bits, confidence, ...) or None")
+    name = convention_name(convention)
     if "convention" in lens.columns:
-        lens = lens[lens["convention"] == convention]
+        lens = lens[lens["convention"] == name]
     n = model.cfg.n_layers
     if sorted(lens["layer"]) != list(range(n + 1)):
-        raise ValueError(f"lens must hold one {convention!r} row for every readout 0 .. {n} of this model; "
+        raise ValueError(f"lens must hold one {name!r} row for every readout 0 .. {n} of this model; "
                          "compute it with logit_lens(model, tokens, convention=...)")
     given = lens.attrs.get("provenance", {})
     wanted = provenance(model, tokens)
@@ -105,6 +107,9 @@ def _matching_lens(lens: pd.DataFrame, model: Model, tokens: Tokens, convention:
         if given.get(key, {}).get(part) != wanted[key][part]:
             raise ValueError(f"lens was computed for a different {what} (its {key} {part} differs); "
                              "pass the lens of this model and these tokens, or lens=None")
+    if name == "tuned" and given.get("settings", {}).get("convention", {}).get("key") != convention.key:
+        raise ValueError("lens was read through another tuned lens (its key differs); pass the table of this "
+                         "TunedLens, or lens=None")
     lens_precision = given.get("settings", {}).get("precision", "fp32")
     if lens_precision != precision:
         raise ValueError(f"lens was computed in precision {lens_precision!r}, not {precision!r}; "
@@ -116,7 +121,7 @@ def sharpening_profile(
     model: Model,
     tokens: Tokens,
     *,
-    convention: str = DEFAULT_CONVENTION,
+    convention: Convention = DEFAULT_CONVENTION,
     moments: pd.DataFrame | bool = True,
     kurtosis_threshold: float = 10.0,
     lens: pd.DataFrame | None = None,
@@ -148,7 +153,7 @@ def sharpening_profile(
     Args:
         model: a ``HookedTransformer`` or a ``TransformerBridge``.
         tokens: ``[batch, pos]`` token ids, BOS first.
-        convention: ``"per_layer_norm"`` or ``"paper"``.
+        convention: ``"per_layer_norm"``, ``"paper"`` or a :class:`~stages_of_inference.tuned_lens.TunedLens`.
         moments: the output of :func:`..prediction_ensembling.neuron_moments` for this model;
             ``True`` computes it, ``False`` leaves the neuron columns out.
         kurtosis_threshold: for the neuron kinds when ``moments`` is computed here.
@@ -203,7 +208,7 @@ def sharpening_profile(
     df.insert(4, "entropy_change_bits", df["entropy_after_bits"] - df["entropy_before_bits"])
     df.insert(7, "confidence_change", df["confidence_after"] - df["confidence_before"])
     df["is_final"] = df["layer"] == n - 1
-    df["convention"] = convention
+    df["convention"] = convention_name(convention)
     df["n_tokens"] = int(lens["n_tokens"].iloc[0])
     if moments is not False:
         if moments is True:
@@ -216,7 +221,7 @@ def sharpening_profile(
         for col in ("n_prediction", "n_suppression", "share_prediction", "share_suppression"):
             df[col] = counts.loc[df["layer"], col].to_numpy()
     return with_provenance(df, provenance(
-        model, source, analysis="sharpening_profile", convention=convention,
+        model, source, analysis="sharpening_profile", convention=convention_record(convention),
         neuron_counts=moments is not False, kurtosis_threshold=kurtosis_threshold, precision=precision,
     ))
 

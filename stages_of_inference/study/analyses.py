@@ -7,6 +7,7 @@ and one entry here (or a ``register`` call in your own code), plus its test and 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +18,7 @@ import pandas as pd
 from stages_of_inference import plots, robustness
 from stages_of_inference._utils import file_sha256
 from stages_of_inference.batch import TokenBatch
-from stages_of_inference.data import corpus_documents
+from stages_of_inference.data import corpus_documents, load_token_batch
 from stages_of_inference.interventions.checkpoint import CheckpointMismatchError
 from stages_of_inference.interventions.options import EngineOptions
 from stages_of_inference.stages import competing, sinks
@@ -41,12 +42,14 @@ from stages_of_inference.study.registry import (
     tables_of,
     whole,
 )
+from stages_of_inference.tuned_lens import TuningSettings, train_tuned_lens
 
 if TYPE_CHECKING:  # annotations only
     from stages_of_inference.study.config import StudyConfig
 
 __all__ = ["CLOZE_CONTEXT_CHARS", "CLOZE_CONTEXT_TOKENS", "GENERATION_PROMPT_TOKENS", "NEW_TOKENS", "PAPER_ANALYSES",
-           "RUN_POSITIONS", "SUBJOINER_CHARS", "SUBLAYER_KINDS", "SUBLAYER_POSITIONS", "banded"]
+           "RUN_POSITIONS", "SUBJOINER_CHARS", "SUBLAYER_KINDS", "SUBLAYER_POSITIONS", "TUNED_LENS_SEQUENCES", "banded",
+           "training_split", "tuning_settings"]
 
 SUBJOINER_CHARS = 200_000
 """The subjoiner prompts (and cloze items) are drawn from the first this many characters of each document."""
@@ -453,3 +456,71 @@ register(Analysis(
 register(Analysis(
     "competing_readings", _competing, lambda c: {"alpha": 1.0, **_batch(c)}, finish=_competing_finish,
     reads=("robustness",), figures=_competing_figures, fast=True))
+
+
+TUNED_LENS_SEQUENCES = 32
+"""Sequences (of the study's ``seq_len``) of the tuned lens's training split."""
+
+
+def tuning_settings(config: StudyConfig) -> TuningSettings:
+    """How the study trains its tuned lens: ``config.tuned_lens_steps`` steps, the rest the defaults."""
+    return TuningSettings(steps=config.tuned_lens_steps, seed=config.seed, precision=config.precision)
+
+
+def training_split(model: Any, config: StudyConfig, batch: TokenBatch) -> TokenBatch:
+    """The study's training split: :data:`TUNED_LENS_SEQUENCES` windows of the corpus drawn with
+    the study's seed that are not in its token batch ``batch`` (the lens is never trained on the
+    tokens it is judged on). A corpus without that many other windows is refused.
+    """
+    wanted = config.n_sequences + TUNED_LENS_SEQUENCES
+    try:
+        drawn = load_token_batch(model, config.corpus, wanted, config.seq_len, config.seed)
+    except ValueError as error:
+        raise ValueError(f"the tuned lens needs {TUNED_LENS_SEQUENCES} windows of the corpus beyond the study's "
+                         f"{config.n_sequences}: {error}") from None
+    held = {tuple(row) for row in batch.tokens.tolist()}
+    rows = [i for i, row in enumerate(drawn.tokens.tolist()) if tuple(row) not in held][:TUNED_LENS_SEQUENCES]
+    if len(rows) < TUNED_LENS_SEQUENCES:
+        raise ValueError(f"the corpus holds only {len(rows)} windows outside the study's batch; the tuned lens needs "
+                         f"{TUNED_LENS_SEQUENCES}: give more text or a smaller n_tokens")
+    return replace(drawn, tokens=drawn.tokens[rows])
+
+
+def _tuned(ctx: Context) -> Tables:
+    """Train the tuned lens on the training split (or reuse the cached one), then read the heavy
+    batch through it: the logit-lens tables in the ``"tuned"`` convention, and the training KL.
+    """
+    config = ctx.config
+    lens = train_tuned_lens(ctx.model, training_split(ctx.model, config, ctx.tokens), tuning_settings(config),
+                            batch_size=config.batch_size, progress=ctx.progress)
+    tables = fe.lens_tables(ctx.model, ctx.heavy, convention=lens, batch_size=config.batch_size, progress=ctx.progress,
+                            precision=config.precision)
+    record = tables["lens"].attrs["provenance"]
+    last = lens.provenance["train_kl_nats"]
+    tables["training"] = pd.DataFrame({"layer": range(len(last)), "train_kl_nats": last})
+    tables["training"].attrs["provenance"] = {**record, "analysis": "tuned lens (training)",
+                                              "training_tokens": lens.provenance["tokens"]}
+    return tables
+
+
+def _tuned_figures(study: Study, style: Style) -> list[Figure]:
+    tables = []
+    for done in study.results.values():
+        if "tuned_lens" not in done:
+            continue
+        parts = [done["logit_lens"]["lens"]] if "logit_lens" in done else []
+        merged = pd.concat([*parts, done["tuned_lens"]["lens"]], ignore_index=True)
+        merged.attrs = done["tuned_lens"]["lens"].attrs
+        tables.append(merged)
+    if not tables:
+        return []
+    return [Figure("tuned_lens", "Beyond the paper: the tuned lens",
+                   lambda: banded(plots.lens_comparison)(tables, style), lambda: rd.read_tuned(study))]
+
+
+register(Analysis(
+    "tuned_lens", _tuned,
+    lambda c: {"convention": "tuned", "training_sequences": TUNED_LENS_SEQUENCES,
+               "training_split": "windows drawn with the study's seed outside its batch",
+               "tuning": dataclasses.asdict(tuning_settings(c)), "prediction_depth": True, **_heavy(c)},
+    tokens="heavy", figures=_tuned_figures))

@@ -17,6 +17,7 @@ from stages_of_inference.stages.task_damage import load_cloze_items
 from stages_of_inference.study import analyses as _builtin  # noqa: F401 - registers the built-in analyses
 from stages_of_inference.study.options import OPTIONS
 from stages_of_inference.study.registry import REGISTRY, default_analyses, fast_analyses
+from stages_of_inference.tuned_lens import DEFAULT_STEPS
 
 __all__ = ["DEFAULT_OUT_DIR", "SELECTIONS", "StudyConfig", "check_inputs", "from_args", "select_analyses"]
 
@@ -110,6 +111,8 @@ class StudyConfig:
         bootstrap: resamples of the sequences behind each stage boundary's 90 % interval (0: no
             intervals; docs/stages/beyond.md). Read when the stages are placed, so changing it
             reuses every finished analysis.
+        tuned_lens_steps: optimiser steps of the tuned lens the ``tuned_lens`` analysis trains on
+            the study's training split (:class:`~stages_of_inference.tuned_lens.TuningSettings`).
 
     Example:
         >>> c = StudyConfig(n_tokens=512)
@@ -138,6 +141,7 @@ class StudyConfig:
     precision: str = "fp32"
     backend: str = "auto"
     bootstrap: int = 200
+    tuned_lens_steps: int = DEFAULT_STEPS
 
     def __post_init__(self) -> None:
         models = _names(self.models, "models")
@@ -151,7 +155,8 @@ class StudyConfig:
                            else ())
         if not isinstance(self.corpus, str) or not self.corpus:
             raise TypeError(f"corpus must be a bundled corpus name, a text file or a folder (a string), got {self.corpus!r}")
-        for name in ("seq_len", "n_tokens", "seed", "k", "subjoiner_prompts", "cloze_items", "generation_prompts", "bootstrap"):
+        for name in ("seq_len", "n_tokens", "seed", "k", "subjoiner_prompts", "cloze_items", "generation_prompts", "bootstrap",
+                     "tuned_lens_steps"):
             object.__setattr__(self, name, _whole(getattr(self, name), name))
         for name in ("heavy_fraction", "kurtosis_threshold"):
             object.__setattr__(self, name, _number(getattr(self, name), name))
@@ -180,6 +185,8 @@ class StudyConfig:
             raise ValueError("cloze_items and generation_prompts must be positive numbers")
         if self.bootstrap != 0 and self.bootstrap < 10:
             raise ValueError(f"bootstrap must be 0 (no intervals) or at least 10 resamples, got {self.bootstrap}")
+        if self.tuned_lens_steps < 1:
+            raise ValueError(f"tuned_lens_steps must be a positive number of optimiser steps, got {self.tuned_lens_steps}")
         if self.subjoiner_prompts < 16:
             raise ValueError(f"subjoiner_prompts must be at least 16, got {self.subjoiner_prompts}")
         if self.table_format not in ("parquet", "csv"):

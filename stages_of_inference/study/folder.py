@@ -329,11 +329,13 @@ def model_stages(done: dict[str, Result], name: str, n_layers: int, resamples: i
     stages = place_stages(**inputs, n_layers=n_layers)
     stages["model"] = name
     stages["lens_convention"] = "paper" if lens is not None and len(lens) else "none"
-    if lenses is not None:  # where each lens convention would place the stages (the rule reads the paper's)
+    every = [t for t in (lenses, table("tuned_lens", "lens")) if t is not None]
+    if every:  # where each lens would place the stages (the rule reads the paper's; the tuned lens's table joins)
+        both = pd.concat(every, ignore_index=True)
         stages.attrs["by_lens"] = {
-            convention: place_stages(**{**inputs, "lens": lenses[lenses["convention"] == convention]},
+            convention: place_stages(**{**inputs, "lens": both[both["convention"] == convention]},
                                      n_layers=n_layers)["first_layer"].tolist()
-            for convention in dict.fromkeys(lenses["convention"])}
+            for convention in dict.fromkeys(both["convention"])}
     samples = per_sequence_values(done, n_layers)
     if resamples and samples is not None:
         intervals = boundary_intervals(samples, n_layers, neurons=inputs["neurons"], resamples=resamples, seed=seed)

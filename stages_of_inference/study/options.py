@@ -87,6 +87,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
                        "or auto (hooked where installed; default: auto)", choices=BACKEND_CHOICES),
     "bootstrap": _option("--bootstrap", "resamples of the sequences behind each stage boundary's 90 %% interval "
                          "(default: 200; 0: none)", type=int),
+    "tuned_lens_steps": _option("--tuned-lens-steps", "optimiser steps of the tuned lens trained on the study's "
+                                "training split (default: 24)", type=positive),
 }
 """Study setting -> its ``run`` option (``flag``, ``help`` and argparse settings). An option not
 given on the command line leaves the setting at its default."""
