@@ -15,7 +15,7 @@ VENV4 := .venv-tl4
 PY4 := $(VENV4)/bin/python
 TL4_SPEC ?= transformer-lens==4.3.0
 STAMP4 := $(VENV4)/.installed
-BACKEND_TESTS := tests/test_bridge.py tests/test_backends_real.py tests/test_self_check.py
+BACKEND_TESTS := tests/test_bridge.py tests/test_backends_real.py tests/test_self_check.py tests/test_jacobian_lens.py
 comma := ,
 
 .PHONY: run test test-tl4 setup bench clean

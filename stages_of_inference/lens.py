@@ -117,13 +117,14 @@ def check_convention(convention: Any) -> Any:
 
 
 def convention_name(convention: Convention) -> str:
-    """What a table's ``convention`` column says: the name, or ``"tuned"`` for a ``TunedLens``.
+    """What a table's ``convention`` column says: the name, or a ``TunedLens``'s kind (``"tuned"``,
+    ``"jacobian"``).
 
     Example:
         >>> convention_name("per_layer_norm")
         'per_layer_norm'
     """
-    return "tuned" if _is_tuned(check_convention(convention)) else str(convention)
+    return convention.kind if _is_tuned(check_convention(convention)) else str(convention)
 
 
 def convention_record(convention: Convention) -> Any:

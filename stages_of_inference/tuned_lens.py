@@ -49,9 +49,11 @@ from stages_of_inference.metrics import scored_positions
 from stages_of_inference.precision import check_precision
 from stages_of_inference.results import config_hash, model_name, weights_hash
 
-__all__ = ["DEFAULT_STEPS", "FORMAT", "TunedLens", "TuningSettings", "cached_lens_path", "lens_key", "load_tuned_lens",
-           "save_tuned_lens", "train_tuned_lens"]
+__all__ = ["DEFAULT_STEPS", "FORMAT", "KINDS", "TunedLens", "TuningSettings", "cached_lens", "cached_lens_path", "lens_key",
+           "load_tuned_lens", "model_record", "save_tuned_lens", "train_tuned_lens"]
 
+KINDS = ("tuned", "jacobian")
+"""The kinds of translated lens: trained on the KL (``"tuned"``) or the Jacobian lens."""
 DEFAULT_STEPS = 24
 """Optimiser steps of a default training (:class:`TuningSettings`)."""
 FORMAT = "stages_of_inference tuned lens 1"
@@ -108,15 +110,19 @@ class TunedLens:
         provenance: how it was made: ``key``, ``model`` (name, config and weights hashes),
             ``tokens`` (the training tokens' record), ``settings``, ``train_kl_nats`` (the last
             step's KL per readout).
+        kind: ``"tuned"`` (trained on the KL) or ``"jacobian"`` (the Jacobian lens,
+            :mod:`stages_of_inference.jacobian_lens`: ``weight = J^T - I``, no bias); what a
+            table's ``convention`` column says.
     """
 
     weight: Float[Tensor, "layer d_model d_model"]
     bias: Float[Tensor, "layer d_model"]
     provenance: Mapping[str, Any] = field(default_factory=dict)
-
-    name = "tuned"
+    kind: str = "tuned"
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {self.kind!r}")
         w, b = self.weight, self.bias
         if not (isinstance(w, Tensor) and isinstance(b, Tensor)) or w.ndim != 3 or b.ndim != 2 \
                 or w.shape[1] != w.shape[2] or tuple(b.shape) != tuple(w.shape[:2]):
@@ -129,15 +135,20 @@ class TunedLens:
         return str(self.provenance.get("key", ""))
 
     def check(self, model: Model) -> None:
-        """Refuse a model this lens was not trained for (shape, or a recorded config that differs)."""
+        """Refuse a model this lens was not made for: another width or depth, or, where the lens
+        records them, another model name or vocabulary. (The name, not the weights, is compared, so
+        that a lens made on one backend reads the same checkpoint on the other; the cache key is
+        on the weights.)
+        """
         n, d = model.cfg.n_layers, model.cfg.d_model
         if tuple(self.weight.shape) != (n, d, d):
-            raise ValueError(f"this tuned lens has translators for {self.weight.shape[0]} readouts of width "
+            raise ValueError(f"this {self.kind} lens has translators for {self.weight.shape[0]} readouts of width "
                              f"{self.weight.shape[1]}; the model has {n} blocks of width {d}")
-        recorded = self.provenance.get("model", {}).get("config_hash")
-        if recorded is not None and recorded != config_hash(model):
-            raise ValueError(f"this tuned lens was trained for another model ({self.provenance['model'].get('name')!r}, "
-                             f"config {recorded}); this model's config is {config_hash(model)}")
+        recorded = self.provenance.get("model", {})
+        for field_name, mine in (("name", model_name(model)), ("d_vocab", int(model.cfg.d_vocab))):
+            if field_name in recorded and recorded[field_name] != mine:
+                raise ValueError(f"this {self.kind} lens was made for another model ({field_name} "
+                                 f"{recorded[field_name]!r}); this model's is {mine!r}")
 
     def translate(self, k: int, readout: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_model"]:
         """Readout ``k`` translated (out of place, differentiable); the output readout is unchanged."""
@@ -155,14 +166,17 @@ class TunedLens:
 
     def describe(self) -> dict[str, Any]:
         """What a table's provenance records of the lens."""
-        return {"name": "tuned", "key": self.key, "settings": self.provenance.get("settings"),
+        return {"name": self.kind, "key": self.key, "settings": self.provenance.get("settings"),
                 "tokens": self.provenance.get("tokens")}
 
 
-def lens_key(model: Model, tokens: Tokens, settings: TuningSettings) -> str:
-    """The content key of the lens trained on ``model`` (its weights), ``tokens`` and ``settings``."""
+def lens_key(model: Model, tokens: Tokens, settings: Any) -> str:
+    """The content key of the lens made on ``model`` (its weights), ``tokens`` and ``settings``
+    (a dataclass or a dict of them).
+    """
+    settings = asdict(settings) if not isinstance(settings, dict) else settings
     record = {"format": FORMAT, "config": config_hash(model), "weights": weights_hash(model),
-              "tokens": describe_any(tokens)["sha256"], "settings": asdict(settings)}
+              "tokens": describe_any(tokens)["sha256"], "settings": settings}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -178,7 +192,7 @@ def cached_lens_path(key: str, cache: str | os.PathLike[str] | None = None) -> P
 
 def save_tuned_lens(lens: TunedLens, path: str | os.PathLike[str]) -> Path:
     """Write ``lens`` to ``path`` as safetensors, its provenance in the metadata, atomically."""
-    metadata = {"format": FORMAT, "provenance": json.dumps(dict(lens.provenance), sort_keys=True)}
+    metadata = {"format": FORMAT, "kind": lens.kind, "provenance": json.dumps(dict(lens.provenance), sort_keys=True)}
     data = st_save({"weight": lens.weight.detach().float().cpu().contiguous(),
                     "bias": lens.bias.detach().float().cpu().contiguous()}, metadata=metadata)
     return atomic_write_bytes(path, data)
@@ -205,7 +219,9 @@ def load_tuned_lens(path: str | os.PathLike[str], model: Model | None = None) ->
         record = json.loads(metadata.get("provenance", "{}"))
     except json.JSONDecodeError:
         raise ValueError(f"{path}: the provenance in its metadata is not JSON") from None
-    lens = TunedLens(tensors["weight"], tensors["bias"], record)
+    if metadata.get("kind", "tuned") not in KINDS:
+        raise ValueError(f"{path}: unknown lens kind {metadata.get('kind')!r}; expected one of {', '.join(KINDS)}")
+    lens = TunedLens(tensors["weight"], tensors["bias"], record, kind=metadata.get("kind", "tuned"))
     if model is not None:
         lens.check(model)
     return lens
@@ -256,6 +272,28 @@ def train_tuned_lens(
     if not isinstance(settings, TuningSettings):
         raise TypeError(f"settings must be a TuningSettings, got {type(settings).__name__}")
     key = lens_key(model, tokens, settings)
+
+    def train() -> TunedLens:
+        readouts = _training_readouts(model, tokens_t, settings.precision, batch_size)
+        weight, bias, last = _fit(model, readouts, settings, progress)
+        record = {"key": key, "format": FORMAT, "model": model_record(model), "tokens": describe_any(tokens),
+                  "settings": asdict(settings), "train_kl_nats": last,
+                  "loss": "mean over positions of KL(final || translated readout), summed over readouts"}
+        return TunedLens(weight, bias, record)
+    return cached_lens(model, key, cache, train)
+
+
+def model_record(model: Model) -> dict[str, Any]:
+    """What a lens records of the model it was made on (its name, shapes and hashes)."""
+    return {"name": model_name(model), "config_hash": config_hash(model), "weights_hash": weights_hash(model),
+            "n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model, "d_vocab": model.cfg.d_vocab}
+
+
+def cached_lens(model: Model, key: str, cache: bool | str | os.PathLike[str], make: Any) -> TunedLens:
+    """The lens of ``key`` from the cache (``cache``: ``True`` for the library's folder, a folder,
+    or ``False`` for none), else ``make()``'s, stored there. A damaged or foreign file of that key
+    is made again and replaced.
+    """
     path = None if cache is False else cached_lens_path(key, None if cache is True else cache)
     if path is not None and path.is_file():
         try:
@@ -263,15 +301,8 @@ def train_tuned_lens(
             if found.key == key:
                 return found
         except ValueError:
-            pass  # damaged or foreign: trained again and overwritten below
-    readouts = _training_readouts(model, tokens_t, settings.precision, batch_size)
-    weight, bias, last = _fit(model, readouts, settings, progress)
-    record = {"key": key, "format": FORMAT,
-              "model": {"name": model_name(model), "config_hash": config_hash(model), "weights_hash": weights_hash(model),
-                        "n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model},
-              "tokens": describe_any(tokens), "settings": asdict(settings), "train_kl_nats": last,
-              "loss": "mean over positions of KL(final || translated readout), summed over readouts"}
-    lens = TunedLens(weight, bias, record)
+            pass  # damaged or foreign: made again and overwritten below
+    lens = make()
     if path is not None:
         save_tuned_lens(lens, path)
     return lens

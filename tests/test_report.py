@@ -317,3 +317,29 @@ def test_a_refused_run_changes_nothing_on_disk(tmp_path: Path, corpus: Path) -> 
         run_study(model, config=_config(corpus, ("tiny-gpt2",), analyses=("robustness",), seed=3), out_dir=out,
                   progress=False, log=None, on_mismatch="error")
     assert files() == before
+
+
+def test_the_lenses_train_outside_the_batch_and_the_jacobian_lens_is_opt_in(tmp_path: Path, corpus: Path) -> None:
+    from stages_of_inference.study.analyses import TUNED_LENS_SEQUENCES, training_split
+    from stages_of_inference.study.registry import default_analyses
+
+    assert "tuned_lens" in default_analyses() and "jacobian_lens" not in default_analyses()
+    model = _tiny("tiny-llama", "llama")
+    config = _config(corpus, ("tiny-llama",), analyses=("robustness", "logit_lens", "tuned_lens", "jacobian_lens"),
+                     jacobian_lens_prompts=2)
+    from stages_of_inference.data import load_token_batch
+
+    batch = load_token_batch(model, str(corpus), config.n_sequences, config.seq_len, config.seed)
+    split = training_split(model, config, batch)
+    assert split.tokens.shape == (TUNED_LENS_SEQUENCES, config.seq_len)
+    held = {tuple(r) for r in batch.tokens.tolist()}
+    assert not held & {tuple(r) for r in split.tokens.tolist()}
+    study = run_study([model], config=config, out_dir=tmp_path / "study", progress=False, log=None)
+    done = study.results["tiny-llama"]
+    assert set(done["tuned_lens"]["lens"]["convention"]) == {"tuned"}
+    assert set(done["jacobian_lens"]["lens"]["convention"]) == {"jacobian"}
+    assert set(study.stages["tiny-llama"].attrs["by_lens"]) == {"paper", "per_layer_norm", "tuned", "jacobian"}
+    assert "Jacobian lens" in study.readings["tuned_lens"] and "tuned lens" in study.readings["tuned_lens"]
+    assert list(study.figures).count("tuned_lens") == 1
+    with pytest.raises(ValueError, match="jacobian_lens_prompts must be 1 .. 32"):
+        _config(corpus, ("tiny-llama",), jacobian_lens_prompts=33)

@@ -131,11 +131,12 @@ def test_saved_lenses_round_trip_and_are_reused_by_content(tmp_path, monkeypatch
 
 def test_bad_input_is_refused(tmp_path) -> None:  # noqa: ANN001
     model, other = make_tiny_model("gpt2"), make_tiny_model("llama")
+    model.cfg.model_name, other.cfg.model_name = "tiny-gpt2", "tiny-llama"  # a lens checks names and shapes
     tokens = _tokens(7, n=2, pos=10)
     with pytest.raises(ValueError, match="not a name: pass convention=train_tuned_lens"):
         logit_lens(model, tokens, convention="tuned", progress=False)
     lens = train_tuned_lens(model, tokens, TuningSettings(steps=1, tokens_per_step=4), cache=False, progress=False)
-    with pytest.raises(ValueError, match="trained for another model"):
+    with pytest.raises(ValueError, match="made for another model"):
         logit_lens(other, tokens, convention=lens, progress=False)
     with pytest.raises(ValueError, match="readouts of width"):
         logit_lens(make_tiny_model("gpt2"), tokens, convention=TunedLens(torch.zeros(1, 3, 3), torch.zeros(1, 3)),
@@ -151,7 +152,7 @@ def test_bad_input_is_refused(tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(TypeError, match="TuningSettings"):
         train_tuned_lens(model, tokens, {"steps": 1}, cache=False)  # type: ignore[arg-type]
     save_tuned_lens(lens, tmp_path / "lens.safetensors")
-    with pytest.raises(ValueError, match="trained for another model"):
+    with pytest.raises(ValueError, match="made for another model"):
         load_tuned_lens(tmp_path / "lens.safetensors", other)
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="is not a readable tuned lens"):

@@ -21,6 +21,7 @@ from stages_of_inference.batch import TokenBatch
 from stages_of_inference.data import corpus_documents, load_token_batch
 from stages_of_inference.interventions.checkpoint import CheckpointMismatchError
 from stages_of_inference.interventions.options import EngineOptions
+from stages_of_inference.jacobian_lens import DEFAULT_SKIP_FIRST_POSITIONS, fit_jacobian_lens
 from stages_of_inference.stages import competing, sinks
 from stages_of_inference.stages import detokenization as detok
 from stages_of_inference.stages import feature_engineering as fe
@@ -503,18 +504,42 @@ def _tuned(ctx: Context) -> Tables:
     return tables
 
 
-def _tuned_figures(study: Study, style: Style) -> list[Figure]:
-    tables = []
-    for done in study.results.values():
-        if "tuned_lens" not in done:
-            continue
-        parts = [done["logit_lens"]["lens"]] if "logit_lens" in done else []
-        merged = pd.concat([*parts, done["tuned_lens"]["lens"]], ignore_index=True)
-        merged.attrs = done["tuned_lens"]["lens"].attrs
-        tables.append(merged)
+def _jacobian(ctx: Context) -> Tables:
+    """Fit the Jacobian lens on the first ``jacobian_lens_prompts`` windows of the training split
+    (or reuse the cached one), then read the heavy batch through it.
+    """
+    config = ctx.config
+    prompts = training_split(ctx.model, config, ctx.tokens)[: config.jacobian_lens_prompts]
+    lens = fit_jacobian_lens(ctx.model, prompts, skip_first_positions=_jacobian_skip(config), cache=True,
+                             progress=ctx.progress)
+    return fe.lens_tables(ctx.model, ctx.heavy, convention=lens, batch_size=config.batch_size, progress=ctx.progress,
+                          precision=config.precision)
+
+
+def _jacobian_skip(config: StudyConfig) -> int:
+    """Leading positions the Jacobian lens leaves out: the reference's 16, at most a quarter of a window."""
+    return min(DEFAULT_SKIP_FIRST_POSITIONS, config.seq_len // 4)
+
+
+TRANSLATED = ("tuned_lens", "jacobian_lens")
+"""The analyses that read the heavy batch through a translated lens (drawn in one figure)."""
+
+
+def _lens_tables(done: dict[str, Any]) -> pd.DataFrame | None:
+    """A model's lens tables of every lens the study has, one table (``convention`` says which)."""
+    parts = [done[a]["lens"] for a in ("logit_lens", *TRANSLATED) if a in done]
+    if not any(a in done for a in TRANSLATED):
+        return None
+    merged = pd.concat(parts, ignore_index=True)
+    merged.attrs = parts[-1].attrs
+    return merged
+
+
+def _translated_figures(study: Study, style: Style) -> list[Figure]:
+    tables = [t for t in (_lens_tables(done) for done in study.results.values()) if t is not None]
     if not tables:
         return []
-    return [Figure("tuned_lens", "Beyond the paper: the tuned lens",
+    return [Figure("tuned_lens", "Beyond the paper: the tuned and Jacobian lenses against the logit lens",
                    lambda: banded(plots.lens_comparison)(tables, style), lambda: rd.read_tuned(study))]
 
 
@@ -523,4 +548,11 @@ register(Analysis(
     lambda c: {"convention": "tuned", "training_sequences": TUNED_LENS_SEQUENCES,
                "training_split": "windows drawn with the study's seed outside its batch",
                "tuning": dataclasses.asdict(tuning_settings(c)), "prediction_depth": True, **_heavy(c)},
-    tokens="heavy", figures=_tuned_figures))
+    tokens="heavy", figures=_translated_figures))
+register(Analysis(
+    "jacobian_lens", _jacobian,
+    lambda c: {"convention": "jacobian", "prompts": c.jacobian_lens_prompts,
+               "training_split": "windows drawn with the study's seed outside its batch",
+               "skip_first_positions": _jacobian_skip(c), "prediction_depth": True, **_heavy(c)},
+    tokens="heavy", default=False, figures=lambda study, style: (
+        [] if any("tuned_lens" in done for done in study.results.values()) else _translated_figures(study, style))))

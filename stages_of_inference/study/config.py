@@ -113,6 +113,9 @@ class StudyConfig:
             reuses every finished analysis.
         tuned_lens_steps: optimiser steps of the tuned lens the ``tuned_lens`` analysis trains on
             the study's training split (:class:`~stages_of_inference.tuned_lens.TuningSettings`).
+        jacobian_lens_prompts: windows of the training split the opt-in ``jacobian_lens``
+            analysis fits on (each costs ``d_model / 8`` backward passes of 8 copies of it:
+            docs/tuned-lens.md).
 
     Example:
         >>> c = StudyConfig(n_tokens=512)
@@ -142,6 +145,7 @@ class StudyConfig:
     backend: str = "auto"
     bootstrap: int = 200
     tuned_lens_steps: int = DEFAULT_STEPS
+    jacobian_lens_prompts: int = 8
 
     def __post_init__(self) -> None:
         models = _names(self.models, "models")
@@ -156,11 +160,20 @@ class StudyConfig:
         if not isinstance(self.corpus, str) or not self.corpus:
             raise TypeError(f"corpus must be a bundled corpus name, a text file or a folder (a string), got {self.corpus!r}")
         for name in ("seq_len", "n_tokens", "seed", "k", "subjoiner_prompts", "cloze_items", "generation_prompts", "bootstrap",
-                     "tuned_lens_steps"):
+                     "tuned_lens_steps", "jacobian_lens_prompts"):
             object.__setattr__(self, name, _whole(getattr(self, name), name))
         for name in ("heavy_fraction", "kurtosis_threshold"):
             object.__setattr__(self, name, _number(getattr(self, name), name))
         self._check_values()
+        self._check_lenses()
+
+    def _check_lenses(self) -> None:
+        if self.tuned_lens_steps < 1:
+            raise ValueError(f"tuned_lens_steps must be a positive number of optimiser steps, got {self.tuned_lens_steps}")
+        most = _builtin.TUNED_LENS_SEQUENCES
+        if not 1 <= self.jacobian_lens_prompts <= most:
+            raise ValueError(f"jacobian_lens_prompts must be 1 .. {most} (the training split's windows), got "
+                             f"{self.jacobian_lens_prompts}")
 
     def _check_values(self) -> None:
         if self.seq_len < 8:
@@ -185,8 +198,6 @@ class StudyConfig:
             raise ValueError("cloze_items and generation_prompts must be positive numbers")
         if self.bootstrap != 0 and self.bootstrap < 10:
             raise ValueError(f"bootstrap must be 0 (no intervals) or at least 10 resamples, got {self.bootstrap}")
-        if self.tuned_lens_steps < 1:
-            raise ValueError(f"tuned_lens_steps must be a positive number of optimiser steps, got {self.tuned_lens_steps}")
         if self.subjoiner_prompts < 16:
             raise ValueError(f"subjoiner_prompts must be at least 16, got {self.subjoiner_prompts}")
         if self.table_format not in ("parquet", "csv"):

@@ -329,7 +329,7 @@ def model_stages(done: dict[str, Result], name: str, n_layers: int, resamples: i
     stages = place_stages(**inputs, n_layers=n_layers)
     stages["model"] = name
     stages["lens_convention"] = "paper" if lens is not None and len(lens) else "none"
-    every = [t for t in (lenses, table("tuned_lens", "lens")) if t is not None]
+    every = [t for t in (lenses, table("tuned_lens", "lens"), table("jacobian_lens", "lens")) if t is not None]
     if every:  # where each lens would place the stages (the rule reads the paper's; the tuned lens's table joins)
         both = pd.concat(every, ignore_index=True)
         stages.attrs["by_lens"] = {

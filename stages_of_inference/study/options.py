@@ -89,6 +89,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
                          "(default: 200; 0: none)", type=int),
     "tuned_lens_steps": _option("--tuned-lens-steps", "optimiser steps of the tuned lens trained on the study's "
                                 "training split (default: 24)", type=positive),
+    "jacobian_lens_prompts": _option("--jacobian-lens-prompts", "windows of the training split the opt-in "
+                                     "jacobian_lens analysis fits on (default: 8; about 2 minutes each for "
+                                     "SmolLM2 on 2 CPU cores)", type=positive),
 }
 """Study setting -> its ``run`` option (``flag``, ``help`` and argparse settings). An option not
 given on the command line leaves the setting at its default."""

@@ -373,31 +373,31 @@ def read_tuned(study: Study) -> str:
     """Per model: the KL to the output at a quarter, half and three quarters of the depth under each
     lens, and the median prediction depth under each.
     """
+    labels = {"tuned": "tuned lens", "jacobian": "Jacobian lens", "per_layer_norm": "logit lens (per-layer norm)",
+              "paper": "logit lens (paper)"}
     parts = []
-    for name, tuned in named_tables(study, "tuned_lens", "lens"):
-        done = study.results[name]
-        lenses = pd.concat([done["logit_lens"]["lens"], tuned]) if "logit_lens" in done else tuned
-        n = int(tuned["layer"].max())
+    for name, done in study.results.items():
+        found = [a for a in ("logit_lens", "tuned_lens", "jacobian_lens") if a in done]
+        if not {"tuned_lens", "jacobian_lens"} & set(found):
+            continue
+        lenses = pd.concat([done[a]["lens"] for a in found], ignore_index=True)
+        n = int(lenses["layer"].max())
         at = [round(n * f) for f in (0.25, 0.5, 0.75)]
         kls = []
-        for convention, label in (("tuned", "tuned lens"), ("per_layer_norm", "logit lens (per-layer norm)"),
-                                  ("paper", "logit lens (paper)")):
+        for convention, label in labels.items():
             rows = lenses[lenses["convention"] == convention].set_index("layer")
             if len(rows):
                 kls.append(f"{label} " + " / ".join(_fmt(rows.loc[k, "kl_to_final_nats"], 2) for k in at))
-        depths = []
-        for analysis in ("tuned_lens", "logit_lens"):
-            if analysis in done:
-                summary = done[analysis]["depth_summary"]
-                for _, row in summary.iterrows():
-                    depths.append(f"{int(row['median_depth'])} ({row['convention']})")
+        depths = [f"{int(row['median_depth'])} ({labels.get(row['convention'], row['convention'])})"
+                  for a in found for _, row in done[a]["depth_summary"].iterrows()]
         parts.append(f"<b>{html.escape(name)}</b>: KL to the output at readouts {', '.join(map(str, at))} of {n}: "
                      + "; ".join(kls) + " nats. Median prediction depth (readout): " + ", ".join(depths) + ".")
     if not parts:
         return ""
     return ("<p>" + "</p><p>".join(parts) + "</p><p>The tuned lens is trained on windows of the corpus outside the "
-            "study's batch (Belrose et al.'s loss, a few dozen Adam steps on a CPU: docs/tuned-lens.md); the "
-            "stage placement under each lens is in the stage table's line.</p>")
+            "study's batch (Belrose et al.'s loss, a few dozen Adam steps on a CPU), the Jacobian lens (when the study "
+            "ran it) fitted on some of the same windows (docs/tuned-lens.md); the stage placement under each lens is "
+            "in the stage table's line.</p>")
 
 
 def read_task(study: Study, sweeps: dict[str, pd.DataFrame]) -> str:
