@@ -42,6 +42,8 @@ _MODULES = {
     "interventions": "stages_of_inference.interventions",
     "metrics": "stages_of_inference.metrics",
     "lens": "stages_of_inference.lens",
+    "tuned_lens": "stages_of_inference.tuned_lens",
+    "jacobian_lens": "stages_of_inference.jacobian_lens",
     "stages": "stages_of_inference.stages",
     "plots": "stages_of_inference.plots",
     "results": "stages_of_inference.results",

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -64,9 +64,7 @@ from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.hooks import ResidualReadout, collect, observe_in_fp32
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, log_probs, scored_positions
 from stages_of_inference.precision import autocast, check_precision
-
-if TYPE_CHECKING:  # annotations only (tuned_lens imports this module)
-    from stages_of_inference.tuned_lens import TunedLens
+from stages_of_inference.tuned_lens import TunedLens
 
 __all__ = [
     "CONVENTIONS",
@@ -86,12 +84,12 @@ CONVENTIONS: tuple[str, ...] = ("paper", "per_layer_norm")
 ``"per_layer_norm"`` (own statistics). The third, ``"tuned"``, is a trained
 :class:`~stages_of_inference.tuned_lens.TunedLens` passed in their place."""
 
-Convention = Union[str, "TunedLens"]
+Convention = str | TunedLens
 """What a ``convention`` argument takes: ``"paper"``, ``"per_layer_norm"`` or a ``TunedLens``."""
 
 
 def _is_tuned(convention: Any) -> bool:
-    return type(convention).__name__ == "TunedLens" and hasattr(convention, "translate_")
+    return isinstance(convention, TunedLens)
 
 
 def check_convention(convention: Any) -> Any:

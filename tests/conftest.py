@@ -67,6 +67,18 @@ def make_tiny_model(family: str, seed: int = 0) -> HookedTransformer:
     return model
 
 
+def tl_lens_stack(model: HookedTransformer, tokens: torch.Tensor, convention: str) -> torch.Tensor:
+    """The logit lens computed TransformerLens' way, on its own cache (the tests' reference, not the
+    library's code): ``[readout, batch, pos, d_vocab]``. ``"paper"``: every readout divided by the
+    final norm's cached scale; ``"per_layer_norm"``: each normalised with its own statistics."""
+    n = model.cfg.n_layers
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        if convention == "paper":
+            return cache.apply_ln_to_stack(cache.accumulated_resid(), layer=n, recompute_ln=False) @ model.W_U
+        return cache.accumulated_resid(apply_ln=True) @ model.W_U
+
+
 @pytest.fixture(params=FAMILIES, scope="session")
 def tiny_model(request: pytest.FixtureRequest) -> HookedTransformer:
     """Each tiny random model in turn (session-wide: tests must not modify it)."""

@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import tl_lens_stack
 
 from stages_of_inference.metrics import mean_and_sem, sequence_metrics
 from stages_of_inference.stages.feature_engineering import (
@@ -29,12 +30,7 @@ LENS_COLUMNS = ["entropy_bits", "kl_to_final_nats", "accuracy", "agreement_with_
 @pytest.mark.parametrize("convention", ["paper", "per_layer_norm"])
 def test_logit_lens_equals_metrics_of_the_transformer_lens_stack(tiny_model, tiny_tokens, convention):
     n = tiny_model.cfg.n_layers
-    with torch.no_grad():
-        _, cache = tiny_model.run_with_cache(tiny_tokens)
-        if convention == "paper":
-            stack = cache.apply_ln_to_stack(cache.accumulated_resid(), layer=n, recompute_ln=False) @ tiny_model.W_U
-        else:
-            stack = cache.accumulated_resid(apply_ln=True) @ tiny_model.W_U
+    stack = tl_lens_stack(tiny_model, tiny_tokens, convention)
     df = logit_lens(tiny_model, tiny_tokens, convention=convention, batch_size=2, chunk_tokens=13, progress=False)
     assert list(df["layer"]) == list(range(n + 1))
     assert df["relative_depth"].tolist() == pytest.approx([k / n for k in range(n + 1)])

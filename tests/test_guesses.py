@@ -16,7 +16,7 @@ from stages_of_inference.stages.guesses import (
     guess_then_refine,
     word_classes,
 )
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, tl_lens_stack
 
 WORDS = ["<bos>", "<unk>", "the", "of", "and", "to", "a", "in", "is", "was", "it", "he", ",", ".", "42"] + \
     [f"w{i}" for i in range(86)]
@@ -56,12 +56,7 @@ def test_guess_then_refine_equals_the_lens_counted_by_hand(family: str, conventi
     counts = np.random.default_rng(1).integers(0, 9, model.cfg.d_vocab)
     out = guess_then_refine(model, tiny_tokens, convention, frequencies=counts, batch_size=2, chunk_tokens=13,
                             progress=False)
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tiny_tokens)
-        if convention == "paper":
-            stack = cache.apply_ln_to_stack(cache.accumulated_resid(), layer=n, recompute_ln=False) @ model.W_U
-        else:
-            stack = cache.accumulated_resid(apply_ln=True) @ model.W_U
+    stack = tl_lens_stack(model, tiny_tokens, convention)
     top1 = stack.argmax(dim=-1)[:, :, 1:-1].reshape(n + 1, -1).numpy()  # [readout, scored row]
     targets = tiny_tokens[:, 2:].reshape(-1).numpy()
     bucket = frequency_buckets(counts)

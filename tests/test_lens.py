@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tl_lens_stack
 
 from stages_of_inference.lens import apply_lens_norm, iter_lens, lens_logits
 from stages_of_inference.metrics import log_probs
 
 
 def _tl_stacks(model, tokens):
-    n = model.cfg.n_layers
-    _, cache = model.run_with_cache(tokens)
-    paper = cache.apply_ln_to_stack(cache.accumulated_resid(), layer=n, recompute_ln=False) @ model.W_U
-    per_layer = cache.accumulated_resid(apply_ln=True) @ model.W_U
-    return {"paper": paper, "per_layer_norm": per_layer}
+    return {c: tl_lens_stack(model, tokens, c) for c in ("paper", "per_layer_norm")}
 
 
 @pytest.mark.parametrize("convention", ["paper", "per_layer_norm"])

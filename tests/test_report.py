@@ -29,7 +29,8 @@ from stages_of_inference.study.folder import StudyFolder
 from tests.conftest import make_tiny_model
 
 TINY_ANALYSES = ("robustness", "previous_token_attention", "logit_lens", "layer_similarity", "neurons", "sharpening",
-                 "repetition", "sublayers", "sinks", "contiguous_deletions", "competing_readings", "tuned_lens")
+                 "repetition", "sublayers", "sinks", "contiguous_deletions", "competing_readings", "tuned_lens",
+                 "guess_then_refine")
 
 
 def _tiny(name: str, family: str, seed: int = 0):  # noqa: ANN202 - a HookedTransformer with a word-level tokenizer
@@ -92,10 +93,11 @@ def test_two_models_study_report_and_data_files(tmp_path: Path, corpus: Path) ->
     page = study.report.read_text()
     assert page.count("<script type=\"text/javascript\">") == 1  # plotly.js embedded once
     assert "<script src" not in page and "<link" not in page  # self-contained: nothing loaded from elsewhere
-    assert page.count("Plotly.newPlot") == len(study.figures) == 14
+    assert page.count("Plotly.newPlot") == len(study.figures) == 16
     for name in ("robustness", "layer_effects", "previous_token_attention", "logit_lens", "prediction_depth",
                  "layer_similarity", "neuron_counts", "sharpening", "repetition", "sublayer_deletion", "sink_profile",
-                 "contiguous_deletions", "competing_readings", "tuned_lens"):
+                 "contiguous_deletions", "competing_readings", "tuned_lens", "guess_then_refine_1",
+                 "guess_then_refine_2"):
         assert f"id='{name}'" in page
         assert study.readings[name].strip(), f"no reading for {name}"
     assert "tiny-llama" in page and "tiny-gpt2" in page and "Provenance" in page and "Settings" in page
@@ -338,8 +340,29 @@ def test_the_lenses_train_outside_the_batch_and_the_jacobian_lens_is_opt_in(tmp_
     done = study.results["tiny-llama"]
     assert set(done["tuned_lens"]["lens"]["convention"]) == {"tuned"}
     assert set(done["jacobian_lens"]["lens"]["convention"]) == {"jacobian"}
-    assert set(study.stages["tiny-llama"].attrs["by_lens"]) == {"paper", "per_layer_norm", "tuned", "jacobian"}
+    stages = study.stages["tiny-llama"]
+    assert set(stages.attrs["by_lens"]) == {"paper", "per_layer_norm", "tuned", "jacobian"}
+    intervals = stages.attrs["by_lens_intervals"]
+    assert set(intervals) == {"paper", "per_layer_norm", "tuned", "jacobian"}
+    assert all(low <= high for lens in intervals.values() for low, high in lens.values())
+    # the paper lens's intervals here are the stage table's own (the same resamples)
+    table = stages.set_index("stage")
+    for stage, (low, high) in intervals["paper"].items():
+        assert (low, high) == (table.loc[stage, "first_layer_low"], table.loc[stage, "first_layer_high"])
     assert "Jacobian lens" in study.readings["tuned_lens"] and "tuned lens" in study.readings["tuned_lens"]
     assert list(study.figures).count("tuned_lens") == 1
     with pytest.raises(ValueError, match="jacobian_lens_prompts must be 1 .. 32"):
         _config(corpus, ("tiny-llama",), jacobian_lens_prompts=33)
+
+
+def test_the_placement_line_says_where_each_lens_would_place_the_stages_with_intervals() -> None:
+    from stages_of_inference.study.readings import _lens_moves
+
+    table = pd.DataFrame({"stage": ["detokenization", "feature engineering", "prediction ensembling",
+                                    "residual sharpening"], "first_layer": [0, 3, 14, 27], "lens_convention": "paper"})
+    table.attrs["by_lens"] = {"paper": [0, 3, 14, 27], "per_layer_norm": [0, 3, 14, 27], "tuned": [0, 3, -1, 26]}
+    table.attrs["by_lens_intervals"] = {"tuned": {"prediction ensembling": (-1, -1), "residual sharpening": (25, 27)}}
+    line = _lens_moves(table)
+    assert "with the tuned lens prediction ensembling would get no block (no block in 90 % of resamples; here: " \
+           "block 14), residual sharpening would start at block 26 (90 % interval 25–27; here: block 27)" in line
+    assert "per_layer_norm" not in line  # a lens that places the stages alike is not named

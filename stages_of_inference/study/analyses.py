@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+import torch
 
 from stages_of_inference import plots, robustness
 from stages_of_inference._utils import file_sha256
@@ -22,7 +23,7 @@ from stages_of_inference.data import corpus_documents, load_token_batch
 from stages_of_inference.interventions.checkpoint import CheckpointMismatchError
 from stages_of_inference.interventions.options import EngineOptions
 from stages_of_inference.jacobian_lens import DEFAULT_SKIP_FIRST_POSITIONS, fit_jacobian_lens
-from stages_of_inference.stages import competing, sinks
+from stages_of_inference.stages import competing, guesses, sinks
 from stages_of_inference.stages import detokenization as detok
 from stages_of_inference.stages import feature_engineering as fe
 from stages_of_inference.stages import prediction_ensembling as pe
@@ -556,3 +557,38 @@ register(Analysis(
                "skip_first_positions": _jacobian_skip(c), "prediction_depth": True, **_heavy(c)},
     tokens="heavy", default=False, figures=lambda study, style: (
         [] if any("tuned_lens" in done for done in study.results.values()) else _translated_figures(study, style))))
+
+
+def _counts(ctx: Context) -> Any:
+    """Token counts of the main batch and the training split (the frequency ranks of guess then
+    refine: a sample of the same text larger than the heavy batch it reads).
+    """
+    import numpy as np
+
+    text = torch.cat([ctx.tokens.tokens, training_split(ctx.model, ctx.config, ctx.tokens).tokens]).reshape(-1)
+    return np.bincount(text.cpu().numpy(), minlength=ctx.model.cfg.d_vocab)
+
+
+def _guesses(ctx: Context) -> Tables:
+    config = ctx.config
+    return guesses.guess_then_refine(ctx.model, ctx.heavy, "paper", frequencies=_counts(ctx),
+                                     batch_size=config.batch_size, progress=ctx.progress, precision=config.precision)
+
+
+def _guess_figures(study: Study, style: Style) -> list[Figure]:
+    out = []
+    for i, (name, done) in enumerate(study.results.items()):
+        if "guess_then_refine" in done:
+            buckets = done["guess_then_refine"]["buckets"]
+            bands = [s for s in (style.stages or []) if len(s) and str(s["model"].iloc[0]) == name]
+            out.append(Figure(f"guess_then_refine_{i + 1}", f"Beyond the paper: guess then refine ({name})",
+                              lambda b=buckets, s=bands: plots.guess_then_refine(b, stages=s or None),
+                              lambda n=name: rd.read_guesses(study, n)))
+    return out
+
+
+register(Analysis(
+    "guess_then_refine", _guesses,
+    lambda c: {"convention": "paper", "frequencies": "token counts of the main batch and the tuned lens's training split",
+               "buckets": list(guesses.BUCKETS), "function_words": len(guesses.FUNCTION_WORDS), **_heavy(c)},
+    tokens="heavy", figures=_guess_figures))

@@ -339,8 +339,36 @@ def model_stages(done: dict[str, Result], name: str, n_layers: int, resamples: i
     samples = per_sequence_values(done, n_layers)
     if resamples and samples is not None:
         intervals = boundary_intervals(samples, n_layers, neurons=inputs["neurons"], resamples=resamples, seed=seed)
+        by_lens = stages.attrs.get("by_lens")
         stages = with_intervals(stages, intervals, n_layers)
+        if by_lens:
+            stages.attrs["by_lens"] = by_lens
+            stages.attrs["by_lens_intervals"] = _by_lens_intervals(done, samples, n_layers, inputs["neurons"],
+                                                                   resamples, seed)
     return stages
+
+
+def _by_lens_intervals(done: dict[str, Result], samples: PerSequence, n_layers: int, neurons: pd.DataFrame | None,
+                       resamples: int, seed: int) -> dict[str, dict[str, tuple[int, int]]]:
+    """Per lens the finished results read the heavy batch through: the 90 % interval of each
+    stage's first block when the rule reads that lens's entropy (the same resamples, the same
+    deletion KL, attention and neuron counts).
+    """
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for analysis in ("logit_lens", "tuned_lens", "jacobian_lens"):
+        table = done[analysis].tables.get("per_sequence") if analysis in done else None
+        if table is None:
+            continue
+        for convention, rows in table.groupby("convention", sort=False):
+            entropy = _pivot(rows, "entropy_bits")
+            if len(entropy) < 2:
+                continue
+            one = PerSequence(drop_kl=samples.drop_kl, lens_entropy=entropy, attention=samples.attention)
+            found = boundary_intervals(one, n_layers, neurons=neurons, resamples=resamples, seed=seed)
+            rule = found[found["boundary"].str.startswith("rule: ")]
+            out[str(convention)] = {row.boundary[len("rule: "):]: (int(row.low), int(row.high))
+                                    for row in rule.itertuples()}
+    return out
 
 
 def _pivot(table: pd.DataFrame, column: str, across: str = "layer") -> np.ndarray:

@@ -270,9 +270,22 @@ def _lens_moves(table: pd.DataFrame) -> str:
     if not moved:
         return (f" The rule reads the {used} lens; with the {', '.join(c for c in by_lens if c != used)} lens the "
                 "placement does not move.")
+    intervals = table.attrs.get("by_lens_intervals") or {}
+
+    def moved_to(convention: str, stage: str, here: int, there: int) -> str:
+        notes = []
+        low, high = intervals.get(convention, {}).get(stage, (-2, -2))
+        if low >= 0:
+            notes.append(f"90 % interval {low}–{high}")
+        elif low == -1:
+            notes.append(f"in 90 % of resamples no block or a start up to {high}" if high >= 0 else
+                         "no block in 90 % of resamples")
+        notes.append(f"here: block {here}" if here >= 0 else "here: no block")
+        where = f"would start at block {there}" if there >= 0 else "would get no block"
+        return f"{stage} {where} ({'; '.join(notes)})"
+
     return " The rule reads the " + used + " lens; " + "; ".join(
-        f"with the {c} lens " + ", ".join(f"{stage} would start at block {b} (not {a})" if b >= 0 else
-                                           f"{stage} would get no block (it starts at block {a} here)"
+        f"with the {c} lens " + ", ".join(moved_to(c, stage, a, b)
                                            for stage, a, b in zip(table["stage"], mine, firsts) if a != b)
         for c, firsts in moved.items()) + "."
 
@@ -398,6 +411,29 @@ def read_tuned(study: Study) -> str:
             "study's batch (Belrose et al.'s loss, a few dozen Adam steps on a CPU), the Jacobian lens (when the study "
             "ran it) fitted on some of the same windows (docs/tuned-lens.md); the stage placement under each lens is "
             "in the stage table's line.</p>")
+
+
+def read_guesses(study: Study, name: str) -> str:
+    """One model's guess then refine: the share of the lens's guesses among the ten most frequent
+    tokens at the embeddings, at its peak and at the output, and prediction depth by word class and
+    by frequency bucket.
+    """
+    done = study.results[name]["guess_then_refine"]
+    buckets, words, by_bucket = done["buckets"], done["words"], done["depth_by_bucket"]
+    top = buckets[buckets["bucket"] == buckets["bucket"].iloc[0]].sort_values("layer")
+    share = top["guess_share"].to_numpy()
+    peak = int(top["layer"].iloc[int(share.argmax())])
+    n = int(top["layer"].max())
+    word = words.set_index("word_class")
+    depth = "; ".join(f"{row['bucket']} {_fmt(row['mean_depth'], 1)}" for _, row in by_bucket.iterrows()
+                      if row["n_tokens"] > 0)
+    return (f"<p><b>{html.escape(name)}</b>: the ten most frequent tokens are "
+            f"{_fmt(100 * share[0], 0)} % of the lens's top-1 guesses at the embeddings, {_fmt(100 * share.max(), 0)} % "
+            f"at readout {peak} and {_fmt(100 * share[-1], 0)} % at the output (readout {n}). Mean prediction depth: "
+            f"function words {_fmt(word.loc['function', 'mean_depth'], 1)}, content words "
+            f"{_fmt(word.loc['content', 'mean_depth'], 1)} readouts; by the frequency of the predicted token: "
+            f"{html.escape(depth)}.</p><p>Frequency ranks are counted over the main batch and the tuned lens's "
+            "training split; the lens is the paper's convention (docs: guess then refine).</p>")
 
 
 def read_task(study: Study, sweeps: dict[str, pd.DataFrame]) -> str:
