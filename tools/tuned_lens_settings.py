@@ -23,8 +23,9 @@ def main(specs: list[str]) -> None:
     model = load_model("smollm2-135m")
     drawn = load_token_batch(model, "default", 8 + 32, 128, 0)
     judged, training = drawn.tokens[:8], drawn.tokens[8:]
-    plain = logit_lens(model, judged, convention="per_layer_norm", progress=False)["kl_to_final_nats"].to_numpy()
-    print("logit lens (per-layer norm)", plain.round(2).tolist(), f"mean {plain[:-1].mean():.2f}")
+    for convention in ("per_layer_norm", "paper"):
+        plain = logit_lens(model, judged, convention=convention, progress=False)["kl_to_final_nats"].to_numpy()
+        print(f"logit lens ({convention})", plain.round(2).tolist(), f"mean {plain[:-1].mean():.2f}")
     readouts = tuned_lens._training_readouts(model, training, "fp32", 8)
     for spec in specs:
         steps, per_step, lr = spec.split(",")
