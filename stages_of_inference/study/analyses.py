@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -563,8 +564,6 @@ def _counts(ctx: Context) -> Any:
     """Token counts of the main batch and the training split (the frequency ranks of guess then
     refine: a sample of the same text larger than the heavy batch it reads).
     """
-    import numpy as np
-
     text = torch.cat([ctx.tokens.tokens, training_split(ctx.model, ctx.config, ctx.tokens).tokens]).reshape(-1)
     return np.bincount(text.cpu().numpy(), minlength=ctx.model.cfg.d_vocab)
 
