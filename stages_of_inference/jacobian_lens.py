@@ -48,7 +48,7 @@ from stages_of_inference._utils import check_count, check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
 from stages_of_inference.batch import Tokens, describe_any
 from stages_of_inference.interventions.hooks import resid_hook_name
-from stages_of_inference.tuned_lens import TunedLens, cached_lens, lens_key, model_record
+from stages_of_inference.tuned_lens import TunedLens, cached_lens, lens_key, load_tuned_lens, model_record
 
 __all__ = ["DEFAULT_SKIP_FIRST_POSITIONS", "fit_jacobian_lens", "from_jacobians", "load_jacobian_lens",
            "read_torch_artifact"]
@@ -174,8 +174,6 @@ def load_jacobian_lens(path: str | os.PathLike[str], model: Model) -> TunedLens:
     Raises:
         ValueError: not a lens file, a file for another width, or a model in another basis.
     """
-    from stages_of_inference.tuned_lens import load_tuned_lens
-
     model = check_model(model)
     path = Path(path)
     if path.suffix == ".safetensors":

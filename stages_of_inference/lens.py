@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -64,7 +64,9 @@ from stages_of_inference.batch import Tokens
 from stages_of_inference.interventions.hooks import ResidualReadout, collect, observe_in_fp32
 from stages_of_inference.metrics import DEFAULT_CHUNK_TOKENS, log_probs, scored_positions
 from stages_of_inference.precision import autocast, check_precision
-from stages_of_inference.tuned_lens import TunedLens
+
+if TYPE_CHECKING:  # annotations only: tuned_lens reads readouts through this module
+    from stages_of_inference.tuned_lens import TunedLens
 
 __all__ = [
     "CONVENTIONS",
@@ -72,6 +74,7 @@ __all__ = [
     "apply_lens_norm",
     "Convention",
     "check_convention",
+    "collect_readouts",
     "convention_name",
     "convention_record",
     "iter_lens",
@@ -84,12 +87,13 @@ CONVENTIONS: tuple[str, ...] = ("paper", "per_layer_norm")
 ``"per_layer_norm"`` (own statistics). The third, ``"tuned"``, is a trained
 :class:`~stages_of_inference.tuned_lens.TunedLens` passed in their place."""
 
-Convention = str | TunedLens
+Convention = Union[str, "TunedLens"]
 """What a ``convention`` argument takes: ``"paper"``, ``"per_layer_norm"`` or a ``TunedLens``."""
 
 
 def _is_tuned(convention: Any) -> bool:
-    return isinstance(convention, TunedLens)
+    """A translated lens (:class:`~stages_of_inference.tuned_lens.TunedLens`), told by what it does."""
+    return hasattr(convention, "translate_") and hasattr(convention, "kind") and hasattr(convention, "check")
 
 
 def check_convention(convention: Any) -> Any:
@@ -237,7 +241,7 @@ def unembed(
     return logits
 
 
-def _readouts(
+def collect_readouts(
     model: Model, batch: Int[Tensor, "batch pos"], positions: slice, points: Sequence[int],
     precision: str = "fp32",
 ) -> tuple[Tensor, Tensor | None]:
@@ -326,7 +330,7 @@ def lens_logits(
     points = _check_points(model, points)
     need_final = convention == "paper" and _FinalNorm.of(model).kind != "none"
     with torch.inference_mode():
-        buf, scale = _readouts(model, tokens, slice(None), points, precision)
+        buf, scale = collect_readouts(model, tokens, slice(None), points, precision)
         if need_final and scale is None:  # pragma: no cover - the hook always fires
             raise RuntimeError("ln_final.hook_scale did not fire")
         _normalize_inplace(model, buf, convention, scale, points)
@@ -440,7 +444,7 @@ def iter_lens(
         with torch.inference_mode():
             batch = tokens[start : start + batch_size]
             b = batch.shape[0]
-            buf, scale = _readouts(model, batch, keep, points, precision)
+            buf, scale = collect_readouts(model, batch, keep, points, precision)
             _normalize_inplace(model, buf, convention, scale, points)
             flat = buf.view(len(points), b * n_kept, model.cfg.d_model)
             sequences = torch.arange(start, start + b, device=tokens.device).repeat_interleave(n_kept)

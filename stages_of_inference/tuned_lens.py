@@ -44,8 +44,11 @@ from torch import Tensor
 from stages_of_inference._tl import Model
 from stages_of_inference._utils import atomic_write_bytes, check_model, check_tokens
 from stages_of_inference._utils import progress as _progress
+from stages_of_inference.backends import as_seam
 from stages_of_inference.batch import Tokens, describe_any
+from stages_of_inference.lens import apply_lens_norm, collect_readouts, unembed
 from stages_of_inference.metrics import scored_positions
+from stages_of_inference.models import cache_dir
 from stages_of_inference.precision import check_precision
 from stages_of_inference.results import config_hash, model_name, weights_hash
 
@@ -185,7 +188,6 @@ def cached_lens_path(key: str, cache: str | os.PathLike[str] | None = None) -> P
     ``tuned_lens`` (:func:`stages_of_inference.models.cache_dir`).
     """
     if cache is None:
-        from stages_of_inference.models import cache_dir  # the model cache's folder rules
         cache = cache_dir() / "tuned_lens"
     return Path(cache) / f"{key}.safetensors"
 
@@ -310,14 +312,12 @@ def cached_lens(model: Model, key: str, cache: bool | str | os.PathLike[str], ma
 
 def _training_readouts(model: Model, tokens: Tensor, precision: str, batch_size: int) -> Tensor:
     """Every readout at every scored position: ``[n_layers + 1, rows, d_model]`` (fp32)."""
-    from stages_of_inference.lens import _readouts  # the lens's own readout pass
-
     keep = scored_positions(tokens.shape[1])
     points = list(range(model.cfg.n_layers + 1))
     parts = []
     with torch.inference_mode():
         for start in range(0, tokens.shape[0], batch_size):
-            buf, _ = _readouts(model, tokens[start : start + batch_size], keep, points, precision)
+            buf, _ = collect_readouts(model, tokens[start : start + batch_size], keep, points, precision)
             parts.append(buf.flatten(1, 2).clone())
     return torch.cat(parts, dim=1)
 
@@ -370,9 +370,6 @@ class _KLToFinal:
     """
 
     def __init__(self, model: Model) -> None:
-        from stages_of_inference.backends import as_seam
-        from stages_of_inference.lens import apply_lens_norm, unembed
-
         self.model, self.norm, self.unembed = model, apply_lens_norm, unembed
         seam = as_seam(model)
         self.w_u = seam.W_U.detach().float()

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / "stages_of_inference"
 LAYERS = (
     ("_checks", "_tl", "batch", "precision", "backends", "self_check", "_utils", "_tables", "metrics", "models", "data", "results",
      "probes"),
-    ("interventions", "lens", "robustness"),
+    ("interventions", "lens", "tuned_lens", "jacobian_lens", "robustness"),
     ("stages",),
     ("plots",),
     ("study",),
@@ -33,7 +33,9 @@ LAZY_ALLOWED = {"stages_of_inference.cli"}
 # annotation-only back-references (under `if TYPE_CHECKING:`): the registry describes analyses in
 # terms of the settings, which are validated against the registry
 TYPING_ONLY = {("stages_of_inference.study.registry", "stages_of_inference.study.config"),
-               ("stages_of_inference.study.analyses", "stages_of_inference.study.config")}
+               ("stages_of_inference.study.analyses", "stages_of_inference.study.config"),
+               # the lens names the tuned lens in its annotations; the tuned lens reads readouts through the lens
+               ("stages_of_inference.lens", "stages_of_inference.tuned_lens")}
 
 
 def _modules() -> dict[str, Path]:
